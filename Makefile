@@ -1,0 +1,36 @@
+# The two commands the README documents; each sets up everything on a fresh machine first.
+#   make run   -- create .venv, install, build llama.cpp (portable), run the default pipeline offline
+#   make test  -- the same set-up, then the test suite
+PY ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+LLAMA := .llama.cpp
+
+.PHONY: run test setup llama-cpp bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e ".[test]"
+	touch $@
+
+$(LLAMA)/BUILD_INFO.json: scripts/build-llama-cpp.sh $(VENV)/.installed
+	bash scripts/build-llama-cpp.sh $(PYTHON) $(LLAMA)
+	touch $@
+
+llama-cpp: $(LLAMA)/BUILD_INFO.json
+
+setup: $(VENV)/.installed $(LLAMA)/BUILD_INFO.json
+
+run: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/quantmill run
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+
+bench: setup
+	$(PYTHON) bench/run.py
+
+clean:
+	rm -rf artifacts/objects artifacts/staging artifacts/registry artifacts/.state .quantmill

@@ -1,0 +1,20 @@
+"""Backends, one registry per kind. Importing this package registers every built-in backend; each backend
+module is light (heavy libraries are imported inside its functions), so this import stays fast."""
+
+from quantmill.registry import Registry
+
+SOURCES: Registry = Registry("model source")
+CONVERTERS: Registry = Registry("converter")
+QUANTIZERS: Registry = Registry("quantizer")
+RUNTIMES: Registry = Registry("runtime")
+PUBLISHERS: Registry = Registry("publisher")
+
+# Registration happens in these modules; the order does not matter.
+from quantmill.backends import (  # noqa: E402,F401
+    gguf_converter,
+    gguf_quantizer,
+    hf_source,
+    llamacpp_runtime,
+    local_publisher,
+    local_source,
+)

@@ -1,0 +1,47 @@
+"""The interfaces every backend of a kind implements, and the small records they exchange."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from quantmill.digest import FileDigest
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What preflight learns about a model without downloading its weights.
+
+    Attributes:
+        identity: What determines the model's bytes (a commit sha or a content digest); part of the download key.
+        config: The model's config.json.
+        architecture: ``architectures[0]`` of the config.
+        files: The files download will take, with sizes (and sha256 where known).
+        uri: Where the model comes from, for provenance.
+        base_model: The name a model card calls the base model (hub id or directory name).
+    """
+
+    source: str
+    identity: dict[str, str]
+    config: dict[str, Any]
+    architecture: str
+    files: list[FileDigest]
+    uri: str
+    base_model: str
+    license: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(f.size for f in self.files if f.path.endswith((".safetensors", ".bin")))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "identity": self.identity, "config": self.config,
+                "architecture": self.architecture, "files": [f.to_json() for f in self.files], "uri": self.uri,
+                "base_model": self.base_model, "license": self.license, "extra": self.extra}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SourceInfo":
+        files = [FileDigest(f["path"], f["sha256"], f["size"]) for f in data["files"]]
+        return cls(**{**data, "files": files})
+

@@ -1,0 +1,54 @@
+"""HF safetensors -> F16 GGUF with llama.cpp's own ``convert_hf_to_gguf.py`` (never a hand-written writer)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from quantmill import constants as C
+from quantmill.backends import CONVERTERS
+from quantmill.backends.base import SourceInfo
+from quantmill.errors import PreflightError
+from quantmill.llamacpp import locate
+from quantmill.tools import run_tool
+from quantmill.versions import package_versions
+
+_WRITING = re.compile(r"Writing:\s+(?P<done>\d+)%")
+OUTTYPES = ("f16", "bf16", "f32", "q8_0")
+
+
+class GgufConverter:
+    """Converts a Hugging Face model directory to one GGUF file (the shared intermediate of GGUF recipes)."""
+
+    key = "gguf"
+    capability = C.CPU
+
+    def check(self, info: SourceInfo, model_name: str) -> None:
+        archs = locate().text_architectures
+        if info.architecture not in archs:
+            near = sorted(a for a in archs if a[:4].lower() == info.architecture[:4].lower())[:5]
+            hint = f" (similar: {', '.join(near)})" if near else ""
+            raise PreflightError(
+                f"model {model_name!r} has architecture {info.architecture!r}, which llama.cpp's converter "
+                f"({locate().build_info['llama_cpp_python']}) cannot convert{hint}; choose a non-GGUF recipe or "
+                f"upgrade llama.cpp")
+
+    def tools(self) -> dict[str, str]:
+        return {"llama.cpp": locate().version,
+                **package_versions("numpy", "safetensors", "sentencepiece", "tokenizers", "torch", "transformers")}
+
+    def convert(self, model_dir: Path, out_dir: Path, *, outtype: str, model_name: str) -> dict[str, Any]:
+        if outtype not in OUTTYPES:
+            raise PreflightError(f"converter outtype {outtype!r} unknown; choose one of {', '.join(OUTTYPES)}")
+        build = locate()
+        out = out_dir / (C.GGUF_F16_FILE if outtype == "f16" else f"model-{outtype}.gguf")
+        run_tool([sys.executable, build.converter, model_dir, "--outfile", out, "--outtype", outtype,
+                  "--model-name", model_name],
+                 name="convert_hf_to_gguf.py", label=f"convert {model_name} -> {outtype.upper()} GGUF",
+                 env=build.converter_env(), progress=_WRITING, total=100)
+        return {"file": out.name, "outtype": outtype}
+
+
+CONVERTERS.register(GgufConverter.key)(GgufConverter())

@@ -1,0 +1,91 @@
+"""GGUF quantization with llama.cpp's ``llama-quantize``, and importance matrices with ``llama-imatrix``."""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any
+
+from quantmill import constants as C
+from quantmill.backends import QUANTIZERS
+from quantmill.config import RecipeConfig
+from quantmill.errors import PreflightError
+from quantmill.gguf_info import bits_per_weight
+from quantmill.llamacpp import locate
+from quantmill.tools import run_tool
+
+_TENSOR = re.compile(r"\[\s*(?P<done>\d+)/\s*(?P<total>\d+)\]")
+_CHUNK = re.compile(r"\[(?P<done>\d+)\]")
+
+# Approximate bits per weight, for disk estimates before anything runs.
+APPROX_BPW = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5,
+              "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K_L": 4.3,
+              "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q2_K": 3.0, "Q2_K_S": 2.9}
+
+
+@functools.cache
+def known_quant_types() -> tuple[str, ...]:
+    """The type names this llama.cpp build's quantizer accepts, read from its source."""
+    source = locate().source / "tools" / "quantize" / "quantize.cpp"
+    types = re.findall(r'\{\s*"(\w+)",\s*LLAMA_FTYPE_', source.read_text())
+    return tuple(sorted(set(types)))
+
+
+class GgufQuantizer:
+    """F16 GGUF -> quantized GGUF, optionally with an importance matrix."""
+
+    key = "gguf"
+    capability = C.CPU
+    formats = ("gguf",)
+
+    def check(self, name: str, recipe: RecipeConfig) -> None:
+        types = known_quant_types()
+        if not recipe.quant_type or recipe.quant_type.upper() not in types:
+            raise PreflightError(f"recipe {name!r}: quant_type {recipe.quant_type!r} is not a llama.cpp type; "
+                                 f"known: {', '.join(types)}")
+        if recipe.params:
+            raise PreflightError(f"recipe {name!r}: method 'gguf' takes no params (got {sorted(recipe.params)})")
+
+    def is_intermediate(self, recipe: RecipeConfig) -> bool:
+        """An F16 recipe is the converter's output itself: nothing to quantize."""
+        return (recipe.quant_type or "").upper() == "F16"
+
+    def needs_calibration(self, recipe: RecipeConfig) -> bool:
+        return recipe.imatrix
+
+    def estimate_bytes(self, recipe: RecipeConfig, f16_bytes: int) -> int:
+        return int(f16_bytes * APPROX_BPW.get((recipe.quant_type or "").upper(), 16) / 16)
+
+    def tools(self) -> dict[str, str]:
+        return {"llama.cpp": locate().version}
+
+    def quantize(self, model: Path, out_dir: Path, *, quant_type: str, imatrix: Path | None,
+                 threads: int, label: str) -> dict[str, Any]:
+        out = out_dir / f"model-{quant_type.lower()}.gguf"
+        cmd: list[Any] = [locate().tool("llama-quantize")]
+        if imatrix is not None:
+            cmd += ["--imatrix", imatrix]
+        cmd += [model, out, quant_type.upper()]
+        if threads:
+            cmd.append(threads)
+        run_tool(cmd, name="llama-quantize", label=label, progress=_TENSOR)
+        return {"file": out.name, "quant_type": quant_type.upper(), "imatrix": imatrix is not None,
+                "bits_per_weight": round(bits_per_weight(out), 4)}
+
+
+def compute_imatrix(model: Path, text: Path, out: Path, *, ctx: int, chunks: int, threads: int,
+                    label: str) -> dict[str, Any]:
+    """Run ``llama-imatrix`` over the calibration text (``chunks`` windows of ``ctx`` tokens)."""
+    cmd: list[Any] = [locate().tool("llama-imatrix"), "-m", model, "-f", text, "-o", out, "-c", ctx,
+                      "--chunks", chunks, "--no-ppl", "-b", ctx, "--seed", 0]
+    if threads:
+        cmd += ["-t", threads]
+    run_tool(cmd, name="llama-imatrix", label=label, progress=_CHUNK, total=chunks)
+    if not out.is_file():
+        raise PreflightError(f"llama-imatrix wrote no {out.name}; the calibration text may be shorter than "
+                             f"one window of {ctx} tokens: lower calibration.seq_len or add text")
+    return {"file": out.name, "ctx": ctx, "chunks": chunks}
+
+
+QUANTIZERS.register(GgufQuantizer.key)(GgufQuantizer())

@@ -1,0 +1,82 @@
+"""Validation runtime for GGUF: the project's pinned llama.cpp through its Python bindings."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from quantmill import constants as C
+from quantmill.backends import RUNTIMES
+from quantmill.errors import PreflightError
+from quantmill.llamacpp import import_llama_cpp, locate
+from quantmill.versions import package_version
+
+
+class LlamaCppRuntime:
+    """Loads a GGUF, returns next-token logits for fixed token ids, and generates greedily."""
+
+    key = "llamacpp"
+    capability = C.CPU
+    formats = ("gguf",)
+
+    def check_installed(self) -> None:
+        try:
+            locate()
+            import_llama_cpp()
+        except ImportError as e:
+            raise PreflightError(f"runtime 'llamacpp' needs the llama_cpp bindings ({e}); run `make llama-cpp` "
+                                 f"or use a worker of a pool that has them") from None
+
+    def tools(self) -> dict[str, str]:
+        return {"llama.cpp": locate().version, "llama-cpp-python": package_version("llama_cpp_python")}
+
+    @staticmethod
+    def model_file(artifact: Path) -> Path:
+        files = sorted(artifact.glob("*.gguf"))
+        if len(files) != 1:
+            raise PreflightError(f"artifact {artifact} should hold one .gguf file, found {len(files)}")
+        return files[0]
+
+    @contextmanager
+    def load(self, artifact: Path, *, n_ctx: int, threads: int = 0) -> Iterator[Any]:
+        llama_cpp = import_llama_cpp()
+        start = time.perf_counter()
+        model = llama_cpp.Llama(str(self.model_file(artifact)), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
+                                n_threads=threads or None, verbose=False, seed=0)
+        model.load_seconds = time.perf_counter() - start
+        try:
+            yield model
+        finally:
+            model.close()
+
+    def logits(self, model: Any, ids: Sequence[int]) -> Any:
+        """Logits for every position of ``ids`` (shape [len(ids), n_vocab]), from a fresh context."""
+        import numpy as np
+
+        model.reset()
+        model.eval(list(ids))
+        return np.array(model.scores[: len(ids)], dtype=np.float32)
+
+    def generate(self, model: Any, ids: Sequence[int], max_tokens: int) -> list[int]:
+        """Greedy continuation of ``ids``: argmax at each step, stopping at end-of-sequence."""
+        import numpy as np
+
+        model.reset()
+        model.eval(list(ids))
+        out: list[int] = []
+        eos = model.token_eos()
+        for _ in range(max_tokens):
+            token = int(np.argmax(model.scores[model.n_tokens - 1]))
+            if token == eos:
+                break
+            out.append(token)
+            model.eval([token])
+        return out
+
+    def n_vocab(self, model: Any) -> int:
+        return model.n_vocab()
+
+
+RUNTIMES.register(LlamaCppRuntime.key)(LlamaCppRuntime())

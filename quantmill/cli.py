@@ -1,0 +1,230 @@
+"""The ``quantmill`` command: run, plan, ls, show, verify.
+
+Arguments after the command are Hydra overrides (``recipe=[gguf_q8_0,gguf_q6_k]``, ``store.root=/data``).
+``run -m`` sweeps a matrix in process (Hydra multirun). The CLI is an entrypoint above ``flows/``: ``run``
+imports the pipeline flow only when something has to run, so cached runs, ``plan`` and ``ls`` never start Prefect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any, Sequence
+
+from quantmill import __version__
+from quantmill.errors import QuantmillError
+
+log = logging.getLogger("quantmill")
+
+
+def _compose(args: argparse.Namespace):
+    from quantmill.config import compose
+
+    return compose(args.overrides, conf_dir=args.config_dir)
+
+
+def _plan_rows(the_plan, resolution) -> list[dict[str, Any]]:
+    return [{"id": s.id, "step": s.step, "recipe": s.recipe, "backend": s.backend, "capability": s.capability,
+             "inputs": dict(s.inputs), "key": resolution.keys.get(s.id), "cache": resolution.status[s.id],
+             "config": dict(s.config), "tools": dict(s.tools)} for s in the_plan]
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from quantmill import ui
+    from quantmill.planner import open_store, plan, resolve
+
+    cfg = _compose(args)
+    store = open_store(cfg)
+    the_plan = plan(cfg, store)
+    rows = _plan_rows(the_plan, resolve(the_plan, store))
+    if args.json:
+        print(json.dumps({"model": cfg.model.name, "source": the_plan.source.uri, "steps": rows}, indent=1))
+    else:
+        ui.out.print(ui.plan_table(rows))
+    return 0
+
+
+def run_config(cfg, *, verbose: bool = False) -> list:
+    """Run one composed config embedded; return its outcomes. Starts Prefect only if something must run."""
+    from quantmill import planner, progress, runner, ui
+    from quantmill.config import to_dict
+    from quantmill.execute import read_result
+    from quantmill.outcome import CACHED, Outcome
+
+    store = planner.open_store(cfg)
+    the_plan = planner.plan(cfg, store)
+    resolution = planner.resolve(the_plan, store)
+    if resolution.all_cached:
+        return [Outcome(s.id, s.step, s.recipe, CACHED, 0.0, resolution.keys[s.id],
+                        resolution.refs[s.id].digest, read_result(store, resolution.refs[s.id]))
+                for s in the_plan]
+    planner.check_space(the_plan, resolution, store)
+    runner.configure_embedded(cfg.infra, verbose=verbose)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.pipeline import pipeline
+
+    flow = pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
+    with ui.RichReporter() as reporter, progress.using(reporter):
+        state = flow(to_dict(cfg), return_state=True)
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, BaseException):
+        raise data
+    return [Outcome.from_json(d) for d in data]
+
+
+def _run_and_report(cfg, args: argparse.Namespace) -> bool:
+    from quantmill import ui
+
+    start = time.perf_counter()
+    outcomes = run_config(cfg, verbose=args.verbose)
+    elapsed = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({"seconds": round(elapsed, 3), "steps": [o.to_json() for o in outcomes]}, indent=1))
+    else:
+        ui.out.print(ui.summary_table(outcomes, elapsed))
+    return all(o.ok for o in outcomes)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.multirun:
+        return _multirun(args)
+    return 0 if _run_and_report(_compose(args), args) else 1
+
+
+def _multirun(args: argparse.Namespace) -> int:
+    """Hydra multirun: every combination of the comma-separated overrides, run one after another."""
+    import hydra
+    from omegaconf import DictConfig
+
+    from quantmill.config import find_conf_dir, register_schemas, to_config
+
+    register_schemas()
+    results: list[bool] = []
+
+    @hydra.main(config_path=str(find_conf_dir(args.config_dir)), config_name="config", version_base="1.3")
+    def job(cfg: DictConfig) -> None:
+        results.append(_run_and_report(to_config(cfg), args))
+
+    argv = sys.argv
+    sys.argv = ["quantmill", "--multirun", "hydra/job_logging=none", "hydra/hydra_logging=none", *args.overrides]
+    try:
+        job()
+    finally:
+        sys.argv = argv
+    return 0 if results and all(results) else 1
+
+
+def _registry(args: argparse.Namespace):
+    from quantmill.backends import PUBLISHERS
+    from quantmill.planner import open_store
+
+    cfg = _compose(args)
+    store = open_store(cfg)
+    return store, PUBLISHERS.get(cfg.publish.publisher).registry(store.root)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from quantmill import ui
+
+    _, registry = _registry(args)
+    entries = registry.entries()
+    if args.json:
+        print(json.dumps(entries, indent=1))
+    else:
+        ui.out.print(ui.registry_table(entries))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from quantmill import ui
+
+    store, registry = _registry(args)
+    entry = registry.get(args.name, args.version)
+    key = entry["artifact"]["key"]
+    statement = store.statement(key)
+    problems = store.verify(key)
+    if args.json:
+        print(json.dumps({"entry": entry, "card": registry.card(args.name, entry["version"]),
+                          "provenance": statement, "verified": not problems, "problems": problems}, indent=1))
+        return 0 if not problems else 1
+    ui.out.print(registry.card(args.name, entry["version"]))
+    ui.out.print(f"[bold]files[/bold] ({store.files(ui_ref(entry))}):")
+    for s in statement["subject"]:
+        ui.out.print(f"  {s['name']}  sha256:{s['digest']['sha256']}")
+    ui.out.print("[green]provenance verified[/green]" if not problems else
+                 "[red]provenance does NOT verify:[/red]\n  " + "\n  ".join(problems))
+    return 0 if not problems else 1
+
+
+def ui_ref(entry: dict[str, Any]):
+    from quantmill.store import ArtifactRef
+
+    return ArtifactRef(entry["artifact"]["key"], entry["artifact"]["digest"], "")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store, registry = _registry(args)
+    key = args.target
+    if not all(c in "0123456789abcdef" for c in key) or len(key) != 64:
+        key = registry.get(args.target)["artifact"]["key"]
+    problems = store.verify(key)
+    for p in problems:
+        print(f"{args.target}: {p}", file=sys.stderr)
+    if not problems:
+        print(f"{args.target}: verified ({len(store.statement(key)['subject'])} files)")
+    return 0 if not problems else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantmill", description="A declarative factory for quantized LLMs.")
+    parser.add_argument("--version", action="version", version=f"quantmill {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func, help_: str, *, overrides: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        p.add_argument("--config-dir", help="the conf/ directory (default: $QUANTMILL_CONF or ./conf)")
+        p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's and the tools' logs")
+        if overrides:
+            p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. recipe=[gguf_q8_0] store.root=/data")
+        return p
+
+    p = command("run", cmd_run, "run the pipeline (embedded Prefect flow); cached steps are not re-run")
+    p.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated overrides (a matrix)")
+    p.add_argument("--json", action="store_true", help="print the outcomes as JSON")
+    p = command("plan", cmd_plan, "show the steps, their keys and cache hit/miss; runs nothing")
+    p.add_argument("--json", action="store_true")
+    p = command("ls", cmd_ls, "list published artifacts")
+    p.add_argument("--json", action="store_true")
+    p = command("show", cmd_show, "show a published artifact: model card, files, provenance", overrides=False)
+    p.add_argument("name")
+    p.add_argument("--version", type=int, dest="version", default=None, help="a version number (default: latest)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    p = command("verify", cmd_verify, "re-hash a published artifact (NAME) or an artifact key against its provenance",
+                overrides=False)
+    p.add_argument("target")
+    p.add_argument("overrides", nargs="*")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except QuantmillError as e:
+        print(f"quantmill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quantmill: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Typed config schemas, registered in Hydra's ConfigStore, and composition into a validated config.
+
+Every group in ``conf/`` has a dataclass here. Composition merges the YAML files into these schemas, so an
+unknown key or a missing required value fails while composing, before any planning or download.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, OmegaConf
+
+from quantmill import constants as C
+from quantmill.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """The model to quantize.
+
+    Attributes:
+        name: Human name used in registry names (``<name>-<recipe>``).
+        source: Model source backend: ``bundled``, ``local`` or ``hf``.
+        path: Directory for ``local``; the bundled model's name for ``bundled``.
+        repo_id: Hub repository for ``hf``.
+        revision: Branch, tag or commit for ``hf``; resolved to a commit sha before anything is keyed.
+        allow_pickle: Accept ``.bin`` (pickle) weights; off because unpickling runs code.
+        trust_remote_code: Accept models that declare ``auto_map`` (custom code).
+    """
+
+    name: str = MISSING
+    source: str = "local"
+    path: Optional[str] = None
+    repo_id: Optional[str] = None
+    revision: str = "main"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class RecipeConfig:
+    """One target format. The file name under ``conf/recipe/`` is the recipe's name.
+
+    Attributes:
+        method: Quantizer backend key (``gguf``: llama.cpp's quantizer; ``none``: the F16 intermediate itself).
+        format: Artifact format (``gguf``); selects the converter and the validation runtime.
+        quant_type: Backend-specific type name, e.g. llama.cpp's ``Q4_K_M``.
+        imatrix: Compute an importance matrix from the calibration set and quantize with it.
+        params: Extra backend options, checked by the backend in preflight.
+    """
+
+    method: str = MISSING
+    format: str = MISSING
+    quant_type: Optional[str] = None
+    imatrix: bool = False
+    description: str = ""
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CalibrationConfig:
+    """The calibration set shared by every recipe of a model that needs one.
+
+    Attributes:
+        source: ``files`` (text files; relative paths resolve against the project, ``bundled:`` against the
+            package) or ``hf_dataset`` (a Hugging Face dataset by name, where there is network).
+        files: Text files for ``files``.
+        dataset, split, text_field: The dataset for ``hf_dataset``.
+        num_samples: Number of sequences; seq_len: tokens per sequence; seed: sampling seed.
+        min_samples: Fewer usable samples than this fails; between this and num_samples warns.
+    """
+
+    source: str = "files"
+    files: List[str] = field(default_factory=lambda: ["bundled:calibration.txt"])
+    dataset: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    num_samples: int = 64
+    seq_len: int = 256
+    seed: int = 0
+    min_samples: int = 8
+
+
+@dataclass
+class ValidateConfig:
+    """Validation of each artifact in the runtime that will load it.
+
+    Attributes:
+        enabled: Run validation at all (publishing requires a passed validation unless enforce is off).
+        enforce: Refuse to publish what failed; off publishes with an "unvalidated" mark.
+        prompt: Text the smoke generation starts from; tokenized once by the source tokenizer, so every
+            runtime is fed the same token ids.
+        max_tokens: Tokens to generate greedily.
+        n_ctx: Context length for loading the artifact.
+    """
+
+    enabled: bool = True
+    enforce: bool = True
+    prompt: str = "The miller carried"
+    max_tokens: int = 16
+    n_ctx: int = 256
+
+
+@dataclass
+class PublishConfig:
+    """Where validated artifacts are published.
+
+    Attributes:
+        publisher: Publisher backend key (``local``: the registry folder inside the local store).
+        name_template: Registry name; ``{model}`` and ``{recipe}`` are filled in.
+        tags: Extra tags for the model card.
+        license: License for the model card (defaults to the source model's, when it declares one).
+    """
+
+    enabled: bool = True
+    publisher: str = "local"
+    name_template: str = "{model}-{recipe}"
+    tags: List[str] = field(default_factory=list)
+    license: Optional[str] = None
+
+
+@dataclass
+class StoreConfig:
+    """The artifact store. ``root`` relative paths resolve against the working directory."""
+
+    kind: str = "local"
+    root: str = "artifacts"
+    quota_bytes: Optional[int] = None
+
+
+@dataclass
+class InfraConfig:
+    """Where steps run. ``embedded``: one Prefect flow in this process (ephemeral API, no server)."""
+
+    mode: str = "embedded"
+    max_parallel: int = 1
+    threads: int = 0
+    prefect_home: str = ".quantmill/prefect"
+
+
+@dataclass
+class QuantmillConfig:
+    """The root config: one model, the recipes to make from it, and how to run, validate and publish."""
+
+    model: ModelConfig = MISSING
+    recipe: Dict[str, RecipeConfig] = field(default_factory=dict)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    infra: InfraConfig = field(default_factory=InfraConfig)
+
+
+SCHEMA_NAME = "quantmill_schema"
+_GROUP_SCHEMAS = {"model": ModelConfig, "calibration": CalibrationConfig, "validate": ValidateConfig,
+                  "publish": PublishConfig, "store": StoreConfig, "infra": InfraConfig}
+
+
+def register_schemas() -> None:
+    """Register the schemas in Hydra's ConfigStore (idempotent; called before composing, never at import)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name=SCHEMA_NAME, node=QuantmillConfig)
+    for group, schema in _GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def find_conf_dir(explicit: str | Path | None = None) -> Path:
+    """The conf/ directory: explicit argument, $QUANTMILL_CONF, ./conf, or the one beside this package."""
+    candidates = [explicit, os.environ.get(C.ENV_CONF_DIR), Path.cwd() / "conf",
+                  Path(__file__).resolve().parent.parent / "conf"]
+    for c in candidates:
+        if c and (Path(c) / "config.yaml").is_file():
+            return Path(c).resolve()
+    raise ConfigError(f"no conf/config.yaml found (looked in: {', '.join(str(c) for c in candidates if c)}); "
+                      f"run from a quantmill project or set {C.ENV_CONF_DIR}")
+
+
+def known_options(conf_dir: Path, group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+_HYDRA_MISSING = re.compile(r"Could not (?:find|load) '([\w/]+)/([^']+)'")
+_HYDRA_OVERRIDE = re.compile(r"Could not override '([^']+)'")
+_NOT_IN = re.compile(r"Key '([^']+)' not in '(\w+)'")
+
+
+def _explain(exc: Exception, conf_dir: Path) -> ConfigError:
+    """Turn Hydra/OmegaConf's multi-line errors into one line naming the thing, the value and the fix."""
+    text = str(exc)
+    if m := _HYDRA_MISSING.search(text):
+        group, name = m.group(1), m.group(2)
+        known = ", ".join(known_options(conf_dir, group))
+        return ConfigError(f"unknown {group} {name!r}; known: {known} (files in {conf_dir / group})")
+    if m := _NOT_IN.search(text):
+        key, schema = m.group(1), m.group(2)
+        full = getattr(exc, "full_key", None) or key
+        fields = _schema_fields(schema)
+        hint = f"; {schema} has: {', '.join(fields)}" if fields else ""
+        return ConfigError(f"unknown config key {full!r}{hint}")
+    if m := _HYDRA_OVERRIDE.search(text):
+        key = m.group(1)
+        group, _, leaf = key.rpartition(".")
+        return ConfigError(f"unknown config key {key!r}; {group or 'the root config'} has no {leaf!r} "
+                           f"(check the spelling, or see conf/{group.split('.')[0]}/)")
+    cause = exc.__cause__ or exc
+    first = str(cause).splitlines()[0].strip()
+    where = getattr(cause, "full_key", None)
+    return ConfigError(f"invalid config{f' at {where!r}' if where else ''}: {first}")
+
+
+def _schema_fields(name: str) -> list[str]:
+    import dataclasses
+
+    schema = {cls.__name__: cls for cls in (*_GROUP_SCHEMAS.values(), RecipeConfig, QuantmillConfig)}.get(name)
+    return [f.name for f in dataclasses.fields(schema)] if schema else []
+
+
+def compose(overrides: Sequence[str] = (), conf_dir: str | Path | None = None) -> QuantmillConfig:
+    """Compose ``conf/`` with Hydra override strings into a validated ``QuantmillConfig``.
+
+    Raises:
+        ConfigError: unknown group option, unknown key, wrong type or missing value; one line.
+    """
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    directory = find_conf_dir(conf_dir)
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        return to_config(cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise _explain(e, directory) from e
+
+
+def to_config(cfg: Any) -> QuantmillConfig:
+    """A DictConfig (or plain dict) to the typed config, failing on missing values; also the inverse of to_dict."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    _check_keys(OmegaConf.to_container(cfg, resolve=False) if not isinstance(cfg, dict) else cfg,
+                QuantmillConfig, "")
+    node = OmegaConf.merge(OmegaConf.structured(QuantmillConfig), cfg)
+    try:
+        obj = OmegaConf.to_object(node)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"missing required config value {e.full_key!r}; set it in conf/ or as an "
+                          f"override ({e.full_key}=...)") from e
+    if not obj.recipe:
+        raise ConfigError("no recipes selected; choose some, e.g. recipe=[gguf_q8_0,gguf_q4_k_m]")
+    return obj
+
+
+def _check_keys(node: Any, schema: type, path: str) -> None:
+    """Refuse keys a schema does not declare, wherever they came from (Hydra's ``+key=`` opens structs)."""
+    import dataclasses
+    import typing
+
+    if not isinstance(node, dict):
+        return
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    for key, value in node.items():
+        if key == "hydra" and not path:
+            continue
+        where = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown config key {where!r}; {schema.__name__} has: {', '.join(names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            _check_keys(value, hint, where)
+        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+            for name, item in (value or {}).items():
+                _check_keys(item, typing.get_args(hint)[1], f"{where}.{name}")
+
+
+def to_dict(cfg: QuantmillConfig) -> dict[str, Any]:
+    """Plain JSON-able dict (what a flow takes as its parameter)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -1,0 +1,51 @@
+"""Persisted names, keys and URIs: each spelled once, here (gguf-py's constants.py style)."""
+
+# Pipeline steps, in pipeline order.
+DOWNLOAD = "download"
+CALIBRATE = "calibrate"
+CONVERT = "convert"
+QUANTIZE = "quantize"
+VALIDATE = "validate"
+PUBLISH = "publish"
+STEPS = (DOWNLOAD, CALIBRATE, CONVERT, QUANTIZE, VALIDATE, PUBLISH)
+
+# Capabilities a step can need; pools offer them (issue: worker pools).
+CPU = "cpu"
+CUDA = "cuda"
+MLX = "mlx"
+
+# Local store layout: <root>/objects/<key>/{files/..., provenance.json}
+OBJECTS_DIR = "objects"
+STAGING_DIR = "staging"
+REGISTRY_DIR = "registry"
+STATE_DIR = ".state"
+FILES_DIR = "files"
+PROVENANCE_FILE = "provenance.json"  # written last: its presence commits the artifact
+RESULT_FILE = "quantmill.json"  # small, deterministic step metadata, one of the artifact's files
+DIGEST_INDEX_DIR = "by-digest"
+DIGEST_CACHE_FILE = "digest-cache.json"
+
+# Registry layout: <root>/registry/<name>/<version>/entry.json (+ README.md, the model card)
+REGISTRY_ENTRY_FILE = "entry.json"
+MODEL_CARD_FILE = "README.md"
+
+# Provenance: in-toto Statement v1 with a SLSA Provenance v1 predicate.
+INTOTO_STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+SLSA_PROVENANCE_TYPE = "https://slsa.dev/provenance/v1"
+BUILD_TYPE = "https://quantmill.dev/buildtypes/step/v1"
+BUILDER_ID_EMBEDDED = "https://quantmill.dev/builders/embedded"
+
+# Validation record statuses.
+PASSED = "passed"
+FAILED = "failed"
+
+# GGUF artifact file names.
+GGUF_F16_FILE = "model-f16.gguf"
+IMATRIX_FILE = "imatrix.gguf"
+CALIBRATION_TOKENS_FILE = "calibration.safetensors"
+CALIBRATION_TEXT_FILE = "calibration.txt"
+VALIDATION_FILE = "validation.json"
+
+# Environment variables.
+ENV_LLAMA_CPP = "QUANTMILL_LLAMA_CPP"
+ENV_CONF_DIR = "QUANTMILL_CONF"

@@ -1,0 +1,101 @@
+"""Content hashing: files, directory trees, canonical JSON, and a stat-keyed cache for large local inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+CHUNK = 8 << 20
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one JSON encoding that is hashed: sorted keys, no whitespace, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """One file of an artifact: its path relative to the artifact root, sha256 and size."""
+
+    path: str
+    sha256: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "size": self.size}
+
+
+def list_files(root: Path) -> list[Path]:
+    """Regular files under ``root``, sorted by relative POSIX path; symlinks are refused."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            raise ValueError(f"{p}: symbolic links are not stored; copy the file instead")
+        if p.is_file():
+            out.append(p)
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def digest_tree(root: Path, files: Iterable[Path] | None = None,
+                hasher: Callable[[Path], str] = sha256_file) -> list[FileDigest]:
+    """Digest every file under ``root`` (or the given ones), sorted by path."""
+    paths = list_files(root) if files is None else sorted(files)
+    return [FileDigest(p.relative_to(root).as_posix(), hasher(p), p.stat().st_size) for p in paths]
+
+
+def manifest_digest(files: Iterable[FileDigest]) -> str:
+    """The artifact digest: sha256 of the canonical listing of (path, sha256, size)."""
+    listing = [f.to_json() for f in sorted(files, key=lambda f: f.path)]
+    return "sha256:" + sha256_bytes(canonical_json(listing))
+
+
+class DigestCache:
+    """sha256 of local files keyed by (path, size, mtime, inode), so unchanged multi-GB inputs are not
+    re-read on every plan. The same idea as git's index; a changed file always misses."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._entries: dict[str, list] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self._entries = {}
+        self._dirty = False
+
+    def sha256(self, file: Path) -> str:
+        st = file.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        key = str(file.resolve())
+        hit = self._entries.get(key)
+        if hit and hit[:3] == stamp:
+            return hit[3]
+        value = sha256_file(file)
+        self._entries[key] = stamp + [value]
+        self._dirty = True
+        return value
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self._entries))
+        os.replace(tmp, self.path)
+        self._dirty = False

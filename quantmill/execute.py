@@ -1,0 +1,174 @@
+"""Executing one spec against the store: the three things every task does.
+
+1. Compute the key from the spec and its inputs' digests; if the store has it, return the reference.
+2. Otherwise fetch the inputs by digest, call the step function into a staging directory.
+3. Commit the staging directory with its provenance record (last), and return the new reference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from quantmill import constants as C
+from quantmill import provenance
+from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOURCES
+from quantmill.backends import gguf_quantizer
+from quantmill.backends.base import SourceInfo
+from quantmill.backends.local_publisher import LocalRegistry
+from quantmill.config import CalibrationConfig, ModelConfig, ValidateConfig
+from quantmill.errors import ToolError
+from quantmill.planner import StepSpec, step_key
+from quantmill.steps import calibrate, convert, download, publish, quantize, validate
+from quantmill.store import ArtifactRef, LocalStore, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a task returns: a reference plus the small, JSON-able result of the step."""
+
+    spec_id: str
+    ref: ArtifactRef
+    cached: bool
+    seconds: float
+    result: Mapping[str, Any] = field(default_factory=dict)
+
+
+def read_result(store: Store, ref: ArtifactRef) -> dict[str, Any]:
+    return json.loads((store.files(ref) / C.RESULT_FILE).read_text())
+
+
+def _one_file(path: Path, suffix: str) -> Path:
+    files = sorted(path.glob(f"*{suffix}"))
+    if len(files) != 1:
+        raise ToolError(f"artifact {path.parent.name}: expected one {suffix} file, found {len(files)}")
+    return files[0]
+
+
+# -- adapters: spec + input paths -> step function call ----------------------------------------------------
+Runner = Callable[[StepSpec, Mapping[str, Path], Path, Store], dict]
+
+
+def _download(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+    model = ModelConfig(**spec.context["model"])
+    info = SourceInfo.from_json(spec.context["source_info"])
+    return download.download(SOURCES.get(spec.backend), model, info, out)
+
+
+def _calibrate(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+    c = spec.config
+    if c["kind"] == "dataset":
+        cfg = CalibrationConfig(source=c["source"], num_samples=c["num_samples"], seq_len=c["seq_len"],
+                                seed=c["seed"], min_samples=c["min_samples"], dataset=c["dataset"],
+                                split=c["split"], text_field=c["text_field"])
+        return calibrate.calibrate_dataset(cfg, inputs["model"], [Path(p) for p in spec.context["files"]], out)
+    return calibrate.calibrate_imatrix(gguf_quantizer, _one_file(inputs["model"], ".gguf"), inputs["calibration"],
+                                       out, ctx=c["ctx"], chunks=c["chunks"], threads=spec.context["threads"],
+                                       label="imatrix")
+
+
+def _convert(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+    return convert.convert(CONVERTERS.get(spec.backend), inputs["model"], out, outtype=spec.config["outtype"],
+                           model_name=spec.config["model_name"])
+
+
+def _quantize(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+    imatrix = inputs.get("imatrix")
+    return quantize.quantize(QUANTIZERS.get(spec.backend), _one_file(inputs["model"], ".gguf"), out,
+                             quant_type=spec.config["quant_type"],
+                             imatrix=_one_file(imatrix, ".gguf") if imatrix else None,
+                             threads=spec.context["threads"], label=f"quantize {spec.recipe}")
+
+
+def _validate(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+    cfg = ValidateConfig(**spec.config)
+    record = validate.validate(RUNTIMES.get(spec.backend), inputs["artifact"], inputs["source"], cfg,
+                               threads=spec.context["threads"])
+    (out / C.VALIDATION_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return {"status": record["status"], "failed": validate.failed_checks(record)}
+
+
+def _publish(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+    c = spec.config
+    validation = None
+    if "validation" in inputs:
+        validation = json.loads((inputs["validation"] / C.VALIDATION_FILE).read_text())
+    validated = publish.check_publishable(c["name"], validation, enforce=c["enforce"])
+    quant = json.loads((inputs["artifact"] / C.RESULT_FILE).read_text())
+    artifact_ref = {k: spec.context["artifact_ref"][k] for k in ("key", "digest")}  # no local paths in bytes
+    card = publish.model_card(name=c["name"], model=c["model"], base_model=c["base_model"], recipe=c["recipe"],
+                              fmt=c["format"], quant=quant, validation=validation, validated=validated,
+                              artifact_digest=artifact_ref["digest"], tags=list(c["tags"]), license=c["license"])
+    (out / C.MODEL_CARD_FILE).write_text(card)
+    return {"name": c["name"], "artifact": artifact_ref, "validated": validated,
+            "validation": {"status": validation["status"]} if validation else None,
+            "recipe": c["recipe"], "model": c["model"], "format": c["format"],
+            "quant_type": quant.get("quant_type") or quant.get("outtype", "").upper(),
+            "bits_per_weight": quant.get("bits_per_weight"),
+            "size_bytes": validation["size_bytes"] if validation else None}
+
+
+RUNNERS: dict[str, Runner] = {C.DOWNLOAD: _download, C.CALIBRATE: _calibrate, C.CONVERT: _convert,
+                              C.QUANTIZE: _quantize, C.VALIDATE: _validate, C.PUBLISH: _publish}
+
+
+def register(spec: StepSpec, store: Store, ref: ArtifactRef) -> dict[str, Any]:
+    """Make a committed publish record visible under its name (idempotent)."""
+    if not isinstance(store, LocalStore):
+        raise NotImplementedError("publishing from a non-local store")
+    publisher = PUBLISHERS.get(spec.backend)
+    registry: LocalRegistry = publisher.registry(store.root)
+    result = read_result(store, ref)
+    entry = {**{k: v for k, v in result.items() if k != "name"}, "publish_key": ref.key,
+             "published_at": provenance.now()}
+    card = (store.files(ref) / C.MODEL_CARD_FILE).read_text()
+    return registry.publish(result["name"], entry, card)
+
+
+def run_step(spec: StepSpec, inputs: Mapping[str, ArtifactRef], store: Store,
+             run: provenance.RunInfo | None = None) -> StepResult:
+    """Run ``spec`` unless the store already has its key; commit its output with provenance."""
+    run = run or provenance.RunInfo()
+    key = step_key(spec, inputs)
+    found = store.lookup(key)
+    if found is not None:
+        if spec.step == C.PUBLISH:
+            register(spec, store, found)
+        return StepResult(spec.id, found, cached=True, seconds=0.0, result=read_result(store, found))
+
+    paths = {name: store.verified_files(ref) for name, ref in inputs.items()}
+    if spec.step == C.PUBLISH:
+        spec = StepSpec(**{**spec.__dict__, "context": {**spec.context,
+                                                       "artifact_ref": inputs["artifact"].to_json()}})
+    started, t0 = provenance.now(), time.perf_counter()
+    with store.stage(key) as staging:
+        try:
+            result = RUNNERS[spec.step](spec, paths, staging.files, store)
+        except ToolError as e:
+            if isinstance(store, LocalStore) and ("No space left" in str(e) or store.free_bytes() < 1 << 20):
+                raise store.full_error() from e
+            raise
+        (staging.files / C.RESULT_FILE).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        finished = provenance.now()
+
+        def statement(subjects, digest):
+            dependencies = []
+            if spec.step == C.DOWNLOAD:
+                dependencies.append(SOURCES.get(spec.backend).dependency(
+                    SourceInfo.from_json(spec.context["source_info"])))
+            return provenance.statement(
+                subjects=subjects, artifact_digest=digest, key=key, step=spec.step, spec_id=spec.id,
+                impl_version=spec.impl_version, config=spec.config,
+                inputs={name: ref.to_json() for name, ref in inputs.items()}, dependencies=dependencies,
+                tools=spec.tools, run=run, started=started, finished=finished)
+
+        ref = store.commit(staging, statement)
+    if spec.step == C.PUBLISH:
+        register(spec, store, ref)
+    return StepResult(spec.id, ref, cached=False, seconds=time.perf_counter() - t0, result=result)

@@ -1,0 +1,103 @@
+"""Which files of a model directory quantmill takes, and the checks it makes on them before heavy work."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import struct
+from pathlib import Path
+from typing import Any, Iterable
+
+from quantmill.errors import ModelSourceError, PreflightError
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+SAFE_PATTERNS = (
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "LICENSE", "LICENSE.txt", "README.md",
+)
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "pytorch_model.bin.index.json")
+CODE_PATTERNS = ("*.py",)
+
+
+def _match(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def select_files(model: str, names: Iterable[str], *, allow_pickle: bool, trust_remote_code: bool) -> list[str]:
+    """The files to take from a model repo or directory, enforcing the pickle and remote-code policies."""
+    names = sorted(set(names))
+    chosen = [n for n in names if _match(n, SAFE_PATTERNS)]
+    if CONFIG_FILE not in names:
+        raise ModelSourceError(f"model {model!r} has no {CONFIG_FILE}; point model.path / model.repo_id at a "
+                               f"Hugging Face model directory")
+    if not any(n in names for n in TOKENIZER_FILES):
+        raise ModelSourceError(f"model {model!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); copy the "
+                               f"tokenizer files from the base model into it")
+    pickles = [n for n in names if _match(n, PICKLE_PATTERNS)]
+    if not any(n.endswith(".safetensors") for n in names):
+        if not pickles:
+            raise ModelSourceError(f"model {model!r} has no weights (*.safetensors)")
+        if not allow_pickle:
+            raise ModelSourceError(
+                f"model {model!r} ships only pickle weights ({', '.join(pickles[:3])}); loading pickle can run "
+                f"arbitrary code: set model.allow_pickle=true if you trust it, or convert it to safetensors")
+        chosen += pickles
+    if trust_remote_code:
+        chosen += [n for n in names if _match(n, CODE_PATTERNS)]
+    return sorted(set(chosen))
+
+
+def check_config(model: str, config: dict[str, Any], *, trust_remote_code: bool) -> str:
+    """Check config.json; return the architecture (``architectures[0]``)."""
+    auto_map = config.get("auto_map")
+    if auto_map and not trust_remote_code:
+        first = next(iter(auto_map.items()))
+        raise PreflightError(
+            f"model {model!r} declares custom code (auto_map: {first[0]} -> {first[1]}); it would run that code: "
+            f"set model.trust_remote_code=true if you trust it")
+    archs = config.get("architectures") or []
+    if not archs:
+        raise PreflightError(f"model {model!r}: config.json has no 'architectures'; add e.g. "
+                             f"\"architectures\": [\"LlamaForCausalLM\"]")
+    return archs[0]
+
+
+def read_config(path: Path, model: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelSourceError(f"model {model!r} has no {CONFIG_FILE} at {path}") from None
+    except ValueError as e:
+        raise ModelSourceError(f"model {model!r}: {path} is not valid JSON ({e})") from None
+
+
+def check_safetensors(path: Path) -> int:
+    """Check a safetensors file's header against its size; return the number of weight bytes.
+
+    A truncated or padded file is caught here, reading only the header, before any tool loads it.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ModelSourceError(f"{path.name}: {size} bytes is too short for a safetensors file; "
+                                   f"download it again")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100 << 20):
+            raise ModelSourceError(f"{path.name}: header length {n} exceeds the file ({size} bytes); the file "
+                                   f"is truncated or not safetensors; download it again")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ModelSourceError(f"{path.name}: unreadable safetensors header; download it again") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    expected = 8 + n + end
+    if size != expected:
+        diff = expected - size
+        what = f"{diff} byte{'s' if diff != 1 else ''} shorter" if diff > 0 else f"{-diff} bytes longer"
+        raise ModelSourceError(f"{path.name} is {what} than its header declares ({size} bytes, expected "
+                               f"{expected}); the file is corrupt or truncated; download it again")
+    return end

@@ -1,0 +1,292 @@
+"""The planner: a config becomes a small DAG of step specs, checked before anything heavy runs.
+
+Each spec names its step, the backend that does it, its inputs (other specs), its resolved config, the
+capability it needs and the tool versions it runs. Its cache key (``step_key``) is the hash of all of that plus
+the digests of its inputs, so it is known as soon as its inputs exist, and the same key means the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from quantmill import constants as C
+from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOURCES
+from quantmill.backends.base import SourceInfo
+from quantmill.backends.local_publisher import check_name
+from quantmill.config import QuantmillConfig, StoreConfig
+from quantmill.digest import canonical_json, sha256_bytes
+from quantmill.errors import PreflightError, StoreFullError
+from quantmill.store import ArtifactRef, LocalStore, Store
+from quantmill.versions import package_versions
+
+# Bump a step's version when its output bytes change for the same inputs and config.
+IMPLEMENTATION_VERSIONS = {C.DOWNLOAD: "1", C.CALIBRATE: "1", C.CONVERT: "1", C.QUANTIZE: "1",
+                           C.VALIDATE: "1", C.PUBLISH: "1"}
+BUNDLED_TEXT = Path(__file__).resolve().parent / "bundled" / "text"
+HIT, MISS, PENDING = "hit", "miss", "pending"
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One node of the plan.
+
+    Attributes:
+        id: Unique in the plan, e.g. ``quantize:gguf_q4_k_m``.
+        step: The pipeline verb (download, calibrate, convert, quantize, validate, publish).
+        backend: Registry key of the backend that does it.
+        capability: What the machine running it must offer (cpu, cuda, mlx).
+        inputs: Input name -> id of the spec that produces it.
+        config: The resolved settings that determine the output: hashed into the key.
+        context: Execution details that do not change the output (paths, labels, threads): not hashed.
+        tools: Tool versions the step runs: hashed into the key.
+        recipe: The recipe this spec belongs to (None for shared specs).
+    """
+
+    id: str
+    step: str
+    backend: str
+    capability: str
+    inputs: Mapping[str, str]
+    config: Mapping[str, Any]
+    context: Mapping[str, Any] = field(default_factory=dict)
+    tools: Mapping[str, str] = field(default_factory=dict)
+    recipe: str | None = None
+
+    @property
+    def impl_version(self) -> str:
+        return IMPLEMENTATION_VERSIONS[self.step]
+
+
+def step_key(spec: StepSpec, inputs: Mapping[str, ArtifactRef]) -> str:
+    """The cache key: step, implementation version, backend, resolved config, tool versions, input digests."""
+    missing = set(spec.inputs) - set(inputs)
+    if missing:
+        raise ValueError(f"{spec.id}: inputs {sorted(missing)} not resolved")
+    return sha256_bytes(canonical_json({
+        "step": spec.step, "implementation": spec.impl_version, "backend": spec.backend,
+        "config": spec.config, "tools": spec.tools,
+        "inputs": {name: inputs[name].digest for name in sorted(spec.inputs)},
+    }))
+
+
+@dataclass
+class Plan:
+    config: QuantmillConfig
+    source: SourceInfo
+    specs: dict[str, StepSpec]  # in topological order
+    warnings: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[StepSpec]:
+        return iter(self.specs.values())
+
+
+@dataclass
+class Resolution:
+    """What the store already holds for each spec: ``hit`` (key known, artifact present), ``miss`` (key known,
+    absent) or ``pending`` (an input is not built yet, so the key is not known yet and the step will run)."""
+
+    status: dict[str, str]
+    keys: dict[str, str]
+    refs: dict[str, ArtifactRef]
+
+    @property
+    def all_cached(self) -> bool:
+        return all(s == HIT for s in self.status.values())
+
+
+def open_store_config(store: StoreConfig) -> Store:
+    if store.kind != "local":
+        raise PreflightError(f"store.kind {store.kind!r} unknown; known: local")
+    return LocalStore(store.root, quota_bytes=store.quota_bytes)
+
+
+def open_store(cfg: QuantmillConfig) -> Store:
+    return open_store_config(cfg.store)
+
+
+def calibration_files(cfg: QuantmillConfig) -> list[Path]:
+    """The calibration text files, resolved; ``bundled:NAME`` is a text shipped with quantmill."""
+    if cfg.calibration.source != "files":
+        return []
+    paths = []
+    for name in cfg.calibration.files:
+        path = BUNDLED_TEXT / name.removeprefix("bundled:") if name.startswith("bundled:") else Path(name)
+        if not path.is_file():
+            raise PreflightError(f"calibration file {name!r} not found ({path.resolve()}); fix calibration.files")
+        paths.append(path.resolve())
+    if not paths:
+        raise PreflightError("calibration.files is empty; name at least one text file")
+    return paths
+
+
+def _runtime_for(fmt: str):
+    for key in RUNTIMES:
+        runtime = RUNTIMES.get(key)
+        if fmt in runtime.formats:
+            return runtime
+    raise PreflightError(f"no validation runtime for format {fmt!r}; known runtimes: {', '.join(RUNTIMES)}")
+
+
+def plan(cfg: QuantmillConfig, store: Store) -> Plan:
+    """Preflight the config and build the DAG. Reads only model metadata (config.json, file list, headers).
+
+    Raises:
+        ConfigError / PreflightError / ModelSourceError: one line naming the problem and the fix.
+    """
+    model = cfg.model
+    source = SOURCES.get(model.source)
+    # Backend and recipe checks first: they need nothing from the model, so a typo fails before any download.
+    recipes = {}
+    for name, recipe in cfg.recipe.items():
+        quantizer = QUANTIZERS.get(recipe.method)
+        if recipe.format not in getattr(quantizer, "formats", ()):
+            raise PreflightError(f"recipe {name!r}: method {recipe.method!r} cannot produce format "
+                                 f"{recipe.format!r} (it makes: {', '.join(quantizer.formats)})")
+        quantizer.check(name, recipe)
+        recipes[name] = (recipe, quantizer, CONVERTERS.get(recipe.format))
+    publisher = PUBLISHERS.get(cfg.publish.publisher) if cfg.publish.enabled else None
+    names = {r: check_name(cfg.publish.name_template.format(model=model.name, recipe=r)) for r in recipes}
+    runtimes = {}
+    if cfg.validate.enabled:
+        for name, (recipe, _, _) in recipes.items():
+            runtimes[name] = _runtime_for(recipe.format)
+            runtimes[name].check_installed()
+
+    cache = store.digest_cache() if isinstance(store, LocalStore) else None
+    info = source.describe(model, cache)
+    for _, _, converter in recipes.values():
+        converter.check(info, model.name)
+
+    threads = cfg.infra.threads
+    specs: dict[str, StepSpec] = {}
+
+    def add(spec: StepSpec) -> StepSpec:
+        specs.setdefault(spec.id, spec)
+        return specs[spec.id]
+
+    download = add(StepSpec(
+        id=C.DOWNLOAD, step=C.DOWNLOAD, backend=source.key, capability=C.CPU, inputs={},
+        config={"identity": info.identity, "files": [f.path for f in info.files],
+                "allow_pickle": model.allow_pickle, "trust_remote_code": model.trust_remote_code},
+        context={"model": {"name": model.name, "source": model.source, "path": model.path,
+                           "repo_id": model.repo_id, "revision": model.revision},
+                 "source_info": info.to_json(), "estimate_bytes": info.weights_bytes},
+        tools=package_versions("huggingface_hub") if source.key == "hf" else {}))
+
+    needs_calibration = any(q.needs_calibration(r) for r, q, _ in recipes.values())
+    dataset = None
+    if needs_calibration:
+        files = calibration_files(cfg)
+        from quantmill.digest import sha256_file
+
+        cal = cfg.calibration
+        dataset = add(StepSpec(
+            id=f"{C.CALIBRATE}:dataset", step=C.CALIBRATE, backend=cal.source, capability=C.CPU,
+            inputs={"model": download.id},
+            config={"kind": "dataset", "source": cal.source, "num_samples": cal.num_samples,
+                    "seq_len": cal.seq_len, "seed": cal.seed, "min_samples": cal.min_samples,
+                    "texts": [{"name": p.name, "sha256": sha256_file(p)} for p in files],
+                    "dataset": cal.dataset, "split": cal.split, "text_field": cal.text_field},
+            context={"files": [str(p) for p in files]},
+            tools=package_versions("tokenizers", "safetensors", "numpy")))
+
+    f16_estimate = info.weights_bytes * 2 // max(1, _bytes_per_param(info.config))
+    for name, (recipe, quantizer, converter) in recipes.items():
+        convert = add(StepSpec(
+            id=f"{C.CONVERT}:{recipe.format}-f16", step=C.CONVERT, backend=converter.key,
+            capability=converter.capability, inputs={"model": download.id},
+            config={"outtype": "f16", "model_name": model.name},
+            context={"estimate_bytes": f16_estimate}, tools=converter.tools()))
+        artifact = convert
+        if not quantizer.is_intermediate(recipe):
+            inputs = {"model": convert.id}
+            if quantizer.needs_calibration(recipe):
+                imatrix = add(StepSpec(
+                    id=f"{C.CALIBRATE}:imatrix-{recipe.format}", step=C.CALIBRATE, backend="imatrix",
+                    capability=C.CPU, inputs={"model": convert.id, "calibration": dataset.id},
+                    config={"kind": "imatrix", "ctx": cfg.calibration.seq_len,
+                            "chunks": cfg.calibration.num_samples},
+                    context={"threads": threads}, tools=quantizer.tools()))
+                inputs["imatrix"] = imatrix.id
+            artifact = add(StepSpec(
+                id=f"{C.QUANTIZE}:{name}", step=C.QUANTIZE, backend=quantizer.key,
+                capability=quantizer.capability, inputs=inputs, recipe=name,
+                config={"method": recipe.method, "format": recipe.format, "quant_type": recipe.quant_type.upper(),
+                        "imatrix": bool(recipe.imatrix), "params": dict(recipe.params)},
+                context={"threads": threads, "estimate_bytes": quantizer.estimate_bytes(recipe, f16_estimate)},
+                tools=quantizer.tools()))
+        validation = None
+        if cfg.validate.enabled:
+            runtime = runtimes[name]
+            v = cfg.validate
+            validation = add(StepSpec(
+                id=f"{C.VALIDATE}:{name}", step=C.VALIDATE, backend=runtime.key, capability=runtime.capability,
+                inputs={"artifact": artifact.id, "source": download.id}, recipe=name,
+                config={"prompt": v.prompt, "max_tokens": v.max_tokens, "n_ctx": v.n_ctx},
+                context={"threads": threads}, tools=runtime.tools()))
+        if publisher is not None:
+            inputs = {"artifact": artifact.id, "source": download.id}
+            if validation is not None:
+                inputs["validation"] = validation.id
+            add(StepSpec(
+                id=f"{C.PUBLISH}:{name}", step=C.PUBLISH, backend=publisher.key, capability=C.CPU,
+                inputs=inputs, recipe=name,
+                config={"name": names[name], "model": model.name, "recipe": name, "format": recipe.format,
+                        "base_model": info.base_model, "tags": sorted(cfg.publish.tags),
+                        "license": cfg.publish.license or info.license, "enforce": cfg.validate.enforce,
+                        "source_uri": info.uri},
+                context={"store_root": str(getattr(store, "root", ""))}))
+    return Plan(cfg, info, specs)
+
+
+def _bytes_per_param(config: Mapping[str, Any]) -> int:
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
+    return {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 2)
+
+
+def resolve(plan: Plan, store: Store) -> Resolution:
+    """Look each spec's key up in the store, in topological order, as far as inputs are known."""
+    status: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    refs: dict[str, ArtifactRef] = {}
+    for spec in plan:
+        if all(i in refs for i in spec.inputs.values()):
+            key = step_key(spec, {name: refs[sid] for name, sid in spec.inputs.items()})
+            keys[spec.id] = key
+            found = store.lookup(key)
+            if found is not None and spec.step == C.PUBLISH and not _registered(spec, store, found):
+                found = None
+            if found is not None:
+                refs[spec.id] = found
+            status[spec.id] = HIT if found is not None else MISS
+        else:
+            status[spec.id] = PENDING
+    return Resolution(status, keys, refs)
+
+
+def _registered(spec: StepSpec, store: Store, ref: ArtifactRef) -> bool:
+    """A publish is only cached if the registry still holds what it published."""
+    from quantmill.backends.local_publisher import LocalRegistry
+
+    if not isinstance(store, LocalStore):
+        return True
+    record = json.loads((store.files(ref) / C.RESULT_FILE).read_text())
+    registry = LocalRegistry(store.root / C.REGISTRY_DIR)
+    return registry.find(spec.config["name"], record["artifact"]["digest"], ref.key) is not None
+
+
+def check_space(plan: Plan, resolution: Resolution, store: Store) -> None:
+    """Refuse to start when the steps that will run need more space than the store has (estimates)."""
+    need = sum(int(spec.context.get("estimate_bytes", 0)) for spec in plan
+               if resolution.status[spec.id] != HIT)
+    if not isinstance(store, LocalStore) or need == 0:
+        return
+    free = store.free_bytes()
+    if store.quota_bytes is not None:
+        free = min(free, store.quota_bytes - store.used_bytes())
+    if need > free:
+        raise StoreFullError(f"store {store.root} has {free} bytes available but this run needs about {need}; "
+                             f"free space, raise store.quota_bytes, or set store.root to a larger disk")

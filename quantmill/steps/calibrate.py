@@ -1,0 +1,94 @@
+"""calibrate: a seeded, tokenized calibration set, and (for GGUF) the importance matrix computed from it."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+from quantmill import constants as C
+from quantmill.config import CalibrationConfig
+from quantmill.errors import PreflightError
+
+log = logging.getLogger(__name__)
+
+
+def load_texts(cfg: CalibrationConfig, files: Sequence[Path]) -> list[str]:
+    """Paragraphs of calibration text (files split on blank lines, or dataset rows)."""
+    if cfg.source == "files":
+        paragraphs = []
+        for path in files:
+            paragraphs += [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        return paragraphs
+    if cfg.source == "hf_dataset":
+        try:
+            import datasets
+        except ImportError:
+            raise PreflightError("calibration.source=hf_dataset needs the `datasets` package: "
+                                 "pip install datasets") from None
+        rows = datasets.load_dataset(cfg.dataset, split=cfg.split)
+        return [r[cfg.text_field].strip() for r in rows if r[cfg.text_field].strip()]
+    raise PreflightError(f"calibration.source {cfg.source!r} unknown; choose files or hf_dataset")
+
+
+def load_tokenizer(model_dir: Path):
+    """The source model's tokenizer (tokenizers' fast tokenizer.json; transformers for tokenizer.model only)."""
+    if (model_dir / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        return lambda text, special=False: tok.encode(text, add_special_tokens=special).ids
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    return lambda text, special=False: hf.encode(text, add_special_tokens=special)
+
+
+def calibrate_dataset(cfg: CalibrationConfig, model_dir: Path, files: Sequence[Path], out: Path) -> dict[str, Any]:
+    """Pack seeded, shuffled paragraphs into ``num_samples`` windows of ``seq_len`` token ids.
+
+    Writes ``calibration.safetensors`` (``input_ids`` int32 [n, seq_len]) for torch quantizers and
+    ``calibration.txt`` (the same paragraphs) for llama.cpp's imatrix, which tokenizes for itself.
+
+    Raises:
+        PreflightError: fewer windows than ``min_samples`` can be made.
+    """
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    paragraphs = load_texts(cfg, files)
+    random.Random(cfg.seed).shuffle(paragraphs)
+    encode = load_tokenizer(model_dir)
+    windows: list[list[int]] = []
+    used: list[str] = []
+    current: list[int] = []
+    for paragraph in paragraphs:
+        if len(windows) == cfg.num_samples:
+            break
+        current += encode(paragraph + "\n\n")
+        used.append(paragraph)
+        while len(current) >= cfg.seq_len and len(windows) < cfg.num_samples:
+            windows.append(current[: cfg.seq_len])
+            current = current[cfg.seq_len:]
+    if len(windows) < cfg.min_samples:
+        raise PreflightError(
+            f"calibration: only {len(windows)} windows of {cfg.seq_len} tokens can be made from "
+            f"{len(paragraphs)} paragraphs, below calibration.min_samples={cfg.min_samples}; add text or lower "
+            f"calibration.seq_len / calibration.num_samples")
+    if len(windows) < cfg.num_samples:
+        log.warning("calibration: %d of %d requested windows of %d tokens (text ran out)",
+                    len(windows), cfg.num_samples, cfg.seq_len)
+    save_file({"input_ids": np.asarray(windows, dtype=np.int32)}, str(out / C.CALIBRATION_TOKENS_FILE),
+              metadata={"seed": str(cfg.seed), "seq_len": str(cfg.seq_len)})
+    (out / C.CALIBRATION_TEXT_FILE).write_text("\n\n".join(used) + "\n", encoding="utf-8")
+    return {"samples": len(windows), "requested": cfg.num_samples, "seq_len": cfg.seq_len,
+            "tokens": len(windows) * cfg.seq_len, "paragraphs": len(used)}
+
+
+def calibrate_imatrix(quantizer_module: Any, model_gguf: Path, calibration: Path, out: Path, *,
+                      ctx: int, chunks: int, threads: int, label: str) -> dict[str, Any]:
+    """The importance matrix of ``model_gguf`` over the calibration text."""
+    return quantizer_module.compute_imatrix(model_gguf, calibration / C.CALIBRATION_TEXT_FILE,
+                                            out / C.IMATRIX_FILE, ctx=ctx, chunks=chunks, threads=threads,
+                                            label=label)

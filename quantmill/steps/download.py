@@ -1,0 +1,31 @@
+"""download: take a model's files from its source into the output directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from quantmill.backends.base import SourceInfo
+from quantmill.config import ModelConfig
+from quantmill.digest import sha256_file
+from quantmill.errors import ModelSourceError
+from quantmill.progress import reporter
+
+
+def download(source: Any, cfg: ModelConfig, info: SourceInfo, out: Path) -> dict[str, Any]:
+    """Fetch ``info.files`` into ``out`` and check each against the digest preflight saw (where known).
+
+    Raises:
+        ModelSourceError: a file changed between preflight and download, or is missing.
+    """
+    total = sum(f.size for f in info.files)
+    bar = reporter().bar(f"download {cfg.name}", total=total, unit="B")
+    try:
+        source.download(cfg, info, out, on_bytes=bar.advance)
+    finally:
+        bar.close()
+    for f in info.files:
+        if f.sha256 and (actual := sha256_file(out / f.path)) != f.sha256:
+            raise ModelSourceError(f"model {cfg.name!r}: {f.path} changed since it was planned (sha256 "
+                                   f"{actual[:12]} != {f.sha256[:12]}); re-run to pick up the new content")
+    return {"files": [f.path for f in info.files], "architecture": info.architecture, "uri": info.uri}

@@ -1,0 +1,62 @@
+"""publish: write the model card and register the artifact under its human name, if it passed validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quantmill import constants as C
+from quantmill.errors import PublishRefused
+from quantmill.steps.validate import failed_checks
+
+LIBRARY = {"gguf": "gguf"}
+
+
+def check_publishable(name: str, validation: dict[str, Any] | None, *, enforce: bool) -> bool:
+    """True if publishable as validated; False if publishable only as unvalidated (enforce off).
+
+    Raises:
+        PublishRefused: validation failed (or did not run) and enforce is on.
+    """
+    if validation is not None and validation["status"] == C.PASSED:
+        return True
+    if not enforce:
+        return False
+    if validation is None:
+        raise PublishRefused(f"{name}: not validated; enable validate.enabled or set validate.enforce=false "
+                             f"to publish it marked unvalidated")
+    raise PublishRefused(f"{name}: failed validation: {'; '.join(failed_checks(validation))}; not published "
+                         f"(set validate.enforce=false to publish it marked unvalidated)")
+
+
+def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str, quant: dict[str, Any],
+               validation: dict[str, Any] | None, validated: bool, artifact_digest: str, tags: list[str],
+               license: str | None) -> str:
+    """README.md with Hugging Face metadata: what was made, from what, and what validation measured."""
+    quant_type = quant.get("quant_type") or quant.get("outtype", "").upper()
+    bpw = quant.get("bits_per_weight")
+    all_tags = sorted({fmt, "quantmill", "quantized", quant_type.lower(), *tags} - {""})
+    lines = ["---", f"base_model: {base_model}", "base_model_relation: quantized", "quantized_by: quantmill",
+             f"library_name: {LIBRARY.get(fmt, fmt)}"]
+    if license:
+        lines.append(f"license: {license}")
+    lines.append("tags:")
+    lines += [f"- {t}" for t in all_tags]
+    lines += ["---", "", f"# {name}", "",
+              f"{quant_type} {fmt.upper()} of [{base_model}]({'https://huggingface.co/' + base_model if '/' in base_model else base_model}),"
+              f" made by quantmill recipe `{recipe}`.", ""]
+    if not validated:
+        lines += ["> **Unvalidated**: published with validation not enforced; "
+                  + ("it failed: " + "; ".join(failed_checks(validation)) if validation else "it was not validated")
+                  + ".", ""]
+    rows = [("Quant type", quant_type), ("Bits per weight", f"{bpw:.2f}" if bpw else "n/a"),
+            ("Importance matrix", "yes" if quant.get("imatrix") else "no")]
+    if validation:
+        rows += [("Size", f"{validation['size_bytes'] / 2**20:.2f} MiB"), ("Validation", validation["status"]),
+                 ("Validated with", validation["runtime"])]
+        if validation.get("generation_tokens_per_second"):
+            rows.append(("Generation speed", f"{validation['generation_tokens_per_second']} tok/s on "
+                                             f"{validation['machine']['machine']}"))
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", f"Artifact digest: `{artifact_digest}`. Its provenance record (in-toto / SLSA v1) lists the "
+                  "sha256 of every file and how it was made: `quantmill show " + name + "`.", ""]
+    return "\n".join(lines)

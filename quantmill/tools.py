@@ -1,0 +1,68 @@
+"""Running external tools: stream their output into a progress bar, keep the tail for error messages, and
+record each child's own peak RSS (``os.wait4``), which the benchmarks compare against the bare tools."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from quantmill.errors import ToolError
+from quantmill.progress import reporter
+
+_SPLIT = re.compile(rb"[\r\n]+")
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    seconds: float
+    max_rss_bytes: int
+    tail: str
+
+
+def run_tool(cmd: Sequence[str | Path], *, name: str, label: str, env: Mapping[str, str] | None = None,
+             progress: re.Pattern[str] | None = None, total: int | None = None,
+             tail_lines: int = 30) -> ToolRun:
+    """Run ``cmd``; ``progress`` is a regex whose groups ``done`` (and optionally ``total``) drive the bar.
+
+    Raises:
+        ToolError: non-zero exit, with the last lines of the tool's output.
+    """
+    argv = [str(c) for c in cmd]
+    full_env = {**os.environ, **(env or {})}
+    tail: deque[str] = deque(maxlen=tail_lines)
+    bar = reporter().bar(label, total=total)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env)
+    except FileNotFoundError:
+        bar.close()
+        raise ToolError(f"{name}: {argv[0]} not found; build llama.cpp with `make llama-cpp`") from None
+    buf = b""
+    assert proc.stdout is not None
+    while chunk := proc.stdout.read1(1 << 16):
+        buf += chunk
+        *lines, buf = _SPLIT.split(buf)
+        for raw in lines:
+            line = raw.decode(errors="replace").rstrip()
+            if not line:
+                continue
+            tail.append(line)
+            if progress and (m := progress.search(line)):
+                groups = m.groupdict()
+                bar.update(int(groups["done"]), total=int(groups["total"]) if groups.get("total") else None)
+    if buf.strip():
+        tail.append(buf.decode(errors="replace").rstrip())
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    bar.close()
+    if proc.returncode != 0:
+        last = " | ".join(list(tail)[-5:])
+        raise ToolError(f"{name} failed with exit code {proc.returncode}: {last}")
+    return ToolRun(seconds, usage.ru_maxrss * 1024, "\n".join(tail))

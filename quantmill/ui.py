@@ -1,0 +1,116 @@
+"""Terminal output: rich progress bars for the steps, and the tables the CLI prints."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from quantmill.outcome import CACHED, FAILED, RAN, SKIPPED, Outcome
+
+console = Console(stderr=True)
+out = Console()
+
+
+class RichBar:
+    def __init__(self, progress: Progress, task_id: int):
+        self._progress, self._id = progress, task_id
+
+    def update(self, completed: float, total: float | None = None) -> None:
+        self._progress.update(self._id, completed=completed, **({"total": total} if total else {}))
+
+    def advance(self, amount: float) -> None:
+        self._progress.advance(self._id, amount)
+
+    def close(self) -> None:
+        task = self._progress.tasks[[t.id for t in self._progress.tasks].index(self._id)]
+        if task.total:
+            self._progress.update(self._id, completed=task.total)
+        self._progress.stop_task(self._id)
+
+
+class RichReporter:
+    """Progress bars on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(TextColumn("{task.description:<36}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                                 TimeElapsedColumn(), console=console, transient=False,
+                                 disable=not sys.stderr.isatty())
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "RichReporter":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def bar(self, label: str, total: float | None = None, unit: str = "") -> RichBar:
+        with self._lock:
+            if not sys.stderr.isatty():
+                console.print(f"[dim]… {label}[/dim]")
+            return RichBar(self.progress, self.progress.add_task(label, total=total))
+
+
+_STYLE = {RAN: "green", CACHED: "cyan", FAILED: "bold red", SKIPPED: "yellow"}
+
+
+def _note(o: Outcome) -> str:
+    r = o.result
+    if o.error:
+        return o.error
+    parts = []
+    if "bits_per_weight" in r and r["bits_per_weight"]:
+        parts.append(f"{r['bits_per_weight']:.2f} bpw")
+    if "quant_type" in r and o.step == "quantize":
+        parts.append(r["quant_type"])
+    if "samples" in r:
+        parts.append(f"{r['samples']}x{r['seq_len']} tokens")
+    if o.step == "validate":
+        parts.append(r.get("status", "") + (": " + "; ".join(r["failed"]) if r.get("failed") else ""))
+    if o.step == "publish" and "name" in r:
+        parts.append(r["name"] + ("" if r.get("validated", True) else " (UNVALIDATED)"))
+    return ", ".join(parts)
+
+
+def summary_table(outcomes: Iterable[Outcome], seconds: float) -> Table:
+    outcomes = list(outcomes)
+    table = Table(title=f"quantmill run: {sum(o.status == RAN for o in outcomes)} ran, "
+                        f"{sum(o.status == CACHED for o in outcomes)} cached, "
+                        f"{sum(not o.ok for o in outcomes)} failed — {seconds:.1f} s")
+    for col in ("step", "status", "time", "digest", "notes"):
+        table.add_column(col, overflow="fold")
+    for o in outcomes:
+        status = o.status if o.ok or o.status != RAN else FAILED
+        table.add_row(o.spec_id, f"[{_STYLE.get(status, '')}]{status}[/]",
+                      f"{o.seconds:.1f}s" if o.status == RAN else "",
+                      (o.digest or "").removeprefix("sha256:")[:12], _note(o))
+    return table
+
+
+def plan_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="quantmill plan")
+    for col in ("step", "backend", "needs", "inputs", "key", "cache"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        style = {"hit": "cyan", "miss": "green", "pending": "yellow"}[r["cache"]]
+        table.add_row(r["id"], r["backend"], r["capability"], ", ".join(r["inputs"].values()),
+                      (r["key"] or "(after inputs)")[:12], f"[{style}]{r['cache']}[/]")
+    return table
+
+
+def registry_table(entries: list[dict[str, Any]]) -> Table:
+    table = Table(title="published")
+    for col in ("name", "version", "type", "bpw", "size", "validation", "digest"):
+        table.add_column(col)
+    for e in entries:
+        size = f"{e['size_bytes'] / 2**20:.2f} MiB" if e.get("size_bytes") else ""
+        table.add_row(e["name"], f"v{e['version']}", e.get("quant_type") or "",
+                      f"{e['bits_per_weight']:.2f}" if e.get("bits_per_weight") else "", size,
+                      "passed" if e.get("validated") else "[red]UNVALIDATED[/]",
+                      e["artifact"]["digest"].removeprefix("sha256:")[:12])
+    return table

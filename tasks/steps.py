@@ -1,0 +1,59 @@
+"""One Prefect task per step. Each adds retries and tags, and passes references, never weights.
+
+Prefect's own result caching is off: the content-addressed store is the cache, shared by every runner.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from quantmill import constants as C
+from quantmill.config import StoreConfig
+from quantmill.execute import StepResult, run_step
+from quantmill.planner import StepSpec, open_store_config
+from quantmill.runner import current_run
+
+
+def _run(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
+    inputs = {name: result.ref for name, result in upstream.items()}
+    return run_step(spec, inputs, open_store_config(store), current_run())
+
+
+_common = dict(cache_policy=NO_CACHE, task_run_name="{spec.id}", persist_result=False)
+
+
+@task(name=C.DOWNLOAD, retries=2, retry_delay_seconds=5, tags=["quantmill", C.DOWNLOAD], **_common)
+def download(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
+    return _run(spec, upstream, store)
+
+
+@task(name=C.CALIBRATE, tags=["quantmill", C.CALIBRATE], **_common)
+def calibrate(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
+    return _run(spec, upstream, store)
+
+
+@task(name=C.CONVERT, tags=["quantmill", C.CONVERT], **_common)
+def convert(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
+    return _run(spec, upstream, store)
+
+
+@task(name=C.QUANTIZE, tags=["quantmill", C.QUANTIZE], **_common)
+def quantize(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
+    return _run(spec, upstream, store)
+
+
+@task(name=C.VALIDATE, tags=["quantmill", C.VALIDATE], **_common)
+def validate(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
+    return _run(spec, upstream, store)
+
+
+@task(name=C.PUBLISH, retries=1, retry_delay_seconds=2, tags=["quantmill", C.PUBLISH], **_common)
+def publish(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
+    return _run(spec, upstream, store)
+
+
+TASKS = {C.DOWNLOAD: download, C.CALIBRATE: calibrate, C.CONVERT: convert, C.QUANTIZE: quantize,
+         C.VALIDATE: validate, C.PUBLISH: publish}
