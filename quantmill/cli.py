@@ -179,13 +179,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (help, version) and one parser per command; overrides may follow options."""
     parser = argparse.ArgumentParser(prog="quantmill", description="A declarative factory for quantized LLMs.")
     parser.add_argument("--version", action="version", version=f"quantmill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    commands: dict[str, argparse.ArgumentParser] = {}
 
     def command(name: str, func, help_: str, *, overrides: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
+        commands[name] = p
         p.set_defaults(func=func)
         p.add_argument("--config-dir", help="the conf/ directory (default: $QUANTMILL_CONF or ./conf)")
         p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's and the tools' logs")
@@ -209,11 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
                 overrides=False)
     p.add_argument("target")
     p.add_argument("overrides", nargs="*")
-    return parser
+    return parser, commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, commands = build_parser()
+    if argv and argv[0] in commands:  # Hydra overrides may come before or after a command's options
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -19,11 +19,12 @@ from quantmill.backends.local_publisher import check_name
 from quantmill.config import QuantmillConfig, StoreConfig
 from quantmill.digest import canonical_json, sha256_bytes
 from quantmill.errors import PreflightError, StoreFullError
+from quantmill.provenance import machine_class
 from quantmill.store import ArtifactRef, LocalStore, Store
 from quantmill.versions import package_versions
 
 # Bump a step's version when its output bytes change for the same inputs and config.
-IMPLEMENTATION_VERSIONS = {C.DOWNLOAD: "1", C.CALIBRATE: "1", C.CONVERT: "1", C.QUANTIZE: "1",
+IMPLEMENTATION_VERSIONS = {C.DOWNLOAD: "1", C.CALIBRATE: "2", C.CONVERT: "1", C.QUANTIZE: "1",
                            C.VALIDATE: "1", C.PUBLISH: "1"}
 BUNDLED_TEXT = Path(__file__).resolve().parent / "bundled" / "text"
 HIT, MISS, PENDING = "hit", "miss", "pending"
@@ -148,6 +149,9 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
         quantizer.check(name, recipe)
         recipes[name] = (recipe, quantizer, CONVERTERS.get(recipe.format))
     publisher = PUBLISHERS.get(cfg.publish.publisher) if cfg.publish.enabled else None
+    if publisher is not None and not cfg.validate.enabled and cfg.validate.enforce:
+        raise PreflightError("publishing needs a passed validation but validate.enabled=false; enable it, or set "
+                             "validate.enforce=false to publish marked unvalidated, or publish.enabled=false")
     names = {r: check_name(cfg.publish.name_template.format(model=model.name, recipe=r)) for r in recipes}
     runtimes = {}
     if cfg.validate.enabled:
@@ -226,7 +230,8 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                 id=f"{C.VALIDATE}:{name}", step=C.VALIDATE, backend=runtime.key, capability=runtime.capability,
                 inputs={"artifact": artifact.id, "source": download.id}, recipe=name,
                 config={"prompt": v.prompt, "max_tokens": v.max_tokens, "n_ctx": v.n_ctx},
-                context={"threads": threads}, tools=runtime.tools()))
+                # The record holds speed and memory measured here, so the machine class is part of its key.
+                context={"threads": threads}, tools={**runtime.tools(), "machine": machine_class()}))
         if publisher is not None:
             inputs = {"artifact": artifact.id, "source": download.id}
             if validation is not None:

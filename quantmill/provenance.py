@@ -6,6 +6,7 @@ external parameters, inputs and tools as resolved dependencies, and where, when 
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import socket
@@ -42,11 +43,29 @@ def redact(value: Any) -> Any:
     return value
 
 
+def cpu_model() -> str:
+    """The CPU's model name (what a speed measurement is attributable to)."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_class() -> str:
+    """What measurements depend on: architecture, CPU model and core count (not the host name)."""
+    return f"{platform.machine()} {cpu_model()} x{os.cpu_count()}"
+
+
 def host_info() -> dict[str, str]:
     return {
         "hostname": socket.gethostname(),
         "os": f"{platform.system()} {platform.release()}",
         "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cpus": str(os.cpu_count()),
         "python": platform.python_version(),
     }
 

@@ -26,9 +26,12 @@ class ToolRun:
 
 
 def run_tool(cmd: Sequence[str | Path], *, name: str, label: str, env: Mapping[str, str] | None = None,
-             progress: re.Pattern[str] | None = None, total: int | None = None,
+             cwd: Path | None = None, progress: re.Pattern[str] | None = None, total: int | None = None,
              tail_lines: int = 30) -> ToolRun:
     """Run ``cmd``; ``progress`` is a regex whose groups ``done`` (and optionally ``total``) drive the bar.
+
+    Tools that record their input paths in their output (llama.cpp writes the imatrix dataset and file names
+    into GGUF metadata) must get relative paths and ``cwd``, or the bytes would depend on where the store is.
 
     Raises:
         ToolError: non-zero exit, with the last lines of the tool's output.
@@ -39,7 +42,7 @@ def run_tool(cmd: Sequence[str | Path], *, name: str, label: str, env: Mapping[s
     bar = reporter().bar(label, total=total)
     start = time.perf_counter()
     try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=cwd)
     except FileNotFoundError:
         bar.close()
         raise ToolError(f"{name}: {argv[0]} not found; build llama.cpp with `make llama-cpp`") from None

@@ -62,14 +62,16 @@ class GgufQuantizer:
 
     def quantize(self, model: Path, out_dir: Path, *, quant_type: str, imatrix: Path | None,
                  threads: int, label: str) -> dict[str, Any]:
-        out = out_dir / f"model-{quant_type.lower()}.gguf"
+        out = (out_dir / f"model-{quant_type.lower()}.gguf").resolve()
         cmd: list[Any] = [locate().tool("llama-quantize")]
-        if imatrix is not None:
-            cmd += ["--imatrix", imatrix]
-        cmd += [model, out, quant_type.upper()]
+        cwd = None
+        if imatrix is not None:  # relative: llama-quantize records the imatrix file name in the output
+            cmd += ["--imatrix", imatrix.name]
+            cwd = imatrix.parent
+        cmd += [model.resolve(), out, quant_type.upper()]
         if threads:
             cmd.append(threads)
-        run_tool(cmd, name="llama-quantize", label=label, progress=_TENSOR)
+        run_tool(cmd, name="llama-quantize", label=label, progress=_TENSOR, cwd=cwd)
         return {"file": out.name, "quant_type": quant_type.upper(), "imatrix": imatrix is not None,
                 "bits_per_weight": round(bits_per_weight(out), 4)}
 
@@ -77,11 +79,12 @@ class GgufQuantizer:
 def compute_imatrix(model: Path, text: Path, out: Path, *, ctx: int, chunks: int, threads: int,
                     label: str) -> dict[str, Any]:
     """Run ``llama-imatrix`` over the calibration text (``chunks`` windows of ``ctx`` tokens)."""
-    cmd: list[Any] = [locate().tool("llama-imatrix"), "-m", model, "-f", text, "-o", out, "-c", ctx,
-                      "--chunks", chunks, "--no-ppl", "-b", ctx, "--seed", 0]
+    # The text by relative name: llama-imatrix records the dataset name in the output.
+    cmd: list[Any] = [locate().tool("llama-imatrix"), "-m", model.resolve(), "-f", text.name, "-o", out.resolve(),
+                      "-c", ctx, "--chunks", chunks, "--no-ppl", "-b", ctx, "--seed", 0]
     if threads:
         cmd += ["-t", threads]
-    run_tool(cmd, name="llama-imatrix", label=label, progress=_CHUNK, total=chunks)
+    run_tool(cmd, name="llama-imatrix", label=label, progress=_CHUNK, total=chunks, cwd=text.parent)
     if not out.is_file():
         raise PreflightError(f"llama-imatrix wrote no {out.name}; the calibration text may be shorter than "
                              f"one window of {ctx} tokens: lower calibration.seq_len or add text")

@@ -36,6 +36,10 @@ class HfSource:
             raise ModelSourceError(f"model {cfg.name!r}: source 'hf' needs model.repo_id")
         try:
             config_path = Path(hf_hub_download(cfg.repo_id, "config.json", revision=cfg.revision))
+        except LocalEntryNotFoundError:  # before EntryNotFoundError: it is a subclass
+            raise ModelSourceError(f"model repo {cfg.repo_id!r}@{cfg.revision} is not in the local HF cache and "
+                                   f"the Hub cannot be reached; run once with network or set HF_ENDPOINT to a "
+                                   f"mirror") from None
         except RepositoryNotFoundError:
             raise ModelSourceError(f"model repo {cfg.repo_id!r} not found on the Hub (or it is private: set "
                                    f"HF_TOKEN in the environment)") from None
@@ -43,10 +47,6 @@ class HfSource:
             raise ModelSourceError(f"model repo {cfg.repo_id!r} has no revision {cfg.revision!r}") from None
         except EntryNotFoundError:
             raise ModelSourceError(f"model repo {cfg.repo_id!r}@{cfg.revision} has no config.json") from None
-        except LocalEntryNotFoundError:
-            raise ModelSourceError(f"model repo {cfg.repo_id!r}@{cfg.revision} is not in the local HF cache and "
-                                   f"the Hub cannot be reached; run once with network or set HF_ENDPOINT to a "
-                                   f"mirror") from None
         sha = config_path.parent.name  # .../snapshots/<commit sha>/config.json
         config = read_config(config_path, cfg.name)
         arch = check_config(cfg.name, config, trust_remote_code=cfg.trust_remote_code)
@@ -77,14 +77,11 @@ class HfSource:
 
     def download(self, cfg: ModelConfig, info: SourceInfo, out: Path,
                  on_bytes: Callable[[int], None] | None = None) -> None:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import hf_hub_download
 
         sha = info.identity["commit"]
-        snapshot = Path(snapshot_download(cfg.repo_id, revision=sha, allow_patterns=[f.path for f in info.files]))
-        for f in info.files:
-            src = snapshot / f.path
-            if not src.is_file():
-                raise ModelSourceError(f"model repo {cfg.repo_id!r}@{sha[:12]}: {f.path} missing after download")
+        for f in info.files:  # exactly the files preflight chose, each pinned to the commit
+            src = Path(hf_hub_download(cfg.repo_id, f.path, revision=sha))
             copy_file(src, out / f.path, on_bytes)
             if f.path.endswith(".safetensors"):
                 check_safetensors(out / f.path)

@@ -64,7 +64,7 @@ def calibrate_dataset(cfg: CalibrationConfig, model_dir: Path, files: Sequence[P
     used: list[str] = []
     current: list[int] = []
     for paragraph in paragraphs:
-        if len(windows) == cfg.num_samples:
+        if len(windows) >= cfg.num_samples:
             break
         current += encode(paragraph + "\n\n")
         used.append(paragraph)
@@ -79,8 +79,8 @@ def calibrate_dataset(cfg: CalibrationConfig, model_dir: Path, files: Sequence[P
     if len(windows) < cfg.num_samples:
         log.warning("calibration: %d of %d requested windows of %d tokens (text ran out)",
                     len(windows), cfg.num_samples, cfg.seq_len)
-    save_file({"input_ids": np.asarray(windows, dtype=np.int32)}, str(out / C.CALIBRATION_TOKENS_FILE),
-              metadata={"seed": str(cfg.seed), "seq_len": str(cfg.seq_len)})
+    # No safetensors metadata: its writer orders the map by hash, which would make the bytes vary run to run.
+    save_file({"input_ids": np.asarray(windows, dtype=np.int32)}, str(out / C.CALIBRATION_TOKENS_FILE))
     (out / C.CALIBRATION_TEXT_FILE).write_text("\n\n".join(used) + "\n", encoding="utf-8")
     return {"samples": len(windows), "requested": cfg.num_samples, "seq_len": cfg.seq_len,
             "tokens": len(windows) * cfg.seq_len, "paragraphs": len(used)}

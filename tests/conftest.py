@@ -1,0 +1,55 @@
+"""Shared fixtures. Models are built or copied locally (the bundled tiny Llama); nothing comes from a hub."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from quantmill.backends.local_source import BUNDLED_ROOT
+from quantmill.config import compose
+from quantmill.execute import run_step
+from quantmill.planner import open_store, plan
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> Path:
+    """A writable copy of the bundled tiny Llama, for tests that damage it."""
+    dst = tmp_path / "tiny-llama"
+    shutil.copytree(BUNDLED_ROOT / "tiny-llama", dst)
+    return dst
+
+
+def overrides_for(root: Path, *extra: str) -> list[str]:
+    """Overrides that keep a test's store and Prefect home inside its own directory."""
+    return [f"store.root={root / 'store'}", f"infra.prefect_home={root / 'prefect'}", *extra]
+
+
+def compose_in(root: Path, *extra: str):
+    return compose(overrides_for(root, *extra), conf_dir=CONF)
+
+
+def run_inline(cfg):
+    """Walk the plan with the plain step executor, no Prefect: what every task does, in order."""
+    store = open_store(cfg)
+    the_plan = plan(cfg, store)
+    refs, results = {}, {}
+    for spec in the_plan:
+        result = run_step(spec, {name: refs[sid] for name, sid in spec.inputs.items()}, store)
+        refs[spec.id], results[spec.id] = result.ref, result
+    return store, the_plan, results
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """The default pipeline run once through the real embedded Prefect flow, shared by read-only tests."""
+    from quantmill.cli import run_config
+
+    root = tmp_path_factory.mktemp("default-run")
+    cfg = compose_in(root)
+    outcomes = run_config(cfg)
+    return root, cfg, outcomes

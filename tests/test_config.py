@@ -1,0 +1,74 @@
+"""Composition of conf/: every recipe and group composes; bad config fails at compose time with one line."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from quantmill.config import RecipeConfig, compose
+from quantmill.errors import ConfigError
+from tests.conftest import CONF
+
+RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
+
+
+def test_default_config_composes_to_typed_schema():
+    cfg = compose([], conf_dir=CONF)
+    assert list(cfg.recipe) == ["gguf_q8_0", "gguf_q4_k_m"]
+    assert isinstance(cfg.recipe["gguf_q4_k_m"], RecipeConfig)
+    assert cfg.recipe["gguf_q4_k_m"].quant_type == "Q4_K_M" and cfg.recipe["gguf_q4_k_m"].imatrix is True
+    assert cfg.model.source == "bundled" and cfg.store.root == "artifacts"
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_composes_and_is_keyed_by_its_file_name(name):
+    assert set(yaml.safe_load((CONF / "recipe" / f"{name}.yaml").read_text())) == {name}
+    cfg = compose([f"recipe=[{name}]"], conf_dir=CONF)
+    assert list(cfg.recipe) == [name]
+    assert cfg.recipe[name].format == "gguf" and cfg.recipe[name].method == "gguf"
+
+
+def test_gguf_recipes_cover_the_k_quant_ladder():
+    assert {"gguf_f16", "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0", "gguf_q3_k_m",
+            "gguf_q2_k"} <= set(RECIPES)
+
+
+def test_override_changes_one_value():
+    cfg = compose(["recipe.gguf_q4_k_m.imatrix=false", "calibration.num_samples=8"], conf_dir=CONF)
+    assert cfg.recipe["gguf_q4_k_m"].imatrix is False and cfg.calibration.num_samples == 8
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.foo=1", "unknown config key 'model.foo'"),
+    ("+model.foo=1", "unknown config key 'model.foo'; ModelConfig has: name, source"),
+    ("+recipe.gguf_q8_0.bogus=1", "unknown config key 'recipe.gguf_q8_0.bogus'; RecipeConfig has: method"),
+    ("+nonsense=1", "unknown config key 'nonsense'"),
+])
+def test_unknown_key_fails_at_compose_time(override, expected):
+    with pytest.raises(ConfigError) as e:
+        compose([override], conf_dir=CONF)
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ConfigError) as e:
+        compose(["recipe=[gguf_q8_0,gguf_q4_k_mm]"], conf_dir=CONF)
+    message = str(e.value)
+    assert message.startswith("unknown recipe 'gguf_q4_k_mm'; known: ")
+    assert all(name in message for name in RECIPES)
+
+
+def test_missing_required_value_fails():
+    with pytest.raises(ConfigError, match=r"missing required config value 'model\.(name|path)'"):
+        compose(["model=local"], conf_dir=CONF)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"validate\.max_tokens.*'abc'"):
+        compose(["validate.max_tokens=abc"], conf_dir=CONF)
+
+
+def test_empty_recipe_list_fails():
+    with pytest.raises(ConfigError, match="no recipes selected"):
+        compose(["recipe=[]"], conf_dir=CONF)

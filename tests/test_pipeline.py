@@ -1,0 +1,172 @@
+"""The default pipeline end to end through the real embedded Prefect flow, and what its cache guarantees."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from quantmill import constants as C
+from quantmill.backends.llamacpp_runtime import LlamaCppRuntime
+from quantmill.backends.local_publisher import LocalRegistry
+from quantmill.cli import run_config
+from quantmill.outcome import CACHED, RAN
+from quantmill.planner import HIT, MISS, PENDING, open_store, plan, resolve
+from quantmill.store import ArtifactRef
+from tests.conftest import compose_in, run_inline
+
+pytestmark = pytest.mark.slow
+
+
+def _statuses(cfg):
+    store = open_store(cfg)
+    return resolve(plan(cfg, store), store).status
+
+
+def test_default_run_publishes_q8_0_and_q4_k_m(default_run):
+    root, cfg, outcomes = default_run
+    assert all(o.ok for o in outcomes), [(o.spec_id, o.error) for o in outcomes]
+    assert {o.status for o in outcomes} == {RAN}
+    registry = LocalRegistry(root / "store" / C.REGISTRY_DIR)
+    entries = {e["name"]: e for e in registry.entries()}
+    assert set(entries) == {"tiny-llama-gguf_q8_0", "tiny-llama-gguf_q4_k_m"}
+    assert entries["tiny-llama-gguf_q4_k_m"]["quant_type"] == "Q4_K_M"
+    assert 4.5 < entries["tiny-llama-gguf_q4_k_m"]["bits_per_weight"] < 5.5
+    assert 8.4 < entries["tiny-llama-gguf_q8_0"]["bits_per_weight"] < 8.6
+    card = registry.card("tiny-llama-gguf_q4_k_m", 1)
+    for line in ("base_model: tiny-llama", "base_model_relation: quantized", "quantized_by: quantmill", "- q4_k_m"):
+        assert line in card
+
+
+def test_published_ggufs_load_in_pinned_llama_cpp_and_generate(default_run):
+    root, _, _ = default_run
+    store = open_store(compose_in(root))
+    runtime = LlamaCppRuntime()
+    texts = {}
+    for entry in LocalRegistry(root / "store" / C.REGISTRY_DIR).entries():
+        files = store.verified_files(ArtifactRef(entry["artifact"]["key"], entry["artifact"]["digest"], ""))
+        with runtime.load(files, n_ctx=128) as model:
+            ids = runtime.generate(model, [1, 350, 584, 832], 12)  # "<s> The miller carried"
+            assert len(ids) == 12
+            texts[entry["quant_type"]] = model.detokenize(ids).decode()
+    # the tiny model learned its grammar: both quants continue the sentence with words from it
+    assert all(any(w in t for w in ("the", "at", "a ")) for t in texts.values()), texts
+
+
+def test_every_artifact_verifies_against_its_provenance(default_run):
+    root, _, outcomes = default_run
+    store = open_store(compose_in(root))
+    for o in outcomes:
+        assert store.verify(o.key) == [], o.spec_id
+        stmt = store.statement(o.key)
+        subjects = {s["name"] for s in stmt["subject"]}
+        assert C.RESULT_FILE in subjects
+        params = stmt["predicate"]["buildDefinition"]
+        assert params["internalParameters"]["cache_key"] == o.key
+        assert params["externalParameters"]["step"] == o.step
+
+
+def test_task_runs_are_recorded_in_prefect_and_in_provenance(default_run):
+    from prefect.client.orchestration import get_client
+
+    root, _, outcomes = default_run
+    store = open_store(compose_in(root))
+    run = next(b for b in store.statement(outcomes[-1].key)["predicate"]["runDetails"]["byproducts"]
+               if b["name"] == "run")["annotations"]
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(run["prefect_flow_run_id"])
+        task_run = client.read_task_run(run["prefect_task_run_id"])
+    assert flow_run.state.is_completed() and flow_run.name
+    assert task_run.state.is_completed() and task_run.name == outcomes[-1].spec_id
+    assert task_run.flow_run_id == flow_run.id
+
+
+def test_second_run_executes_nothing(default_run):
+    root, cfg, _ = default_run
+    assert set(_statuses(cfg).values()) == {HIT}
+    outcomes = run_config(cfg)
+    assert {o.status for o in outcomes} == {CACHED}
+
+
+def test_third_recipe_reuses_download_calibration_and_f16(default_run):
+    root, _, _ = default_run
+    status = _statuses(compose_in(root, "recipe=[gguf_q8_0,gguf_q4_k_m,gguf_q6_k]"))
+    for shared in ("download", "calibrate:dataset", "convert:gguf-f16", "calibrate:imatrix-gguf",
+                   "quantize:gguf_q4_k_m", "publish:gguf_q8_0"):
+        assert status[shared] == HIT, shared
+    assert status["quantize:gguf_q6_k"] == MISS
+    assert status["validate:gguf_q6_k"] == PENDING and status["publish:gguf_q6_k"] == PENDING
+
+
+def test_publish_setting_change_reruns_only_publish(tmp_path):
+    cfg = compose_in(tmp_path, "recipe=[gguf_q8_0]")
+    run_inline(cfg)
+    changed = compose_in(tmp_path, "recipe=[gguf_q8_0]", "publish.tags=[team-a]")
+    status = _statuses(changed)
+    assert {k for k, v in status.items() if v != HIT} == {"publish:gguf_q8_0"}
+    outcomes = run_config(changed)
+    assert [o.spec_id for o in outcomes if o.status == RAN] == ["publish:gguf_q8_0"]
+    registry = LocalRegistry(tmp_path / "store" / C.REGISTRY_DIR)
+    assert registry.versions("tiny-llama-gguf_q8_0") == [1, 2]
+    assert "- team-a" in registry.card("tiny-llama-gguf_q8_0", 2)
+
+
+def _zero_tensor(path, name):
+    from gguf import GGUFReader
+
+    tensor = next(t for t in GGUFReader(path).tensors if t.name == name)
+    with open(path, "r+b") as f:
+        f.seek(tensor.data_offset)
+        f.write(b"\0" * int(tensor.n_bytes))
+
+
+def test_broken_quant_fails_validation_and_is_not_published(tmp_path):
+    """A Q8_0 whose output tensor (scales included) is zeroed: it loads, but generates one token forever."""
+    cfg = compose_in(tmp_path)
+    store, _, results = run_inline(compose_in(tmp_path, "validate.enabled=false", "publish.enabled=false"))
+    good = results["quantize:gguf_q8_0"].ref
+    broken_dir = tmp_path / "broken"
+    shutil.copytree(store.files(good), broken_dir)
+    _zero_tensor(broken_dir / "model-q8_0.gguf", "output.weight")
+    shutil.rmtree(tmp_path / "store" / C.OBJECTS_DIR / good.key)  # plant it under the quantize step's key
+    with store.stage(good.key) as staging:
+        for p in broken_dir.iterdir():
+            shutil.copy(p, staging.files / p.name)
+        store.commit(staging, lambda subjects, digest: _planted_statement(subjects, digest, good.key))
+
+    outcomes = {o.spec_id: o for o in run_config(cfg)}
+    assert outcomes["validate:gguf_q8_0"].status == RAN
+    assert outcomes["validate:gguf_q8_0"].result["status"] == C.FAILED
+    assert "generates" in outcomes["validate:gguf_q8_0"].result["failed"][0]
+    assert not outcomes["validate:gguf_q8_0"].ok
+    assert outcomes["publish:gguf_q8_0"].status == "failed"
+    assert "failed validation: generates" in outcomes["publish:gguf_q8_0"].error
+    assert outcomes["publish:gguf_q4_k_m"].ok  # the sibling is unaffected
+    names = [e["name"] for e in LocalRegistry(tmp_path / "store" / C.REGISTRY_DIR).entries()]
+    assert names == ["tiny-llama-gguf_q4_k_m"]
+
+    # enforce=false publishes it, marked unvalidated in the entry and the card
+    outcomes = {o.spec_id: o for o in run_config(compose_in(tmp_path, "validate.enforce=false"))}
+    assert outcomes["publish:gguf_q8_0"].status == RAN
+    registry = LocalRegistry(tmp_path / "store" / C.REGISTRY_DIR)
+    assert registry.get("tiny-llama-gguf_q8_0")["validated"] is False
+    assert "**Unvalidated**" in registry.card("tiny-llama-gguf_q8_0", 1)
+
+
+def _planted_statement(subjects, digest, key):
+    from quantmill import provenance
+
+    return provenance.statement(subjects=subjects, artifact_digest=digest, key=key, step="quantize",
+                                spec_id="planted", impl_version="1", config={}, inputs={}, dependencies=[],
+                                tools={}, run=provenance.RunInfo(), started="", finished="")
+
+
+def test_same_key_same_bytes_across_stores(tmp_path):
+    """Two independent stores: every content artifact has the same key and the same digest."""
+    a = run_inline(compose_in(tmp_path / "a", "validate.enabled=false", "publish.enabled=false"))[2]
+    b = run_inline(compose_in(tmp_path / "b", "validate.enabled=false", "publish.enabled=false"))[2]
+    assert a.keys() == b.keys()
+    for spec_id in a:
+        assert (a[spec_id].ref.key, a[spec_id].ref.digest) == (b[spec_id].ref.key, b[spec_id].ref.digest), spec_id

@@ -1,0 +1,140 @@
+"""The local store: atomic commits with provenance last, verification, concurrency, and running out of space."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from quantmill import constants as C
+from quantmill import provenance
+from quantmill.digest import sha256_file
+from quantmill.errors import StoreFullError
+from quantmill.store import LocalStore
+
+KEY = "ab" * 32
+
+
+def _statement(key: str):
+    def build(subjects, digest):
+        return provenance.statement(
+            subjects=subjects, artifact_digest=digest, key=key, step="quantize", spec_id="quantize:x",
+            impl_version="1", config={"quant_type": "Q4_K_M", "hf_token": "hf_secret_value"}, inputs={},
+            dependencies=[], tools={"llama.cpp": "test"}, run=provenance.RunInfo(), started="t0", finished="t1")
+    return build
+
+
+def _commit(store: LocalStore, key: str, payload: bytes):
+    with store.stage(key) as staging:
+        (staging.files / "model.gguf").write_bytes(payload)
+        (staging.files / "sub").mkdir()
+        (staging.files / "sub" / "meta.json").write_text('{"a": 1}')
+        return store.commit(staging, _statement(key))
+
+
+def test_commit_then_lookup_and_verify(tmp_path):
+    store = LocalStore(tmp_path)
+    assert store.lookup(KEY) is None
+    ref = _commit(store, KEY, b"weights" * 1000)
+    assert store.lookup(KEY) == ref
+    files = store.files(ref)
+    assert sorted(p.relative_to(files).as_posix() for p in files.rglob("*") if p.is_file()) == \
+        ["model.gguf", "sub/meta.json"]
+    stmt = store.statement(KEY)
+    assert stmt["_type"] == "https://in-toto.io/Statement/v1"
+    assert stmt["predicateType"] == "https://slsa.dev/provenance/v1"
+    assert {s["name"]: s["digest"]["sha256"] for s in stmt["subject"]} == {
+        "model.gguf": sha256_file(files / "model.gguf"), "sub/meta.json": sha256_file(files / "sub/meta.json")}
+    assert store.verify(KEY) == []
+    assert list((tmp_path / C.STAGING_DIR).iterdir()) == []
+    assert store.key_for_digest(ref.digest) == KEY
+
+
+def test_secrets_are_redacted_from_provenance(tmp_path):
+    store = LocalStore(tmp_path)
+    _commit(store, KEY, b"x")
+    text = (tmp_path / C.OBJECTS_DIR / KEY / C.PROVENANCE_FILE).read_text()
+    assert "hf_secret_value" not in text
+    assert json.loads(text)["predicate"]["buildDefinition"]["externalParameters"]["config"]["hf_token"] == "<redacted>"
+
+
+def test_failed_step_leaves_nothing_visible(tmp_path):
+    store = LocalStore(tmp_path)
+    with pytest.raises(RuntimeError):
+        with store.stage(KEY) as staging:
+            (staging.files / "half.gguf").write_bytes(b"partial")
+            raise RuntimeError("tool crashed")
+    assert store.lookup(KEY) is None
+    assert list((tmp_path / C.OBJECTS_DIR).iterdir()) == []
+    assert list((tmp_path / C.STAGING_DIR).iterdir()) == []
+
+
+def test_tampered_file_fails_verification_and_names_it(tmp_path):
+    store = LocalStore(tmp_path)
+    ref = _commit(store, KEY, b"weights")
+    target = store.files(ref) / "model.gguf"
+    target.write_bytes(b"Weights")
+    problems = store.verify(KEY)
+    assert len(problems) == 1 and problems[0].startswith("model.gguf: sha256 ")
+    (store.files(ref) / "extra.bin").write_bytes(b"!")
+    assert "extra.bin: not in the provenance record" in store.verify(KEY)
+
+
+def test_concurrent_commits_of_one_key_leave_one_artifact(tmp_path):
+    store = LocalStore(tmp_path)
+    refs, errors = [], []
+    barrier = threading.Barrier(4)
+
+    def worker():
+        try:
+            with store.stage(KEY) as staging:
+                (staging.files / "model.gguf").write_bytes(b"same bytes")
+                barrier.wait()
+                refs.append(store.commit(staging, _statement(KEY)))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len({r.digest for r in refs}) == 1 and len(refs) == 4
+    assert os.listdir(tmp_path / C.OBJECTS_DIR) == [KEY]
+    assert list((tmp_path / C.STAGING_DIR).iterdir()) == []
+    assert store.verify(KEY) == []
+
+
+def test_quota_refuses_commit_without_partial_artifact(tmp_path):
+    store = LocalStore(tmp_path, quota_bytes=10_000)
+    with pytest.raises(StoreFullError) as e:
+        _commit(store, KEY, b"x" * 20_000)
+    assert "over its quota of 10000 bytes" in str(e.value) and "nothing was committed" in str(e.value)
+    assert list((tmp_path / C.OBJECTS_DIR).iterdir()) == []
+    assert list((tmp_path / C.STAGING_DIR).iterdir()) == []
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_is_a_clear_error_and_leaves_no_partial_artifact(tiny_tmpfs):
+    store = LocalStore(tiny_tmpfs / "store")
+    with pytest.raises(StoreFullError) as e:
+        _commit(store, KEY, b"x" * (2 << 20))
+    assert "out of disk space" in str(e.value) and "nothing was committed" in str(e.value)
+    assert store.lookup(KEY) is None
+    assert list((tiny_tmpfs / "store" / C.OBJECTS_DIR).iterdir()) == []
+    assert list((tiny_tmpfs / "store" / C.STAGING_DIR).iterdir()) == []
