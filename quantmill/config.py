@@ -125,11 +125,19 @@ class PublishConfig:
 
 @dataclass
 class StoreConfig:
-    """The artifact store. ``root`` relative paths resolve against the working directory."""
+    """The artifact store.
+
+    Attributes:
+        root: Directory of the local store; relative paths resolve against the working directory.
+        quota_bytes: Refuse commits that would grow the store past this size.
+        link_sources: Hardlink model files that are already on the store's filesystem (local directories,
+            the HF cache) instead of copying them; every fetch re-checks them against their digests.
+    """
 
     kind: str = "local"
     root: str = "artifacts"
     quota_bytes: Optional[int] = None
+    link_sources: bool = True
 
 
 @dataclass

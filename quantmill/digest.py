@@ -68,8 +68,9 @@ def manifest_digest(files: Iterable[FileDigest]) -> str:
 
 
 class DigestCache:
-    """sha256 of local files keyed by (path, size, mtime, inode), so unchanged multi-GB inputs are not
-    re-read on every plan. The same idea as git's index; a changed file always misses."""
+    """sha256 of local files keyed by (device, inode) and stamped with (size, mtime), so unchanged multi-GB
+    files are not re-read: not on every plan, not when a hardlink of a hashed file is committed, not when an
+    artifact is fetched. The same idea as git's index; a changed file misses and is hashed again."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -81,11 +82,11 @@ class DigestCache:
 
     def sha256(self, file: Path) -> str:
         st = file.stat()
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-        key = str(file.resolve())
+        stamp = [st.st_size, st.st_mtime_ns]
+        key = f"{st.st_dev}:{st.st_ino}"
         hit = self._entries.get(key)
-        if hit and hit[:3] == stamp:
-            return hit[3]
+        if hit and hit[:2] == stamp:
+            return hit[2]
         value = sha256_file(file)
         self._entries[key] = stamp + [value]
         self._dirty = True

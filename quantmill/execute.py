@@ -21,6 +21,7 @@ from quantmill.backends import gguf_quantizer
 from quantmill.backends.base import SourceInfo
 from quantmill.backends.local_publisher import LocalRegistry
 from quantmill.config import CalibrationConfig, ModelConfig, ValidateConfig
+from quantmill.digest import sha256_file
 from quantmill.errors import ToolError
 from quantmill.planner import StepSpec, step_key
 from quantmill.steps import calibrate, convert, download, publish, quantize, validate
@@ -58,7 +59,12 @@ Runner = Callable[[StepSpec, Mapping[str, Path], Path, Store], dict]
 def _download(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
     model = ModelConfig(**spec.context["model"])
     info = SourceInfo.from_json(spec.context["source_info"])
-    return download.download(SOURCES.get(spec.backend), model, info, out)
+    cache = store.digest_cache() if isinstance(store, LocalStore) else None
+    result = download.download(SOURCES.get(spec.backend), model, info, out, link=spec.context.get("link", False),
+                               hasher=cache.sha256 if cache else sha256_file)
+    if cache:
+        cache.save()
+    return result
 
 
 def _calibrate(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:

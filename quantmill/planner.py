@@ -177,7 +177,8 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                 "allow_pickle": model.allow_pickle, "trust_remote_code": model.trust_remote_code},
         context={"model": {"name": model.name, "source": model.source, "path": model.path,
                            "repo_id": model.repo_id, "revision": model.revision},
-                 "source_info": info.to_json(), "estimate_bytes": info.weights_bytes},
+                 "source_info": info.to_json(), "link": cfg.store.link_sources,
+                 "estimate_bytes": 0 if _linkable(cfg, info, store) else info.weights_bytes},
         tools=package_versions("huggingface_hub") if source.key == "hf" else {}))
 
     needs_calibration = any(q.needs_calibration(r) for r, q, _ in recipes.values())
@@ -245,6 +246,14 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                         "source_uri": info.uri},
                 context={"store_root": str(getattr(store, "root", ""))}))
     return Plan(cfg, info, specs)
+
+
+def _linkable(cfg: QuantmillConfig, info: SourceInfo, store: Store) -> bool:
+    """Whether download will hardlink rather than copy (same filesystem as the store, linking allowed)."""
+    root = info.extra.get("root")
+    if not cfg.store.link_sources or not root or not isinstance(store, LocalStore):
+        return False
+    return Path(root).stat().st_dev == store.root.stat().st_dev
 
 
 def _bytes_per_param(config: Mapping[str, Any]) -> int:

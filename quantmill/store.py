@@ -180,7 +180,9 @@ class LocalStore(Store):
         return StoreFullError(f"store {self.root} is {what}{need_s}; nothing was committed; {fix}")
 
     def commit(self, staging: Staging, build_statement: Callable[[list[FileDigest], str], dict]) -> ArtifactRef:
-        subjects = digest_tree(staging.files)
+        cache = self.digest_cache()
+        subjects = digest_tree(staging.files, hasher=cache.sha256)
+        cache.save()
         size = sum(f.size for f in subjects)
         if self.quota_bytes is not None and self.used_bytes() + size > self.quota_bytes:
             raise self.full_error(need=self.used_bytes() + size - self.quota_bytes)
@@ -212,14 +214,27 @@ class LocalStore(Store):
         return staging.committed
 
     def verified_files(self, ref: ArtifactRef) -> Path:
-        """Files of ``ref`` after checking the stored digest matches the one the caller expects."""
+        """Files of ``ref``, checked against its provenance before a step may read them.
+
+        Every file is compared with its recorded sha256 through the digest cache: a file untouched since it
+        was hashed costs a stat; one modified since (an in-place edit of a hardlinked source, a flipped byte)
+        is hashed again and refused.
+        """
         found = self.lookup(ref.key)
         if found is None:
             raise NotFound(f"no artifact with key {ref.key} in store {self.root}")
         if found.digest != ref.digest:
             raise IntegrityError(f"artifact {ref.key}: digest {found.digest} != expected {ref.digest}; "
                                  f"the store was modified; delete {self._object(ref.key)} and re-run")
-        return self.files(ref)
+        files = self.files(ref)
+        cache = self.digest_cache()
+        for subject in provenance.subjects_of(self.statement(ref.key)):
+            path = files / subject.path
+            if not path.is_file() or cache.sha256(path) != subject.sha256:
+                raise IntegrityError(f"artifact {ref.key}: {subject.path} does not match its provenance record "
+                                     f"(modified after commit); delete {self._object(ref.key)} and re-run")
+        cache.save()
+        return files
 
     @contextmanager
     def _noop(self) -> Iterator[None]:

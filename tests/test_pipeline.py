@@ -170,3 +170,31 @@ def test_same_key_same_bytes_across_stores(tmp_path):
     assert a.keys() == b.keys()
     for spec_id in a:
         assert (a[spec_id].ref.key, a[spec_id].ref.digest) == (b[spec_id].ref.key, b[spec_id].ref.digest), spec_id
+
+
+def test_local_source_is_hardlinked_and_an_in_place_edit_is_caught(tmp_path, tiny_model):
+    from quantmill.errors import IntegrityError
+
+    overrides = ("model=local", f"model.path={tiny_model}", "model.name=tiny", "recipe=[gguf_q8_0]",
+                 "validate.enabled=false", "publish.enabled=false")
+    store, _, results = run_inline(compose_in(tmp_path, *overrides))
+    downloaded = store.files(results["download"].ref) / "model.safetensors"
+    assert downloaded.stat().st_ino == (tiny_model / "model.safetensors").stat().st_ino
+    assert store.verified_files(results["download"].ref) == downloaded.parent
+
+    with open(tiny_model / "model.safetensors", "r+b") as f:  # edit the source in place: same inode
+        f.seek(-2, 2)
+        f.write(b"\x00\x01")
+    with pytest.raises(IntegrityError, match="model.safetensors does not match its provenance record"):
+        store.verified_files(results["download"].ref)
+    # the edited source is a new model: a new download key, copied afresh
+    assert _statuses(compose_in(tmp_path, *overrides))["download"] == MISS
+
+
+def test_copy_when_linking_is_off(tmp_path, tiny_model):
+    store, _, results = run_inline(compose_in(
+        tmp_path, "model=local", f"model.path={tiny_model}", "model.name=tiny", "recipe=[gguf_q8_0]",
+        "validate.enabled=false", "publish.enabled=false", "store.link_sources=false"))
+    downloaded = store.files(results["download"].ref) / "model.safetensors"
+    assert downloaded.stat().st_ino != (tiny_model / "model.safetensors").stat().st_ino
+    assert downloaded.read_bytes() == (tiny_model / "model.safetensors").read_bytes()

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from quantmill.backends import SOURCES
 from quantmill.backends.base import SourceInfo
-from quantmill.backends.local_source import copy_file
+from quantmill.backends.local_source import link_or_copy
 from quantmill.config import ModelConfig
 from quantmill.digest import DigestCache, FileDigest
 from quantmill.errors import ModelSourceError
@@ -73,16 +73,17 @@ class HfSource:
         card = config.get("license")
         return SourceInfo(source=self.key, identity={"repo_id": cfg.repo_id, "commit": sha}, config=config,
                           architecture=arch, files=files, uri=f"hf://{cfg.repo_id}@{sha}",
-                          base_model=cfg.repo_id, license=card, extra={"commit": sha})
+                          base_model=cfg.repo_id, license=card,
+                          extra={"commit": sha, "root": str(config_path.parent)})
 
     def download(self, cfg: ModelConfig, info: SourceInfo, out: Path,
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+                 on_bytes: Callable[[int], None] | None = None, *, link: bool = False) -> None:
         from huggingface_hub import hf_hub_download
 
         sha = info.identity["commit"]
         for f in info.files:  # exactly the files preflight chose, each pinned to the commit
             src = Path(hf_hub_download(cfg.repo_id, f.path, revision=sha))
-            copy_file(src, out / f.path, on_bytes)
+            link_or_copy(src.resolve(), out / f.path, on_bytes, link=link)
             if f.path.endswith(".safetensors"):
                 check_safetensors(out / f.path)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from quantmill.backends.base import SourceInfo
 from quantmill.config import ModelConfig
@@ -12,8 +12,12 @@ from quantmill.errors import ModelSourceError
 from quantmill.progress import reporter
 
 
-def download(source: Any, cfg: ModelConfig, info: SourceInfo, out: Path) -> dict[str, Any]:
+def download(source: Any, cfg: ModelConfig, info: SourceInfo, out: Path, *, link: bool = False,
+             hasher: Callable[[Path], str] = sha256_file) -> dict[str, Any]:
     """Fetch ``info.files`` into ``out`` and check each against the digest preflight saw (where known).
+
+    ``link`` lets the source hardlink files that are already on this filesystem (a local directory, the HF
+    cache) instead of copying them.
 
     Raises:
         ModelSourceError: a file changed between preflight and download, or is missing.
@@ -21,11 +25,11 @@ def download(source: Any, cfg: ModelConfig, info: SourceInfo, out: Path) -> dict
     total = sum(f.size for f in info.files)
     bar = reporter().bar(f"download {cfg.name}", total=total, unit="B")
     try:
-        source.download(cfg, info, out, on_bytes=bar.advance)
+        source.download(cfg, info, out, on_bytes=bar.advance, link=link)
     finally:
         bar.close()
     for f in info.files:
-        if f.sha256 and (actual := sha256_file(out / f.path)) != f.sha256:
+        if f.sha256 and (actual := hasher(out / f.path)) != f.sha256:
             raise ModelSourceError(f"model {cfg.name!r}: {f.path} changed since it was planned (sha256 "
                                    f"{actual[:12]} != {f.sha256[:12]}); re-run to pick up the new content")
     return {"files": [f.path for f in info.files], "architecture": info.architecture, "uri": info.uri}

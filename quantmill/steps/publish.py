@@ -41,9 +41,9 @@ def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str,
         lines.append(f"license: {license}")
     lines.append("tags:")
     lines += [f"- {t}" for t in all_tags]
-    lines += ["---", "", f"# {name}", "",
-              f"{quant_type} {fmt.upper()} of [{base_model}]({'https://huggingface.co/' + base_model if '/' in base_model else base_model}),"
-              f" made by quantmill recipe `{recipe}`.", ""]
+    base = f"[{base_model}](https://huggingface.co/{base_model})" if "/" in base_model else f"`{base_model}`"
+    lines += ["---", "", f"# {name}", "", f"{quant_type} {fmt.upper()} of {base}, made by quantmill recipe "
+              f"`{recipe}`.", ""]
     if not validated:
         lines += ["> **Unvalidated**: published with validation not enforced; "
                   + ("it failed: " + "; ".join(failed_checks(validation)) if validation else "it was not validated")
@@ -54,8 +54,10 @@ def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str,
         rows += [("Size", f"{validation['size_bytes'] / 2**20:.2f} MiB"), ("Validation", validation["status"]),
                  ("Validated with", validation["runtime"])]
         if validation.get("generation_tokens_per_second"):
+            machine = validation["machine"]
             rows.append(("Generation speed", f"{validation['generation_tokens_per_second']} tok/s on "
-                                             f"{validation['machine']['machine']}"))
+                                             f"{machine.get('cpu', machine['machine'])} ({machine.get('cpus', '?')} "
+                                             f"cores)"))
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     lines += ["", f"Artifact digest: `{artifact_digest}`. Its provenance record (in-toto / SLSA v1) lists the "
                   "sha256 of every file and how it was made: `quantmill show " + name + "`.", ""]

@@ -1,0 +1,108 @@
+"""Issue 2 benchmark: the pipeline's GGUF Q4_K_M path against llama.cpp's converter + quantizer run directly.
+
+Both sides start from the same synthetic 1.1B-shape Llama (F16 safetensors) on the same machine, one after the
+other, alternating, so page-cache state and machine noise hit both alike. Peak RSS is each process tree's own
+(``os.wait4``; a parent's figure includes the children it waited for). The pipeline runs with validation and
+publishing off, so both sides do the same work: convert to F16 GGUF, quantize to Q4_K_M.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from quantmill.llamacpp import locate
+
+HERE = Path(__file__).resolve().parent
+
+
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
+    out = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {out[-2000:]}")
+    return seconds, usage.ru_maxrss * 1024, out
+
+
+def bare(model: Path, work: Path) -> dict:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    build = locate()
+    t1, r1, _ = measure([sys.executable, build.converter, model, "--outfile", work / "f16.gguf", "--outtype", "f16"],
+                        env=build.converter_env())
+    t2, r2, _ = measure([build.tool("llama-quantize"), work / "f16.gguf", work / "q4_k_m.gguf", "Q4_K_M"])
+    shutil.rmtree(work)
+    return {"seconds": t1 + t2, "max_rss": max(r1, r2), "convert_s": t1, "quantize_s": t2}
+
+
+def pipeline_cmd(model: Path, work: Path, name: str) -> list:
+    return [Path(sys.executable).parent / "quantmill", "run", "--json", "model=local", f"model.path={model}",
+            f"model.name={name}", "recipe=[gguf_q4_k_m]", "recipe.gguf_q4_k_m.imatrix=false",
+            "validate.enabled=false", "publish.enabled=false", f"store.root={work / 'store'}",
+            f"infra.prefect_home={work / 'prefect'}"]
+
+
+def pipeline(model: Path, work: Path, name: str) -> dict:
+    shutil.rmtree(work / "store", ignore_errors=True)
+    seconds, rss, out = measure(pipeline_cmd(model, work, name))
+    steps = {s["spec_id"]: s["seconds"] for s in json.loads(out)["steps"]}
+    return {"seconds": seconds, "max_rss": rss, "steps": steps,
+            "orchestration_s": seconds - sum(steps.values())}
+
+
+def main(shape: str = "llama-1.1b", reps: int = 2, cached_reps: int = 5) -> dict:
+    import synthetic
+
+    out = HERE / "out"
+    model = synthetic.make(shape, out / shape)
+    work = out / "work"
+    results: dict = {"shape": shape, "params": synthetic.n_params(shape), "bare": [], "pipeline": []}
+    for _ in range(reps):  # alternate, so drift hits both sides alike
+        results["bare"].append(bare(model, work / "bare"))
+        results["pipeline"].append(pipeline(model, work, shape))
+    cached = [measure(pipeline_cmd(model, work, shape))[0] for _ in range(cached_reps)]
+    results["cached_rerun_s"] = cached
+
+    med = lambda side, k: statistics.median(r[k] for r in results[side])  # noqa: E731
+    b_s, p_s = med("bare", "seconds"), med("pipeline", "seconds")
+    b_r, p_r = med("bare", "max_rss"), med("pipeline", "max_rss")
+    steps = results["pipeline"][-1]["steps"]
+    results["summary"] = {
+        "bare_s": round(b_s, 1), "pipeline_s": round(p_s, 1), "ratio": round(p_s / b_s, 3),
+        "bare_rss_mib": round(b_r / 2**20), "pipeline_rss_mib": round(p_r / 2**20), "rss_ratio": round(p_r / b_r, 3),
+        "orchestration_s": round(med("pipeline", "orchestration_s"), 1),
+        "cached_rerun_median_s": round(statistics.median(cached), 2),
+        "steps_s": {k: round(v, 1) for k, v in steps.items()},
+    }
+    (out / f"gguf_pipeline-{shape}.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def markdown(results: dict) -> str:
+    s = results["summary"]
+    return "\n".join([
+        f"| {results['shape']} ({results['params'] / 1e9:.2f}B) | bare tools | quantmill | ratio |",
+        "|---|---|---|---|",
+        f"| wall time, median of {len(results['bare'])} | {s['bare_s']} s | {s['pipeline_s']} s | {s['ratio']} |",
+        f"| peak RSS | {s['bare_rss_mib']} MiB | {s['pipeline_rss_mib']} MiB | {s['rss_ratio']} |",
+        f"| fully cached re-run, median of {len(results['cached_rerun_s'])} | | {s['cached_rerun_median_s']} s | |",
+        "",
+        f"Pipeline steps (s): {s['steps_s']}; time outside step functions (Prefect start, planning, hashing "
+        f"of the source): {s['orchestration_s']} s.",
+    ])
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    r = main(*(sys.argv[1:2] or []))
+    print(markdown(r))

@@ -1,0 +1,94 @@
+"""Synthetic Llama checkpoints of real shapes with random weights, for timing (quality is meaningless).
+
+The tokenizer is the bundled tiny model's, padded with unused pieces to the shape's vocabulary size, so
+llama.cpp's converter and every quantizer accept the checkpoint exactly as they would a real Llama.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from quantmill.backends.local_source import BUNDLED_ROOT
+
+SHAPES = {
+    # TinyLlama-1.1B: 1.10B parameters
+    "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                       num_key_value_heads=4, vocab_size=32000),
+    # Llama-3-8B body with a 32k vocabulary: 7.24B parameters
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=32000),
+}
+SHARD_BYTES = 2 << 30
+
+
+def tensor_shapes(s: dict) -> dict[str, tuple[int, ...]]:
+    h, i, v = s["hidden_size"], s["intermediate_size"], s["vocab_size"]
+    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for n in range(s["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                       p + "post_attention_layernorm.weight": (h,)})
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def _tokenizer(out: Path, vocab_size: int) -> None:
+    tok = json.loads((BUNDLED_ROOT / "tiny-llama" / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    for n in range(len(vocab), vocab_size):
+        vocab[f"<unused_{n}>"] = n
+    (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(BUNDLED_ROOT / "tiny-llama" / name, out / name)
+
+
+def make(shape: str, out: Path, seed: int = 0) -> Path:
+    """Write the checkpoint (F16 safetensors shards + index, config, tokenizer) unless it is already there."""
+    from safetensors.numpy import save_file
+
+    done = out / ".complete"
+    if done.exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    s = SHAPES[shape]
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float16",
+              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", **s}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    _tokenizer(out, s["vocab_size"])
+    rng = np.random.default_rng(seed)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, shp in tensor_shapes(s).items():
+        if len(shp) == 1:
+            t = np.ones(shp, dtype=np.float16)
+        else:
+            t = (rng.standard_normal(shp, dtype=np.float32) * 0.02).astype(np.float16)
+        if size + t.nbytes > SHARD_BYTES and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    index = {"metadata": {"total_size": 0}, "weight_map": {}}
+    for n, shard in enumerate(shards, 1):
+        fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname))
+        for name, t in shard.items():
+            index["weight_map"][name] = fname
+            index["metadata"]["total_size"] += t.nbytes
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    done.write_text("")
+    return out
+
+
+def n_params(shape: str) -> int:
+    return sum(int(np.prod(s)) for s in tensor_shapes(SHAPES[shape]).values())
