@@ -10,10 +10,12 @@ from quantmill.provenance import RunInfo
 
 
 def configure_embedded(infra: InfraConfig, *, verbose: bool = False) -> None:
-    """Settings for Prefect's ephemeral mode, applied before Prefect is imported.
+    """Settings for an embedded run (the flow runs in this process), applied before Prefect is imported.
 
     A project-local PREFECT_HOME keeps runs of different projects apart; telemetry is off (offline machines
-    log lock errors from it); no PREFECT_API_URL means no server: Prefect starts a temporary one in-process.
+    log lock errors from it). Without PREFECT_API_URL Prefect starts a temporary API server for the run
+    (about 6 s, 11 s on a fresh PREFECT_HOME); with PREFECT_API_URL pointing at a running server, the run is
+    recorded there and that start-up is skipped.
     """
     home = Path(infra.prefect_home).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
@@ -21,7 +23,6 @@ def configure_embedded(infra: InfraConfig, *, verbose: bool = False) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
-    os.environ.pop("PREFECT_API_URL", None)
 
 
 def current_run() -> RunInfo:
