@@ -8,6 +8,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gguf_pipeline  # noqa: E402
+import kld_eval  # noqa: E402
+
+BENCHMARKS = {"gguf_pipeline": gguf_pipeline, "kld_eval": kld_eval}
 
 if __name__ == "__main__":
-    print(gguf_pipeline.markdown(gguf_pipeline.main()))
+    chosen = sys.argv[1:] or list(BENCHMARKS)
+    for name in chosen:
+        print(f"## {name}\n")
+        print(BENCHMARKS[name].markdown(BENCHMARKS[name].main()), "\n", flush=True)

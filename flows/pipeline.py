@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow
 from prefect.states import Completed, Failed
 
+from quantmill import report
 from quantmill.config import to_config
 from quantmill.outcome import CACHED, FAILED, RAN, SKIPPED, Outcome
 from quantmill.planner import StepSpec, open_store, plan
@@ -49,6 +50,7 @@ def pipeline(config: dict[str, Any]):
         future = futures[spec.id]
         future.wait()
         outcomes.append(outcome_of(spec, future.state))
+    report.update_from_outcomes(store, cfg.model.name, outcomes)
     data = [o.to_json() for o in outcomes]
     failed = [o for o in outcomes if not o.ok]
     if failed:

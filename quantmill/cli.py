@@ -58,9 +58,13 @@ def run_config(cfg, *, verbose: bool = False) -> list:
     the_plan = planner.plan(cfg, store)
     resolution = planner.resolve(the_plan, store)
     if resolution.all_cached:
-        return [Outcome(s.id, s.step, s.recipe, CACHED, 0.0, resolution.keys[s.id],
-                        resolution.refs[s.id].digest, read_result(store, resolution.refs[s.id]))
-                for s in the_plan]
+        from quantmill import report
+
+        outcomes = [Outcome(s.id, s.step, s.recipe, CACHED, 0.0, resolution.keys[s.id],
+                            resolution.refs[s.id].digest, read_result(store, resolution.refs[s.id]))
+                    for s in the_plan]
+        report.update_from_outcomes(store, cfg.model.name, outcomes)
+        return outcomes
     planner.check_space(the_plan, resolution, store)
     runner.configure_embedded(cfg.infra, verbose=verbose)
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -166,6 +170,25 @@ def ui_ref(entry: dict[str, Any]):
     return ArtifactRef(entry["artifact"]["key"], entry["artifact"]["digest"], "")
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from quantmill import report, ui
+    from quantmill.errors import NotFound
+    from quantmill.planner import open_store
+
+    cfg = _compose(args)
+    store = open_store(cfg)
+    model = args.model or cfg.model.name
+    data = report.load(store, model)
+    if data is None:
+        raise NotFound(f"no validation report for model {model!r} in {store.root}; run the pipeline first")
+    if args.json:
+        print(json.dumps(data, indent=1, ensure_ascii=False))
+        return 0
+    ui.out.print(ui.report_table(data))
+    ui.out.print(f"HTML: {report.report_dir(store, model) / 'report.html'}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     store, registry = _registry(args)
     key = args.target
@@ -206,6 +229,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p = command("show", cmd_show, "show a published artifact: model card, files, provenance", overrides=False)
     p.add_argument("name")
     p.add_argument("--version", type=int, dest="version", default=None, help="a version number (default: latest)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    p = command("report", cmd_report, "the validation report of a model: metrics of every artifact, and its HTML page",
+                overrides=False)
+    p.add_argument("--model", help="model name (default: the configured model's)")
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*")
     p = command("verify", cmd_verify, "re-hash a published artifact (NAME) or an artifact key against its provenance",

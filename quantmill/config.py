@@ -51,6 +51,7 @@ class RecipeConfig:
         quant_type: Backend-specific type name, e.g. llama.cpp's ``Q4_K_M``.
         imatrix: Compute an importance matrix from the calibration set and quantize with it.
         params: Extra backend options, checked by the backend in preflight.
+        gates: Validation thresholds for this recipe, overriding ``validate.gates`` field by field.
     """
 
     method: str = MISSING
@@ -59,6 +60,7 @@ class RecipeConfig:
     imatrix: bool = False
     description: str = ""
     params: Dict[str, Any] = field(default_factory=dict)
+    gates: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,24 +87,62 @@ class CalibrationConfig:
     min_samples: int = 8
 
 
+DEFAULT_PROBES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def total(xs):\n    return sum(x * 2 for x in xs)  # code",
+    "spaces:    four, tabs:\t\tand\nnew\n\nlines",
+    "digits 0123456789 3.14159 1,000,000 -42",
+    "Ελληνικά, русский, العربية, 日本語, 한국어, हिन्दी",
+    "emoji 🎉🚀👍🏽 and symbols ©®™ ∑∫√",
+    "  leading and trailing  ",
+]
+
+
+@dataclass
+class GateConfig:
+    """Thresholds an artifact must meet to be published; None disables a gate.
+
+    Attributes:
+        max_mean_kld: Mean KL divergence of next-token distributions against the reference (nats).
+        max_p99_kld: 99th percentile of the per-token KL divergence.
+        max_ppl_ratio: Perplexity over the reference model's perplexity on the same tokens.
+        min_top1: Fraction of positions whose most likely token equals the reference's.
+        tokenizer_exact: The artifact's tokenizer must encode every probe to the source tokenizer's ids and keep
+            its special tokens and chat template.
+    """
+
+    max_mean_kld: Optional[float] = None
+    max_p99_kld: Optional[float] = None
+    max_ppl_ratio: Optional[float] = None
+    min_top1: Optional[float] = None
+    tokenizer_exact: bool = True
+
+
 @dataclass
 class ValidateConfig:
-    """Validation of each artifact in the runtime that will load it.
+    """Validation of each artifact in the runtime its users will load it with, against the unquantized model.
 
     Attributes:
         enabled: Run validation at all (publishing requires a passed validation unless enforce is off).
         enforce: Refuse to publish what failed; off publishes with an "unvalidated" mark.
-        prompt: Text the smoke generation starts from; tokenized once by the source tokenizer, so every
-            runtime is fed the same token ids.
-        max_tokens: Tokens to generate greedily.
-        n_ctx: Context length for loading the artifact.
+        eval_files: Evaluation text (``bundled:NAME`` for texts shipped with quantmill).
+        n_ctx: Context length of each evaluation window; n_chunks: windows evaluated. As in llama.cpp's
+            ``llama-perplexity``, each window starts with BOS and its second half is scored.
+        prompt: Text the smoke generation starts from; tokenized once by the source tokenizer, so every runtime
+            is fed the same token ids. max_tokens: tokens generated greedily.
+        probes: Strings the tokenizer-fidelity check encodes with both tokenizers.
+        gates: Default thresholds; a recipe's ``gates`` override them field by field.
     """
 
     enabled: bool = True
     enforce: bool = True
+    eval_files: List[str] = field(default_factory=lambda: ["bundled:eval.txt"])
+    n_ctx: int = 256
+    n_chunks: int = 8
     prompt: str = "The miller carried"
     max_tokens: int = 16
-    n_ctx: int = 256
+    probes: List[str] = field(default_factory=lambda: list(DEFAULT_PROBES))
+    gates: GateConfig = field(default_factory=GateConfig)
 
 
 @dataclass
@@ -225,7 +265,8 @@ def _explain(exc: Exception, conf_dir: Path) -> ConfigError:
 def _schema_fields(name: str) -> list[str]:
     import dataclasses
 
-    schema = {cls.__name__: cls for cls in (*_GROUP_SCHEMAS.values(), RecipeConfig, QuantmillConfig)}.get(name)
+    schema = {cls.__name__: cls for cls in (*_GROUP_SCHEMAS.values(), RecipeConfig, GateConfig,
+                                            QuantmillConfig)}.get(name)
     return [f.name for f in dataclasses.fields(schema)] if schema else []
 
 

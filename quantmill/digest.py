@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -96,7 +97,7 @@ class DigestCache:
         if not self._dirty:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}")  # unique: threads save concurrently
         tmp.write_text(json.dumps(self._entries))
         os.replace(tmp, self.path)
         self._dirty = False

@@ -20,7 +20,7 @@ from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOU
 from quantmill.backends import gguf_quantizer
 from quantmill.backends.base import SourceInfo
 from quantmill.backends.local_publisher import LocalRegistry
-from quantmill.config import CalibrationConfig, ModelConfig, ValidateConfig
+from quantmill.config import CalibrationConfig, ModelConfig
 from quantmill.digest import sha256_file
 from quantmill.errors import ToolError
 from quantmill.planner import StepSpec, step_key
@@ -93,11 +93,25 @@ def _quantize(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Stor
 
 
 def _validate(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
-    cfg = ValidateConfig(**spec.config)
-    record = validate.validate(RUNTIMES.get(spec.backend), inputs["artifact"], inputs["source"], cfg,
-                               threads=spec.context["threads"])
-    (out / C.VALIDATION_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    return {"status": record["status"], "failed": validate.failed_checks(record)}
+    c = spec.config
+    if c["kind"] == "evalset":
+        return validate.make_evalset(inputs["model"], [Path(p) for p in spec.context["files"]], out,
+                                     n_ctx=c["n_ctx"], n_chunks=c["n_chunks"], prompt=c["prompt"],
+                                     probes=c["probes"])
+    runtime = RUNTIMES.get(spec.backend)
+    if c["kind"] == "reference":
+        return validate.reference(runtime, inputs["model"], inputs["evalset"], out, threads=spec.context["threads"])
+    record = validate.validate(runtime, inputs["artifact"], inputs["evalset"], inputs["reference"], gates=c["gates"],
+                               max_tokens=c["max_tokens"], threads=spec.context["threads"],
+                               label=f"validate {spec.recipe}")
+    (out / C.VALIDATION_FILE).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    return {"status": record["status"], "failed": validate.failed_checks(record),
+            **{k: record[k] for k in SUMMARY_METRICS if k in record}}
+
+
+SUMMARY_METRICS = ("ppl", "ref_ppl", "ppl_ratio", "mean_kld", "p99_kld", "top1_agreement", "size_bytes",
+                   "bits_per_weight", "prompt_tokens_per_second", "generation_tokens_per_second",
+                   "peak_rss_bytes")
 
 
 def _publish(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:

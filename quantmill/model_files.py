@@ -101,3 +101,26 @@ def check_safetensors(path: Path) -> int:
         raise ModelSourceError(f"{path.name} is {what} than its header declares ({size} bytes, expected "
                                f"{expected}); the file is corrupt or truncated; download it again")
     return end
+
+
+_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+               "F8_E4M3": 8, "F8_E5M2": 8, "BOOL": 8}
+
+
+def safetensors_bits(directory: Path) -> float:
+    """Stored bits per element over all tensors of a directory's safetensors files (headers only)."""
+    total_bytes = total_elements = 0
+    for path in sorted(directory.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = t["data_offsets"]
+            elements = 1
+            for d in t["shape"]:
+                elements *= d
+            total_bytes += end - start
+            total_elements += elements
+    return 8 * total_bytes / total_elements if total_elements else 0.0

@@ -18,7 +18,7 @@ from quantmill.backends.base import SourceInfo
 from quantmill.backends.local_publisher import check_name
 from quantmill.config import QuantmillConfig, StoreConfig
 from quantmill.digest import canonical_json, sha256_bytes
-from quantmill.errors import PreflightError, StoreFullError
+from quantmill.errors import ConfigError, PreflightError, StoreFullError
 from quantmill.provenance import machine_class
 from quantmill.store import ArtifactRef, LocalStore, Store
 from quantmill.versions import package_versions
@@ -109,18 +109,36 @@ def open_store(cfg: QuantmillConfig) -> Store:
 
 
 def calibration_files(cfg: QuantmillConfig) -> list[Path]:
-    """The calibration text files, resolved; ``bundled:NAME`` is a text shipped with quantmill."""
+    """The calibration text files, resolved."""
     if cfg.calibration.source != "files":
         return []
+    return text_files(list(cfg.calibration.files), "calibration.files")
+
+
+def text_files(names: list[str], what: str) -> list[Path]:
+    """Resolve text files; ``bundled:NAME`` is a text shipped with quantmill."""
     paths = []
-    for name in cfg.calibration.files:
+    for name in names:
         path = BUNDLED_TEXT / name.removeprefix("bundled:") if name.startswith("bundled:") else Path(name)
         if not path.is_file():
-            raise PreflightError(f"calibration file {name!r} not found ({path.resolve()}); fix calibration.files")
+            raise PreflightError(f"{what} file {name!r} not found ({path.resolve()}); fix {what}")
         paths.append(path.resolve())
     if not paths:
-        raise PreflightError("calibration.files is empty; name at least one text file")
+        raise PreflightError(f"{what} is empty; name at least one text file")
     return paths
+
+
+def effective_gates(cfg: QuantmillConfig, name: str, recipe) -> dict[str, Any]:
+    """validate.gates overridden field by field by the recipe's gates."""
+    import dataclasses
+
+    from quantmill.config import GateConfig
+
+    known = [f.name for f in dataclasses.fields(GateConfig)]
+    unknown = sorted(set(recipe.gates) - set(known))
+    if unknown:
+        raise ConfigError(f"recipe {name!r}: unknown gate(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return {**dataclasses.asdict(cfg.validate.gates), **dict(recipe.gates)}
 
 
 def _runtime_for(fmt: str):
@@ -153,16 +171,20 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
         raise PreflightError("publishing needs a passed validation but validate.enabled=false; enable it, or set "
                              "validate.enforce=false to publish marked unvalidated, or publish.enabled=false")
     names = {r: check_name(cfg.publish.name_template.format(model=model.name, recipe=r)) for r in recipes}
-    runtimes = {}
+    runtimes, gates = {}, {}
     if cfg.validate.enabled:
         for name, (recipe, _, _) in recipes.items():
             runtimes[name] = _runtime_for(recipe.format)
             runtimes[name].check_installed()
+            gates[name] = effective_gates(cfg, name, recipe)
+        eval_files = text_files(list(cfg.validate.eval_files), "validate.eval_files")
 
     cache = store.digest_cache() if isinstance(store, LocalStore) else None
     info = source.describe(model, cache)
     for _, _, converter in recipes.values():
         converter.check(info, model.name)
+    if cfg.validate.enabled:
+        _check_context(cfg, info, eval_files)
 
     threads = cfg.infra.threads
     specs: dict[str, StepSpec] = {}
@@ -180,6 +202,19 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                  "source_info": info.to_json(), "link": cfg.store.link_sources,
                  "estimate_bytes": 0 if _linkable(cfg, info, store) else info.weights_bytes},
         tools=package_versions("huggingface_hub") if source.key == "hf" else {}))
+
+    evalset = None
+    if cfg.validate.enabled:
+        from quantmill.digest import sha256_file
+
+        v = cfg.validate
+        evalset = add(StepSpec(
+            id=f"{C.VALIDATE}:evalset", step=C.VALIDATE, backend="files", capability=C.CPU,
+            inputs={"model": download.id},
+            config={"kind": "evalset", "texts": [{"name": p.name, "sha256": sha256_file(p)} for p in eval_files],
+                    "n_ctx": v.n_ctx, "n_chunks": v.n_chunks, "prompt": v.prompt, "probes": list(v.probes)},
+            context={"files": [str(p) for p in eval_files]},
+            tools=package_versions("tokenizers", "transformers", "safetensors")))
 
     needs_calibration = any(q.needs_calibration(r) for r, q, _ in recipes.values())
     dataset = None
@@ -226,11 +261,15 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
         validation = None
         if cfg.validate.enabled:
             runtime = runtimes[name]
-            v = cfg.validate
+            # The unquantized model in the artifact's own runtime: computed once, shared by every recipe.
+            reference = add(StepSpec(
+                id=f"{C.VALIDATE}:reference-{recipe.format}", step=C.VALIDATE, backend=runtime.key,
+                capability=runtime.capability, inputs={"model": convert.id, "evalset": evalset.id},
+                config={"kind": "reference"}, context={"threads": threads}, tools=runtime.tools()))
             validation = add(StepSpec(
                 id=f"{C.VALIDATE}:{name}", step=C.VALIDATE, backend=runtime.key, capability=runtime.capability,
-                inputs={"artifact": artifact.id, "source": download.id}, recipe=name,
-                config={"prompt": v.prompt, "max_tokens": v.max_tokens, "n_ctx": v.n_ctx},
+                inputs={"artifact": artifact.id, "evalset": evalset.id, "reference": reference.id}, recipe=name,
+                config={"kind": "artifact", "max_tokens": cfg.validate.max_tokens, "gates": gates[name]},
                 # The record holds speed and memory measured here, so the machine class is part of its key.
                 context={"threads": threads}, tools={**runtime.tools(), "machine": machine_class()}))
         if publisher is not None:
@@ -246,6 +285,27 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                         "source_uri": info.uri},
                 context={"store_root": str(getattr(store, "root", ""))}))
     return Plan(cfg, info, specs)
+
+
+def _check_context(cfg: QuantmillConfig, info: SourceInfo, eval_files: list[Path]) -> None:
+    """The evaluation window must fit the model, and the text must fill at least one window."""
+    n_ctx = cfg.validate.n_ctx
+    limit = info.config.get("max_position_embeddings")
+    if limit and n_ctx > limit:
+        raise PreflightError(f"validate.n_ctx {n_ctx} is beyond model {cfg.model.name!r}'s maximum context {limit} "
+                             f"(max_position_embeddings); lower validate.n_ctx")
+    if n_ctx < 8:
+        raise PreflightError(f"validate.n_ctx {n_ctx} is too short to score anything; use 64 or more")
+    root = Path(info.extra.get("root", ""))
+    if (root / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+        text = "\n\n".join(p.read_text(encoding="utf-8") for p in eval_files)
+        n = len(tok.encode(text, add_special_tokens=False).ids)
+        if n < n_ctx:
+            raise PreflightError(f"evaluation text ({', '.join(p.name for p in eval_files)}) has {n} tokens, shorter "
+                                 f"than one window of validate.n_ctx={n_ctx}; add text or lower validate.n_ctx")
 
 
 def _linkable(cfg: QuantmillConfig, info: SourceInfo, store: Store) -> bool:

@@ -70,8 +70,14 @@ def _note(o: Outcome) -> str:
         parts.append(r["quant_type"])
     if "samples" in r:
         parts.append(f"{r['samples']}x{r['seq_len']} tokens")
-    if o.step == "validate":
-        parts.append(r.get("status", "") + (": " + "; ".join(r["failed"]) if r.get("failed") else ""))
+    if o.step == "validate" and "status" in r:
+        if "mean_kld" in r:
+            parts.append(f"KLD {r['mean_kld']:.4f}, PPL x{r['ppl_ratio']:.3f}, top-1 {100 * r['top1_agreement']:.1f}%")
+        parts.append(r["status"] + (": " + "; ".join(r["failed"]) if r.get("failed") else ""))
+    if o.step == "validate" and "windows" in r:
+        parts.append(f"{r['windows']}x{r['n_ctx']} tokens")
+    if o.step == "validate" and "ppl" in r and "status" not in r:
+        parts.append(f"reference PPL {r['ppl']:.3f}")
     if o.step == "publish" and "name" in r:
         parts.append(r["name"] + ("" if r.get("validated", True) else " (UNVALIDATED)"))
     return ", ".join(parts)
@@ -100,6 +106,22 @@ def plan_table(rows: list[dict[str, Any]]) -> Table:
         style = {"hit": "cyan", "miss": "green", "pending": "yellow"}[r["cache"]]
         table.add_row(r["id"], r["backend"], r["capability"], ", ".join(r["inputs"].values()),
                       (r["key"] or "(after inputs)")[:12], f"[{style}]{r['cache']}[/]")
+    return table
+
+
+def report_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"validation report: {report['model']}")
+    for col in ("recipe", "status", "size", "bpw", "PPL ratio", "mean KLD", "p99 KLD", "top-1", "tokenizer"):
+        table.add_column(col)
+    for r in report["artifacts"]:
+        ok = r["status"] == "passed"
+        table.add_row(r["recipe"], f"[{'green' if ok else 'bold red'}]{r['status']}[/]",
+                      f"{r['size_bytes'] / 2**20:.2f} MiB", f"{r.get('bits_per_weight', 0):.2f}",
+                      f"{r['ppl_ratio']:.4f}" if "ppl_ratio" in r else "",
+                      f"{r['mean_kld']:.5f}" if "mean_kld" in r else "",
+                      f"{r['p99_kld']:.5f}" if "p99_kld" in r else "",
+                      f"{100 * r['top1_agreement']:.1f}%" if "top1_agreement" in r else "",
+                      ("exact" if r["tokenizer"]["exact"] else "MISMATCH") if "tokenizer" in r else "")
     return table
 
 

@@ -15,7 +15,7 @@ from quantmill.cli import run_config
 from quantmill.outcome import CACHED, RAN
 from quantmill.planner import HIT, MISS, PENDING, open_store, plan, resolve
 from quantmill.store import ArtifactRef
-from tests.conftest import compose_in, run_inline
+from tests.conftest import compose_in, plant, run_inline
 
 pytestmark = pytest.mark.slow
 
@@ -43,14 +43,20 @@ def test_default_run_publishes_q8_0_and_q4_k_m(default_run):
 def test_published_ggufs_load_in_pinned_llama_cpp_and_generate(default_run):
     root, _, _ = default_run
     store = open_store(compose_in(root))
+    from tokenizers import Tokenizer
+
+    from quantmill.backends.local_source import BUNDLED_ROOT
+
+    prompt = [1] + Tokenizer.from_file(str(BUNDLED_ROOT / "tiny-llama" / "tokenizer.json")).encode(
+        "The miller carried", add_special_tokens=False).ids
     runtime = LlamaCppRuntime()
     texts = {}
     for entry in LocalRegistry(root / "store" / C.REGISTRY_DIR).entries():
         files = store.verified_files(ArtifactRef(entry["artifact"]["key"], entry["artifact"]["digest"], ""))
         with runtime.load(files, n_ctx=128) as model:
-            ids = runtime.generate(model, [1, 350, 584, 832], 12)  # "<s> The miller carried"
-            assert len(ids) == 12
-            texts[entry["quant_type"]] = model.detokenize(ids).decode()
+            ids = runtime.generate(model, prompt, 12)  # greedy; may stop early at end-of-sequence
+            assert 3 <= len(ids) <= 12
+            texts[entry["quant_type"]] = runtime.detokenize(model, ids)
     # the tiny model learned its grammar: both quants continue the sentence with words from it
     assert all(any(w in t for w in ("the", "at", "a ")) for t in texts.values()), texts
 
@@ -130,11 +136,7 @@ def test_broken_quant_fails_validation_and_is_not_published(tmp_path):
     broken_dir = tmp_path / "broken"
     shutil.copytree(store.files(good), broken_dir)
     _zero_tensor(broken_dir / "model-q8_0.gguf", "output.weight")
-    shutil.rmtree(tmp_path / "store" / C.OBJECTS_DIR / good.key)  # plant it under the quantize step's key
-    with store.stage(good.key) as staging:
-        for p in broken_dir.iterdir():
-            shutil.copy(p, staging.files / p.name)
-        store.commit(staging, lambda subjects, digest: _planted_statement(subjects, digest, good.key))
+    plant(store, good.key, broken_dir)  # under the quantize step's key: the run validates it as its own
 
     outcomes = {o.spec_id: o for o in run_config(cfg)}
     assert outcomes["validate:gguf_q8_0"].status == RAN
@@ -153,14 +155,6 @@ def test_broken_quant_fails_validation_and_is_not_published(tmp_path):
     registry = LocalRegistry(tmp_path / "store" / C.REGISTRY_DIR)
     assert registry.get("tiny-llama-gguf_q8_0")["validated"] is False
     assert "**Unvalidated**" in registry.card("tiny-llama-gguf_q8_0", 1)
-
-
-def _planted_statement(subjects, digest, key):
-    from quantmill import provenance
-
-    return provenance.statement(subjects=subjects, artifact_digest=digest, key=key, step="quantize",
-                                spec_id="planted", impl_version="1", config={}, inputs={}, dependencies=[],
-                                tools={}, run=provenance.RunInfo(), started="", finished="")
 
 
 def test_same_key_same_bytes_across_stores(tmp_path):

@@ -32,11 +32,12 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
 def test_local_copy_of_bundled_model_plans(tmp_path, tiny_model):
     the_plan, _ = _plan(tmp_path, tiny_model)
     assert the_plan.source.architecture == "LlamaForCausalLM"
-    assert [s.id for s in the_plan][:3] == ["download", "calibrate:dataset", "convert:gguf-f16"]
+    assert [s.id for s in the_plan][:4] == ["download", "validate:evalset", "calibrate:dataset", "convert:gguf-f16"]
 
 
 def test_model_without_tokenizer(tmp_path, tiny_model):
     (tiny_model / "tokenizer.json").unlink()
+    (tiny_model / "tokenizer.model").unlink()
     with pytest.raises(ModelSourceError) as e:
         _plan(tmp_path, tiny_model)
     assert "model 'damaged' has no tokenizer (tokenizer.json or tokenizer.model)" in _one_line(e)
@@ -123,3 +124,41 @@ def test_publishing_without_validation_is_refused_in_preflight(tmp_path, tiny_mo
     with pytest.raises(PreflightError) as e:
         _plan(tmp_path, tiny_model, "validate.enabled=false")
     assert "publishing needs a passed validation but validate.enabled=false" in _one_line(e)
+
+
+def test_evaluation_text_shorter_than_one_window(tmp_path, tiny_model):
+    short = tmp_path / "short.txt"
+    short.write_text("The miller carried a map.")
+    with pytest.raises(PreflightError) as e:
+        _plan(tmp_path, tiny_model, f"validate.eval_files=[{short}]")
+    assert "evaluation text (short.txt) has" in _one_line(e)
+    assert "shorter than one window of validate.n_ctx=256" in str(e.value)
+
+
+def test_context_beyond_the_models_maximum(tmp_path, tiny_model):
+    with pytest.raises(PreflightError) as e:
+        _plan(tmp_path, tiny_model, "validate.n_ctx=4096")
+    assert "validate.n_ctx 4096 is beyond model 'damaged''s maximum context 512" in _one_line(e)
+
+
+def test_runtime_not_installed_names_package_and_pool(tmp_path, tiny_model, monkeypatch):
+    from quantmill import llamacpp
+
+    monkeypatch.setenv("QUANTMILL_LLAMA_CPP", str(tmp_path / "no-build"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(llamacpp, "_candidates", lambda: [tmp_path / "no-build"])
+    llamacpp.locate.cache_clear()
+    try:
+        with pytest.raises(PreflightError) as e:
+            _plan(tmp_path, tiny_model)
+    finally:
+        llamacpp.locate.cache_clear()
+    message = _one_line(e)
+    assert message.startswith("runtime 'llamacpp' (validates format 'gguf') is not installed here: llama.cpp build")
+    assert "pool offering capability 'cpu'" in message
+
+
+def test_unknown_gate_lists_known_gates(tmp_path, tiny_model):
+    with pytest.raises(ConfigError) as e:
+        _plan(tmp_path, tiny_model, "+recipe.gguf_q8_0.gates.max_kld=0.1")
+    assert "recipe 'gguf_q8_0': unknown gate(s) max_kld; known: max_mean_kld" in _one_line(e)

@@ -17,4 +17,5 @@ from quantmill.backends import (  # noqa: E402,F401
     llamacpp_runtime,
     local_publisher,
     local_source,
+    transformers_runtime,
 )

@@ -70,6 +70,9 @@ class HfSource:
         chosen = select_files(cfg.name, sizes, allow_pickle=cfg.allow_pickle,
                               trust_remote_code=cfg.trust_remote_code)
         files = [FileDigest(n, sizes[n][1], sizes[n][0]) for n in chosen]
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # small; preflight checks the evaluation text
+            if name in sizes:
+                hf_hub_download(cfg.repo_id, name, revision=sha)
         card = config.get("license")
         return SourceInfo(source=self.key, identity={"repo_id": cfg.repo_id, "commit": sha}, config=config,
                           architecture=arch, files=files, uri=f"hf://{cfg.repo_id}@{sha}",

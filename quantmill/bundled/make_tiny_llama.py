@@ -4,8 +4,9 @@ Run from the repository root with ``python -m quantmill.bundled.make_tiny_llama`
 every machine gets the same bytes without running this; the script documents exactly how they were made.
 
 Shape (chosen so llama.cpp's converter and every quantizer accept it): Llama architecture, hidden 256 (k-quants
-need row widths divisible by 256), intermediate 512, 2 layers, 4 heads, 2 KV heads, untied embeddings, and a
-Llama-style tokenizer (Metaspace, byte fallback, ``<unk> <s> </s>`` then the 256 byte tokens).
+need row widths divisible by 256), intermediate 512, 2 layers, 4 heads, 2 KV heads, untied embeddings, and
+Llama-2's tokenizer layout (SentencePiece BPE with byte fallback: ``<unk> <s> </s>``, the 256 byte tokens, then
+the learned pieces), shipped both as ``tokenizer.model`` and as the equivalent fast ``tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ TEXT_DIR = HERE / "text"
 
 VOCAB_SIZE = 1024
 SPECIALS = ["<unk>", "<s>", "</s>"]
-BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
-SEQ_LEN = 128
-BATCH = 32
+SEQ_LEN = 256
+BATCH = 16
 STEPS = 500
 SEED = 0
 CHAT_TEMPLATE = (
@@ -41,25 +41,33 @@ def write_texts() -> str:
     return generate(seed=0, n_paragraphs=6000)
 
 
-def train_tokenizer(text: str):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def train_tokenizer(text: str, out: Path):
+    """Llama-2's recipe: a SentencePiece BPE model (``tokenizer.model``) with byte fallback, and the fast
+    ``tokenizer.json`` derived from it (merges in SentencePiece's score order, the dummy-prefix normalizer).
 
-    metaspace = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    draft = Tokenizer(models.BPE(unk_token="<unk>"))
-    draft.pre_tokenizer = metaspace
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - len(BYTE_TOKENS), special_tokens=SPECIALS,
-                                  show_progress=False)
-    draft.train_from_iterator(text.splitlines(), trainer)
-    learned = json.loads(draft.to_str())["model"]
+    Shipping ``tokenizer.model`` matters: llama.cpp's converter takes its real piece scores, so llama.cpp
+    tokenizes exactly as SentencePiece and the HF tokenizer do. From ``tokenizer.json`` alone it gives every piece
+    the same score and can only approximate BPE's merge order (different ids for unseen words).
+    """
+    import tempfile
 
-    # Llama layout: specials, then the 256 byte-fallback tokens, then the learned pieces.
-    vocab: dict[str, int] = {}
-    for token in SPECIALS + BYTE_TOKENS + sorted(learned["vocab"], key=learned["vocab"].get):
-        vocab.setdefault(token, len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.pre_tokenizer = metaspace
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "train.txt"
+        corpus.write_text(text)
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=VOCAB_SIZE, model_type="bpe",
+            byte_fallback=True, character_coverage=1.0, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, num_threads=1, shuffle_input_sentence=False, minloglevel=2)
+    (out / "tokenizer.vocab").unlink()
+    extracted = SentencePieceExtractor(str(out / "tokenizer.model")).extract(None)
+    tok = Tokenizer(models.BPE(vocab=extracted["vocab"], merges=extracted["merges"], unk_token="<unk>",
+                               byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(content=" ", left=1, right=0)])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
@@ -122,7 +130,7 @@ def main() -> None:
     torch.set_num_threads(2)
     MODEL_DIR.mkdir(exist_ok=True)
     text = write_texts()
-    tok = train_tokenizer(text)
+    tok = train_tokenizer(text, MODEL_DIR)
     save_tokenizer(tok, MODEL_DIR)
     train_model(tok, text, MODEL_DIR)
 

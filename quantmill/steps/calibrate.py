@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from quantmill import constants as C
 from quantmill.config import CalibrationConfig
 from quantmill.errors import PreflightError
+from quantmill.tokenizer import SourceTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +33,6 @@ def load_texts(cfg: CalibrationConfig, files: Sequence[Path]) -> list[str]:
     raise PreflightError(f"calibration.source {cfg.source!r} unknown; choose files or hf_dataset")
 
 
-def load_tokenizer(model_dir: Path):
-    """The source model's tokenizer (tokenizers' fast tokenizer.json; transformers for tokenizer.model only)."""
-    if (model_dir / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        return lambda text, special=False: tok.encode(text, add_special_tokens=special).ids
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(model_dir)
-    return lambda text, special=False: hf.encode(text, add_special_tokens=special)
-
-
 def calibrate_dataset(cfg: CalibrationConfig, model_dir: Path, files: Sequence[Path], out: Path) -> dict[str, Any]:
     """Pack seeded, shuffled paragraphs into ``num_samples`` windows of ``seq_len`` token ids.
 
@@ -59,7 +47,7 @@ def calibrate_dataset(cfg: CalibrationConfig, model_dir: Path, files: Sequence[P
 
     paragraphs = load_texts(cfg, files)
     random.Random(cfg.seed).shuffle(paragraphs)
-    encode = load_tokenizer(model_dir)
+    encode = SourceTokenizer(model_dir).encode
     windows: list[list[int]] = []
     used: list[str] = []
     current: list[int] = []

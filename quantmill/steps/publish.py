@@ -28,6 +28,23 @@ def check_publishable(name: str, validation: dict[str, Any] | None, *, enforce: 
                          f"(set validate.enforce=false to publish it marked unvalidated)")
 
 
+def metric_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
+    """The validation record as (label, value) rows, shared by the model card and the report."""
+    rows = [("Size", f"{v['size_bytes'] / 2**20:.2f} MiB"), ("Validation", v["status"]),
+            ("Validated with", v["runtime"])]
+    if "mean_kld" in v:
+        rows += [("Perplexity", f"{v['ppl']:.4f} (reference {v['ref_ppl']:.4f}, ratio {v['ppl_ratio']:.4f})"),
+                 ("KL divergence", f"mean {v['mean_kld']:.5f}, p99 {v['p99_kld']:.5f}"),
+                 ("Top-1 agreement", f"{100 * v['top1_agreement']:.2f} %"),
+                 ("Tokenizer fidelity", v["tokenizer"]["detail"]),
+                 ("Speed", f"prompt {v['prompt_tokens_per_second']} tok/s, generation "
+                           f"{v['generation_tokens_per_second']} tok/s"),
+                 ("Peak memory", f"{v['peak_rss_bytes'] / 2**20:.0f} MiB"),
+                 ("Measured on", f"{v['machine'].get('cpu', v['machine']['machine'])} ({v['machine'].get('cpus', '?')} "
+                                 f"cores)")]
+    return rows
+
+
 def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str, quant: dict[str, Any],
                validation: dict[str, Any] | None, validated: bool, artifact_digest: str, tags: list[str],
                license: str | None) -> str:
@@ -51,13 +68,7 @@ def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str,
     rows = [("Quant type", quant_type), ("Bits per weight", f"{bpw:.2f}" if bpw else "n/a"),
             ("Importance matrix", "yes" if quant.get("imatrix") else "no")]
     if validation:
-        rows += [("Size", f"{validation['size_bytes'] / 2**20:.2f} MiB"), ("Validation", validation["status"]),
-                 ("Validated with", validation["runtime"])]
-        if validation.get("generation_tokens_per_second"):
-            machine = validation["machine"]
-            rows.append(("Generation speed", f"{validation['generation_tokens_per_second']} tok/s on "
-                                             f"{machine.get('cpu', machine['machine'])} ({machine.get('cpus', '?')} "
-                                             f"cores)"))
+        rows += metric_rows(validation)
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     lines += ["", f"Artifact digest: `{artifact_digest}`. Its provenance record (in-toto / SLSA v1) lists the "
                   "sha256 of every file and how it was made: `quantmill show " + name + "`.", ""]

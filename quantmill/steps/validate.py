@@ -1,58 +1,107 @@
-"""validate: load the artifact in the runtime its users will use, and check that it works.
+"""validate: measure each artifact against the unquantized model, in the runtime its users will load it with.
 
-This is the minimal gate (it loads, its logits are finite, it generates from fixed token ids); measured quality
-against the unquantized model plugs in here through the same runtime interface.
+Three kinds of work, each its own cached artifact:
+
+- ``make_evalset``: the evaluation windows as fixed token ids (from the source tokenizer), the smoke prompt's ids,
+  and the tokenizer probes with their source ids; every runtime is fed exactly these ids.
+- ``reference``: the unquantized model's log-probabilities on those windows (once per model revision, evaluation
+  set and context length).
+- ``validate``: one artifact's perplexity and ratio, mean and 99th-percentile KL divergence, top-1 agreement,
+  speed, peak memory, a smoke generation and tokenizer fidelity, checked against the recipe's gates.
 """
 
 from __future__ import annotations
 
-import resource
-import time
+import json
+import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from quantmill import constants as C
-from quantmill.config import ValidateConfig
+from quantmill.errors import PreflightError, ToolError
+from quantmill.evaluate import EVALSET_META, EVALSET_TOKENS
+from quantmill.metrics import check_gates
 from quantmill.provenance import host_info
-from quantmill.steps.calibrate import load_tokenizer
+from quantmill.tokenizer import SourceTokenizer
+from quantmill.tools import run_tool
 
 
-def _check(name: str, passed: bool, detail: str) -> dict[str, Any]:
-    return {"name": name, "passed": bool(passed), "detail": detail}
+def make_evalset(model_dir: Path, files: Sequence[Path], out: Path, *, n_ctx: int, n_chunks: int, prompt: str,
+                 probes: Sequence[str]) -> dict[str, Any]:
+    """Tokenize the evaluation text once with the source tokenizer into ``n_chunks`` windows of ``n_ctx`` ids.
 
-
-def validate(runtime: Any, artifact: Path, source_model: Path, cfg: ValidateConfig, *,
-             threads: int = 0) -> dict[str, Any]:
-    """Run the checks; return the validation record (``status`` is ``passed`` only if every check passed)."""
+    Raises:
+        PreflightError: the text is shorter than one window.
+    """
     import numpy as np
+    from safetensors.numpy import save_file
 
-    prompt_ids = [1] + load_tokenizer(source_model)(cfg.prompt)  # BOS + the prompt, same ids for every runtime
-    checks: list[dict[str, Any]] = []
-    record: dict[str, Any] = {"runtime": runtime.key, "prompt_ids": prompt_ids}
-    try:
-        with runtime.load(artifact, n_ctx=cfg.n_ctx, threads=threads) as model:
-            record["load_seconds"] = round(model.load_seconds, 3)
-            checks.append(_check("loads", True, f"loaded in {model.load_seconds:.2f} s"))
-            logits = runtime.logits(model, prompt_ids)
-            finite = bool(np.isfinite(logits).all())
-            checks.append(_check("finite_logits", finite, f"{logits.shape[0]}x{logits.shape[1]} logits"
-                                 + ("" if finite else ", some NaN/inf")))
-            start = time.perf_counter()
-            generated = runtime.generate(model, prompt_ids, cfg.max_tokens)
-            seconds = time.perf_counter() - start
-            record["generated_ids"] = generated
-            record["generation_tokens_per_second"] = round(len(generated) / seconds, 1) if seconds else None
-            distinct = len(set(generated))
-            checks.append(_check("generates", len(generated) > 0 and distinct > 1,
-                                 f"{len(generated)} tokens, {distinct} distinct"))
-    except Exception as e:  # a runtime that cannot load the artifact is a failed check, recorded with its reason
-        checks.append(_check("loads", False, f"{type(e).__name__}: {e}"))
-    record["checks"] = checks
-    record["status"] = C.PASSED if checks and all(c["passed"] for c in checks) else C.FAILED
-    record["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    record["machine"] = host_info()
-    files = sorted(p for p in artifact.iterdir() if p.is_file())
+    tok = SourceTokenizer(model_dir)
+    text = "\n\n".join(p.read_text(encoding="utf-8") for p in files)
+    ids = tok.encode(text)
+    windows = min(n_chunks, len(ids) // n_ctx)
+    if windows < 1:
+        raise PreflightError(f"evaluation text has {len(ids)} tokens, shorter than one window of "
+                             f"validate.n_ctx={n_ctx}; add text or lower validate.n_ctx")
+    bos = tok.special_id("bos_token")
+    tokens = np.asarray(ids[: windows * n_ctx], dtype=np.int32).reshape(windows, n_ctx)
+    save_file({"tokens": tokens}, str(out / EVALSET_TOKENS))
+    meta = {
+        "n_ctx": n_ctx, "n_chunks": windows, "requested_chunks": n_chunks,
+        "prompt": prompt, "prompt_ids": ([bos] if bos is not None else []) + tok.encode(prompt),
+        "probes": [{"text": p, "ids": tok.encode(p)} for p in probes],
+        "bos_id": bos, "eos_id": tok.special_id("eos_token"), "chat_template": tok.chat_template,
+    }
+    (out / EVALSET_META).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    return {"windows": windows, "n_ctx": n_ctx, "tokens": int(tokens.size), "probes": len(probes)}
+
+
+def _evaluate(mode: str, runtime: str, artifact: Path, evalset: Path, reference: Path | None,
+              reference_out: Path | None, *, threads: int, max_tokens: int, label: str) -> tuple[dict, int]:
+    """Run ``quantmill.evaluate`` in a subprocess; return its result and the subprocess's peak RSS."""
+    with tempfile.TemporaryDirectory(prefix="quantmill-eval-") as tmp:
+        request = {"mode": mode, "runtime": runtime, "artifact": str(artifact), "evalset": str(evalset),
+                   "reference": str(reference) if reference else None,
+                   "reference_out": str(reference_out) if reference_out else None,
+                   "result_path": str(Path(tmp) / "result.json"), "threads": threads, "max_tokens": max_tokens}
+        (Path(tmp) / "request.json").write_text(json.dumps(request))
+        run = run_tool([sys.executable, "-m", "quantmill.evaluate", Path(tmp) / "request.json"],
+                       name=f"evaluation in runtime {runtime!r}", label=label)
+        return json.loads((Path(tmp) / "result.json").read_text()), run.max_rss_bytes
+
+
+def reference(runtime: Any, model: Path, evalset: Path, out: Path, *, threads: int) -> dict[str, Any]:
+    """The unquantized model's log-probabilities on the evaluation windows (written to ``out``)."""
+    result, _ = _evaluate("reference", runtime.key, model, evalset, None, out, threads=threads, max_tokens=1,
+                          label="reference log-probabilities")
+    # Only what is reproducible goes into the artifact: no timings.
+    return {"runtime": runtime.key, "ppl": result["ppl"], "scored_tokens": result["scored_tokens"]}
+
+
+def validate(runtime: Any, artifact: Path, evalset: Path, reference_dir: Path, *, gates: dict[str, Any],
+             max_tokens: int, threads: int, label: str) -> dict[str, Any]:
+    """Measure the artifact; return its validation record (``status`` passed only if every check and gate passed)."""
+    record: dict[str, Any] = {"runtime": runtime.key, "machine": host_info()}
+    files = sorted(p for p in artifact.iterdir() if p.is_file() and p.name != C.RESULT_FILE)
     record["size_bytes"] = sum(p.stat().st_size for p in files)
+    record["bits_per_weight"] = round(runtime.bits_per_weight(artifact), 4)
+    try:
+        metrics, peak = _evaluate("compare", runtime.key, artifact, evalset, reference_dir, None, threads=threads,
+                                  max_tokens=max_tokens, label=label)
+    except ToolError as e:  # the runtime could not load or run it: a failed artifact, recorded with the reason
+        record["checks"] = [{"name": "loads", "passed": False, "detail": str(e)}]
+        record["status"] = C.FAILED
+        return record
+    record.update(metrics)
+    record["peak_rss_bytes"] = peak
+    generated = metrics["generated_ids"]
+    checks = [{"name": "loads", "passed": True, "detail": f"loaded in {metrics['load_seconds']:.2f} s"},
+              {"name": "generates", "passed": len(set(generated)) > 1,
+               "detail": f"{len(generated)} tokens, {len(set(generated))} distinct"}]
+    checks += check_gates(metrics, gates)
+    record["checks"] = checks
+    record["status"] = C.PASSED if all(c["passed"] for c in checks) else C.FAILED
     return record
 
 

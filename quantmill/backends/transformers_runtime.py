@@ -1,0 +1,92 @@
+"""Validation runtime for Hugging Face checkpoints (safetensors, compressed-tensors, AWQ, GPTQ) via transformers."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from quantmill import constants as C
+from quantmill.backends import RUNTIMES
+from quantmill.errors import PreflightError
+from quantmill.versions import package_versions
+
+
+class TransformersRuntime:
+    """Loads a checkpoint directory with transformers (CUDA when present, else CPU in float32)."""
+
+    key = "transformers"
+    capability = C.CPU
+    formats = ("safetensors", "compressed-tensors", "gptq", "awq", "bnb")
+
+    def check_installed(self) -> None:
+        import importlib.util
+
+        for package in ("torch", "transformers"):
+            if importlib.util.find_spec(package) is None:
+                raise PreflightError(f"runtime 'transformers' needs the {package!r} package (pip install {package}); "
+                                     f"or run validation on a worker of a pool that has it")
+
+    def tools(self) -> dict[str, str]:
+        return package_versions("torch", "transformers", "compressed-tensors", "tokenizers")
+
+    @contextmanager
+    def load(self, artifact: Path, *, n_ctx: int, threads: int = 0) -> Iterator[Any]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32 if device == "cpu" else "auto",
+                                                     device_map=device)
+        model.eval()
+        model.quantmill_tokenizer = AutoTokenizer.from_pretrained(artifact)
+        model.load_seconds = time.perf_counter() - start
+        try:
+            yield model
+        finally:
+            del model
+
+    def logits(self, model: Any, ids: Sequence[int]) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            batch = torch.tensor([list(ids)], device=model.device)
+            return model(input_ids=batch).logits[0].float().cpu().numpy()
+
+    def generate(self, model: Any, ids: Sequence[int], max_tokens: int) -> list[int]:
+        import torch
+
+        with torch.inference_mode():
+            batch = torch.tensor([list(ids)], device=model.device)
+            out = model.generate(batch, max_new_tokens=max_tokens, do_sample=False,
+                                 eos_token_id=model.quantmill_tokenizer.eos_token_id,
+                                 pad_token_id=model.quantmill_tokenizer.eos_token_id)
+        generated = out[0, len(ids):].tolist()
+        eos = model.quantmill_tokenizer.eos_token_id
+        return generated[: generated.index(eos)] if eos in generated else generated
+
+    def tokenize(self, model: Any, text: str) -> list[int]:
+        return model.quantmill_tokenizer.encode(text, add_special_tokens=False)
+
+    def detokenize(self, model: Any, ids: Sequence[int]) -> str:
+        return model.quantmill_tokenizer.decode(list(ids))
+
+    def special_ids(self, model: Any) -> dict[str, int]:
+        tok = model.quantmill_tokenizer
+        return {"bos": tok.bos_token_id, "eos": tok.eos_token_id}
+
+    def chat_template(self, model: Any) -> str | None:
+        return model.quantmill_tokenizer.chat_template
+
+    def bits_per_weight(self, artifact: Path) -> float:
+        """Stored bits per parameter over every tensor in the checkpoint's safetensors files."""
+        from quantmill.model_files import safetensors_bits
+
+        return safetensors_bits(artifact)
+
+
+RUNTIMES.register(TransformersRuntime.key)(TransformersRuntime())

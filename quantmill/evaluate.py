@@ -1,0 +1,105 @@
+"""Evaluate one artifact in its runtime, in a process of its own: ``python -m quantmill.evaluate REQUEST.json``.
+
+A separate process gives each artifact its own peak-memory figure (the parent reads it with ``os.wait4``) and
+keeps a runtime crash on a malformed artifact from taking the pipeline down with it.
+
+Modes: ``reference`` writes the log-probabilities of the scored positions (computed once per model, evaluation
+set and context length); ``compare`` measures an artifact against them. Both also time prompt processing and a
+greedy generation, and check the artifact's tokenizer against the source tokenizer's ids.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantmill import constants as C
+from quantmill import metrics
+
+EVALSET_TOKENS = "eval.safetensors"
+EVALSET_META = "evalset.json"
+REFERENCE_LOGPROBS = "reference.safetensors"
+
+
+def load_evalset(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path / EVALSET_TOKENS))["tokens"], json.loads((path / EVALSET_META).read_text())
+
+
+def tokenizer_fidelity(runtime: Any, model: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """Same ids for every probe, same BOS/EOS ids, same chat template as the source tokenizer."""
+    mismatches = []
+    for probe in meta["probes"]:
+        got = runtime.tokenize(model, probe["text"])
+        if got != probe["ids"]:
+            first = next((i for i, (a, b) in enumerate(zip(got, probe["ids"])) if a != b), min(len(got), len(probe["ids"])))
+            mismatches.append(f"{probe['text'][:24]!r}: {len(got)} ids vs {len(probe['ids'])}, first differs at {first}")
+    specials = runtime.special_ids(model)
+    for name in ("bos", "eos"):
+        if meta.get(f"{name}_id") is not None and specials.get(name) != meta[f"{name}_id"]:
+            mismatches.append(f"{name} id {specials.get(name)} != source {meta[f'{name}_id']}")
+    template = runtime.chat_template(model)
+    if (meta.get("chat_template") or None) != (template or None):
+        mismatches.append("chat template differs" if template else "chat template lost")
+    n = len(meta["probes"])
+    detail = (f"{n} probes, special tokens and chat template match" if not mismatches
+              else f"{len(mismatches)} mismatch(es): " + "; ".join(mismatches[:3]))
+    return {"exact": not mismatches, "probes": n, "mismatches": mismatches, "detail": detail}
+
+
+def run(request: dict[str, Any]) -> dict[str, Any]:
+    from safetensors.numpy import load_file, save_file
+
+    from quantmill.backends import RUNTIMES
+
+    runtime = RUNTIMES.get(request["runtime"])
+    tokens, meta = load_evalset(Path(request["evalset"]))
+    n_ctx = meta["n_ctx"]
+    reference = None
+    if request["mode"] == "compare":
+        reference = load_file(str(Path(request["reference"]) / REFERENCE_LOGPROBS))["logprobs"]
+    acc = metrics.Accumulator()
+    kept = []
+    result: dict[str, Any] = {"runtime": runtime.key, "mode": request["mode"]}
+    with runtime.load(Path(request["artifact"]), n_ctx=n_ctx, threads=request.get("threads", 0)) as model:
+        result["load_seconds"] = round(model.load_seconds, 3)
+        bos = runtime.special_ids(model)["bos"]
+        start = time.perf_counter()
+        for i, window in enumerate(tokens):
+            logits = runtime.logits(model, metrics.window_input(window, bos))
+            logp = metrics.scored_logprobs(logits, n_ctx)
+            if not np.isfinite(logp).all():
+                raise FloatingPointError(f"window {i}: non-finite logits")
+            acc.add(logp, None if reference is None else reference[i], metrics.targets(window, n_ctx))
+            if reference is None:
+                kept.append(logp.astype(np.float32))
+        seconds = time.perf_counter() - start
+        result["prompt_tokens_per_second"] = round(tokens.size / seconds, 1)
+        start = time.perf_counter()
+        generated = runtime.generate(model, meta["prompt_ids"], request["max_tokens"])
+        seconds = time.perf_counter() - start
+        result["generation_tokens_per_second"] = round(len(generated) / seconds, 1) if generated else None
+        result["generated_ids"] = generated
+        result["generated_text"] = runtime.detokenize(model, generated)
+        result["tokenizer"] = tokenizer_fidelity(runtime, model, meta)
+    result.update(acc.summary())
+    if reference is None:
+        save_file({"logprobs": np.stack(kept)}, str(Path(request["reference_out"]) / REFERENCE_LOGPROBS))
+    return result
+
+
+def main(argv: list[str]) -> int:
+    request = json.loads(Path(argv[0]).read_text())
+    result = run(request)
+    Path(request["result_path"]).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,46 @@
+"""The source model's tokenizer, as the pipeline uses it: fixed ids for calibration and evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class SourceTokenizer:
+    """``tokenizer.json`` through the tokenizers library (fast, no torch); transformers for a model that ships
+    only ``tokenizer.model``."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        config_path = model_dir / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if (model_dir / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            fast = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+            self._encode = lambda text: fast.encode(text, add_special_tokens=False).ids
+            self._token_to_id = fast.token_to_id
+        else:
+            from transformers import AutoTokenizer
+
+            hf = AutoTokenizer.from_pretrained(model_dir)
+            self._encode = lambda text: hf.encode(text, add_special_tokens=False)
+            self._token_to_id = hf.convert_tokens_to_ids
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text`` without special tokens."""
+        return self._encode(text)
+
+    def special_id(self, name: str) -> int | None:
+        """The id of ``bos_token`` / ``eos_token`` as tokenizer_config.json names it."""
+        value = self.config.get(name)
+        if isinstance(value, dict):
+            value = value.get("content")
+        return self._token_to_id(value) if value else None
+
+    @property
+    def chat_template(self) -> str | None:
+        if (self.model_dir / "chat_template.jinja").is_file():
+            return (self.model_dir / "chat_template.jinja").read_text()
+        return self.config.get("chat_template")
