@@ -64,6 +64,19 @@ class RecipeConfig:
 
 
 @dataclass
+class ConvertConfig:
+    """The unquantized intermediate of each format: what its recipes quantize from and are validated against.
+
+    Attributes:
+        gguf_outtype: llama.cpp converter output type (f16, bf16, f32).
+        mlx_dtype: dtype of the unquantized MLX model (float16, bfloat16, float32).
+    """
+
+    gguf_outtype: str = "f16"
+    mlx_dtype: str = "float16"
+
+
+@dataclass
 class CalibrationConfig:
     """The calibration set shared by every recipe of a model that needs one.
 
@@ -196,6 +209,7 @@ class QuantmillConfig:
 
     model: ModelConfig = MISSING
     recipe: Dict[str, RecipeConfig] = field(default_factory=dict)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
@@ -204,7 +218,7 @@ class QuantmillConfig:
 
 
 SCHEMA_NAME = "quantmill_schema"
-_GROUP_SCHEMAS = {"model": ModelConfig, "calibration": CalibrationConfig, "validate": ValidateConfig,
+_GROUP_SCHEMAS = {"model": ModelConfig, "convert": ConvertConfig, "calibration": CalibrationConfig, "validate": ValidateConfig,
                   "publish": PublishConfig, "store": StoreConfig, "infra": InfraConfig}
 
 

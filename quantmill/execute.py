@@ -45,13 +45,6 @@ def read_result(store: Store, ref: ArtifactRef) -> dict[str, Any]:
     return json.loads((store.files(ref) / C.RESULT_FILE).read_text())
 
 
-def _one_file(path: Path, suffix: str) -> Path:
-    files = sorted(path.glob(f"*{suffix}"))
-    if len(files) != 1:
-        raise ToolError(f"artifact {path.parent.name}: expected one {suffix} file, found {len(files)}")
-    return files[0]
-
-
 # -- adapters: spec + input paths -> step function call ----------------------------------------------------
 Runner = Callable[[StepSpec, Mapping[str, Path], Path, Store], dict]
 
@@ -74,22 +67,19 @@ def _calibrate(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Sto
                                 seed=c["seed"], min_samples=c["min_samples"], dataset=c["dataset"],
                                 split=c["split"], text_field=c["text_field"])
         return calibrate.calibrate_dataset(cfg, inputs["model"], [Path(p) for p in spec.context["files"]], out)
-    return calibrate.calibrate_imatrix(gguf_quantizer, _one_file(inputs["model"], ".gguf"), inputs["calibration"],
+    return calibrate.calibrate_imatrix(gguf_quantizer, gguf_quantizer.one_gguf(inputs["model"]), inputs["calibration"],
                                        out, ctx=c["ctx"], chunks=c["chunks"], threads=spec.context["threads"],
                                        label="imatrix")
 
 
 def _convert(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
-    return convert.convert(CONVERTERS.get(spec.backend), inputs["model"], out, outtype=spec.config["outtype"],
-                           model_name=spec.config["model_name"])
+    return convert.convert(CONVERTERS.get(spec.backend), inputs["model"], out, spec.config)
 
 
 def _quantize(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
-    imatrix = inputs.get("imatrix")
-    return quantize.quantize(QUANTIZERS.get(spec.backend), _one_file(inputs["model"], ".gguf"), out,
-                             quant_type=spec.config["quant_type"],
-                             imatrix=_one_file(imatrix, ".gguf") if imatrix else None,
-                             threads=spec.context["threads"], label=f"quantize {spec.recipe}")
+    return quantize.quantize(QUANTIZERS.get(spec.backend), inputs["model"], out, spec.config,
+                             imatrix=inputs.get("imatrix"), threads=spec.context["threads"],
+                             label=f"quantize {spec.recipe}")
 
 
 def _validate(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:

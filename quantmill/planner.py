@@ -235,18 +235,23 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
 
     f16_estimate = info.weights_bytes * 2 // max(1, _bytes_per_param(info.config))
     for name, (recipe, quantizer, converter) in recipes.items():
-        convert = add(StepSpec(
-            id=f"{C.CONVERT}:{recipe.format}-f16", step=C.CONVERT, backend=converter.key,
-            capability=converter.capability, inputs={"model": download.id},
-            config={"outtype": "f16", "model_name": model.name},
-            context={"estimate_bytes": f16_estimate}, tools=converter.tools()))
-        artifact = convert
+        # The format's unquantized intermediate: what its recipes start from and are measured against.
+        if converter.identity:
+            intermediate = download
+        else:
+            convert_config = _convert_config(recipe.format, cfg)
+            intermediate = add(StepSpec(
+                id=f"{C.CONVERT}:{recipe.format}-{next(iter(convert_config.values()))}", step=C.CONVERT,
+                backend=converter.key, capability=converter.capability, inputs={"model": download.id},
+                config=convert_config, context={"estimate_bytes": f16_estimate}, tools=converter.tools()))
+        artifact = intermediate
         if not quantizer.is_intermediate(recipe):
-            inputs = {"model": convert.id}
+            source = intermediate if quantizer.reads == "intermediate" else download
+            inputs = {"model": source.id}
             if quantizer.needs_calibration(recipe):
                 imatrix = add(StepSpec(
                     id=f"{C.CALIBRATE}:imatrix-{recipe.format}", step=C.CALIBRATE, backend="imatrix",
-                    capability=C.CPU, inputs={"model": convert.id, "calibration": dataset.id},
+                    capability=C.CPU, inputs={"model": intermediate.id, "calibration": dataset.id},
                     config={"kind": "imatrix", "ctx": cfg.calibration.seq_len,
                             "chunks": cfg.calibration.num_samples},
                     context={"threads": threads}, tools=quantizer.tools()))
@@ -264,7 +269,7 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
             # The unquantized model in the artifact's own runtime: computed once, shared by every recipe.
             reference = add(StepSpec(
                 id=f"{C.VALIDATE}:reference-{recipe.format}", step=C.VALIDATE, backend=runtime.key,
-                capability=runtime.capability, inputs={"model": convert.id, "evalset": evalset.id},
+                capability=runtime.capability, inputs={"model": intermediate.id, "evalset": evalset.id},
                 config={"kind": "reference"}, context={"threads": threads}, tools=runtime.tools()))
             validation = add(StepSpec(
                 id=f"{C.VALIDATE}:{name}", step=C.VALIDATE, backend=runtime.key, capability=runtime.capability,
@@ -285,6 +290,15 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                         "source_uri": info.uri},
                 context={"store_root": str(getattr(store, "root", ""))}))
     return Plan(cfg, info, specs)
+
+
+def _convert_config(fmt: str, cfg: QuantmillConfig) -> dict[str, Any]:
+    """The settings of a format's intermediate (the first value names it in the spec id)."""
+    if fmt == "gguf":
+        return {"outtype": cfg.convert.gguf_outtype, "model_name": cfg.model.name}
+    if fmt == "mlx":
+        return {"dtype": cfg.convert.mlx_dtype}
+    raise PreflightError(f"format {fmt!r} has no conversion settings; known: gguf, mlx, safetensors")
 
 
 def _check_context(cfg: QuantmillConfig, info: SourceInfo, eval_files: list[Path]) -> None:

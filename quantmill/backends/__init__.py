@@ -17,5 +17,10 @@ from quantmill.backends import (  # noqa: E402,F401
     llamacpp_runtime,
     local_publisher,
     local_source,
+    mlx_converter,
+    mlx_quantizer,
+    mlx_runtime,
+    passthrough_quantizer,
+    safetensors_converter,
     transformers_runtime,
 )

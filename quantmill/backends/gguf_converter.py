@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from quantmill import constants as C
 from quantmill.backends import CONVERTERS
@@ -16,7 +16,7 @@ from quantmill.tools import run_tool
 from quantmill.versions import package_versions
 
 _WRITING = re.compile(r"Writing:\s+(?P<done>\d+)%")
-OUTTYPES = ("f16", "bf16", "f32", "q8_0")
+OUTTYPES = ("f16", "bf16", "f32")
 
 
 class GgufConverter:
@@ -24,6 +24,7 @@ class GgufConverter:
 
     key = "gguf"
     capability = C.CPU
+    identity = False
 
     def check(self, info: SourceInfo, model_name: str) -> None:
         archs = locate().text_architectures
@@ -39,7 +40,8 @@ class GgufConverter:
         return {"llama.cpp": locate().version,
                 **package_versions("numpy", "safetensors", "sentencepiece", "tokenizers", "torch", "transformers")}
 
-    def convert(self, model_dir: Path, out_dir: Path, *, outtype: str, model_name: str) -> dict[str, Any]:
+    def convert(self, model_dir: Path, out_dir: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+        outtype, model_name = config["outtype"], config["model_name"]
         if outtype not in OUTTYPES:
             raise PreflightError(f"converter outtype {outtype!r} unknown; choose one of {', '.join(OUTTYPES)}")
         build = locate()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from quantmill import constants as C
 from quantmill.backends import QUANTIZERS
@@ -38,6 +38,7 @@ class GgufQuantizer:
     key = "gguf"
     capability = C.CPU
     formats = ("gguf",)
+    reads = "intermediate"
 
     def check(self, name: str, recipe: RecipeConfig) -> None:
         types = known_quant_types()
@@ -47,9 +48,9 @@ class GgufQuantizer:
         if recipe.params:
             raise PreflightError(f"recipe {name!r}: method 'gguf' takes no params (got {sorted(recipe.params)})")
 
-    def is_intermediate(self, recipe: RecipeConfig) -> bool:
-        """An F16 recipe is the converter's output itself: nothing to quantize."""
-        return (recipe.quant_type or "").upper() == "F16"
+    def is_intermediate(self, recipe: RecipeConfig, outtype: str = "f16") -> bool:
+        """A recipe whose type is the converter's output type is that output itself: nothing to quantize."""
+        return (recipe.quant_type or "").upper() == outtype.upper()
 
     def needs_calibration(self, recipe: RecipeConfig) -> bool:
         return recipe.imatrix
@@ -60,8 +61,12 @@ class GgufQuantizer:
     def tools(self) -> dict[str, str]:
         return {"llama.cpp": locate().version}
 
-    def quantize(self, model: Path, out_dir: Path, *, quant_type: str, imatrix: Path | None,
+    def quantize(self, model_dir: Path, out_dir: Path, config: Mapping[str, Any], *, imatrix: Path | None,
                  threads: int, label: str) -> dict[str, Any]:
+        quant_type = config["quant_type"]
+        model = one_gguf(model_dir)
+        if imatrix is not None:
+            imatrix = one_gguf(imatrix)
         out = (out_dir / f"model-{quant_type.lower()}.gguf").resolve()
         cmd: list[Any] = [locate().tool("llama-quantize")]
         cwd = None
@@ -74,6 +79,13 @@ class GgufQuantizer:
         run_tool(cmd, name="llama-quantize", label=label, progress=_TENSOR, cwd=cwd)
         return {"file": out.name, "quant_type": quant_type.upper(), "imatrix": imatrix is not None,
                 "bits_per_weight": round(bits_per_weight(out), 4)}
+
+
+def one_gguf(directory: Path) -> Path:
+    files = sorted(directory.glob("*.gguf"))
+    if len(files) != 1:
+        raise PreflightError(f"artifact {directory.parent.name} should hold one .gguf file, found {len(files)}")
+    return files[0]
 
 
 def compute_imatrix(model: Path, text: Path, out: Path, *, ctx: int, chunks: int, threads: int,

@@ -8,7 +8,7 @@ from quantmill import constants as C
 from quantmill.errors import PublishRefused
 from quantmill.steps.validate import failed_checks
 
-LIBRARY = {"gguf": "gguf"}
+LIBRARY = {"gguf": "gguf", "mlx": "mlx", "safetensors": "transformers"}
 
 
 def check_publishable(name: str, validation: dict[str, Any] | None, *, enforce: bool) -> bool:

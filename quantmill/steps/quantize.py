@@ -1,11 +1,12 @@
-"""quantize: the intermediate to the recipe's quantized artifact."""
+"""quantize: an intermediate (or the source checkpoint) to a recipe's artifact."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 
-def quantize(quantizer: Any, model: Path, out: Path, *, quant_type: str, imatrix: Path | None, threads: int,
-             label: str) -> dict[str, Any]:
-    return quantizer.quantize(model, out, quant_type=quant_type, imatrix=imatrix, threads=threads, label=label)
+def quantize(quantizer: Any, model: Path, out: Path, config: Mapping[str, Any], *, imatrix: Path | None,
+             threads: int, label: str) -> dict[str, Any]:
+    """Write the recipe's artifact into ``out`` with ``quantizer`` (a QUANTIZERS backend); return its result."""
+    return quantizer.quantize(model, out, config, imatrix=imatrix, threads=threads, label=label)

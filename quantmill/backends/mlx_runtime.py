@@ -1,0 +1,77 @@
+"""Validation runtime for MLX models: mlx-lm (Metal on Apple silicon, CPU elsewhere)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from quantmill import constants as C
+from quantmill.backends import RUNTIMES
+from quantmill.backends.mlx_converter import require_mlx
+from quantmill.versions import package_versions
+
+
+class MlxRuntime:
+    key = "mlx"
+    capability = C.MLX
+    formats = ("mlx",)
+
+    def check_installed(self) -> None:
+        require_mlx("runtime 'mlx' (validates format 'mlx')")
+
+    def tools(self) -> dict[str, str]:
+        return package_versions("mlx", "mlx-lm")
+
+    @contextmanager
+    def load(self, artifact: Path, *, n_ctx: int, threads: int = 0) -> Iterator[Any]:
+        from mlx_lm import load
+
+        start = time.perf_counter()
+        model, tokenizer = load(str(artifact))
+        model.quantmill_tokenizer = tokenizer
+        model.load_seconds = time.perf_counter() - start
+        yield model
+
+    def logits(self, model: Any, ids: Sequence[int]) -> Any:
+        import mlx.core as mx
+        import numpy as np
+
+        out = model(mx.array([list(ids)]))[0].astype(mx.float32)
+        return np.array(out)
+
+    def generate(self, model: Any, ids: Sequence[int], max_tokens: int) -> list[int]:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+
+        eos = model.quantmill_tokenizer.eos_token_id
+        out: list[int] = []
+        for token, _ in generate_step(mx.array(list(ids)), model, max_tokens=max_tokens,
+                                      sampler=lambda logprobs: mx.argmax(logprobs, axis=-1)):
+            token = int(token)
+            if token == eos:
+                break
+            out.append(token)
+        return out
+
+    def tokenize(self, model: Any, text: str) -> list[int]:
+        return model.quantmill_tokenizer.encode(text, add_special_tokens=False)
+
+    def detokenize(self, model: Any, ids: Sequence[int]) -> str:
+        return model.quantmill_tokenizer.decode(list(ids))
+
+    def special_ids(self, model: Any) -> dict[str, int]:
+        tok = model.quantmill_tokenizer
+        return {"bos": tok.bos_token_id, "eos": tok.eos_token_id}
+
+    def chat_template(self, model: Any) -> str | None:
+        return model.quantmill_tokenizer.chat_template
+
+    def bits_per_weight(self, artifact: Path) -> float:
+        from quantmill.backends.mlx_quantizer import logical_bits
+
+        return logical_bits(artifact)
+
+
+RUNTIMES.register(MlxRuntime.key)(MlxRuntime())

@@ -1,0 +1,24 @@
+"""The ``safetensors`` format's intermediate is the downloaded Hugging Face checkpoint itself."""
+
+from __future__ import annotations
+
+from quantmill import constants as C
+from quantmill.backends import CONVERTERS
+from quantmill.backends.base import SourceInfo
+
+
+class SafetensorsConverter:
+    """Identity: nothing to convert, the source checkpoint is what recipes start from and are measured against."""
+
+    key = "safetensors"
+    capability = C.CPU
+    identity = True
+
+    def check(self, info: SourceInfo, model_name: str) -> None:
+        """transformers loads whatever architecture it knows; the runtime check covers the rest."""
+
+    def tools(self) -> dict[str, str]:
+        return {}
+
+
+CONVERTERS.register(SafetensorsConverter.key)(SafetensorsConverter())
