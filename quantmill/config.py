@@ -30,6 +30,9 @@ class ModelConfig:
         revision: Branch, tag or commit for ``hf``; resolved to a commit sha before anything is keyed.
         allow_pickle: Accept ``.bin`` (pickle) weights; off because unpickling runs code.
         trust_remote_code: Accept models that declare ``auto_map`` (custom code).
+        adapter: A PEFT LoRA adapter to merge into the base before anything else: a local directory or a Hub
+            repo id; its ``base_model_name_or_path`` must name this model.
+        adapter_revision: Revision of a Hub adapter (resolved to a commit sha).
     """
 
     name: str = MISSING
@@ -39,6 +42,8 @@ class ModelConfig:
     revision: str = "main"
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    adapter: Optional[str] = None
+    adapter_revision: str = "main"
 
 
 @dataclass

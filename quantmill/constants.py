@@ -2,12 +2,13 @@
 
 # Pipeline steps, in pipeline order.
 DOWNLOAD = "download"
+MERGE = "merge"
 CALIBRATE = "calibrate"
 CONVERT = "convert"
 QUANTIZE = "quantize"
 VALIDATE = "validate"
 PUBLISH = "publish"
-STEPS = (DOWNLOAD, CALIBRATE, CONVERT, QUANTIZE, VALIDATE, PUBLISH)
+STEPS = (DOWNLOAD, MERGE, CALIBRATE, CONVERT, QUANTIZE, VALIDATE, PUBLISH)
 
 # Capabilities a step can need; pools offer them (issue: worker pools).
 CPU = "cpu"

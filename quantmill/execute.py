@@ -24,7 +24,7 @@ from quantmill.config import CalibrationConfig, ModelConfig
 from quantmill.digest import sha256_file
 from quantmill.errors import ToolError
 from quantmill.planner import StepSpec, step_key
-from quantmill.steps import calibrate, convert, download, publish, quantize, validate
+from quantmill.steps import calibrate, convert, download, merge, publish, quantize, validate
 from quantmill.store import ArtifactRef, LocalStore, Store
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,10 @@ def _download(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Stor
     if cache:
         cache.save()
     return result
+
+
+def _merge(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+    return merge.merge(inputs["base"], inputs["adapter"], out)
 
 
 def _calibrate(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
@@ -114,7 +118,8 @@ def _publish(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store
     artifact_ref = {k: spec.context["artifact_ref"][k] for k in ("key", "digest")}  # no local paths in bytes
     card = publish.model_card(name=c["name"], model=c["model"], base_model=c["base_model"], recipe=c["recipe"],
                               fmt=c["format"], quant=quant, validation=validation, validated=validated,
-                              artifact_digest=artifact_ref["digest"], tags=list(c["tags"]), license=c["license"])
+                              artifact_digest=artifact_ref["digest"], tags=list(c["tags"]), license=c["license"],
+                              adapter=c.get("adapter"))
     (out / C.MODEL_CARD_FILE).write_text(card)
     return {"name": c["name"], "artifact": artifact_ref, "validated": validated,
             "validation": {"status": validation["status"]} if validation else None,
@@ -124,7 +129,7 @@ def _publish(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store
             "size_bytes": validation["size_bytes"] if validation else None}
 
 
-RUNNERS: dict[str, Runner] = {C.DOWNLOAD: _download, C.CALIBRATE: _calibrate, C.CONVERT: _convert,
+RUNNERS: dict[str, Runner] = {C.DOWNLOAD: _download, C.MERGE: _merge, C.CALIBRATE: _calibrate, C.CONVERT: _convert,
                               C.QUANTIZE: _quantize, C.VALIDATE: _validate, C.PUBLISH: _publish}
 
 
@@ -170,8 +175,13 @@ def run_step(spec: StepSpec, inputs: Mapping[str, ArtifactRef], store: Store,
         def statement(subjects, digest):
             dependencies = []
             if spec.step == C.DOWNLOAD:
-                dependencies.append(SOURCES.get(spec.backend).dependency(
-                    SourceInfo.from_json(spec.context["source_info"])))
+                info = SourceInfo.from_json(spec.context["source_info"])
+                if spec.context.get("role") == "adapter":
+                    from quantmill import adapters
+
+                    dependencies.append(adapters.dependency(info))
+                else:
+                    dependencies.append(SOURCES.get(spec.backend).dependency(info))
             return provenance.statement(
                 subjects=subjects, artifact_digest=digest, key=key, step=spec.step, spec_id=spec.id,
                 impl_version=spec.impl_version, config=spec.config,

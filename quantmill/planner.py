@@ -24,7 +24,7 @@ from quantmill.store import ArtifactRef, LocalStore, Store
 from quantmill.versions import package_versions
 
 # Bump a step's version when its output bytes change for the same inputs and config.
-IMPLEMENTATION_VERSIONS = {C.DOWNLOAD: "1", C.CALIBRATE: "2", C.CONVERT: "1", C.QUANTIZE: "1",
+IMPLEMENTATION_VERSIONS = {C.DOWNLOAD: "1", C.MERGE: "1", C.CALIBRATE: "2", C.CONVERT: "1", C.QUANTIZE: "1",
                            C.VALIDATE: "1", C.PUBLISH: "1"}
 BUNDLED_TEXT = Path(__file__).resolve().parent / "bundled" / "text"
 HIT, MISS, PENDING = "hit", "miss", "pending"
@@ -180,6 +180,12 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
         eval_files = text_files(list(cfg.validate.eval_files), "validate.eval_files")
 
     cache = store.digest_cache() if isinstance(store, LocalStore) else None
+    adapter_info = None
+    if model.adapter:  # before the base: a wrong adapter is refused before anything is fetched
+        from quantmill import adapters
+
+        adapter_info = adapters.describe(model, cache)
+        adapters.check_base(model, adapter_info)
     info = source.describe(model, cache)
     for _, _, converter in recipes.values():
         converter.check(info, model.name)
@@ -202,6 +208,21 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                  "source_info": info.to_json(), "link": cfg.store.link_sources,
                  "estimate_bytes": 0 if _linkable(cfg, info, store) else info.weights_bytes},
         tools=package_versions("huggingface_hub") if source.key == "hf" else {}))
+    model_spec = download  # the checkpoint every later step starts from (the merge of an adapter, if any)
+    if adapter_info is not None:
+        adapter_download = add(StepSpec(
+            id=f"{C.DOWNLOAD}:adapter", step=C.DOWNLOAD, backend=adapter_info.source, capability=C.CPU, inputs={},
+            config={"identity": adapter_info.identity, "files": [f.path for f in adapter_info.files]},
+            context={"model": {"name": f"{model.name}-adapter", "source": adapter_info.source, "path": model.adapter,
+                               "repo_id": model.adapter, "revision": model.adapter_revision},
+                     "source_info": adapter_info.to_json(), "link": cfg.store.link_sources, "role": "adapter"},
+            tools=package_versions("huggingface_hub") if adapter_info.source == "hf" else {}))
+        # From here on "the model" is the merged checkpoint: calibration, conversion, quantization, the
+        # safetensors reference and the card all start from it.
+        model_spec = add(StepSpec(
+            id=C.MERGE, step=C.MERGE, backend="peft", capability=C.CPU,
+            inputs={"base": download.id, "adapter": adapter_download.id}, config={},
+            context={"estimate_bytes": info.weights_bytes}, tools=package_versions("peft", "transformers", "torch")))
 
     evalset = None
     if cfg.validate.enabled:
@@ -210,7 +231,7 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
         v = cfg.validate
         evalset = add(StepSpec(
             id=f"{C.VALIDATE}:evalset", step=C.VALIDATE, backend="files", capability=C.CPU,
-            inputs={"model": download.id},
+            inputs={"model": model_spec.id},
             config={"kind": "evalset", "texts": [{"name": p.name, "sha256": sha256_file(p)} for p in eval_files],
                     "n_ctx": v.n_ctx, "n_chunks": v.n_chunks, "prompt": v.prompt, "probes": list(v.probes)},
             context={"files": [str(p) for p in eval_files]},
@@ -225,7 +246,7 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
         cal = cfg.calibration
         dataset = add(StepSpec(
             id=f"{C.CALIBRATE}:dataset", step=C.CALIBRATE, backend=cal.source, capability=C.CPU,
-            inputs={"model": download.id},
+            inputs={"model": model_spec.id},
             config={"kind": "dataset", "source": cal.source, "num_samples": cal.num_samples,
                     "seq_len": cal.seq_len, "seed": cal.seed, "min_samples": cal.min_samples,
                     "texts": [{"name": p.name, "sha256": sha256_file(p)} for p in files],
@@ -237,16 +258,16 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
     for name, (recipe, quantizer, converter) in recipes.items():
         # The format's unquantized intermediate: what its recipes start from and are measured against.
         if converter.identity:
-            intermediate = download
+            intermediate = model_spec
         else:
             convert_config = _convert_config(recipe.format, cfg)
             intermediate = add(StepSpec(
                 id=f"{C.CONVERT}:{recipe.format}-{next(iter(convert_config.values()))}", step=C.CONVERT,
-                backend=converter.key, capability=converter.capability, inputs={"model": download.id},
+                backend=converter.key, capability=converter.capability, inputs={"model": model_spec.id},
                 config=convert_config, context={"estimate_bytes": f16_estimate}, tools=converter.tools()))
         artifact = intermediate
         if not quantizer.is_intermediate(recipe):
-            source = intermediate if quantizer.reads == "intermediate" else download
+            source = intermediate if quantizer.reads == "intermediate" else model_spec
             inputs = {"model": source.id}
             if quantizer.needs_calibration(recipe):
                 imatrix = add(StepSpec(
@@ -278,14 +299,14 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                 # The record holds speed and memory measured here, so the machine class is part of its key.
                 context={"threads": threads}, tools={**runtime.tools(), "machine": machine_class()}))
         if publisher is not None:
-            inputs = {"artifact": artifact.id, "source": download.id}
+            inputs = {"artifact": artifact.id, "source": model_spec.id}
             if validation is not None:
                 inputs["validation"] = validation.id
             add(StepSpec(
                 id=f"{C.PUBLISH}:{name}", step=C.PUBLISH, backend=publisher.key, capability=C.CPU,
                 inputs=inputs, recipe=name,
                 config={"name": names[name], "model": model.name, "recipe": name, "format": recipe.format,
-                        "base_model": info.base_model, "tags": sorted(cfg.publish.tags),
+                        "base_model": info.base_model, "adapter": model.adapter, "tags": sorted(cfg.publish.tags),
                         "license": cfg.publish.license or info.license, "enforce": cfg.validate.enforce,
                         "source_uri": info.uri},
                 context={"store_root": str(getattr(store, "root", ""))}))

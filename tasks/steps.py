@@ -30,6 +30,11 @@ def download(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreCon
     return _run(spec, upstream, store)
 
 
+@task(name=C.MERGE, tags=["quantmill", C.MERGE], **_common)
+def merge(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
+    return _run(spec, upstream, store)
+
+
 @task(name=C.CALIBRATE, tags=["quantmill", C.CALIBRATE], **_common)
 def calibrate(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
     return _run(spec, upstream, store)
@@ -55,5 +60,5 @@ def publish(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConf
     return _run(spec, upstream, store)
 
 
-TASKS = {C.DOWNLOAD: download, C.CALIBRATE: calibrate, C.CONVERT: convert, C.QUANTIZE: quantize,
+TASKS = {C.DOWNLOAD: download, C.MERGE: merge, C.CALIBRATE: calibrate, C.CONVERT: convert, C.QUANTIZE: quantize,
          C.VALIDATE: validate, C.PUBLISH: publish}

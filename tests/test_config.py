@@ -23,14 +23,19 @@ def test_default_config_composes_to_typed_schema():
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_composes_and_is_keyed_by_its_file_name(name):
     assert set(yaml.safe_load((CONF / "recipe" / f"{name}.yaml").read_text())) == {name}
+    from quantmill.backends import CONVERTERS, QUANTIZERS
+
     cfg = compose([f"recipe=[{name}]"], conf_dir=CONF)
     assert list(cfg.recipe) == [name]
-    assert cfg.recipe[name].format == "gguf" and cfg.recipe[name].method == "gguf"
+    recipe = cfg.recipe[name]
+    assert recipe.format in QUANTIZERS.get(recipe.method).formats and recipe.format in CONVERTERS
+    assert name.startswith(recipe.format)  # file names say what they make: gguf_*, mlx_*, safetensors_*
 
 
-def test_gguf_recipes_cover_the_k_quant_ladder():
+def test_recipes_cover_the_k_quant_ladder_mlx_and_passthrough():
     assert {"gguf_f16", "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0", "gguf_q3_k_m",
-            "gguf_q2_k"} <= set(RECIPES)
+            "gguf_q2_k", "mlx_2bit", "mlx_3bit", "mlx_4bit", "mlx_6bit", "mlx_8bit", "mlx_mixed_3_6",
+            "safetensors_f16", "safetensors_bf16"} <= set(RECIPES)
 
 
 def test_override_changes_one_value():

@@ -47,11 +47,12 @@ def metric_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
 
 def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str, quant: dict[str, Any],
                validation: dict[str, Any] | None, validated: bool, artifact_digest: str, tags: list[str],
-               license: str | None) -> str:
+               license: str | None, adapter: str | None = None) -> str:
     """README.md with Hugging Face metadata: what was made, from what, and what validation measured."""
     quant_type = quant.get("quant_type") or quant.get("outtype", "").upper()
     bpw = quant.get("bits_per_weight")
-    all_tags = sorted({fmt, "quantmill", "quantized", quant_type.lower(), *tags} - {""})
+    all_tags = sorted({fmt, "quantmill", "quantized", quant_type.lower(), *tags, *(["lora-merged"] if adapter else [])}
+                      - {""})
     lines = ["---", f"base_model: {base_model}", "base_model_relation: quantized", "quantized_by: quantmill",
              f"library_name: {LIBRARY.get(fmt, fmt)}"]
     if license:
@@ -59,7 +60,8 @@ def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str,
     lines.append("tags:")
     lines += [f"- {t}" for t in all_tags]
     base = f"[{base_model}](https://huggingface.co/{base_model})" if "/" in base_model else f"`{base_model}`"
-    lines += ["---", "", f"# {name}", "", f"{quant_type} {fmt.upper()} of {base}, made by quantmill recipe "
+    merged = f" with LoRA adapter `{adapter}` merged in" if adapter else ""
+    lines += ["---", "", f"# {name}", "", f"{quant_type} {fmt.upper()} of {base}{merged}, made by quantmill recipe "
               f"`{recipe}`.", ""]
     if not validated:
         lines += ["> **Unvalidated**: published with validation not enforced; "
