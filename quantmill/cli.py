@@ -33,16 +33,34 @@ def _plan_rows(the_plan, resolution) -> list[dict[str, Any]]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    """The target's fit (from config.json alone), then the steps with their keys and cache state."""
     from quantmill import ui
-    from quantmill.planner import open_store, plan, resolve
+    from quantmill.errors import ModelSourceError
+    from quantmill.planner import open_store, plan, resolve, target_fit
 
     cfg = _compose(args)
+    fit = [f.to_json() for f in target_fit(cfg)]
+    out: dict[str, Any] = {"model": cfg.model.name, "target": cfg.target.name if fit else None, "fit": fit}
+    if fit and not args.json:
+        ui.out.print(ui.fit_table(cfg.target, fit))
     store = open_store(cfg)
-    the_plan = plan(cfg, store)
+    try:
+        the_plan = plan(cfg, store)
+    except ModelSourceError as e:
+        if not fit:
+            raise
+        # Sizing a model before downloading it: the fit above needs only its config.json (already read, so what is
+        # missing is the rest of the checkpoint).
+        out.update({"steps": None, "note": f"{e}: only the fit was estimated"})
+        print(json.dumps(out, indent=1)) if args.json else ui.out.print(f"[yellow]{out['note']}[/]")
+        return 0
     rows = _plan_rows(the_plan, resolve(the_plan, store))
+    out.update({"source": the_plan.source.uri, "warnings": the_plan.warnings, "steps": rows})
     if args.json:
-        print(json.dumps({"model": cfg.model.name, "source": the_plan.source.uri, "steps": rows}, indent=1))
+        print(json.dumps(out, indent=1))
     else:
+        for w in the_plan.warnings:
+            ui.out.print(f"[yellow]{w}[/]")
         ui.out.print(ui.plan_table(rows))
     return 0
 

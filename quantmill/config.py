@@ -209,6 +209,28 @@ class InfraConfig:
 
 
 @dataclass
+class TargetConfig:
+    """A hardware profile: which recipes suit it (the decision table) and how much memory the model may use.
+
+    Attributes:
+        name: ``none`` (no target: the recipes are chosen by hand) or the profile's name.
+        memory_gb: GiB available to weights + KV cache + runtime (VRAM, or the usable share of unified memory).
+        runtime: What loads the model there (llamacpp, vllm, transformers, mlx).
+        recipes: Recommended recipes, best first; ``run target=NAME`` selects them and drops what does not fit.
+        context: Tokens of KV cache the estimate reserves.
+        overhead_gb: Runtime overhead beyond weights and KV cache.
+    """
+
+    name: str = "none"
+    description: str = ""
+    memory_gb: float = 0.0
+    runtime: str = ""
+    recipes: List[str] = field(default_factory=list)
+    context: int = 4096
+    overhead_gb: float = 0.5
+
+
+@dataclass
 class QuantmillConfig:
     """The root config: one model, the recipes to make from it, and how to run, validate and publish."""
 
@@ -220,11 +242,12 @@ class QuantmillConfig:
     publish: PublishConfig = field(default_factory=PublishConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     infra: InfraConfig = field(default_factory=InfraConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
 
 
 SCHEMA_NAME = "quantmill_schema"
 _GROUP_SCHEMAS = {"model": ModelConfig, "convert": ConvertConfig, "calibration": CalibrationConfig, "validate": ValidateConfig,
-                  "publish": PublishConfig, "store": StoreConfig, "infra": InfraConfig}
+                  "publish": PublishConfig, "store": StoreConfig, "infra": InfraConfig, "target": TargetConfig}
 
 
 def register_schemas() -> None:
@@ -301,9 +324,19 @@ def compose(overrides: Sequence[str] = (), conf_dir: str | Path | None = None) -
 
     directory = find_conf_dir(conf_dir)
     register_schemas()
+    overrides = list(overrides)
     try:
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+            target = cfg.target
+            if target.name != "none" and not any(o.split("=")[0].lstrip("+~") == "recipe" for o in overrides):
+                # The target's decision table picks the recipes (those this build has); the planner then drops
+                # the ones whose estimated footprint exceeds the target.
+                available = [r for r in target.recipes if (directory / "recipe" / f"{r}.yaml").is_file()]
+                if not available:
+                    raise ConfigError(f"target {target.name!r} recommends {', '.join(target.recipes)}, none of which "
+                                      f"has a recipe file in {directory / 'recipe'}")
+                cfg = hydra_compose(config_name="config", overrides=[*overrides, f"recipe=[{','.join(available)}]"])
         return to_config(cfg)
     except (HydraException, OmegaConfBaseException) as e:
         raise _explain(e, directory) from e

@@ -98,6 +98,7 @@ def _validate(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Stor
     record = validate.validate(runtime, inputs["artifact"], inputs["evalset"], inputs["reference"], gates=c["gates"],
                                max_tokens=c["max_tokens"], threads=spec.context["threads"],
                                label=f"validate {spec.recipe}")
+    record["estimate"] = c.get("estimate")
     (out / C.VALIDATION_FILE).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     return {"status": record["status"], "failed": validate.failed_checks(record),
             **{k: record[k] for k in SUMMARY_METRICS if k in record}}

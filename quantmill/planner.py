@@ -149,6 +149,41 @@ def _runtime_for(fmt: str):
     raise PreflightError(f"no validation runtime for format {fmt!r}; known runtimes: {', '.join(RUNTIMES)}")
 
 
+def target_fit(cfg: QuantmillConfig) -> list:
+    """The target's recommended recipes with their estimated footprint, from config.json alone (no weights)."""
+    from quantmill.estimate import fit_table
+
+    if cfg.target.name == "none":
+        return []
+    model_config = SOURCES.get(cfg.model.source).read_config(cfg.model)
+    return fit_table(model_config, cfg.target, cfg.recipe)
+
+
+def _apply_target(cfg: QuantmillConfig) -> list[str]:
+    """Drop the selected recipes whose estimated footprint exceeds the target; return one warning per drop."""
+    rows = {f.recipe: f for f in target_fit(cfg)}
+    if not rows:
+        return []
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    warnings = [f"target {cfg.target.name}: dropped {r} (needs about {gib(f.total_bytes)}, has {gib(f.budget_bytes)})"
+                for r, f in rows.items() if r in cfg.recipe and not f.fits]
+    fitting = {r: c for r, c in cfg.recipe.items() if r not in rows or rows[r].fits}
+    if not fitting:
+        smallest = min(rows.values(), key=lambda f: f.total_bytes)
+        per_token = smallest.kv_cache_bytes / cfg.target.context
+        room = smallest.budget_bytes - smallest.weights_bytes - smallest.overhead_bytes
+        would_fit = (f"{smallest.recipe} would fit with target.context={int(room // per_token)} or less"
+                     if room >= per_token * 256 else
+                     f"no context fits: {smallest.recipe}'s weights alone need {gib(smallest.weights_bytes)}")
+        raise PreflightError(
+            f"target {cfg.target.name} ({gib(smallest.budget_bytes)}) is too small for every recipe it recommends "
+            f"for model {cfg.model.name!r}: the smallest, {smallest.recipe}, needs about {gib(smallest.total_bytes)} "
+            f"(weights {gib(smallest.weights_bytes)} + KV cache {gib(smallest.kv_cache_bytes)} at "
+            f"{cfg.target.context} tokens); {would_fit}")
+    cfg.recipe = fitting
+    return warnings
+
+
 def plan(cfg: QuantmillConfig, store: Store) -> Plan:
     """Preflight the config and build the DAG. Reads only model metadata (config.json, file list, headers).
 
@@ -157,6 +192,7 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
     """
     model = cfg.model
     source = SOURCES.get(model.source)
+    warnings = _apply_target(cfg)
     # Backend and recipe checks first: they need nothing from the model, so a typo fails before any download.
     recipes = {}
     for name, recipe in cfg.recipe.items():
@@ -295,7 +331,8 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
             validation = add(StepSpec(
                 id=f"{C.VALIDATE}:{name}", step=C.VALIDATE, backend=runtime.key, capability=runtime.capability,
                 inputs={"artifact": artifact.id, "evalset": evalset.id, "reference": reference.id}, recipe=name,
-                config={"kind": "artifact", "max_tokens": cfg.validate.max_tokens, "gates": gates[name]},
+                config={"kind": "artifact", "max_tokens": cfg.validate.max_tokens, "gates": gates[name],
+                        "estimate": _estimate(info, recipe, cfg.validate.n_ctx)},
                 # The record holds speed and memory measured here, so the machine class is part of its key.
                 context={"threads": threads}, tools={**runtime.tools(), "machine": machine_class()}))
         if publisher is not None:
@@ -310,7 +347,19 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                         "license": cfg.publish.license or info.license, "enforce": cfg.validate.enforce,
                         "source_uri": info.uri},
                 context={"store_root": str(getattr(store, "root", ""))}))
-    return Plan(cfg, info, specs)
+    return Plan(cfg, info, specs, warnings)
+
+
+def _estimate(info: SourceInfo, recipe, n_ctx: int) -> dict[str, int] | None:
+    """The size estimate the target fit uses, recorded so the report can set it beside what was measured."""
+    from quantmill.estimate import Shape, weights_bytes
+
+    try:
+        shape = Shape.from_config(info.config)
+        weights = weights_bytes(shape, recipe.method, recipe.format, recipe.quant_type or "", recipe.params)
+    except KeyError:
+        return None
+    return {"weights_bytes": weights, "kv_cache_bytes": shape.kv_cache_bytes(n_ctx)}
 
 
 def _convert_config(fmt: str, cfg: QuantmillConfig) -> dict[str, Any]:

@@ -105,13 +105,16 @@ def _chart(rows: list[dict[str, Any]]) -> str:
 
 def render_html(report: dict[str, Any]) -> str:
     rows = report["artifacts"]
-    header = ["recipe", "status", "size (MiB)", "bpw", "PPL", "PPL ratio", "mean KLD", "p99 KLD", "top-1",
+    header = ["recipe", "status", "size (MiB)", "estimated size", "bpw", "PPL", "PPL ratio", "mean KLD", "p99 KLD", "top-1",
               "tokenizer", "prompt tok/s", "gen tok/s", "peak MiB", "failed checks"]
     body = []
     for r in rows:
         failed = "; ".join(f"{c['name']}: {c['detail']}" for c in r.get("checks", []) if not c["passed"])
         fmt = lambda k, spec: format(r[k], spec) if r.get(k) is not None else ""  # noqa: E731
-        cells = [r["recipe"], r["status"], f"{r['size_bytes'] / 2**20:.2f}", fmt("bits_per_weight", ".2f"),
+        estimate = r.get("estimate") or {}
+        est = (f"{estimate['weights_bytes'] / 2**20:.2f} ({100 * (r['size_bytes'] / estimate['weights_bytes'] - 1):+.0f} %)"
+               if estimate.get("weights_bytes") else "")
+        cells = [r["recipe"], r["status"], f"{r['size_bytes'] / 2**20:.2f}", est, fmt("bits_per_weight", ".2f"),
                  fmt("ppl", ".4f"), fmt("ppl_ratio", ".4f"), fmt("mean_kld", ".5f"), fmt("p99_kld", ".5f"),
                  f"{100 * r['top1_agreement']:.2f} %" if r.get("top1_agreement") is not None else "",
                  "exact" if r.get("tokenizer", {}).get("exact") else "MISMATCH" if "tokenizer" in r else "",

@@ -125,6 +125,18 @@ def report_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def fit_table(target: Any, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"target {target.name}: {target.description} — {target.memory_gb} GiB, {target.runtime}, "
+                        f"KV cache at {target.context} tokens")
+    for col in ("recipe", "weights", "KV cache", "total", "fits"):
+        table.add_column(col)
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    for r in rows:
+        verdict = ("[green]yes[/]" if r["fits"] else "[red]no[/]") + ("" if r["available"] else " (no recipe file)")
+        table.add_row(r["recipe"], gib(r["weights_bytes"]), gib(r["kv_cache_bytes"]), gib(r["total_bytes"]), verdict)
+    return table
+
+
 def registry_table(entries: list[dict[str, Any]]) -> Table:
     table = Table(title="published")
     for col in ("name", "version", "type", "bpw", "size", "validation", "digest"):

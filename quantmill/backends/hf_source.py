@@ -27,6 +27,12 @@ def _offline() -> bool:
 class HfSource:
     key = "hf"
 
+    def read_config(self, cfg: ModelConfig) -> dict[str, Any]:
+        """config.json alone (one small file from the Hub or the HF cache)."""
+        from huggingface_hub import hf_hub_download
+
+        return read_config(Path(hf_hub_download(cfg.repo_id, "config.json", revision=cfg.revision)), cfg.name)
+
     def describe(self, cfg: ModelConfig, cache: DigestCache) -> SourceInfo:
         from huggingface_hub import HfApi, hf_hub_download
         from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError,

@@ -53,6 +53,10 @@ class LocalSource:
             raise ModelSourceError(f"model {cfg.name!r}: source {self.key!r} needs model.path")
         return Path(cfg.path).expanduser().resolve()
 
+    def read_config(self, cfg: ModelConfig) -> dict[str, Any]:
+        """config.json alone: what size estimates need, before any weights are looked at."""
+        return read_config(self.root(cfg) / "config.json", cfg.name)
+
     def describe(self, cfg: ModelConfig, cache: DigestCache) -> SourceInfo:
         root = self.root(cfg)
         if not root.is_dir():

@@ -1,0 +1,92 @@
+"""Hardware targets: recipes chosen by the decision table, footprints estimated from config.json alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantmill.cli import main
+from quantmill.config import compose
+from quantmill.errors import PreflightError
+from quantmill.estimate import Shape, weights_bytes
+from quantmill.planner import open_store, plan
+from tests.conftest import CONF, compose_in, overrides_for, run_inline
+
+LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+             "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+             "tie_word_embeddings": False, "torch_dtype": "float16"}
+# Published file sizes of Llama-2-7B (bytes, GB = 1e9): the F16 checkpoint and the common GGUF quants.
+PUBLISHED = {("passthrough", "safetensors", "F16"): 13.48e9, ("gguf", "gguf", "Q8_0"): 7.16e9,
+             ("gguf", "gguf", "Q6_K"): 5.53e9, ("gguf", "gguf", "Q5_K_M"): 4.78e9, ("gguf", "gguf", "Q4_K_M"): 4.08e9,
+             ("gguf", "gguf", "Q4_0"): 3.83e9, ("gguf", "gguf", "Q3_K_M"): 3.30e9, ("gguf", "gguf", "Q2_K"): 2.83e9}
+
+
+@pytest.fixture
+def config_only_7b(tmp_path):
+    """A model directory holding only a 7B-shape config.json: no weights, no tokenizer."""
+    d = tmp_path / "llama-2-7b-shape"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(LLAMA2_7B))
+    return d
+
+
+@pytest.mark.parametrize("method, fmt, quant_type", sorted(PUBLISHED))
+def test_estimates_match_published_llama2_7b_sizes_within_10_percent(method, fmt, quant_type):
+    shape = Shape.from_config(LLAMA2_7B)
+    assert shape.params == pytest.approx(6.738e9, rel=1e-3)
+    estimate = weights_bytes(shape, method, fmt, quant_type, {})
+    assert estimate == pytest.approx(PUBLISHED[(method, fmt, quant_type)], rel=0.10)
+
+
+def test_estimates_match_what_the_pipeline_makes(tmp_path):
+    """On the bundled model the same estimates against the artifacts' real sizes: within 10 %."""
+    cfg = compose_in(tmp_path, "recipe=[gguf_q4_k_m,gguf_q8_0,mlx_4bit,safetensors_bf16]",
+                     "validate.n_chunks=1", "validate.n_ctx=64", "publish.enabled=false")
+    store, the_plan, results = run_inline(cfg)
+    for recipe in cfg.recipe:
+        estimate = the_plan.specs[f"validate:{recipe}"].config["estimate"]["weights_bytes"]
+        record = json.loads((store.files(results[f"validate:{recipe}"].ref) / "validation.json").read_text())
+        assert record["size_bytes"] == pytest.approx(estimate, rel=0.10), recipe
+
+
+def test_plan_for_rtx2060_lists_fp16_as_not_fitting_and_int4_as_fitting(config_only_7b, tmp_path, capsys):
+    code = main(["plan", "--json", "target=rtx2060_12gb", "model=local", f"model.path={config_only_7b}",
+                 "model.name=llama-2-7b", *overrides_for(tmp_path)])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    fit = {r["recipe"]: r for r in out["fit"]}
+    assert not fit["safetensors_f16"]["fits"] and fit["safetensors_f16"]["total_bytes"] > fit["safetensors_f16"]["budget_bytes"]
+    assert fit["gguf_q4_k_m"]["fits"] and fit["awq_w4a16"]["fits"]
+    assert fit["awq_w4a16"]["available"] is False  # recommended, estimated, but no recipe file in this build
+    assert fit["gguf_q4_k_m"]["kv_cache_bytes"] == 2 * 32 * 4096 * 32 * 128 * 2
+    assert out["steps"] is None and "only the fit was estimated" in out["note"]
+
+
+def test_target_selects_the_decision_tables_recipes():
+    assert list(compose(["target=m2_air_16gb"], conf_dir=CONF).recipe) == ["mlx_4bit", "mlx_8bit", "gguf_q4_k_m"]
+    assert list(compose(["target=cpu_32gb"], conf_dir=CONF).recipe) == ["gguf_q4_k_m", "gguf_q5_k_m", "gguf_q8_0"]
+    # an explicit recipe list wins over the table
+    assert list(compose(["target=cpu_32gb", "recipe=[gguf_q6_k]"], conf_dir=CONF).recipe) == ["gguf_q6_k"]
+
+
+def test_recipes_that_do_not_fit_are_dropped(tmp_path):
+    # A budget of 1.5 MiB: the bundled model's Q4_K_M (~1.0 MiB) and Q5_K_M fit, its Q8_0 (~1.8 MiB) does not.
+    cfg = compose_in(tmp_path, "target=cpu_32gb", "target.memory_gb=0.0015", "target.overhead_gb=0",
+                     "target.context=64")
+    the_plan = plan(cfg, open_store(cfg))
+    assert {s.recipe for s in the_plan if s.recipe} == {"gguf_q4_k_m", "gguf_q5_k_m"}
+    assert len(the_plan.warnings) == 1 and the_plan.warnings[0].startswith("target cpu_32gb: dropped gguf_q8_0")
+
+
+def test_target_too_small_for_every_recipe_says_what_would_fit(config_only_7b, tmp_path):
+    cfg = compose_in(tmp_path, "target=phone_8gb", "model=local", f"model.path={config_only_7b}", "model.name=l7")
+    with pytest.raises(PreflightError) as e:
+        plan(cfg, open_store(cfg))
+    assert "target phone_8gb (3.0 GiB) is too small for every recipe it recommends for model 'l7'" in str(e.value)
+    assert "no context fits: gguf_q2_k's weights alone need 2.6 GiB" in str(e.value)
+    roomy = compose_in(tmp_path, "target=phone_8gb", "target.memory_gb=3.5", "model=local",
+                       f"model.path={config_only_7b}", "model.name=l7")
+    with pytest.raises(PreflightError, match=r"gguf_q2_k would fit with target.context=\d+ or less"):
+        plan(roomy, open_store(roomy))
