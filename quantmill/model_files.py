@@ -107,9 +107,8 @@ _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32
                "F8_E4M3": 8, "F8_E5M2": 8, "BOOL": 8}
 
 
-def safetensors_bits(directory: Path) -> float:
-    """Stored bits per element over all tensors of a directory's safetensors files (headers only)."""
-    total_bytes = total_elements = 0
+def safetensors_tensors(directory: Path):
+    """(name, dtype, number of elements, bytes) of every tensor in a directory's safetensors files, from headers."""
     for path in sorted(directory.glob("*.safetensors")):
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
@@ -117,10 +116,14 @@ def safetensors_bits(directory: Path) -> float:
         for name, t in header.items():
             if name == "__metadata__":
                 continue
-            start, end = t["data_offsets"]
             elements = 1
             for d in t["shape"]:
                 elements *= d
-            total_bytes += end - start
-            total_elements += elements
-    return 8 * total_bytes / total_elements if total_elements else 0.0
+            yield name, t["dtype"], elements, t["data_offsets"][1] - t["data_offsets"][0]
+
+
+def safetensors_bits(directory: Path) -> float:
+    """Stored bits per element over all tensors of a directory's safetensors files (headers only)."""
+    tensors = list(safetensors_tensors(directory))
+    total_elements = sum(t[2] for t in tensors)
+    return 8 * sum(t[3] for t in tensors) / total_elements if total_elements else 0.0

@@ -106,7 +106,7 @@ def _chart(rows: list[dict[str, Any]]) -> str:
 def render_html(report: dict[str, Any]) -> str:
     rows = report["artifacts"]
     header = ["recipe", "status", "size (MiB)", "estimated size", "bpw", "PPL", "PPL ratio", "mean KLD", "p99 KLD", "top-1",
-              "tokenizer", "prompt tok/s", "gen tok/s", "peak MiB", "failed checks"]
+              "tokenizer", "prompt tok/s", "gen tok/s", "peak MiB", "estimated weights + KV", "failed checks"]
     body = []
     for r in rows:
         failed = "; ".join(f"{c['name']}: {c['detail']}" for c in r.get("checks", []) if not c["passed"])
@@ -119,7 +119,8 @@ def render_html(report: dict[str, Any]) -> str:
                  f"{100 * r['top1_agreement']:.2f} %" if r.get("top1_agreement") is not None else "",
                  "exact" if r.get("tokenizer", {}).get("exact") else "MISMATCH" if "tokenizer" in r else "",
                  fmt("prompt_tokens_per_second", ".0f"), fmt("generation_tokens_per_second", ".0f"),
-                 f"{r['peak_rss_bytes'] / 2**20:.0f}" if r.get("peak_rss_bytes") else "", failed]
+                 f"{r['peak_rss_bytes'] / 2**20:.0f}" if r.get("peak_rss_bytes") else "",
+                 f"{(estimate['weights_bytes'] + estimate['kv_cache_bytes']) / 2**20:.0f}" if estimate else "", failed]
         cls = "passed" if r["status"] == C.PASSED else "failed"
         body.append(f'<tr class="{cls}">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     machine = next((r["machine"] for r in rows if r.get("machine")), {})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from quantmill.digest import FileDigest
 
@@ -45,3 +45,32 @@ class SourceInfo:
         files = [FileDigest(f["path"], f["sha256"], f["size"]) for f in data["files"]]
         return cls(**{**data, "files": files})
 
+
+
+class HfTokenizerMethods:
+    """Tokenizer methods of runtimes that keep a Hugging Face-style tokenizer on ``model.quantmill_tokenizer``."""
+
+    def tokenize(self, model: Any, text: str) -> list[int]:
+        return model.quantmill_tokenizer.encode(text, add_special_tokens=False)
+
+    def detokenize(self, model: Any, ids: Sequence[int]) -> str:
+        return model.quantmill_tokenizer.decode(list(ids))
+
+    def special_ids(self, model: Any) -> dict[str, int]:
+        tok = model.quantmill_tokenizer
+        return {"bos": tok.bos_token_id, "eos": tok.eos_token_id}
+
+    def chat_template(self, model: Any) -> str | None:
+        return model.quantmill_tokenizer.chat_template
+
+
+class QuantizerDefaults:
+    """What most quantizers answer: no calibration, never the intermediate itself, read from the source model."""
+
+    reads = "source"
+
+    def is_intermediate(self, recipe: Any) -> bool:
+        return False
+
+    def needs_calibration(self, recipe: Any) -> bool:
+        return False

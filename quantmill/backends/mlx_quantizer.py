@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any, Mapping
 
 from quantmill import constants as C
 from quantmill.backends import QUANTIZERS
+from quantmill.backends.base import QuantizerDefaults
 from quantmill.backends.mlx_converter import mlx_convert
 from quantmill.config import RecipeConfig
 from quantmill.errors import PreflightError
+from quantmill.model_files import safetensors_tensors
 from quantmill.versions import package_versions
 
 BITS = (2, 3, 4, 6, 8)
@@ -35,32 +36,21 @@ def logical_bits(artifact: Path) -> float:
     config = json.loads((artifact / "config.json").read_text())
     quant = config.get("quantization") or {}
     total_bytes = params = 0
-    for path in sorted(artifact.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, t in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = t["data_offsets"]
-            total_bytes += end - start
-            if name.endswith((".scales", ".biases")):
-                continue
-            elements = 1
-            for d in t["shape"]:
-                elements *= d
-            if t["dtype"] == "U32":
-                layer = quant.get(name.removesuffix(".weight"), quant)
-                elements = elements * 32 // layer.get("bits", quant.get("bits", 4))
-            params += elements
+    for name, dtype, elements, size in safetensors_tensors(artifact):
+        total_bytes += size
+        if name.endswith((".scales", ".biases")):
+            continue
+        if dtype == "U32":
+            layer = quant.get(name.removesuffix(".weight"), quant)
+            elements = elements * 32 // layer.get("bits", quant.get("bits", 4))
+        params += elements
     return 8 * total_bytes / params if params else 0.0
 
 
-class MlxQuantizer:
+class MlxQuantizer(QuantizerDefaults):
     key = "mlx"
     capability = C.MLX
     formats = ("mlx",)
-    reads = "source"
 
     def check(self, name: str, recipe: RecipeConfig) -> None:
         try:
@@ -74,12 +64,6 @@ class MlxQuantizer:
         unknown = set(recipe.params) - {"group_size"}
         if unknown:
             raise PreflightError(f"recipe {name!r}: unknown params {sorted(unknown)}; known: group_size")
-
-    def is_intermediate(self, recipe: RecipeConfig) -> bool:
-        return False
-
-    def needs_calibration(self, recipe: RecipeConfig) -> bool:
-        return False
 
     def estimate_bytes(self, recipe: RecipeConfig, f16_bytes: int) -> int:
         bits, mixed = parse_quant_type(recipe.quant_type)

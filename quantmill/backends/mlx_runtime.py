@@ -9,11 +9,12 @@ from typing import Any, Iterator, Sequence
 
 from quantmill import constants as C
 from quantmill.backends import RUNTIMES
+from quantmill.backends.base import HfTokenizerMethods
 from quantmill.backends.mlx_converter import require_mlx
 from quantmill.versions import package_versions
 
 
-class MlxRuntime:
+class MlxRuntime(HfTokenizerMethods):
     key = "mlx"
     capability = C.MLX
     formats = ("mlx",)
@@ -54,19 +55,6 @@ class MlxRuntime:
                 break
             out.append(token)
         return out
-
-    def tokenize(self, model: Any, text: str) -> list[int]:
-        return model.quantmill_tokenizer.encode(text, add_special_tokens=False)
-
-    def detokenize(self, model: Any, ids: Sequence[int]) -> str:
-        return model.quantmill_tokenizer.decode(list(ids))
-
-    def special_ids(self, model: Any) -> dict[str, int]:
-        tok = model.quantmill_tokenizer
-        return {"bos": tok.bos_token_id, "eos": tok.eos_token_id}
-
-    def chat_template(self, model: Any) -> str | None:
-        return model.quantmill_tokenizer.chat_template
 
     def bits_per_weight(self, artifact: Path) -> float:
         from quantmill.backends.mlx_quantizer import logical_bits

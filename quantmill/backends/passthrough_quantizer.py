@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from quantmill import constants as C
 from quantmill.backends import QUANTIZERS
+from quantmill.backends.base import QuantizerDefaults
 from quantmill.config import RecipeConfig
 from quantmill.errors import PreflightError
 from quantmill.model_files import safetensors_bits
@@ -22,11 +23,10 @@ DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 DEFAULT_SHARD = "5GB"
 
 
-class PassthroughQuantizer:
+class PassthroughQuantizer(QuantizerDefaults):
     key = "passthrough"
     capability = C.CPU
     formats = ("safetensors",)
-    reads = "source"
 
     def check(self, name: str, recipe: RecipeConfig) -> None:
         if (recipe.quant_type or "").upper() not in DTYPES:
@@ -35,12 +35,6 @@ class PassthroughQuantizer:
         unknown = set(recipe.params) - {"max_shard_size"}
         if unknown:
             raise PreflightError(f"recipe {name!r}: unknown params {sorted(unknown)}; known: max_shard_size")
-
-    def is_intermediate(self, recipe: RecipeConfig) -> bool:
-        return False
-
-    def needs_calibration(self, recipe: RecipeConfig) -> bool:
-        return False
 
     def estimate_bytes(self, recipe: RecipeConfig, f16_bytes: int) -> int:
         return f16_bytes * (2 if recipe.quant_type.upper() == "F32" else 1)

@@ -9,11 +9,12 @@ from typing import Any, Iterator, Sequence
 
 from quantmill import constants as C
 from quantmill.backends import RUNTIMES
+from quantmill.backends.base import HfTokenizerMethods
 from quantmill.errors import PreflightError
 from quantmill.versions import package_versions
 
 
-class TransformersRuntime:
+class TransformersRuntime(HfTokenizerMethods):
     """Loads a checkpoint directory with transformers (CUDA when present, else CPU in float32)."""
 
     key = "transformers"
@@ -68,19 +69,6 @@ class TransformersRuntime:
         generated = out[0, len(ids):].tolist()
         eos = model.quantmill_tokenizer.eos_token_id
         return generated[: generated.index(eos)] if eos in generated else generated
-
-    def tokenize(self, model: Any, text: str) -> list[int]:
-        return model.quantmill_tokenizer.encode(text, add_special_tokens=False)
-
-    def detokenize(self, model: Any, ids: Sequence[int]) -> str:
-        return model.quantmill_tokenizer.decode(list(ids))
-
-    def special_ids(self, model: Any) -> dict[str, int]:
-        tok = model.quantmill_tokenizer
-        return {"bos": tok.bos_token_id, "eos": tok.eos_token_id}
-
-    def chat_template(self, model: Any) -> str | None:
-        return model.quantmill_tokenizer.chat_template
 
     def bits_per_weight(self, artifact: Path) -> float:
         """Stored bits per parameter over every tensor in the checkpoint's safetensors files."""
