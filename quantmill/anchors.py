@@ -45,16 +45,19 @@ def kl_divergence(model: Path, base: Path, *, n_ctx: int, threads: int = 0) -> d
                       "--kl-divergence", "-c", n_ctx]
     if threads:
         cmd += ["-t", threads]
-    start = time.perf_counter()
-    run = run_tool(cmd, name="llama-perplexity", label="llama-perplexity (KLD)", tail_lines=80)
-    out: dict[str, float] = {"seconds": time.perf_counter() - start}
-    for key, pattern in _PATTERNS.items():
-        m = re.search(pattern, run.tail)
-        if m is None:
-            raise ValueError(f"llama-perplexity output has no {key!r} line")
-        out[key] = float(m.group(1))
-    out["top1_agreement"] /= 100
-    return out
+    # llama.cpp's logger is asynchronous and deliberately never flushed at exit (ggml-org/llama.cpp#22142): on a
+    # busy machine the summary is sometimes lost although the run succeeded. Run again when it is missing.
+    for _ in range(3):
+        start = time.perf_counter()
+        run = run_tool(cmd, name="llama-perplexity", label="llama-perplexity (KLD)", tail_lines=300)
+        out: dict[str, float] = {"seconds": time.perf_counter() - start}
+        found = {key: re.search(pattern, run.tail) for key, pattern in _PATTERNS.items()}
+        if all(found.values()):
+            out.update({key: float(m.group(1)) for key, m in found.items()})
+            out["top1_agreement"] /= 100
+            return out
+    missing = [key for key, m in found.items() if m is None]
+    raise ValueError(f"llama-perplexity printed no {', '.join(missing)} in 3 runs (its output was cut short)")
 
 
 def read_base_tokens(base: Path) -> tuple[int, int, np.ndarray]:

@@ -72,8 +72,9 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         bos = runtime.special_ids(model)["bos"]
         start = time.perf_counter()
         for i, window in enumerate(tokens):
-            logits = runtime.logits(model, metrics.window_input(window, bos))
-            logp = metrics.scored_logprobs(logits, n_ctx)
+            first = metrics.first_scored(n_ctx)
+            logits = runtime.logits(model, metrics.window_input(window, bos), first=first)
+            logp = metrics.scored_logprobs(logits, n_ctx, offset=first)
             if not np.isfinite(logp).all():
                 raise FloatingPointError(f"window {i}: non-finite logits")
             acc.add(logp, None if reference is None else reference[i], metrics.targets(window, n_ctx))

@@ -31,9 +31,10 @@ def window_input(tokens: np.ndarray, bos: int) -> list[int]:
     return ids
 
 
-def scored_logprobs(logits: np.ndarray, n_ctx: int) -> np.ndarray:
-    """Log-probabilities at the scored positions of one window ([n_ctx - 1 - n_ctx//2, vocab])."""
-    return log_softmax(logits[first_scored(n_ctx): n_ctx - 1])
+def scored_logprobs(logits: np.ndarray, n_ctx: int, offset: int = 0) -> np.ndarray:
+    """Log-probabilities at the scored positions of one window ([n_ctx - 1 - n_ctx//2, vocab]); ``logits`` holds
+    positions ``offset..`` (a runtime asked for the scored positions only passes ``offset=first_scored``)."""
+    return log_softmax(logits[first_scored(n_ctx) - offset: n_ctx - 1 - offset])
 
 
 def targets(tokens: np.ndarray, n_ctx: int) -> np.ndarray:

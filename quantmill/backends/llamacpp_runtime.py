@@ -60,13 +60,29 @@ class LlamaCppRuntime:
         finally:
             model.close()
 
-    def logits(self, model: Any, ids: Sequence[int]) -> Any:
-        """Logits for every position of ``ids`` (shape [len(ids), n_vocab]), from a fresh context."""
+    def logits(self, model: Any, ids: Sequence[int], first: int = 0) -> Any:
+        """Logits at positions ``first..len(ids)-1`` ([len(ids) - first, n_vocab]) from an empty context.
+
+        One batch, with outputs requested only where they are scored (as llama-perplexity does), so the vocabulary
+        projection and the copy are skipped for the rest.
+        """
         import numpy as np
 
-        model.reset()
-        model.eval(list(ids))
-        return np.array(model.scores[: len(ids)], dtype=np.float32)
+        llama_cpp = import_llama_cpp()
+        ctx = model._ctx.ctx
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        model.reset()  # the high-level state (used by generate) restarts from an empty context too
+        batch = model._batch.batch
+        batch.n_tokens = len(ids)
+        for i, token in enumerate(ids):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i >= first
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError(f"llama_decode failed on a batch of {len(ids)} tokens")
+        n_vocab = model.n_vocab()
+        out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(ids) - first, n_vocab))
+        return out.copy()
 
     def generate(self, model: Any, ids: Sequence[int], max_tokens: int) -> list[int]:
         """Greedy continuation of ``ids``: argmax at each step, stopping at end-of-sequence."""

@@ -35,11 +35,11 @@ class MlxRuntime(HfTokenizerMethods):
         model.load_seconds = time.perf_counter() - start
         yield model
 
-    def logits(self, model: Any, ids: Sequence[int]) -> Any:
+    def logits(self, model: Any, ids: Sequence[int], first: int = 0) -> Any:
         import mlx.core as mx
         import numpy as np
 
-        out = model(mx.array([list(ids)]))[0].astype(mx.float32)
+        out = model(mx.array([list(ids)]))[0, first:].astype(mx.float32)
         return np.array(out)
 
     def generate(self, model: Any, ids: Sequence[int], max_tokens: int) -> list[int]:

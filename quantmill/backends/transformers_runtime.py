@@ -51,12 +51,12 @@ class TransformersRuntime(HfTokenizerMethods):
         finally:
             del model
 
-    def logits(self, model: Any, ids: Sequence[int]) -> Any:
+    def logits(self, model: Any, ids: Sequence[int], first: int = 0) -> Any:
         import torch
 
         with torch.inference_mode():
             batch = torch.tensor([list(ids)], device=model.device)
-            return model(input_ids=batch).logits[0].float().cpu().numpy()
+            return model(input_ids=batch).logits[0, first:].float().cpu().numpy()
 
     def generate(self, model: Any, ids: Sequence[int], max_tokens: int) -> list[int]:
         import torch
