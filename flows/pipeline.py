@@ -11,6 +11,7 @@ from quantmill import report
 from quantmill.config import to_config
 from quantmill.outcome import CACHED, FAILED, RAN, SKIPPED, Outcome
 from quantmill.planner import StepSpec, open_store, plan
+from quantmill.store import LocalStore
 from tasks.steps import TASKS
 
 
@@ -50,7 +51,8 @@ def pipeline(config: dict[str, Any]):
         future = futures[spec.id]
         future.wait()
         outcomes.append(outcome_of(spec, future.state))
-    report.update_from_outcomes(store, cfg.model.name, outcomes)
+    if isinstance(store, LocalStore):
+        report.update_from_outcomes(store, cfg.model.name, outcomes)
     data = [o.to_json() for o in outcomes]
     failed = [o for o in outcomes if not o.ok]
     if failed:

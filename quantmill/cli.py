@@ -71,6 +71,7 @@ def run_config(cfg, *, verbose: bool = False) -> list:
     from quantmill.config import to_dict
     from quantmill.execute import read_result
     from quantmill.outcome import CACHED, Outcome
+    from quantmill.store import LocalStore
 
     store = planner.open_store(cfg)
     the_plan = planner.plan(cfg, store)
@@ -81,7 +82,8 @@ def run_config(cfg, *, verbose: bool = False) -> list:
         outcomes = [Outcome(s.id, s.step, s.recipe, CACHED, 0.0, resolution.keys[s.id],
                             resolution.refs[s.id].digest, read_result(store, resolution.refs[s.id]))
                     for s in the_plan]
-        report.update_from_outcomes(store, cfg.model.name, outcomes)
+        if isinstance(store, LocalStore):
+            report.update_from_outcomes(store, cfg.model.name, outcomes)
         return outcomes
     planner.check_space(the_plan, resolution, store)
     runner.configure_embedded(cfg.infra, verbose=verbose)

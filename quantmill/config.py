@@ -190,12 +190,20 @@ class StoreConfig:
         quota_bytes: Refuse commits that would grow the store past this size.
         link_sources: Hardlink model files that are already on the store's filesystem (local directories,
             the HF cache) instead of copying them; every fetch re-checks them against their digests.
+        bucket, prefix, endpoint_url, region: For ``kind: s3`` (AWS, MinIO, R2); credentials come from the
+            environment or the worker, never from here.
+        cache_dir: For ``kind: s3``, the worker-local cache of fetched artifacts (keyed by artifact key).
     """
 
     kind: str = "local"
     root: str = "artifacts"
     quota_bytes: Optional[int] = None
     link_sources: bool = True
+    bucket: Optional[str] = None
+    prefix: str = "quantmill"
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    cache_dir: str = ".quantmill/s3-cache"
 
 
 @dataclass

@@ -21,7 +21,6 @@ from quantmill.backends import gguf_quantizer
 from quantmill.backends.base import SourceInfo
 from quantmill.backends.local_publisher import LocalRegistry
 from quantmill.config import CalibrationConfig, ModelConfig
-from quantmill.digest import sha256_file
 from quantmill.errors import ToolError
 from quantmill.planner import StepSpec, step_key
 from quantmill.steps import calibrate, convert, download, merge, publish, quantize, validate
@@ -52,11 +51,10 @@ Runner = Callable[[StepSpec, Mapping[str, Path], Path, Store], dict]
 def _download(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
     model = ModelConfig(**spec.context["model"])
     info = SourceInfo.from_json(spec.context["source_info"])
-    cache = store.digest_cache() if isinstance(store, LocalStore) else None
+    cache = store.digest_cache()
     result = download.download(SOURCES.get(spec.backend), model, info, out, link=spec.context.get("link", False),
-                               hasher=cache.sha256 if cache else sha256_file)
-    if cache:
-        cache.save()
+                               hasher=cache.sha256)
+    cache.save()
     return result
 
 

@@ -99,9 +99,17 @@ class Resolution:
 
 
 def open_store_config(store: StoreConfig) -> Store:
-    if store.kind != "local":
-        raise PreflightError(f"store.kind {store.kind!r} unknown; known: local")
-    return LocalStore(store.root, quota_bytes=store.quota_bytes)
+    if store.kind == "local":
+        return LocalStore(store.root, quota_bytes=store.quota_bytes)
+    if store.kind == "s3":
+        if not store.bucket:
+            raise PreflightError("store.kind=s3 needs store.bucket (and store.endpoint_url for MinIO, R2 or a "
+                                 "local S3 server)")
+        from quantmill.s3store import S3Store
+
+        return S3Store(store.bucket, store.prefix, endpoint_url=store.endpoint_url, region=store.region,
+                       cache_dir=store.cache_dir)
+    raise PreflightError(f"store.kind {store.kind!r} unknown; known: local, s3")
 
 
 def open_store(cfg: QuantmillConfig) -> Store:
@@ -203,6 +211,9 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
         quantizer.check(name, recipe)
         recipes[name] = (recipe, quantizer, CONVERTERS.get(recipe.format))
     publisher = PUBLISHERS.get(cfg.publish.publisher) if cfg.publish.enabled else None
+    if publisher is not None and not isinstance(store, LocalStore):
+        raise PreflightError(f"publish.publisher={cfg.publish.publisher!r} writes the registry inside a local store; "
+                             f"with store.kind={cfg.store.kind!r} set publish.enabled=false")
     if publisher is not None and not cfg.validate.enabled and cfg.validate.enforce:
         raise PreflightError("publishing needs a passed validation but validate.enabled=false; enable it, or set "
                              "validate.enforce=false to publish marked unvalidated, or publish.enabled=false")
@@ -215,7 +226,7 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
             gates[name] = effective_gates(cfg, name, recipe)
         eval_files = text_files(list(cfg.validate.eval_files), "validate.eval_files")
 
-    cache = store.digest_cache() if isinstance(store, LocalStore) else None
+    cache = store.digest_cache()
     adapter_info = None
     if model.adapter:  # before the base: a wrong adapter is refused before anything is fetched
         from quantmill import adapters

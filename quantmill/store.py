@@ -78,6 +78,10 @@ class Store(ABC):
     def state_dir(self) -> Path:
         """A local directory for caches the store keeps about itself (digest cache)."""
 
+    def digest_cache(self) -> DigestCache:
+        """sha256 of local files by inode, so a large file is hashed once (see ``DigestCache``)."""
+        return DigestCache(self.state_dir() / C.DIGEST_CACHE_FILE)
+
 
 class Staging:
     """A staging directory; ``files`` is where a step writes its outputs."""
@@ -148,9 +152,6 @@ class LocalStore(Store):
 
     def state_dir(self) -> Path:
         return self.root / C.STATE_DIR
-
-    def digest_cache(self) -> DigestCache:
-        return DigestCache(self.state_dir() / C.DIGEST_CACHE_FILE)
 
     def used_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.root / C.OBJECTS_DIR).rglob("*") if p.is_file())

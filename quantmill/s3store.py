@@ -1,0 +1,176 @@
+"""The content-addressed store on any S3-compatible endpoint (AWS, MinIO, R2), through boto3.
+
+Layout under ``s3://BUCKET/PREFIX/``: ``objects/<key>/files/<path>`` for an artifact's files and
+``objects/<key>/provenance.json``, uploaded last with a conditional write (``If-None-Match: *``): it is the commit
+marker, so an artifact exists only once every file is up, and of two workers that computed the same key, the first
+to commit wins and the second keeps its result (same key, same bytes). Downloads land in a worker-local cache keyed
+by artifact key and are checked against their sha256 before any step reads them.
+
+Credentials come from the environment or the worker (boto3's chain), never from conf/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from quantmill import constants as C
+from quantmill import provenance
+from quantmill.digest import FileDigest, digest_tree, manifest_digest, sha256_file
+from quantmill.errors import IntegrityError, NotFound, StoreError
+from quantmill.store import ArtifactRef, Staging, Store, is_disk_full
+
+
+def _explain(exc: Exception, bucket: str, endpoint: str | None) -> StoreError:
+    """One line for the errors users hit: wrong credentials, missing bucket, unreachable endpoint."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    where = f"s3://{bucket} ({endpoint or 'AWS'})"
+    if isinstance(exc, NoCredentialsError):
+        return StoreError(f"{where}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile) "
+                          f"in the worker's environment")
+    if isinstance(exc, EndpointConnectionError):
+        return StoreError(f"{where}: endpoint unreachable; check store.endpoint_url")
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            return StoreError(f"{where}: bucket {bucket!r} does not exist; create it or fix store.bucket")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+            return StoreError(f"{where}: credentials refused ({code}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        return StoreError(f"{where}: {code or type(exc).__name__}: {exc.response.get('Error', {}).get('Message', '')}")
+    return StoreError(f"{where}: {type(exc).__name__}: {exc}")
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
+                 region: str | None = None, cache_dir: str | Path = ".quantmill/s3-cache"):
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+        self.transfer = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20)
+        self.cache = Path(cache_dir).expanduser().resolve()
+        for sub in (C.OBJECTS_DIR, C.STAGING_DIR, C.STATE_DIR):
+            (self.cache / sub).mkdir(parents=True, exist_ok=True)
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def _call(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except Exception as e:  # one line for the user, the original kept as the cause
+            from boto3.exceptions import S3UploadFailedError
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            if isinstance(e, S3UploadFailedError) and isinstance(e.__context__, ClientError):
+                e = e.__context__  # boto3 wraps the service's answer
+            if isinstance(e, (ClientError, BotoCoreError)):
+                code = getattr(e, "response", {}).get("Error", {}).get("Code")
+                if code in ("NoSuchKey", "404"):
+                    raise
+                raise _explain(e, self.bucket, self.endpoint_url) from e
+            raise
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def statement(self, key: str) -> dict[str, Any]:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self._call(self.client.get_object, Bucket=self.bucket,
+                              Key=self._key(C.OBJECTS_DIR, key, C.PROVENANCE_FILE))["Body"].read()
+        except ClientError:
+            raise NotFound(f"no artifact with key {key} in {self.uri}") from None
+        return json.loads(body)
+
+    def lookup(self, key: str) -> ArtifactRef | None:
+        try:
+            stmt = self.statement(key)
+        except NotFound:
+            return None
+        return ArtifactRef(key, provenance.artifact_digest_of(stmt), f"{self.uri}/{C.OBJECTS_DIR}/{key}")
+
+    def files(self, ref: ArtifactRef) -> Path:
+        """The artifact's files in the local cache, downloaded if needed and verified file by file."""
+        local = self.cache / C.OBJECTS_DIR / ref.key / C.FILES_DIR
+        stmt = self.statement(ref.key)
+        if provenance.artifact_digest_of(stmt) != ref.digest:
+            raise IntegrityError(f"artifact {ref.key} in {self.uri}: digest differs from the expected {ref.digest}")
+        cache = self.digest_cache()
+        for subject in provenance.subjects_of(stmt):
+            path = local / subject.path
+            if path.is_file() and cache.sha256(path) == subject.sha256:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+            self._call(self.client.download_file, Bucket=self.bucket,
+                       Key=self._key(C.OBJECTS_DIR, ref.key, C.FILES_DIR, subject.path), Filename=str(tmp),
+                       Config=self.transfer)
+            actual = sha256_file(tmp)
+            if actual != subject.sha256:
+                tmp.unlink()
+                raise IntegrityError(f"artifact {ref.key} in {self.uri}: {subject.path} has sha256 {actual[:16]}…, "
+                                     f"its provenance says {subject.sha256[:16]}…; the object was altered: not used")
+            tmp.replace(path)
+        cache.save()
+        return local
+
+    verified_files = files
+
+    def verify(self, key: str) -> list[str]:
+        ref = self.lookup(key)
+        if ref is None:
+            raise NotFound(f"no artifact with key {key} in {self.uri}")
+        try:
+            self.files(ref)
+        except IntegrityError as e:
+            return [str(e)]
+        return []
+
+    def state_dir(self) -> Path:
+        return self.cache / C.STATE_DIR
+
+    # -- writing -----------------------------------------------------------------------------------------
+    def stage(self, key: str) -> Staging:
+        root = self.cache / C.STAGING_DIR / f"{key[:16]}-{uuid.uuid4().hex[:8]}"
+        (root / C.FILES_DIR).mkdir(parents=True)
+        return Staging(self, key, root)  # type: ignore[arg-type]
+
+    def full_error(self, exc: BaseException | None = None, need: int | None = None) -> StoreError:
+        return StoreError(f"local staging for {self.uri} in {self.cache} is out of disk space; nothing was committed; "
+                          f"free space or move the worker's cache")
+
+    def commit(self, staging: Staging, build_statement: Callable[[list[FileDigest], str], dict]) -> ArtifactRef:
+        from botocore.exceptions import ClientError
+
+        cache = self.digest_cache()
+        subjects = digest_tree(staging.files, hasher=cache.sha256)
+        cache.save()
+        digest = manifest_digest(subjects)
+        stmt = build_statement(subjects, digest)
+        for subject in subjects:  # files first: invisible until the marker below exists
+            self._call(self.client.upload_file, Filename=str(staging.files / subject.path), Bucket=self.bucket,
+                       Key=self._key(C.OBJECTS_DIR, staging.key, C.FILES_DIR, subject.path), Config=self.transfer)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(C.OBJECTS_DIR, staging.key, C.PROVENANCE_FILE),
+                                   Body=json.dumps(stmt, indent=1).encode(), IfNoneMatch="*")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise _explain(e, self.bucket, self.endpoint_url) from e
+            existing = self.lookup(staging.key)  # another worker committed this key first: keep theirs
+            if existing is None:
+                raise StoreError(f"{self.uri}: conditional commit of {staging.key} refused but no record found") from e
+            return existing
+        # the committed files are also the local cache's copy
+        local = self.cache / C.OBJECTS_DIR / staging.key
+        if not local.exists():
+            local.mkdir(parents=True)
+            shutil.move(str(staging.files), local / C.FILES_DIR)
+        staging.committed = ArtifactRef(staging.key, digest, f"{self.uri}/{C.OBJECTS_DIR}/{staging.key}")
+        return staging.committed

@@ -1,0 +1,124 @@
+"""The S3 store against a real HTTP S3 endpoint (moto's server on 127.0.0.1), two workers with separate caches."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantmill import provenance
+from quantmill.errors import IntegrityError, StoreError
+from quantmill.s3store import S3Store
+
+KEY = "cd" * 32
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(endpoint, monkeypatch, request):
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    name = f"qm-{request.node.name.replace('_', '-')[:40].lower()}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def _worker(endpoint, bucket, tmp_path, name):
+    return S3Store(bucket, "team", endpoint_url=endpoint, cache_dir=tmp_path / name)
+
+
+def _statement(key):
+    def build(subjects, digest):
+        return provenance.statement(subjects=subjects, artifact_digest=digest, key=key, step="quantize",
+                                    spec_id="quantize:x", impl_version="1", config={}, inputs={}, dependencies=[],
+                                    tools={}, run=provenance.RunInfo(), started="t0", finished="t1")
+    return build
+
+
+def _commit(store, payload, key=KEY):
+    with store.stage(key) as staging:
+        (staging.files / "model.gguf").write_bytes(payload)
+        return store.commit(staging, _statement(key))
+
+
+def test_one_worker_commits_another_fetches_verified_bytes(endpoint, bucket, tmp_path):
+    a, b = _worker(endpoint, bucket, tmp_path, "a"), _worker(endpoint, bucket, tmp_path, "b")
+    payload = bytes(range(256)) * 100_000  # 25.6 MB: multipart upload
+    ref = _commit(a, payload)
+    found = b.lookup(KEY)
+    assert found == ref and ref.uri == f"s3://{bucket}/team/objects/{KEY}"
+    assert (b.files(found) / "model.gguf").read_bytes() == payload
+    assert b.verify(KEY) == []
+
+
+def test_nothing_is_visible_until_the_provenance_record_is_written(endpoint, bucket, tmp_path, monkeypatch):
+    import boto3
+
+    a = _worker(endpoint, bucket, tmp_path, "a")
+    put_object = a.client.put_object
+
+    def killed_before_the_marker(**kw):  # file uploads go through; the worker dies before the commit marker
+        if "IfNoneMatch" in kw:
+            raise RuntimeError("worker killed")
+        return put_object(**kw)
+
+    monkeypatch.setattr(a.client, "put_object", killed_before_the_marker)
+    with pytest.raises(RuntimeError):
+        _commit(a, b"partial")
+    listed = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket).get("Contents", [])
+    assert any(o["Key"].endswith("model.gguf") for o in listed)  # the file made it up ...
+    assert _worker(endpoint, bucket, tmp_path, "b").lookup(KEY) is None  # ... but no artifact exists
+
+
+def test_second_commit_of_a_key_keeps_the_first(endpoint, bucket, tmp_path):
+    a, b = _worker(endpoint, bucket, tmp_path, "a"), _worker(endpoint, bucket, tmp_path, "b")
+    first = _commit(a, b"same bytes")
+    second = _commit(b, b"same bytes")
+    assert second == first
+
+
+def test_altered_object_is_detected_on_download(endpoint, bucket, tmp_path):
+    import boto3
+
+    ref = _commit(_worker(endpoint, bucket, tmp_path, "a"), b"original weights")
+    boto3.client("s3", endpoint_url=endpoint).put_object(
+        Bucket=bucket, Key=f"team/objects/{KEY}/files/model.gguf", Body=b"Original weights")
+    b = _worker(endpoint, bucket, tmp_path, "b")
+    with pytest.raises(IntegrityError, match=r"model.gguf has sha256 .* the object was altered: not used"):
+        b.files(ref)
+    assert not (tmp_path / "b" / "objects" / KEY / "files" / "model.gguf").exists()
+
+
+def test_missing_bucket_is_one_line(endpoint, bucket, tmp_path):
+    store = S3Store("no-such-bucket", endpoint_url=endpoint, cache_dir=tmp_path / "c")
+    with pytest.raises(StoreError) as e:
+        _commit(store, b"x")
+    assert str(e.value) == (f"s3://no-such-bucket ({endpoint}): bucket 'no-such-bucket' does not exist; create it "
+                            f"or fix store.bucket")
+
+
+def test_pipeline_runs_into_a_bucket_and_a_second_worker_reuses_it(endpoint, bucket, tmp_path):
+    """The whole GGUF path with store.kind=s3; a second worker (own cache) plans every step as cached."""
+    from quantmill.planner import HIT, open_store, plan, resolve
+    from tests.conftest import compose_in, run_inline
+
+    s3 = ("store.kind=s3", f"store.bucket={bucket}", f"store.endpoint_url={endpoint}", "publish.enabled=false",
+          "recipe=[gguf_q8_0]")
+    _, _, results = run_inline(compose_in(tmp_path / "w1", *s3, f"store.cache_dir={tmp_path / 'w1-cache'}"))
+    assert results["validate:gguf_q8_0"].result["status"] == "passed"
+    cfg = compose_in(tmp_path / "w2", *s3, f"store.cache_dir={tmp_path / 'w2-cache'}")
+    store = open_store(cfg)
+    assert set(resolve(plan(cfg, store), store).status.values()) == {HIT}
+    quant = store.files(store.lookup(results["quantize:gguf_q8_0"].ref.key))
+    assert (quant / "model-q8_0.gguf").stat().st_size > 1 << 20
