@@ -176,7 +176,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                           "provenance": statement, "verified": not problems, "problems": problems}, indent=1))
         return 0 if not problems else 1
     ui.out.print(registry.card(args.name, entry["version"]))
-    ui.out.print(f"[bold]files[/bold] ({store.files(ui_ref(entry))}):")
+    ui.out.print(f"[bold]files[/bold] ({store.files(_artifact_ref(entry))}):")
     for s in statement["subject"]:
         ui.out.print(f"  {s['name']}  sha256:{s['digest']['sha256']}")
     ui.out.print("[green]provenance verified[/green]" if not problems else
@@ -184,7 +184,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
-def ui_ref(entry: dict[str, Any]):
+def _artifact_ref(entry: dict[str, Any]):
+    """The artifact a registry entry names."""
     from quantmill.store import ArtifactRef
 
     return ArtifactRef(entry["artifact"]["key"], entry["artifact"]["digest"], "")

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from quantmill import constants as C
 from quantmill import metrics
 
 EVALSET_TOKENS = "eval.safetensors"

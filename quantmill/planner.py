@@ -167,11 +167,13 @@ def target_fit(cfg: QuantmillConfig) -> list:
     return fit_table(model_config, cfg.target, cfg.recipe)
 
 
-def _apply_target(cfg: QuantmillConfig) -> list[str]:
-    """Drop the selected recipes whose estimated footprint exceeds the target; return one warning per drop."""
+def _apply_target(cfg: QuantmillConfig) -> tuple[QuantmillConfig, list[str]]:
+    """A copy of ``cfg`` without the recipes whose estimated footprint exceeds the target, and one warning per drop."""
+    import dataclasses
+
     rows = {f.recipe: f for f in target_fit(cfg)}
     if not rows:
-        return []
+        return cfg, []
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     warnings = [f"target {cfg.target.name}: dropped {r} (needs about {gib(f.total_bytes)}, has {gib(f.budget_bytes)})"
                 for r, f in rows.items() if r in cfg.recipe and not f.fits]
@@ -188,8 +190,7 @@ def _apply_target(cfg: QuantmillConfig) -> list[str]:
             f"for model {cfg.model.name!r}: the smallest, {smallest.recipe}, needs about {gib(smallest.total_bytes)} "
             f"(weights {gib(smallest.weights_bytes)} + KV cache {gib(smallest.kv_cache_bytes)} at "
             f"{cfg.target.context} tokens); {would_fit}")
-    cfg.recipe = fitting
-    return warnings
+    return dataclasses.replace(cfg, recipe=fitting), warnings
 
 
 def plan(cfg: QuantmillConfig, store: Store) -> Plan:
@@ -198,9 +199,9 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
     Raises:
         ConfigError / PreflightError / ModelSourceError: one line naming the problem and the fix.
     """
+    cfg, warnings = _apply_target(cfg)
     model = cfg.model
     source = SOURCES.get(model.source)
-    warnings = _apply_target(cfg)
     # Backend and recipe checks first: they need nothing from the model, so a typo fails before any download.
     recipes = {}
     for name, recipe in cfg.recipe.items():

@@ -21,7 +21,7 @@ from quantmill import constants as C
 from quantmill import provenance
 from quantmill.digest import FileDigest, digest_tree, manifest_digest, sha256_file
 from quantmill.errors import IntegrityError, NotFound, StoreError
-from quantmill.store import ArtifactRef, Staging, Store, is_disk_full
+from quantmill.store import ArtifactRef, Staging, Store
 
 
 def _explain(exc: Exception, bucket: str, endpoint: str | None) -> StoreError:

@@ -16,10 +16,9 @@ import os
 import shutil
 import uuid
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from quantmill import constants as C
 from quantmill import provenance
@@ -236,7 +235,3 @@ class LocalStore(Store):
                                      f"(modified after commit); delete {self._object(ref.key)} and re-run")
         cache.save()
         return files
-
-    @contextmanager
-    def _noop(self) -> Iterator[None]:
-        yield

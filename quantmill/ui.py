@@ -7,7 +7,7 @@ import threading
 from typing import Any, Iterable
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from quantmill.outcome import CACHED, FAILED, RAN, SKIPPED, Outcome

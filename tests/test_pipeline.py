@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
-import numpy as np
 import pytest
 
 from quantmill import constants as C
