@@ -24,7 +24,7 @@ from quantmill.store import ArtifactRef, LocalStore, Store
 from quantmill.versions import package_versions
 
 # Bump a step's version when its output bytes change for the same inputs and config.
-IMPLEMENTATION_VERSIONS = {C.DOWNLOAD: "1", C.MERGE: "1", C.CALIBRATE: "2", C.CONVERT: "1", C.QUANTIZE: "1",
+IMPLEMENTATION_VERSIONS = {C.DOWNLOAD: "2", C.MERGE: "1", C.CALIBRATE: "2", C.CONVERT: "1", C.QUANTIZE: "1",
                            C.VALIDATE: "1", C.PUBLISH: "1"}
 BUNDLED_TEXT = Path(__file__).resolve().parent / "bundled" / "text"
 HIT, MISS, PENDING = "hit", "miss", "pending"

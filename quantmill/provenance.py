@@ -59,15 +59,20 @@ def machine_class() -> str:
     return f"{platform.machine()} {cpu_model()} x{os.cpu_count()}"
 
 
-def host_info() -> dict[str, str]:
+def machine_info() -> dict[str, str]:
+    """What a measurement ran on (no host name: records that hold it travel between machines)."""
     return {
-        "hostname": socket.gethostname(),
         "os": f"{platform.system()} {platform.release()}",
         "machine": platform.machine(),
         "cpu": cpu_model(),
         "cpus": str(os.cpu_count()),
         "python": platform.python_version(),
     }
+
+
+def host_info() -> dict[str, str]:
+    """machine_info plus the host name, for provenance run details."""
+    return {"hostname": socket.gethostname(), **machine_info()}
 
 
 def now() -> str:

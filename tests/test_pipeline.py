@@ -156,9 +156,17 @@ def test_broken_quant_fails_validation_and_is_not_published(tmp_path):
 
 
 def test_same_key_same_bytes_across_stores(tmp_path):
-    """Two independent stores: every content artifact has the same key and the same digest."""
-    a = run_inline(compose_in(tmp_path / "a", "validate.enabled=false", "publish.enabled=false"))[2]
-    b = run_inline(compose_in(tmp_path / "b", "validate.enabled=false", "publish.enabled=false"))[2]
+    """Two independent stores fed from two different directories holding the same model (two machines):
+    every content artifact has the same key and the same digest."""
+    from quantmill.backends.local_source import BUNDLED_ROOT
+
+    runs = []
+    for name in ("a", "b"):
+        model = tmp_path / name / "models" / f"copy-{name}"
+        shutil.copytree(BUNDLED_ROOT / "tiny-llama", model)
+        runs.append(run_inline(compose_in(tmp_path / name, "model=local", f"model.path={model}", "model.name=tiny",
+                                          "validate.enabled=false", "publish.enabled=false"))[2])
+    a, b = runs
     assert a.keys() == b.keys()
     for spec_id in a:
         assert (a[spec_id].ref.key, a[spec_id].ref.digest) == (b[spec_id].ref.key, b[spec_id].ref.digest), spec_id

@@ -32,4 +32,5 @@ def download(source: Any, cfg: ModelConfig, info: SourceInfo, out: Path, *, link
         if f.sha256 and (actual := hasher(out / f.path)) != f.sha256:
             raise ModelSourceError(f"model {cfg.name!r}: {f.path} changed since it was planned (sha256 "
                                    f"{actual[:12]} != {f.sha256[:12]}); re-run to pick up the new content")
-    return {"files": [f.path for f in info.files], "architecture": info.architecture, "uri": info.uri}
+    # No paths or URIs here: they differ between machines, and these bytes must not (the URI is in provenance).
+    return {"files": [f.path for f in info.files], "architecture": info.architecture}

@@ -22,7 +22,7 @@ from quantmill import constants as C
 from quantmill.errors import PreflightError, ToolError
 from quantmill.evaluate import EVALSET_META, EVALSET_TOKENS
 from quantmill.metrics import check_gates
-from quantmill.provenance import host_info
+from quantmill.provenance import machine_info
 from quantmill.tokenizer import SourceTokenizer
 from quantmill.tools import run_tool
 
@@ -82,7 +82,7 @@ def reference(runtime: Any, model: Path, evalset: Path, out: Path, *, threads: i
 def validate(runtime: Any, artifact: Path, evalset: Path, reference_dir: Path, *, gates: dict[str, Any],
              max_tokens: int, threads: int, label: str) -> dict[str, Any]:
     """Measure the artifact; return its validation record (``status`` passed only if every check and gate passed)."""
-    record: dict[str, Any] = {"runtime": runtime.key, "machine": host_info()}
+    record: dict[str, Any] = {"runtime": runtime.key, "machine": machine_info()}
     files = sorted(p for p in artifact.iterdir() if p.is_file() and p.name != C.RESULT_FILE)
     record["size_bytes"] = sum(p.stat().st_size for p in files)
     record["bits_per_weight"] = round(runtime.bits_per_weight(artifact), 4)
