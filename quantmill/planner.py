@@ -356,8 +356,7 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                 inputs=inputs, recipe=name,
                 config={"name": names[name], "model": model.name, "recipe": name, "format": recipe.format,
                         "base_model": info.base_model, "adapter": model.adapter, "tags": sorted(cfg.publish.tags),
-                        "license": cfg.publish.license or info.license, "enforce": cfg.validate.enforce,
-                        "source_uri": info.uri},
+                        "license": cfg.publish.license or info.license, "enforce": cfg.validate.enforce},
                 context={"store_root": str(getattr(store, "root", ""))}))
     return Plan(cfg, info, specs, warnings)
 
