@@ -45,7 +45,8 @@ def run_tool(cmd: Sequence[str | Path], *, name: str, label: str, env: Mapping[s
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=cwd)
     except FileNotFoundError:
         bar.close()
-        raise ToolError(f"{name}: {argv[0]} not found; build llama.cpp with `make llama-cpp`") from None
+        # llama.cpp's tools are located (with their own install hint) before they get here
+        raise ToolError(f"{name}: {argv[0]} not found; install it or put it on PATH") from None
     buf = b""
     assert proc.stdout is not None
     while chunk := proc.stdout.read1(1 << 16):

@@ -30,9 +30,6 @@ def check_name(name: str) -> str:
 class LocalPublisher:
     key = "local"
 
-    def __init__(self, root: Path | None = None):
-        self._root = root
-
     def registry(self, store_root: Path) -> "LocalRegistry":
         return LocalRegistry(store_root / C.REGISTRY_DIR)
 
