@@ -1,10 +1,11 @@
 # The two commands the README documents; each sets up everything on a fresh machine first.
 #   make run   -- create .venv, install, build llama.cpp (portable), run the default pipeline offline
-#   make test  -- the same set-up, then the test suite
+#   make test  -- the same set-up plus the legacy AutoAWQ environment, then the test suite
 PY ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 LLAMA := .llama.cpp
+LEGACY := .venv-legacy
 
 .PHONY: run test setup llama-cpp bench clean
 
@@ -12,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[test,mlx,lora]"
+	$(PYTHON) -m pip install -q -e ".[test,mlx,lora,quant]"
 	touch $@
 
 $(LLAMA)/BUILD_INFO.json: scripts/build-llama-cpp.sh $(VENV)/.installed
@@ -21,12 +22,17 @@ $(LLAMA)/BUILD_INFO.json: scripts/build-llama-cpp.sh $(VENV)/.installed
 
 llama-cpp: $(LLAMA)/BUILD_INFO.json
 
+# AutoAWQ (archived) pins transformers 4.x: it gets an environment of its own, never the main one.
+$(LEGACY)/.installed: scripts/make-legacy-env.sh
+	bash scripts/make-legacy-env.sh autoawq $(LEGACY)
+	touch $@
+
 setup: $(VENV)/.installed $(LLAMA)/BUILD_INFO.json
 
 run: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/quantmill run
 
-test: setup
+test: setup $(LEGACY)/.installed
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
 
 bench: setup

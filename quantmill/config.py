@@ -47,25 +47,47 @@ class ModelConfig:
 
 
 @dataclass
+class RequiresConfig:
+    """The hardware a recipe's quantizer needs.
+
+    Attributes:
+        device: ``cuda`` (only on an NVIDIA GPU), ``cpu``, or ``any`` (CUDA when present, else CPU).
+        min_gpu_memory_gb: GPU memory the quantizer needs at least (with device ``cuda``).
+        min_compute_capability: Lowest CUDA compute capability with the kernels it needs (8.9: FP8; 10.0: FP4).
+    """
+
+    device: str = "any"
+    min_gpu_memory_gb: Optional[float] = None
+    min_compute_capability: Optional[float] = None
+
+
+@dataclass
 class RecipeConfig:
     """One target format. The file name under ``conf/recipe/`` is the recipe's name.
 
     Attributes:
-        method: Quantizer backend key (``gguf``: llama.cpp's quantizer; ``none``: the F16 intermediate itself).
-        format: Artifact format (``gguf``); selects the converter and the validation runtime.
-        quant_type: Backend-specific type name, e.g. llama.cpp's ``Q4_K_M``.
-        imatrix: Compute an importance matrix from the calibration set and quantize with it.
-        params: Extra backend options, checked by the backend in preflight.
+        method: What is done: ``gguf`` (llama.cpp), ``mlx``, ``passthrough``, or a calibrated method
+            (``gptq``, ``awq``, ``fp8``, ``nvfp4``, ``smoothquant``, ``bnb``).
+        backend: Quantizer backend that does it, when not the method itself (``llmcompressor``, ``gptqmodel``,
+            ``bitsandbytes``, ``autoawq``, ``autogptq``).
+        format: Artifact format (``gguf``, ``mlx``, ``safetensors``, ``compressed-tensors``, ``gptq``, ``awq``,
+            ``bnb``); selects the converter and the validation runtime. Unset: the backend's own format.
+        quant_type: Backend-specific type or scheme name, e.g. llama.cpp's ``Q4_K_M``, llm-compressor's ``W4A16``.
+        imatrix: Compute an importance matrix from the calibration set and quantize with it (GGUF).
+        params: Extra backend options (group_size, ignore, ...), checked by the backend in preflight.
         gates: Validation thresholds for this recipe, overriding ``validate.gates`` field by field.
+        requires: The hardware the quantizer needs; checked in preflight.
     """
 
     method: str = MISSING
-    format: str = MISSING
+    format: Optional[str] = None
+    backend: Optional[str] = None
     quant_type: Optional[str] = None
     imatrix: bool = False
     description: str = ""
     params: Dict[str, Any] = field(default_factory=dict)
     gates: Dict[str, Any] = field(default_factory=dict)
+    requires: RequiresConfig = field(default_factory=RequiresConfig)
 
 
 @dataclass
@@ -315,7 +337,7 @@ def _explain(exc: Exception, conf_dir: Path) -> ConfigError:
 def _schema_fields(name: str) -> list[str]:
     import dataclasses
 
-    schema = {cls.__name__: cls for cls in (*_GROUP_SCHEMAS.values(), RecipeConfig, GateConfig,
+    schema = {cls.__name__: cls for cls in (*_GROUP_SCHEMAS.values(), RecipeConfig, RequiresConfig, GateConfig,
                                             QuantmillConfig)}.get(name)
     return [f.name for f in dataclasses.fields(schema)] if schema else []
 

@@ -46,6 +46,7 @@ IMATRIX_FILE = "imatrix.gguf"
 CALIBRATION_TOKENS_FILE = "calibration.safetensors"
 CALIBRATION_TEXT_FILE = "calibration.txt"
 VALIDATION_FILE = "validation.json"
+PROBE_FILE = "quantmill-probe.safetensors"  # a quantized checkpoint's logits on fixed ids, right after quantizing
 
 # Environment variables.
 ENV_LLAMA_CPP = "QUANTMILL_LLAMA_CPP"

@@ -17,10 +17,14 @@ GIB = 1 << 30
 # layers only, embeddings and lm_head stay 16-bit.
 GGUF_BPW = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.68, "Q5_0": 5.5,
             "Q4_K_M": 4.85, "Q4_K_S": 4.58, "Q4_0": 4.55, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q2_K": 3.35}
-LINEAR_ONLY = {("awq", "W4A16"): 4.25, ("gptq", "W4A16"): 4.25, ("gptq", "W8A16"): 8.25, ("fp8", "FP8"): 8.0}
+LINEAR_ONLY = {("awq", "W4A16"): 4.25, ("awq", "W4A16_ASYM"): 4.38, ("gptq", "W4A16"): 4.25,
+               ("gptq", "W4A16_ASYM"): 4.38, ("gptq", "W8A16"): 8.25, ("gptq", "W8A8"): 8.0,
+               ("smoothquant", "W8A8"): 8.0, ("fp8", "FP8"): 8.0, ("fp8", "FP8_DYNAMIC"): 8.0,
+               ("fp8", "FP8_BLOCK"): 8.0, ("nvfp4", "NVFP4"): 4.5, ("nvfp4", "NVFP4A16"): 4.5,
+               ("bnb", "NF4"): 4.13, ("bnb", "FP4"): 4.13, ("bnb", "INT8"): 8.0}
 # Recipes the hardware tables recommend that this build cannot make yet (their quantizers are not registered):
 # estimated and shown, never run.
-KNOWN_RECIPES = {"awq_w4a16": ("awq", "W4A16"), "gptq_w4a16": ("gptq", "W4A16"), "fp8_dynamic": ("fp8", "FP8")}
+KNOWN_RECIPES: dict[str, tuple[str, str]] = {}
 
 
 @dataclass(frozen=True)

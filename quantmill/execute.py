@@ -79,9 +79,10 @@ def _convert(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store
 
 
 def _quantize(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+    extra = {"calibration": inputs["calibration"]} if "calibration" in inputs else {}
     return quantize.quantize(QUANTIZERS.get(spec.backend), inputs["model"], out, spec.config,
                              imatrix=inputs.get("imatrix"), threads=spec.context["threads"],
-                             label=f"quantize {spec.recipe}")
+                             label=f"quantize {spec.recipe}", **extra)
 
 
 def _validate(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:

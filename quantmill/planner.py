@@ -205,12 +205,14 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
     # Backend and recipe checks first: they need nothing from the model, so a typo fails before any download.
     recipes = {}
     for name, recipe in cfg.recipe.items():
-        quantizer = QUANTIZERS.get(recipe.method)
-        if recipe.format not in getattr(quantizer, "formats", ()):
-            raise PreflightError(f"recipe {name!r}: method {recipe.method!r} cannot produce format "
-                                 f"{recipe.format!r} (it makes: {', '.join(quantizer.formats)})")
+        recipe, quantizer = _resolve_recipe(name, recipe)
         quantizer.check(name, recipe)
         recipes[name] = (recipe, quantizer, CONVERTERS.get(recipe.format))
+    if cfg.infra.mode == "embedded":
+        from quantmill.hardware import check_here
+
+        for name, (recipe, _, _) in recipes.items():
+            check_here(name, recipe.requires)
     publisher = PUBLISHERS.get(cfg.publish.publisher) if cfg.publish.enabled else None
     if publisher is not None and not isinstance(store, LocalStore):
         raise PreflightError(f"publish.publisher={cfg.publish.publisher!r} writes the registry inside a local store; "
@@ -235,8 +237,10 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
         adapter_info = adapters.describe(model, cache)
         adapters.check_base(model, adapter_info)
     info = source.describe(model, cache)
-    for _, _, converter in recipes.values():
+    for name, (recipe, quantizer, converter) in recipes.items():
         converter.check(info, model.name)
+        if hasattr(quantizer, "check_model"):
+            quantizer.check_model(name, recipe, info)
     if cfg.validate.enabled:
         _check_context(cfg, info, eval_files)
 
@@ -317,7 +321,9 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
         if not quantizer.is_intermediate(recipe):
             source = intermediate if quantizer.reads == "intermediate" else model_spec
             inputs = {"model": source.id}
-            if quantizer.needs_calibration(recipe):
+            if quantizer.needs_calibration(recipe) and getattr(quantizer, "calibration_input", "") == "dataset":
+                inputs["calibration"] = dataset.id
+            elif quantizer.needs_calibration(recipe):
                 imatrix = add(StepSpec(
                     id=f"{C.CALIBRATE}:imatrix-{recipe.format}", step=C.CALIBRATE, backend="imatrix",
                     capability=C.CPU, inputs={"model": intermediate.id, "calibration": dataset.id},
@@ -327,9 +333,11 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                 inputs["imatrix"] = imatrix.id
             artifact = add(StepSpec(
                 id=f"{C.QUANTIZE}:{name}", step=C.QUANTIZE, backend=quantizer.key,
-                capability=quantizer.capability, inputs=inputs, recipe=name,
+                capability=C.CUDA if recipe.requires.device == C.CUDA else quantizer.capability,
+                inputs=inputs, recipe=name,
                 config={"method": recipe.method, "format": recipe.format, "quant_type": recipe.quant_type.upper(),
-                        "imatrix": bool(recipe.imatrix), "params": dict(recipe.params)},
+                        "imatrix": bool(recipe.imatrix), "params": dict(recipe.params),
+                        **({"backend": recipe.backend} if recipe.backend else {})},
                 context={"threads": threads, "estimate_bytes": quantizer.estimate_bytes(recipe, f16_estimate)},
                 tools=quantizer.tools()))
         validation = None
@@ -337,7 +345,7 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
             runtime = runtimes[name]
             # The unquantized model in the artifact's own runtime: computed once, shared by every recipe.
             reference = add(StepSpec(
-                id=f"{C.VALIDATE}:reference-{recipe.format}", step=C.VALIDATE, backend=runtime.key,
+                id=f"{C.VALIDATE}:reference-{converter.key}", step=C.VALIDATE, backend=runtime.key,
                 capability=runtime.capability, inputs={"model": intermediate.id, "evalset": evalset.id},
                 config={"kind": "reference"}, context={"threads": threads}, tools=runtime.tools()))
             validation = add(StepSpec(
@@ -359,6 +367,19 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                         "license": cfg.publish.license or info.license, "enforce": cfg.validate.enforce},
                 context={"store_root": str(getattr(store, "root", ""))}))
     return Plan(cfg, info, specs, warnings)
+
+
+def _resolve_recipe(name: str, recipe):
+    """The recipe's quantizer backend (``backend``, else the method's own) and its format filled in."""
+    import dataclasses
+
+    quantizer = QUANTIZERS.get(recipe.backend or recipe.method)
+    fmt = recipe.format or (quantizer.default_format(recipe) if hasattr(quantizer, "default_format")
+                            else quantizer.formats[0])
+    if fmt not in getattr(quantizer, "formats", ()):
+        raise PreflightError(f"recipe {name!r}: backend {quantizer.key!r} cannot produce format {fmt!r} (it makes: "
+                             f"{', '.join(quantizer.formats)}); drop recipe.{name}.format or choose one of those")
+    return dataclasses.replace(recipe, format=fmt), quantizer
 
 
 def _estimate(info: SourceInfo, recipe, n_ctx: int) -> dict[str, int] | None:

@@ -28,14 +28,18 @@ def test_every_recipe_composes_and_is_keyed_by_its_file_name(name):
     cfg = compose([f"recipe=[{name}]"], conf_dir=CONF)
     assert list(cfg.recipe) == [name]
     recipe = cfg.recipe[name]
-    assert recipe.format in QUANTIZERS.get(recipe.method).formats and recipe.format in CONVERTERS
-    assert name.startswith(recipe.format)  # file names say what they make: gguf_*, mlx_*, safetensors_*
+    quantizer = QUANTIZERS.get(recipe.backend or recipe.method)
+    fmt = recipe.format or quantizer.default_format(recipe)
+    assert fmt in quantizer.formats and fmt in CONVERTERS
+    # file names say what they make: gguf_*, mlx_*, safetensors_*, or the method for torch quantizers (gptq_*, ...)
+    assert name.startswith(recipe.format or recipe.method.replace("smoothquant", "w8a8"))
 
 
 def test_recipes_cover_the_k_quant_ladder_mlx_and_passthrough():
     assert {"gguf_f16", "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0", "gguf_q3_k_m",
             "gguf_q2_k", "mlx_2bit", "mlx_3bit", "mlx_4bit", "mlx_6bit", "mlx_8bit", "mlx_mixed_3_6",
-            "safetensors_f16", "safetensors_bf16"} <= set(RECIPES)
+            "safetensors_f16", "safetensors_bf16", "awq_w4a16", "gptq_w4a16", "gptq_w8a16", "fp8_dynamic",
+            "fp8_static", "w8a8_smoothquant", "nvfp4", "bnb_nf4"} <= set(RECIPES)
 
 
 def test_override_changes_one_value():

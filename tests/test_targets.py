@@ -59,7 +59,7 @@ def test_plan_for_rtx2060_lists_fp16_as_not_fitting_and_int4_as_fitting(config_o
     fit = {r["recipe"]: r for r in out["fit"]}
     assert not fit["safetensors_f16"]["fits"] and fit["safetensors_f16"]["total_bytes"] > fit["safetensors_f16"]["budget_bytes"]
     assert fit["gguf_q4_k_m"]["fits"] and fit["awq_w4a16"]["fits"]
-    assert fit["awq_w4a16"]["available"] is False  # recommended, estimated, but no recipe file in this build
+    assert fit["awq_w4a16"]["available"] is True
     assert fit["gguf_q4_k_m"]["kv_cache_bytes"] == 2 * 32 * 4096 * 32 * 128 * 2
     assert out["steps"] is None and "only the fit was estimated" in out["note"]
 

@@ -11,10 +11,14 @@ PUBLISHERS: Registry = Registry("publisher")
 
 # Registration happens in these modules; the order does not matter.
 from quantmill.backends import (  # noqa: E402,F401
+    bnb_quantizer,
     gguf_converter,
     gguf_quantizer,
+    gptqmodel_quantizer,
     hf_source,
+    legacy_quantizer,
     llamacpp_runtime,
+    llmcompressor_quantizer,
     local_publisher,
     local_source,
     mlx_converter,

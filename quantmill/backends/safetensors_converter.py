@@ -22,3 +22,6 @@ class SafetensorsConverter:
 
 
 CONVERTERS.register(SafetensorsConverter.key)(SafetensorsConverter())
+# Checkpoints the torch quantizers write are Hugging Face checkpoints too: same intermediate, same reference.
+for _fmt in ("compressed-tensors", "gptq", "awq", "bnb"):
+    CONVERTERS.register(_fmt)(CONVERTERS.get(SafetensorsConverter.key))

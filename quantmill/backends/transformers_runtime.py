@@ -71,10 +71,18 @@ class TransformersRuntime(HfTokenizerMethods):
         return generated[: generated.index(eos)] if eos in generated else generated
 
     def bits_per_weight(self, artifact: Path) -> float:
-        """Stored bits per parameter over every tensor in the checkpoint's safetensors files."""
-        from quantmill.model_files import safetensors_bits
+        """Stored bits per model parameter. Packed checkpoints (GPTQ, AWQ, compressed-tensors, bitsandbytes) hold
+        several parameters per stored element, so their parameters are counted from config.json's shape."""
+        import json
 
-        return safetensors_bits(artifact)
+        from quantmill.estimate import Shape
+        from quantmill.model_files import safetensors_bits, safetensors_tensors
+
+        config = json.loads((artifact / "config.json").read_text())
+        if "quantization_config" not in config:
+            return safetensors_bits(artifact)
+        stored = sum(t[3] for t in safetensors_tensors(artifact))
+        return 8 * stored / Shape.from_config(config).params
 
 
 RUNTIMES.register(TransformersRuntime.key)(TransformersRuntime())

@@ -1,0 +1,260 @@
+"""What the torch quantizers (llm-compressor, GPTQModel, bitsandbytes, the legacy AutoAWQ/AutoGPTQ) share.
+
+Each recipe names a ``method`` (gptq, awq, fp8, nvfp4, smoothquant, bnb) and a ``quant_type`` (the scheme, e.g.
+``W4A16``); the backend checks both, and the model's shape, in preflight. Quantization runs in a child process
+(``python -m quantmill.backends.calibrated REQUEST.json``): its GPU memory is returned when it ends, its peak is its
+own, two recipes never share a library's global state, and an out-of-memory error names the layer it hit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from quantmill import constants as C
+from quantmill.backends.base import QuantizerDefaults, SourceInfo
+from quantmill.config import RecipeConfig
+from quantmill.errors import PreflightError, ToolError
+
+# Files of the source checkpoint that every output keeps byte for byte (quantizers re-save some of them
+# differently; the tokenizer-fidelity gate wants the source's).
+CARRIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "generation_config.json")
+ERROR_FILE = "error.json"
+PROBE_TOKENS, PROBE_POSITIONS = 32, 4
+# Caps the quantizer process's share of the GPU (workers sharing one GPU); a tiny share provokes a real OOM in tests.
+ENV_CUDA_MEMORY_FRACTION = "QUANTMILL_CUDA_MEMORY_FRACTION"
+REQUEST_FILE = "request.json"
+RESULT_FILE = "result.json"
+
+
+class CalibratedQuantizer(QuantizerDefaults):
+    """Base of the torch quantizer backends.
+
+    Subclasses set ``key``, ``formats``, ``schemes`` (method -> the quant types it takes), ``params`` (the
+    recipe params it takes), ``calibrated`` (methods that read the calibration set) and ``module`` (where the
+    child process finds ``run(request, model, calibration, out)``).
+    """
+
+    capability = C.CPU
+    schemes: Mapping[str, tuple[str, ...]] = {}
+    params: tuple[str, ...] = ()
+    calibrated: tuple[str, ...] = ()
+    module = ""
+    packages: tuple[str, ...] = ()
+    calibration_input = "dataset"
+
+    def default_format(self, recipe: RecipeConfig) -> str:
+        return self.formats[0]
+
+    def check(self, name: str, recipe: RecipeConfig) -> None:
+        if recipe.method not in self.schemes:
+            raise PreflightError(f"recipe {name!r}: method {recipe.method!r} unknown to backend {self.key!r}; "
+                                 f"it runs: {', '.join(self.schemes)}")
+        valid = self.schemes[recipe.method]
+        if (recipe.quant_type or "").upper() not in valid:
+            raise PreflightError(f"recipe {name!r}: scheme {recipe.quant_type!r} unknown to {self.key} "
+                                 f"{recipe.method}; valid: {', '.join(valid)}")
+        unknown = sorted(set(recipe.params) - set(self.params))
+        if unknown:
+            raise PreflightError(f"recipe {name!r}: unknown params {unknown} for backend {self.key!r}; known: "
+                                 f"{', '.join(self.params)}")
+        group = recipe.params.get("group_size")
+        if group is not None and (not isinstance(group, int) or group < -1 or group == 0):
+            raise PreflightError(f"recipe {name!r}: group_size {group!r} must be a positive integer (or -1: per "
+                                 f"channel)")
+
+    def check_model(self, name: str, recipe: RecipeConfig, info: SourceInfo) -> None:
+        """The group size must divide every quantized layer's input width."""
+        group = recipe.params.get("group_size")
+        if not group or group < 0:
+            return
+        widths = {"hidden_size": info.config.get("hidden_size"),
+                  "intermediate_size": info.config.get("intermediate_size")}
+        for what, width in widths.items():
+            if width and width % group:
+                raise PreflightError(f"recipe {name!r}: group_size {group} does not divide model "
+                                     f"{info.base_model!r}'s {what} {width}; choose a group size that divides "
+                                     f"it (e.g. {_divisor(width, group)}) or -1 for per-channel")
+
+    def needs_calibration(self, recipe: RecipeConfig) -> bool:
+        return recipe.method in self.calibrated
+
+    def estimate_bytes(self, recipe: RecipeConfig, f16_bytes: int) -> int:
+        return int(f16_bytes * (scheme_bits(recipe.quant_type or "") + 0.5) / 16)
+
+    def tools(self) -> dict[str, str]:
+        from quantmill.versions import package_versions
+
+        return package_versions(*self.packages)
+
+    def python(self) -> str:
+        """The interpreter the child runs in (legacy backends use an environment of their own)."""
+        return sys.executable
+
+    def child_command(self, request_file: Path) -> list[str]:
+        return [self.python(), "-m", "quantmill.backends.calibrated", str(request_file)]
+
+    def quantize(self, model: Path, out: Path, config: Mapping[str, Any], *, imatrix: Path | None, threads: int,
+                 label: str, calibration: Path | None = None) -> dict[str, Any]:
+        from quantmill.tools import run_tool
+
+        with tempfile.TemporaryDirectory(prefix="quantmill-quantize-") as tmp:
+            work = Path(tmp)
+            request = {"module": self.module, "config": dict(config), "model": str(model), "out": str(out),
+                       "calibration": str(calibration) if calibration else None, "threads": threads,
+                       "work": str(work)}
+            (work / REQUEST_FILE).write_text(json.dumps(request))
+            env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            try:
+                ran = run_tool(self.child_command(work / REQUEST_FILE), name=f"{self.key} {config['method']}",
+                               label=label, env=env, cwd=work, tail_lines=40)  # libraries' log files stay in work
+            except ToolError as e:
+                error = work / ERROR_FILE
+                if error.is_file():
+                    raise ToolError(f"{label}: {json.loads(error.read_text())['error']}") from None
+                raise ToolError(f"{label}: {e}") from None
+            result = json.loads((work / RESULT_FILE).read_text())
+        carry_files(model, out)
+        result.update({"method": config["method"], "scheme": config["quant_type"], "backend": self.key,
+                       "bits_per_weight": round(bits_per_source_weight(model, out), 4),
+                       "peak_rss_bytes": ran.max_rss_bytes})
+        return result
+
+
+def scheme_bits(scheme: str) -> float:
+    """Weight bits of a scheme name: W4A16 -> 4, FP8_DYNAMIC -> 8, NVFP4 -> 4.5 (with its scales), NF4 -> 4.5."""
+    import re
+
+    s = scheme.upper()
+    if m := re.match(r"W(\d+)A", s):
+        return float(m.group(1))
+    if "FP4" in s or s == "NF4":
+        return 4.5
+    return 8.0
+
+
+def _divisor(width: int, group: int) -> int:
+    return next(g for g in (128, 64, 32, 16, 8) if width % g == 0) if width % 8 == 0 else -1
+
+
+def carry_files(model: Path, out: Path) -> None:
+    """Copy the source's tokenizer and generation config over whatever the quantizer wrote."""
+    for name in CARRIED_FILES:
+        if (model / name).is_file():
+            shutil.copyfile(model / name, out / name)
+        elif (out / name).is_file() and name == "chat_template.jinja":
+            (out / name).unlink()  # a template the source did not have would change the chat format
+
+
+def bits_per_source_weight(model: Path, out: Path) -> float:
+    """Bits the output's safetensors take per parameter of the source model (packing-agnostic)."""
+    from quantmill.model_files import safetensors_tensors
+
+    params = sum(t[2] for t in safetensors_tensors(model))
+    stored = sum(t[3] for t in safetensors_tensors(out))
+    return 8 * stored / params if params else 0.0
+
+
+# -- the child process ---------------------------------------------------------------------------------------
+class LayerTracker:
+    """Remembers which decoder layer ran last, so an out-of-memory error can name it."""
+
+    def __init__(self, model: Any):
+        self.current = "the embedding or first layer"
+        self.handles = []
+        layers = getattr(getattr(model, "model", model), "layers", None) or []
+        for i, layer in enumerate(layers):
+            self.handles.append(layer.register_forward_pre_hook(self._hook(f"model.layers.{i}")))
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            self.current = name
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@contextmanager
+def oom_names_layer(tracker_box: list, config: Mapping[str, Any], samples: int, seq_len: int) -> Iterator[None]:
+    """Turn a CUDA out-of-memory error into one line naming the layer and what to lower."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        layer = tracker_box[0].current if tracker_box else "loading the model"
+        raise UserFacing(f"out of GPU memory in {layer} during {config['method']} calibration with {samples} "
+                         f"samples x {seq_len} tokens; lower calibration.num_samples or calibration.seq_len "
+                         f"(or use a GPU with more memory)") from None
+
+
+class UserFacing(Exception):
+    """An error the parent shows as is (one line)."""
+
+
+def probe_ids(ids: list[list[int]]) -> list[int]:
+    """Fixed token ids the quantized model is probed with: the first calibration window's start, else a range."""
+    return list(ids[0][:PROBE_TOKENS]) if ids else list(range(3, 3 + PROBE_TOKENS))
+
+
+def write_probe(model: Any, out: Path, ids: list[list[int]]) -> None:
+    """Record the quantized model's logits on the probe ids (last positions), as it is right after quantization:
+    a loader elsewhere must reproduce them (tests/test_calibrated.py)."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import save_file
+
+    probe = probe_ids(ids)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([probe], device=device)).logits[0, -PROBE_POSITIONS:]
+    save_file({"input_ids": np.asarray(probe, dtype=np.int32), "logits": logits.float().cpu().numpy()},
+              str(out / C.PROBE_FILE))
+
+
+def calibration_ids(calibration: Path | None) -> list[list[int]]:
+    if calibration is None:
+        return []
+    from safetensors.numpy import load_file
+
+    return load_file(str(calibration / C.CALIBRATION_TOKENS_FILE))["input_ids"].tolist()
+
+
+def main(argv: list[str]) -> int:
+    import importlib
+
+    request = json.loads(Path(argv[0]).read_text())
+    work = Path(request["work"])
+    try:
+        if os.environ.get(ENV_CUDA_MEMORY_FRACTION):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.set_per_process_memory_fraction(float(os.environ[ENV_CUDA_MEMORY_FRACTION]))
+        backend = importlib.import_module(request["module"])
+        result = backend.run(request, Path(request["model"]), calibration_ids(
+            Path(request["calibration"]) if request["calibration"] else None), Path(request["out"]))
+    except UserFacing as e:
+        (work / ERROR_FILE).write_text(json.dumps({"error": str(e)}))
+        return 3
+    except Exception as e:  # noqa: BLE001 - the parent reports the first line; the traceback is in the log
+        traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        (work / ERROR_FILE).write_text(json.dumps({"error": f"{type(e).__name__}: {first}"}))
+        return 1
+    (work / RESULT_FILE).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

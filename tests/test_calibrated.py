@@ -1,0 +1,237 @@
+"""Calibrated torch quantizers on CPU: llm-compressor GPTQ and AWQ, GPTQModel GPTQ, bitsandbytes NF4.
+
+The bundled model goes through the real embedded Prefect flow, is validated and published; each output loads in
+transformers (in this process, not the one that quantized it) and reproduces the logits recorded right after
+quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from quantmill import constants as C
+from quantmill.errors import PreflightError
+from quantmill.planner import open_store, plan
+from tests.conftest import compose_in
+
+pytest.importorskip("llmcompressor")
+pytest.importorskip("gptqmodel")
+
+PUBLISHED = {  # registry name -> (backend, format written)
+    "tiny-llama-gptq_w4a16": ("llmcompressor", "compressed-tensors"),
+    "tiny-llama-awq_w4a16": ("llmcompressor", "compressed-tensors"),
+    "tiny-llama-gptq_w4a16-gptqmodel": ("gptqmodel", "gptq"),
+    "tiny-llama-awq_w4a16-gptqmodel": ("gptqmodel", "awq"),
+}
+
+
+@pytest.fixture(scope="module")
+def calibrated_runs(tmp_path_factory):
+    """Two pipeline runs into one store: the llm-compressor recipes, then the same recipes on GPTQModel."""
+    from quantmill.cli import run_config
+
+    root = tmp_path_factory.mktemp("calibrated")
+    common = ("validate.n_chunks=4", "calibration.num_samples=32")
+    first = run_config(compose_in(root, "recipe=[gptq_w4a16,awq_w4a16]", *common))
+    second = run_config(compose_in(root, "recipe=[gptq_w4a16,awq_w4a16]", "recipe.gptq_w4a16.backend=gptqmodel",
+                                   "recipe.awq_w4a16.backend=gptqmodel", "publish.name_template='{model}-{recipe}-gptqmodel'",
+                                   *common))
+    return root, first, second
+
+
+@pytest.mark.slow
+def test_gptq_and_awq_on_both_backends_are_validated_and_published(calibrated_runs):
+    root, first, second = calibrated_runs
+    for outcomes in (first, second):
+        assert all(o.ok for o in outcomes), [(o.spec_id, o.error) for o in outcomes if not o.ok]
+    by_id = {o.spec_id: o for o in second}
+    # the second run reuses the download and the calibration set the first computed
+    assert by_id["calibrate:dataset"].status == "cached" and by_id["download"].status == "cached"
+    assert by_id["quantize:gptq_w4a16"].status == "ran"
+    registry = root / "store" / C.REGISTRY_DIR
+    for name, (backend, fmt) in PUBLISHED.items():
+        entry = json.loads((registry / name / "v1" / C.REGISTRY_ENTRY_FILE).read_text())
+        assert entry["validated"] is True and entry["format"] == fmt, name
+        card = (registry / name / "v1" / C.MODEL_CARD_FILE).read_text()
+        assert "base_model_relation: quantized" in card
+    for outcomes in (first, second):
+        for o in outcomes:
+            if o.step == C.VALIDATE and o.recipe:
+                assert o.result["status"] == "passed"
+                assert 0 < o.result["mean_kld"] < 0.05 and 0.9 < o.result["ppl_ratio"] < 1.1, o.result
+                # 4-bit linear layers, 16-bit embeddings (a third of this tiny model): 7.5-8.5 bits per weight
+                assert 7.5 < o.result["bits_per_weight"] < 8.5, o.result
+
+
+@pytest.mark.slow
+def test_outputs_reproduce_the_logits_recorded_right_after_quantization(calibrated_runs):
+    from safetensors.numpy import load_file
+
+    from quantmill.backends import RUNTIMES
+
+    root, first, second = calibrated_runs
+    store = open_store(compose_in(root, "recipe=[gptq_w4a16]"))
+    runtime = RUNTIMES.get("transformers")
+    checked = 0
+    for o in (*first, *second):
+        if o.step != C.QUANTIZE:
+            continue
+        files = store.files(store.lookup(o.key))
+        config = json.loads((files / "config.json").read_text())
+        assert "quantization_config" in config
+        probe = load_file(str(files / C.PROBE_FILE))
+        with runtime.load(files, n_ctx=64) as model:
+            logits = runtime.logits(model, probe["input_ids"].tolist())[-len(probe["logits"]):]
+        # Same up to kernel and half-precision rounding: logits within 0.1 (they span about +-8), same top-1.
+        np.testing.assert_allclose(logits, probe["logits"], atol=0.1)
+        assert (logits.argmax(-1) == probe["logits"].argmax(-1)).all()
+        checked += 1
+    assert checked == 4
+
+
+@pytest.mark.slow
+def test_bitsandbytes_nf4_runs_on_cpu(tmp_path):
+    from quantmill.cli import run_config
+
+    pytest.importorskip("bitsandbytes")
+    outcomes = run_config(compose_in(tmp_path, "recipe=[bnb_nf4]", "validate.n_chunks=2", "publish.enabled=false"))
+    by_id = {o.spec_id: o for o in outcomes}
+    assert by_id["validate:bnb_nf4"].result["status"] == "passed", by_id["validate:bnb_nf4"].result
+    assert by_id["quantize:bnb_nf4"].result["scheme"] == "NF4"
+    assert "calibrate:dataset" not in by_id  # data-free
+
+
+def test_one_calibration_set_serves_gguf_and_torch_recipes(tmp_path):
+    cfg = compose_in(tmp_path, "recipe=[gguf_q4_k_m,gptq_w4a16,awq_w4a16]")
+    specs = plan(cfg, open_store(cfg)).specs
+    assert [s for s in specs if s.startswith("calibrate:dataset")] == ["calibrate:dataset"]
+    assert specs["quantize:gptq_w4a16"].inputs["calibration"] == "calibrate:dataset"
+    assert specs["quantize:awq_w4a16"].inputs["calibration"] == "calibrate:dataset"
+    assert specs["calibrate:imatrix-gguf"].inputs["calibration"] == "calibrate:dataset"
+    # torch formats share the source checkpoint's reference logits
+    assert specs["validate:gptq_w4a16"].inputs["reference"] == "validate:reference-safetensors"
+
+
+def _preflight(tmp_path, *overrides):
+    cfg = compose_in(tmp_path, *overrides)
+    with pytest.raises(PreflightError) as e:
+        plan(cfg, open_store(cfg))
+    message = str(e.value)
+    assert "\n" not in message
+    assert not (tmp_path / "store" / C.OBJECTS_DIR).exists() or not any((tmp_path / "store" / C.OBJECTS_DIR).iterdir())
+    return message
+
+
+def test_unknown_scheme_lists_the_valid_ones(tmp_path):
+    message = _preflight(tmp_path, "recipe=[gptq_w4a16]", "recipe.gptq_w4a16.quant_type=W5A16")
+    assert "scheme 'W5A16' unknown to llmcompressor gptq" in message
+    assert "valid: W4A16, W4A16_ASYM, W8A16, W8A8, W4A8" in message
+    message = _preflight(tmp_path, "recipe=[gptq_w4a16]", "recipe.gptq_w4a16.backend=gptqmodel",
+                         "recipe.gptq_w4a16.quant_type=FP8")
+    assert "valid: W2A16, W3A16, W4A16, W8A16" in message
+
+
+def test_group_size_must_divide_the_hidden_size(tmp_path):
+    message = _preflight(tmp_path, "recipe=[awq_w4a16]", "recipe.awq_w4a16.params.group_size=96")
+    assert "group_size 96 does not divide" in message and "hidden_size 256" in message
+
+
+def test_backend_that_cannot_run_the_method(tmp_path):
+    message = _preflight(tmp_path, "recipe=[fp8_dynamic]", "recipe.fp8_dynamic.backend=gptqmodel",
+                         "recipe.fp8_dynamic.requires.device=any")
+    assert "method 'fp8' unknown to backend 'gptqmodel'; it runs: gptq, awq" in message
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_recipe_on_a_machine_without_cuda_stops_in_preflight(tmp_path):
+    message = _preflight(tmp_path, "recipe=[fp8_dynamic,gguf_q8_0]")
+    assert message.startswith("recipe 'fp8_dynamic' needs a CUDA GPU (compute capability >= 8.9, >= 16 GiB); "
+                              "this machine has none")
+    assert "pool offering 'cuda'" in message
+
+
+def test_fewer_calibration_samples_than_requested_warns_with_the_numbers(tmp_path, caplog):
+    from quantmill.config import CalibrationConfig
+    from quantmill.backends.local_source import BUNDLED_ROOT
+    from quantmill.planner import BUNDLED_TEXT
+    from quantmill.steps.calibrate import calibrate_dataset
+
+    files = [BUNDLED_TEXT / "calibration.txt"]
+    out = tmp_path / "cal"
+    out.mkdir()
+    with caplog.at_level(logging.WARNING):
+        result = calibrate_dataset(CalibrationConfig(num_samples=100000, seq_len=256, min_samples=8),
+                                   BUNDLED_ROOT / "tiny-llama", files, out)
+    assert 8 <= result["samples"] < 100000
+    assert f"{result['samples']} of 100000 requested windows of 256 tokens" in caplog.text
+    with pytest.raises(PreflightError, match=r"below calibration.min_samples=100000"):
+        calibrate_dataset(CalibrationConfig(num_samples=100000, seq_len=256, min_samples=100000),
+                          BUNDLED_ROOT / "tiny-llama", files, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_out_of_gpu_memory_names_the_layer(tmp_path, monkeypatch):
+    """A real CUDA OOM: the quantizer process may use so little of the GPU that calibration cannot fit."""
+    from quantmill.cli import run_config
+
+    monkeypatch.setenv("QUANTMILL_CUDA_MEMORY_FRACTION", "0.00002")
+    outcomes = run_config(compose_in(tmp_path, "recipe=[gptq_w4a16]", "publish.enabled=false",
+                                     "validate.enabled=false"))
+    failed = [o for o in outcomes if o.spec_id == "quantize:gptq_w4a16"][0]
+    assert failed.status == "failed" and "out of GPU memory in" in failed.error
+    assert "lower calibration.num_samples or calibration.seq_len" in failed.error
+
+
+def _legacy_python():
+    from quantmill.backends.legacy_quantizer import legacy_python
+
+    python = legacy_python()
+    if not python.is_file():
+        pytest.skip(f"no legacy environment at {python} (make test creates it with scripts/make-legacy-env.sh)")
+    return python
+
+
+@pytest.mark.slow
+def test_autoawq_runs_in_its_own_environment_and_records_it(tmp_path):
+    """AutoAWQ (archived, transformers 4.x) quantizes in its environment; the main one (transformers 5) validates."""
+    import transformers
+
+    from quantmill.cli import run_config
+
+    _legacy_python()
+    outcomes = run_config(compose_in(tmp_path, "recipe=[awq_w4a16]", "recipe.awq_w4a16.backend=autoawq",
+                                     "validate.n_chunks=2", "publish.enabled=false"))
+    by_id = {o.spec_id: o for o in outcomes}
+    assert by_id["validate:awq_w4a16"].result["status"] == "passed", by_id["validate:awq_w4a16"].result
+    store = open_store(compose_in(tmp_path, "recipe=[awq_w4a16]"))
+    statement = json.loads((store.root / C.OBJECTS_DIR / by_id["quantize:awq_w4a16"].key /
+                            C.PROVENANCE_FILE).read_text())
+    tools = {d["name"].removeprefix("tool:"): d["annotations"]["version"]
+             for d in statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+             if d["name"].startswith("tool:")}
+    assert tools["legacy-env:autoawq"] == "0.2.9"
+    assert tools["legacy-env:transformers"].startswith("4.") and transformers.__version__.startswith("5.")
+
+
+def test_legacy_backend_without_its_environment_says_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTMILL_LEGACY_PYTHON", str(tmp_path / "nowhere" / "python"))
+    message = _preflight(tmp_path, "recipe=[awq_w4a16]", "recipe.awq_w4a16.backend=autoawq")
+    assert "runs in an environment of its own" in message and "scripts/make-legacy-env.sh autoawq" in message
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_autogptq_says_exactly_why_it_cannot_run_here(tmp_path, monkeypatch):
+    from quantmill.backends import legacy_quantizer
+
+    python = tmp_path / "legacy-python"
+    python.write_text("")
+    monkeypatch.setenv("QUANTMILL_LEGACY_PYTHON", str(python))
+    monkeypatch.setattr(legacy_quantizer, "_versions", lambda p, pkgs: {"auto-gptq": "0.7.1"})
+    message = _preflight(tmp_path, "recipe=[gptq_w4a16]", "recipe.gptq_w4a16.backend=autogptq",
+                         "recipe.gptq_w4a16.params.group_size=128")
+    assert "AutoGPTQ 0.7.1 refuses to quantize without a CUDA device" in message
