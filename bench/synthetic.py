@@ -15,6 +15,9 @@ import numpy as np
 from quantmill.backends.local_source import BUNDLED_ROOT
 
 SHAPES = {
+    # the bundled model's shape, for trying a benchmark quickly on a CPU
+    "llama-tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=1024),
     # TinyLlama-1.1B: 1.10B parameters
     "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                        num_key_value_heads=4, vocab_size=32000),

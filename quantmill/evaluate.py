@@ -68,6 +68,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"runtime": runtime.key, "mode": request["mode"]}
     with runtime.load(Path(request["artifact"]), n_ctx=n_ctx, threads=request.get("threads", 0)) as model:
         result["load_seconds"] = round(model.load_seconds, 3)
+        result["execution"] = getattr(model, "execution", "native")
         bos = runtime.special_ids(model)["bos"]
         start = time.perf_counter()
         for i, window in enumerate(tokens):

@@ -25,7 +25,7 @@ from quantmill.versions import package_versions
 
 # Bump a step's version when its output bytes change for the same inputs and config.
 IMPLEMENTATION_VERSIONS = {C.DOWNLOAD: "2", C.MERGE: "1", C.CALIBRATE: "2", C.CONVERT: "1", C.QUANTIZE: "1",
-                           C.VALIDATE: "1", C.PUBLISH: "1"}
+                           C.VALIDATE: "2", C.PUBLISH: "1"}
 BUNDLED_TEXT = Path(__file__).resolve().parent / "bundled" / "text"
 HIT, MISS, PENDING = "hit", "miss", "pending"
 

@@ -19,7 +19,6 @@ from quantmill.planner import open_store, plan
 from tests.conftest import compose_in
 
 pytest.importorskip("llmcompressor")
-pytest.importorskip("gptqmodel")
 
 PUBLISHED = {  # registry name -> (backend, format written)
     "tiny-llama-gptq_w4a16": ("llmcompressor", "compressed-tensors"),
@@ -34,6 +33,7 @@ def calibrated_runs(tmp_path_factory):
     """Two pipeline runs into one store: the llm-compressor recipes, then the same recipes on GPTQModel."""
     from quantmill.cli import run_config
 
+    pytest.importorskip("gptqmodel")
     root = tmp_path_factory.mktemp("calibrated")
     common = ("validate.n_chunks=4", "calibration.num_samples=32")
     first = run_config(compose_in(root, "recipe=[gptq_w4a16,awq_w4a16]", *common))

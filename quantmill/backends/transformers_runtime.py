@@ -14,6 +14,28 @@ from quantmill.errors import PreflightError
 from quantmill.versions import package_versions
 
 
+def execution_mode(artifact: Path, device: str) -> str:
+    """``native``, or how a checkpoint whose kernels this device lacks is run: FP4 formats need compute capability
+    10.0 (Blackwell), FP8 needs 8.9; without them compressed-tensors decompresses the weights (emulation); on CPU
+    every quantized checkpoint runs decompressed."""
+    import json
+
+    quant = json.loads((artifact / "config.json").read_text()).get("quantization_config") or {}
+    if not quant:
+        return "native"
+    fmt = str(quant.get("format", "")) + str(quant.get("quant_method", ""))
+    if device == "cpu":
+        return f"emulated: {fmt or 'quantized'} weights decompressed on CPU"
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    cc = major + minor / 10
+    need = 10.0 if "fp4" in fmt.lower() else 8.9 if "float-quantized" in fmt else 0.0
+    if cc < need:
+        return f"emulated: {fmt} needs compute capability {need} for its kernels, {torch.cuda.get_device_name()} has {cc}"
+    return "native"
+
+
 class TransformersRuntime(HfTokenizerMethods):
     """Loads a checkpoint directory with transformers (CUDA when present, else CPU in float32)."""
 
@@ -46,6 +68,7 @@ class TransformersRuntime(HfTokenizerMethods):
         model.eval()
         model.quantmill_tokenizer = AutoTokenizer.from_pretrained(artifact)
         model.load_seconds = time.perf_counter() - start
+        model.execution = execution_mode(artifact, device)
         try:
             yield model
         finally:

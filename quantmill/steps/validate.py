@@ -96,7 +96,9 @@ def validate(runtime: Any, artifact: Path, evalset: Path, reference_dir: Path, *
     record.update(metrics)
     record["peak_rss_bytes"] = peak
     generated = metrics["generated_ids"]
-    checks = [{"name": "loads", "passed": True, "detail": f"loaded in {metrics['load_seconds']:.2f} s"},
+    mode = metrics.get("execution", "native")
+    checks = [{"name": "loads", "passed": True,
+               "detail": f"loaded in {metrics['load_seconds']:.2f} s" + ("" if mode == "native" else f"; {mode}")},
               {"name": "generates", "passed": len(set(generated)) > 1,
                "detail": f"{len(generated)} tokens, {len(set(generated))} distinct"}]
     checks += check_gates(metrics, gates)
