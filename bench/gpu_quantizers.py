@@ -53,7 +53,10 @@ print("PEAK", torch.cuda.max_memory_allocated() if cuda else 0)
 '''
 
 RECIPES = {"gptq_w4a16": ("gptq", "W4A16", True), "awq_w4a16": ("awq", "W4A16", True),
-           "fp8_dynamic": ("fp8", "FP8_DYNAMIC", False), "nvfp4": ("nvfp4", "NVFP4", True)}
+           "fp8_dynamic": ("fp8", "FP8_DYNAMIC", False), "nvfp4": ("nvfp4", "NVFP4", True),
+           "awq_w4a16_asym": ("awq", "W4A16_ASYM", True)}
+# Variants run as a shipped recipe plus overrides.
+VARIANTS = {"awq_w4a16_asym": ("awq_w4a16", ["recipe.awq_w4a16.quant_type=W4A16_ASYM"])}
 
 
 def calibration_text(work: Path) -> Path:
@@ -80,7 +83,8 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str
 def bench_one(shape: str, model: Path, recipe: str, work: Path, text: Path) -> dict:
     method, scheme, calibrated = RECIPES[recipe]
     store = work / f"store-{recipe}"
-    overrides = ["model=local", f"model.path={model}", f"model.name={shape}", f"recipe=[{recipe}]",
+    base, extra = VARIANTS.get(recipe, (recipe, []))
+    overrides = ["model=local", f"model.path={model}", f"model.name={shape}", f"recipe=[{base}]", *extra,
                  f"store.root={store}", f"infra.prefect_home={work / 'prefect'}", "validate.enabled=false",
                  "publish.enabled=false", f"calibration.num_samples={SAMPLES}", f"calibration.seq_len={SEQ_LEN}",
                  f"calibration.files=[{text}]", "calibration.min_samples=128"]
