@@ -23,7 +23,7 @@ def execution_mode(artifact: Path, device: str) -> str:
     quant = json.loads((artifact / "config.json").read_text()).get("quantization_config") or {}
     if not quant:
         return "native"
-    fmt = str(quant.get("format", "")) + str(quant.get("quant_method", ""))
+    fmt = str(quant.get("format") or quant.get("quant_method") or "")
     if device == "cpu":
         return f"emulated: {fmt or 'quantized'} weights decompressed on CPU"
     import torch
@@ -63,8 +63,10 @@ class TransformersRuntime(HfTokenizerMethods):
             torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         start = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32 if device == "cpu" else "auto",
-                                                     device_map=device)
+        dtype: Any = torch.float32 if device == "cpu" else "auto"
+        if device != "cpu" and "fp4" in execution_mode(artifact, device):
+            dtype = torch.bfloat16  # emulated FP4 decompresses to bfloat16: the whole model must match it
+        model = AutoModelForCausalLM.from_pretrained(artifact, dtype=dtype, device_map=device)
         model.eval()
         model.quantmill_tokenizer = AutoTokenizer.from_pretrained(artifact)
         model.load_seconds = time.perf_counter() - start
