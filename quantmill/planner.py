@@ -239,8 +239,7 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
     info = source.describe(model, cache)
     for name, (recipe, quantizer, converter) in recipes.items():
         converter.check(info, model.name)
-        if hasattr(quantizer, "check_model"):
-            quantizer.check_model(name, recipe, info)
+        quantizer.check_model(name, recipe, info)
     if cfg.validate.enabled:
         _check_context(cfg, info, eval_files)
 
@@ -321,7 +320,7 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
         if not quantizer.is_intermediate(recipe):
             source = intermediate if quantizer.reads == "intermediate" else model_spec
             inputs = {"model": source.id}
-            if quantizer.needs_calibration(recipe) and getattr(quantizer, "calibration_input", "") == "dataset":
+            if quantizer.needs_calibration(recipe) and quantizer.calibration_input == "dataset":
                 inputs["calibration"] = dataset.id
             elif quantizer.needs_calibration(recipe):
                 imatrix = add(StepSpec(
@@ -374,9 +373,8 @@ def _resolve_recipe(name: str, recipe):
     import dataclasses
 
     quantizer = QUANTIZERS.get(recipe.backend or recipe.method)
-    fmt = recipe.format or (quantizer.default_format(recipe) if hasattr(quantizer, "default_format")
-                            else quantizer.formats[0])
-    if fmt not in getattr(quantizer, "formats", ()):
+    fmt = recipe.format or quantizer.default_format(recipe)
+    if fmt not in quantizer.formats:
         raise PreflightError(f"recipe {name!r}: backend {quantizer.key!r} cannot produce format {fmt!r} (it makes: "
                              f"{', '.join(quantizer.formats)}); drop recipe.{name}.format or choose one of those")
     return dataclasses.replace(recipe, format=fmt), quantizer

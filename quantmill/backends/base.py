@@ -65,9 +65,22 @@ class HfTokenizerMethods:
 
 
 class QuantizerDefaults:
-    """What most quantizers answer: no calibration, never the intermediate itself, read from the source model."""
+    """What most quantizers answer: no calibration, never the intermediate itself, read from the source model,
+    write their first format, accept any model shape.
+
+    ``calibration_input`` says what a calibrated recipe's quantize step takes: ``dataset`` (the tokenized
+    calibration set) or ``imatrix`` (an importance matrix the planner computes from it first).
+    """
 
     reads = "source"
+    calibration_input = "dataset"
+    formats: tuple[str, ...] = ()
+
+    def default_format(self, recipe: Any) -> str:
+        return self.formats[0]
+
+    def check_model(self, name: str, recipe: Any, info: SourceInfo) -> None:
+        """Checks that need the model's config (e.g. a group size against its widths); none by default."""
 
     def is_intermediate(self, recipe: Any) -> bool:
         return False

@@ -41,7 +41,7 @@ def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Pat
 
     config, params = request["config"], request["config"]["params"]
     scheme = config["quant_type"]
-    skip = [p for p in params.get("ignore", ["lm_head"])]
+    skip = list(params.get("ignore", ["lm_head"]))
     if scheme == "INT8":
         quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     else:

@@ -49,10 +49,6 @@ class CalibratedQuantizer(QuantizerDefaults):
     calibrated: tuple[str, ...] = ()
     module = ""
     packages: tuple[str, ...] = ()
-    calibration_input = "dataset"
-
-    def default_format(self, recipe: RecipeConfig) -> str:
-        return self.formats[0]
 
     def check(self, name: str, recipe: RecipeConfig) -> None:
         if recipe.method not in self.schemes:
@@ -185,14 +181,14 @@ class LayerTracker:
 
 
 @contextmanager
-def oom_names_layer(tracker_box: list, config: Mapping[str, Any], samples: int, seq_len: int) -> Iterator[None]:
+def oom_names_layer(tracker: LayerTracker, config: Mapping[str, Any], samples: int, seq_len: int) -> Iterator[None]:
     """Turn a CUDA out-of-memory error into one line naming the layer and what to lower."""
     import torch
 
     try:
         yield
     except torch.OutOfMemoryError:
-        layer = tracker_box[0].current if tracker_box else "loading the model"
+        layer = tracker.current
         raise UserFacing(f"out of GPU memory in {layer} during {config['method']} calibration with {samples} "
                          f"samples x {seq_len} tokens; lower calibration.num_samples or calibration.seq_len "
                          f"(or use a GPU with more memory)") from None

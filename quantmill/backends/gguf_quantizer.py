@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from quantmill import constants as C
 from quantmill.backends import QUANTIZERS
+from quantmill.backends.base import QuantizerDefaults
 from quantmill.config import RecipeConfig
 from quantmill.errors import PreflightError
 from quantmill.gguf_info import bits_per_weight
@@ -32,13 +33,14 @@ def known_quant_types() -> tuple[str, ...]:
     return tuple(sorted(set(types)))
 
 
-class GgufQuantizer:
+class GgufQuantizer(QuantizerDefaults):
     """F16 GGUF -> quantized GGUF, optionally with an importance matrix."""
 
     key = "gguf"
     capability = C.CPU
     formats = ("gguf",)
     reads = "intermediate"
+    calibration_input = "imatrix"
 
     def check(self, name: str, recipe: RecipeConfig) -> None:
         types = known_quant_types()

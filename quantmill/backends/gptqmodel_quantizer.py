@@ -66,7 +66,7 @@ def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Pat
     rows = [{"input_ids": r, "attention_mask": [1] * len(r)} for r in ids]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with oom_names_layer([tracker], config, len(ids), len(ids[0])):
+    with oom_names_layer(tracker, config, len(ids), len(ids[0])):
         model.quantize(rows, batch_size=min(len(rows), 8), **kwargs)
     tracker.remove()
     model.save(str(out))

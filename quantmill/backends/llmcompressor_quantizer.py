@@ -126,7 +126,7 @@ def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Pat
     tracker = LayerTracker(model)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with oom_names_layer([tracker], config, len(ids), len(ids[0]) if ids else 0), _no_pinning_without_accelerator():
+    with oom_names_layer(tracker, config, len(ids), len(ids[0]) if ids else 0), _no_pinning_without_accelerator():
         oneshot(model=model, recipe=build_recipe(config), **kwargs)
     tracker.remove()
     if not cuda and source_dtype is not None:

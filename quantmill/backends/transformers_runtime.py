@@ -63,14 +63,15 @@ class TransformersRuntime(HfTokenizerMethods):
             torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         start = time.perf_counter()
+        execution = execution_mode(artifact, device)
         dtype: Any = torch.float32 if device == "cpu" else "auto"
-        if device != "cpu" and "fp4" in execution_mode(artifact, device):
+        if device != "cpu" and "fp4" in execution:
             dtype = torch.bfloat16  # emulated FP4 decompresses to bfloat16: the whole model must match it
         model = AutoModelForCausalLM.from_pretrained(artifact, dtype=dtype, device_map=device)
         model.eval()
         model.quantmill_tokenizer = AutoTokenizer.from_pretrained(artifact)
         model.load_seconds = time.perf_counter() - start
-        model.execution = execution_mode(artifact, device)
+        model.execution = execution
         try:
             yield model
         finally:
