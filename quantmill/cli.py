@@ -86,6 +86,8 @@ def run_config(cfg, *, verbose: bool = False) -> list:
             report.update_from_outcomes(store, cfg.model.name, outcomes)
         return outcomes
     planner.check_space(the_plan, resolution, store)
+    if cfg.infra.mode == "prefect":
+        return _run_on_pools(cfg, the_plan, verbose=verbose)
     runner.configure_embedded(cfg.infra, verbose=verbose)
     from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -94,6 +96,28 @@ def run_config(cfg, *, verbose: bool = False) -> list:
     flow = pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
     with ui.RichReporter() as reporter, progress.using(reporter):
         state = flow(to_dict(cfg), return_state=True)
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, BaseException):
+        raise data
+    return [Outcome.from_json(d) for d in data]
+
+
+def _run_on_pools(cfg, the_plan, *, verbose: bool) -> list:
+    """infra=prefect: this process runs the parent flow against the server; workers of each pool run the steps."""
+    from quantmill import pools, runner, ui
+    from quantmill.config import to_dict
+    from quantmill.outcome import Outcome
+
+    runner.connect(cfg.infra, verbose=verbose)
+    routes = pools.route(the_plan, cfg.infra.pools)
+    for warning in runner.check_deployments(sorted(set(routes.values()))):
+        ui.out.print(f"[yellow]{warning}[/]")
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.pipeline import pipeline_on_pools
+
+    flow = pipeline_on_pools.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
+    state = flow(to_dict(cfg), return_state=True)
     data = state.result(raise_on_failure=False)
     if isinstance(data, BaseException):
         raise data
@@ -223,6 +247,65 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
+def _infra(args: argparse.Namespace):
+    """The infra config of ``infra=prefect`` plus the command's overrides."""
+    from quantmill.config import compose
+
+    overrides = list(args.overrides)
+    if not any(o.split("=")[0].lstrip("+~") == "infra" for o in overrides):
+        overrides.insert(0, "infra=prefect")
+    return compose(overrides, conf_dir=args.config_dir).infra
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Check this machine against the pool's capabilities, deploy the pool's step flow, then run a Prefect worker."""
+    import os
+    import socket
+
+    from quantmill import runner
+
+    infra = _infra(args)
+    name = args.name or f"{args.pool}-{socket.gethostname()}-{os.getpid()}"
+    plan = runner.worker_plan(infra.pools, args.pool, name=name, cache_dir=args.cache_dir,
+                              poll_seconds=args.poll_seconds, heartbeat_seconds=args.heartbeat_seconds,
+                              limit=args.limit)
+    url = runner.connect(infra, verbose=args.verbose)
+    runner.deploy(infra.pools, [args.pool])
+    for capability, found in plan.found.items():
+        print(f"pool {args.pool}: {capability}: {found}")
+    print(f"worker {name} on {url}, cache {plan.env['QUANTMILL_CACHE_DIR']}", flush=True)
+    os.environ.update(plan.env)
+    os.execv(plan.command[0], plan.command)  # the worker owns this process from here (signals, exit code)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """Run a Prefect server (SQLite under PREFECT_HOME, or the database URL given)."""
+    import os
+    from pathlib import Path
+
+    from quantmill import runner
+
+    infra = _infra(args)
+    home = Path(args.home or infra.prefect_home).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    command, env = runner.server_command(host=args.host, port=args.port, database_url=args.database_url)
+    os.environ.update(env, PREFECT_HOME=str(home))
+    print(f"Prefect server on http://{args.host}:{args.port}/api (PREFECT_HOME {home}); point workers and runs at it "
+          f"with PREFECT_API_URL=http://<this host>:{args.port}/api", flush=True)
+    os.execv(command[0], command)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Create or update every configured pool and its step-flow deployment on the server."""
+    from quantmill import runner
+
+    infra = _infra(args)
+    runner.connect(infra, verbose=args.verbose)
+    for name in runner.deploy(infra.pools):
+        print(f"deployed {name}")
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser (help, version) and one parser per command; overrides may follow options."""
     parser = argparse.ArgumentParser(prog="quantmill", description="A declarative factory for quantized LLMs.")
@@ -261,6 +344,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                 overrides=False)
     p.add_argument("target")
     p.add_argument("overrides", nargs="*")
+    p = command("worker", cmd_worker, "check this machine offers a pool's capabilities, then run a Prefect worker "
+                                      "for it (infra=prefect)")
+    p.add_argument("--pool", required=True, help="the pool to serve (a name under infra.pools)")
+    p.add_argument("--name", help="worker name (default: POOL-HOST-PID)")
+    p.add_argument("--cache-dir", default=".quantmill/worker-cache", help="this worker's cache of fetched artifacts")
+    p.add_argument("--poll-seconds", type=float, default=1.0, help="how often the worker asks for new runs")
+    p.add_argument("--heartbeat-seconds", type=float, default=10.0,
+                   help="heartbeat interval; a run's parent takes the worker as gone after 3 missed")
+    p.add_argument("--limit", type=int, default=None, help="most step runs at once on this worker")
+    p = command("server", cmd_server, "run a Prefect server for pools (SQLite by default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4200)
+    p.add_argument("--database-url", help="e.g. postgresql+asyncpg://user:pass@host/db (default: SQLite)")
+    p.add_argument("--home", help="PREFECT_HOME of the server (default: infra.prefect_home)")
+    command("deploy", cmd_deploy, "create each configured pool and its deployment of the step flow on the server")
     return parser, commands
 
 

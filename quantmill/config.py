@@ -229,13 +229,46 @@ class StoreConfig:
 
 
 @dataclass
+class PoolConfig:
+    """A Prefect work pool and what its workers offer.
+
+    Attributes:
+        capabilities: What every worker of the pool has (``cpu``, ``cuda``, ``mlx``, ``llamacpp``); a step goes
+            to the first pool, in file order, that offers the capability its backend declares.
+        type: The Prefect worker type (``process``: each step runs in a fresh process on the worker's machine).
+        min_gpu_memory_gb: For ``cuda`` pools: ``quantmill worker`` refuses a machine with less.
+        job_variables: Passed to the pool's deployment (env, working_dir, ...).
+    """
+
+    capabilities: List[str] = field(default_factory=lambda: ["cpu"])
+    type: str = "process"
+    min_gpu_memory_gb: Optional[float] = None
+    job_variables: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class InfraConfig:
-    """Where steps run. ``embedded``: one Prefect flow in this process (ephemeral API, no server)."""
+    """Where steps run.
+
+    Attributes:
+        mode: ``embedded`` (one Prefect flow in this process, no server) or ``prefect`` (a parent flow sends each
+            step to the work pool offering its capability, through a Prefect server; artifacts go through the
+            store, which must then be reachable by every worker: ``store=s3``).
+        max_parallel: Steps (embedded) or pool dispatches (prefect) in flight at once.
+        threads: Threads for llama.cpp tools (0: all cores).
+        prefect_home: PREFECT_HOME of embedded runs and of ``quantmill server``.
+        api_url: The Prefect server (prefect mode); unset: $PREFECT_API_URL.
+        pools: Pool name -> its capabilities (prefect mode).
+        poll_seconds: How often the parent polls a dispatched step's state.
+    """
 
     mode: str = "embedded"
     max_parallel: int = 1
     threads: int = 0
     prefect_home: str = ".quantmill/prefect"
+    api_url: Optional[str] = None
+    pools: Dict[str, PoolConfig] = field(default_factory=dict)
+    poll_seconds: float = 0.5
 
 
 @dataclass
@@ -337,7 +370,7 @@ def _explain(exc: Exception, conf_dir: Path) -> ConfigError:
 def _schema_fields(name: str) -> list[str]:
     import dataclasses
 
-    schema = {cls.__name__: cls for cls in (*_GROUP_SCHEMAS.values(), RecipeConfig, RequiresConfig, GateConfig,
+    schema = {cls.__name__: cls for cls in (*_GROUP_SCHEMAS.values(), RecipeConfig, RequiresConfig, GateConfig, PoolConfig,
                                             QuantmillConfig)}.get(name)
     return [f.name for f in dataclasses.fields(schema)] if schema else []
 

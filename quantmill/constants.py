@@ -14,6 +14,12 @@ STEPS = (DOWNLOAD, MERGE, CALIBRATE, CONVERT, QUANTIZE, VALIDATE, PUBLISH)
 CPU = "cpu"
 CUDA = "cuda"
 MLX = "mlx"
+LLAMACPP = "llamacpp"  # the pinned llama.cpp build (converter, quantize/imatrix/perplexity tools, libllama)
+CAPABILITIES = (CPU, CUDA, MLX, LLAMACPP)
+
+# Prefect names (infra=prefect): the flow every pool runs, one deployment per pool named after the pool.
+STEP_FLOW = "quantmill-step"
+PIPELINE_FLOW = "quantmill-pipeline"
 
 # Local store layout: <root>/objects/<key>/{files/..., provenance.json}
 OBJECTS_DIR = "objects"
@@ -35,6 +41,7 @@ INTOTO_STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 SLSA_PROVENANCE_TYPE = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "https://quantmill.dev/buildtypes/step/v1"
 BUILDER_ID_EMBEDDED = "https://quantmill.dev/builders/embedded"
+BUILDER_ID_POOL = "https://quantmill.dev/builders/prefect-pool"
 
 # Validation record statuses.
 PASSED = "passed"
@@ -51,3 +58,6 @@ PROBE_FILE = "quantmill-probe.safetensors"  # a quantized checkpoint's logits on
 # Environment variables.
 ENV_LLAMA_CPP = "QUANTMILL_LLAMA_CPP"
 ENV_CONF_DIR = "QUANTMILL_CONF"
+ENV_WORKER = "QUANTMILL_WORKER"  # set by `quantmill worker`: the worker's name, its pool and its local cache
+ENV_POOL = "QUANTMILL_POOL"
+ENV_CACHE_DIR = "QUANTMILL_CACHE_DIR"

@@ -21,7 +21,7 @@ from quantmill.backends import gguf_quantizer
 from quantmill.backends.base import SourceInfo
 from quantmill.backends.local_publisher import LocalRegistry
 from quantmill.config import CalibrationConfig, ModelConfig
-from quantmill.errors import ToolError
+from quantmill.errors import PreflightError, ToolError
 from quantmill.planner import StepSpec, step_key
 from quantmill.steps import calibrate, convert, download, merge, publish, quantize, validate
 from quantmill.store import ArtifactRef, LocalStore, Store
@@ -41,7 +41,25 @@ class StepResult:
 
 
 def read_result(store: Store, ref: ArtifactRef) -> dict[str, Any]:
-    return json.loads((store.files(ref) / C.RESULT_FILE).read_text())
+    return json.loads(store.read_file(ref, C.RESULT_FILE))
+
+
+def local_texts(spec: StepSpec) -> list[Path]:
+    """The spec's text files on this machine: the planned path, else quantmill's bundled copy (a worker's
+    installation differs from the planner's); either must have the sha256 the key was computed from."""
+    from quantmill.digest import sha256_file
+    from quantmill.planner import BUNDLED_TEXT
+
+    paths = []
+    for planned, text in zip(spec.context["files"], spec.config["texts"]):
+        for candidate in (Path(planned), BUNDLED_TEXT / text["name"]):
+            if candidate.is_file() and sha256_file(candidate) == text["sha256"]:
+                paths.append(candidate)
+                break
+        else:
+            raise PreflightError(f"{spec.id}: text file {planned} (sha256 {text['sha256'][:12]}…) is not on this "
+                                 f"machine; ship it with quantmill's bundled texts or on a path every worker has")
+    return paths
 
 
 # -- adapters: spec + input paths -> step function call ----------------------------------------------------
@@ -68,7 +86,7 @@ def _calibrate(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Sto
         cfg = CalibrationConfig(source=c["source"], num_samples=c["num_samples"], seq_len=c["seq_len"],
                                 seed=c["seed"], min_samples=c["min_samples"], dataset=c["dataset"],
                                 split=c["split"], text_field=c["text_field"])
-        return calibrate.calibrate_dataset(cfg, inputs["model"], [Path(p) for p in spec.context["files"]], out)
+        return calibrate.calibrate_dataset(cfg, inputs["model"], local_texts(spec), out)
     return calibrate.calibrate_imatrix(gguf_quantizer, gguf_quantizer.one_gguf(inputs["model"]), inputs["calibration"],
                                        out, ctx=c["ctx"], chunks=c["chunks"], threads=spec.context["threads"],
                                        label="imatrix")
@@ -88,7 +106,7 @@ def _quantize(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Stor
 def _validate(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
     c = spec.config
     if c["kind"] == "evalset":
-        return validate.make_evalset(inputs["model"], [Path(p) for p in spec.context["files"]], out,
+        return validate.make_evalset(inputs["model"], local_texts(spec), out,
                                      n_ctx=c["n_ctx"], n_chunks=c["n_chunks"], prompt=c["prompt"],
                                      probes=c["probes"])
     runtime = RUNTIMES.get(spec.backend)
@@ -157,6 +175,14 @@ def run_step(spec: StepSpec, inputs: Mapping[str, ArtifactRef], store: Store,
             register(spec, store, found)
         return StepResult(spec.id, found, cached=True, seconds=0.0, result=read_result(store, found))
 
+    if run.pool is not None:  # a worker makes only the bytes its key promises: the planned tool versions
+        from quantmill.versions import check_tools
+
+        problems = check_tools(dict(spec.tools), pool=run.pool)
+        if problems:
+            raise PreflightError(f"worker {run.worker} (pool {run.pool}) cannot run {spec.id} as planned: "
+                                 f"{'; '.join(problems)}; install the same versions on the planning machine and "
+                                 f"every worker")
     paths = {name: store.verified_files(ref) for name, ref in inputs.items()}
     if spec.step == C.PUBLISH:
         spec = StepSpec(**{**spec.__dict__, "context": {**spec.context,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -61,3 +63,63 @@ def check_here(name: str, requires, *, pools: str = "") -> None:
     if requires.min_gpu_memory_gb and best.memory_gb < requires.min_gpu_memory_gb:
         raise PreflightError(f"recipe {name!r} needs {describe_needs(requires)}; this machine's {best.name} has "
                              f"{best.memory_gb} GiB; {where}")
+
+
+def check_capability(capability: str, *, min_gpu_memory_gb: float | None = None) -> str:
+    """Check that this machine really offers ``capability``; return what it found, or raise one line saying why not.
+
+    What each capability means is what the backends that declare it need: ``cpu`` any Python with quantmill,
+    ``cuda`` an NVIDIA GPU visible to torch, ``mlx`` the mlx package importable, ``llamacpp`` the project's pinned
+    llama.cpp build with its tools.
+    """
+    if capability == C.CPU:
+        import os
+
+        return f"{os.cpu_count()} CPU cores"
+    if capability == C.CUDA:
+        gpus = cuda_gpus()
+        if not gpus:
+            raise PreflightError("capability 'cuda': torch sees no CUDA device here (no GPU, no driver, or a CPU-only "
+                                 "torch); start this worker on a GPU machine")
+        best = max(gpus, key=lambda g: g.memory_gb)
+        if min_gpu_memory_gb and best.memory_gb < min_gpu_memory_gb:
+            raise PreflightError(f"capability 'cuda': the pool asks for {min_gpu_memory_gb:g} GiB of GPU memory, this "
+                                 f"machine's {best.name} has {best.memory_gb} GiB")
+        return ", ".join(f"{g.name} ({g.memory_gb} GiB, cc {g.compute_capability})" for g in gpus)
+    if capability == C.MLX:
+        try:
+            import mlx.core as mx
+        except ImportError as e:
+            raise PreflightError(f"capability 'mlx': mlx is not importable ({e}); pip install 'quantmill[mlx]'") from None
+        return f"mlx {getattr(mx, '__version__', '?')} on {mx.default_device()}"
+    if capability == C.LLAMACPP:
+        from quantmill.llamacpp import locate
+
+        build = locate()
+        for tool in ("llama-quantize", "llama-imatrix", "llama-perplexity"):
+            build.tool(tool)
+        if not build.converter.is_file():
+            raise PreflightError(f"capability 'llamacpp': converter {build.converter} missing; run `make llama-cpp`")
+        return build.version
+    raise PreflightError(f"capability {capability!r} unknown; known: {', '.join(C.CAPABILITIES)}")
+
+
+@lru_cache(maxsize=1)
+def gpu_details() -> dict[str, str]:
+    """GPU model, driver and CUDA version for provenance, from nvidia-smi (no torch import); empty without one."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return {}
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        header = subprocess.run([smi], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    rows = [r.strip() for r in out.splitlines() if r.strip()]
+    if not rows:
+        return {}
+    name, driver, memory = (p.strip() for p in rows[0].split(","))
+    cuda = next((part.split(":", 1)[1].split()[0] for part in header.split("|") if "CUDA Version" in part), "")
+    return {"gpu": f"{name} x{len(rows)}" if len(rows) > 1 else name, "gpu_memory": memory, "gpu_driver": driver,
+            **({"cuda": cuda} if cuda else {})}

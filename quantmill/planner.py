@@ -38,7 +38,7 @@ class StepSpec:
         id: Unique in the plan, e.g. ``quantize:gguf_q4_k_m``.
         step: The pipeline verb (download, calibrate, convert, quantize, validate, publish).
         backend: Registry key of the backend that does it.
-        capability: What the machine running it must offer (cpu, cuda, mlx).
+        capability: What the machine running it must offer (cpu, cuda, mlx, llamacpp), from its backend.
         inputs: Input name -> id of the spec that produces it.
         config: The resolved settings that determine the output: hashed into the key.
         context: Execution details that do not change the output (paths, labels, threads): not hashed.
@@ -199,6 +199,8 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
     Raises:
         ConfigError / PreflightError / ModelSourceError: one line naming the problem and the fix.
     """
+    if cfg.infra.mode not in ("embedded", "prefect"):
+        raise ConfigError(f"infra.mode {cfg.infra.mode!r} unknown; choose infra=embedded or infra=prefect")
     cfg, warnings = _apply_target(cfg)
     model = cfg.model
     source = SOURCES.get(model.source)
@@ -225,7 +227,8 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
     if cfg.validate.enabled:
         for name, (recipe, _, _) in recipes.items():
             runtimes[name] = _runtime_for(recipe.format)
-            runtimes[name].check_installed()
+            if cfg.infra.mode == "embedded":  # with pools, `quantmill worker` checks what its pool offers
+                runtimes[name].check_installed()
             gates[name] = effective_gates(cfg, name, recipe)
         eval_files = text_files(list(cfg.validate.eval_files), "validate.eval_files")
 
@@ -325,7 +328,7 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
             elif quantizer.needs_calibration(recipe):
                 imatrix = add(StepSpec(
                     id=f"{C.CALIBRATE}:imatrix-{recipe.format}", step=C.CALIBRATE, backend="imatrix",
-                    capability=C.CPU, inputs={"model": intermediate.id, "calibration": dataset.id},
+                    capability=quantizer.capability, inputs={"model": intermediate.id, "calibration": dataset.id},
                     config={"kind": "imatrix", "ctx": cfg.calibration.seq_len,
                             "chunks": cfg.calibration.num_samples},
                     context={"threads": threads}, tools=quantizer.tools()))
@@ -353,7 +356,7 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                 config={"kind": "artifact", "max_tokens": cfg.validate.max_tokens, "gates": gates[name],
                         "estimate": _estimate(info, recipe, cfg.validate.n_ctx)},
                 # The record holds speed and memory measured here, so the machine class is part of its key.
-                context={"threads": threads}, tools={**runtime.tools(), "machine": machine_class()}))
+                context={"threads": threads}, tools={**runtime.tools(), "machine": measured_on(cfg, runtime.capability)}))
         if publisher is not None:
             inputs = {"artifact": artifact.id, "source": model_spec.id}
             if validation is not None:
@@ -365,7 +368,21 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                         "base_model": info.base_model, "adapter": model.adapter, "tags": sorted(cfg.publish.tags),
                         "license": cfg.publish.license or info.license, "enforce": cfg.validate.enforce},
                 context={"store_root": str(getattr(store, "root", ""))}))
+    if cfg.infra.mode == "prefect":
+        from quantmill.pools import route
+
+        route(specs.values(), cfg.infra.pools)
     return Plan(cfg, info, specs, warnings)
+
+
+def measured_on(cfg: QuantmillConfig, capability: str) -> str:
+    """What a validation's speed and memory figures are attributable to, part of its key: this machine's class
+    when embedded, the pool's name with pools (a pool is one class of hardware)."""
+    if cfg.infra.mode == "prefect":
+        from quantmill.pools import pool_for
+
+        return f"pool {pool_for(capability, cfg.infra.pools)}"
+    return machine_class()
 
 
 def _resolve_recipe(name: str, recipe):

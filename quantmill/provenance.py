@@ -71,8 +71,10 @@ def machine_info() -> dict[str, str]:
 
 
 def host_info() -> dict[str, str]:
-    """machine_info plus the host name, for provenance run details."""
-    return {"hostname": socket.gethostname(), **machine_info()}
+    """machine_info plus the host name and GPU (model, driver, CUDA), for provenance run details."""
+    from quantmill.hardware import gpu_details
+
+    return {"hostname": socket.gethostname(), **machine_info(), **gpu_details()}
 
 
 def now() -> str:
@@ -124,6 +126,21 @@ def artifact_digest_of(stmt: Mapping[str, Any]) -> str:
         if item["name"] == "artifact":
             return "sha256:" + item["digest"]["sha256"]
     raise KeyError("statement has no artifact byproduct")
+
+
+def run_of(stmt: Mapping[str, Any]) -> dict[str, str]:
+    """The run annotations (host, Prefect run ids, pool, worker) of a statement."""
+    for item in stmt["predicate"]["runDetails"]["byproducts"]:
+        if item["name"] == "run":
+            return dict(item.get("annotations", {}))
+    return {}
+
+
+def seconds_of(stmt: Mapping[str, Any]) -> float:
+    """How long the step function ran (startedOn to finishedOn)."""
+    meta = stmt["predicate"]["runDetails"]["metadata"]
+    parse = lambda t: datetime.fromisoformat(t.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(meta["finishedOn"]) - parse(meta["startedOn"])).total_seconds()
 
 
 def subjects_of(stmt: Mapping[str, Any]) -> list[FileDigest]:

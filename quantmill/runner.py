@@ -1,12 +1,28 @@
-"""The library's one contact with Prefect: process settings for embedded runs, and run ids for provenance."""
+"""The library's one contact with Prefect: process settings, the server and its pools, and run ids for provenance.
+
+Embedded runs need nothing here but settings. With ``infra.mode=prefect`` this module checks the server, creates
+each pool's deployment of the step flow, starts workers after checking their machine, and reads back from the
+API what ran where.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
-from quantmill.config import InfraConfig
+from quantmill import constants as C
+from quantmill.config import InfraConfig, PoolConfig, StoreConfig
+from quantmill.errors import PreflightError, QuantmillError
 from quantmill.provenance import RunInfo
+
+STEP_ENTRYPOINT = "flows.step.step"  # a module path: workers import the installed package, no code pull
+
+
+class ServerError(QuantmillError):
+    """The Prefect server cannot be reached or lacks what a pools run needs."""
 
 
 def configure_embedded(infra: InfraConfig, *, verbose: bool = False) -> None:
@@ -20,17 +36,244 @@ def configure_embedded(infra: InfraConfig, *, verbose: bool = False) -> None:
     home = Path(infra.prefect_home).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     os.environ["PREFECT_HOME"] = str(home)
+    _quiet(verbose)
+
+
+def _quiet(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
 
 
+# -- the server --------------------------------------------------------------------------------------------
+def api_url(infra: InfraConfig) -> str:
+    url = infra.api_url or os.environ.get("PREFECT_API_URL")
+    if not url:
+        raise ServerError("infra.mode=prefect needs a Prefect server: set infra.api_url or PREFECT_API_URL (start one "
+                          "with `quantmill server`), or run embedded with infra=embedded")
+    return url.rstrip("/")
+
+
+def check_server(url: str) -> None:
+    """One line if the server does not answer, naming it and the way to run without one."""
+    import httpx
+
+    try:
+        httpx.get(f"{url}/health", timeout=5).raise_for_status()
+    except httpx.HTTPError as e:
+        reason = type(e).__name__ if not str(e) else str(e).splitlines()[0]
+        raise ServerError(f"Prefect server at {url} is unreachable ({reason}); start it with `quantmill server`, fix "
+                          f"infra.api_url / PREFECT_API_URL, or run embedded with infra=embedded") from None
+
+
+def connect(infra: InfraConfig, *, verbose: bool = False) -> str:
+    """Point this process's Prefect client at the configured server (before Prefect is imported) and check it."""
+    url = api_url(infra)
+    check_server(url)
+    os.environ["PREFECT_API_URL"] = url
+    _quiet(verbose)
+    return url
+
+
+def server_command(*, host: str, port: int, database_url: str | None) -> tuple[list[str], dict[str, str]]:
+    """``prefect server start`` with SQLite under PREFECT_HOME by default, PostgreSQL (or any URL) if given."""
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED",
+                                                                                                "true")}
+    if database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)], env
+
+
+# -- pools and deployments -----------------------------------------------------------------------------------
+def deploy(pools: Mapping[str, PoolConfig], names: list[str] | None = None) -> list[str]:
+    """Create (or update) each pool and its deployment ``quantmill-step/<pool>`` of the step flow; idempotent."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    made = []
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(C.STEP_FLOW)
+        for name in names or list(pools):
+            pool = pools[name]
+            try:
+                client.create_work_pool(WorkPoolCreate(name=name, type=pool.type))
+            except ObjectAlreadyExists:
+                pass
+            description = f"quantmill steps needing: {', '.join(pool.capabilities)}"
+            try:
+                existing = client.read_deployment_by_name(f"{C.STEP_FLOW}/{name}")
+            except ObjectNotFound:
+                client.create_deployment(flow_id=flow_id, name=name, work_pool_name=name, entrypoint=STEP_ENTRYPOINT,
+                                         job_variables=dict(pool.job_variables), pull_steps=[],
+                                         enforce_parameter_schema=False, description=description,
+                                         tags=["quantmill", *pool.capabilities])
+            else:
+                client.update_deployment(existing.id, DeploymentUpdate(
+                    work_pool_name=name, entrypoint=STEP_ENTRYPOINT, job_variables=dict(pool.job_variables),
+                    description=description, tags=["quantmill", *pool.capabilities]))
+            made.append(f"{C.STEP_FLOW}/{name}")
+    return made
+
+
+def check_deployments(pools: list[str]) -> list[str]:
+    """Refuse a run whose pools have no deployment; return a warning per pool with no worker online."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    warnings = []
+    with get_client(sync_client=True) as client:
+        for pool in pools:
+            try:
+                client.read_deployment_by_name(f"{C.STEP_FLOW}/{pool}")
+            except ObjectNotFound:
+                raise ServerError(f"the server has no deployment {C.STEP_FLOW}/{pool}; run `quantmill deploy "
+                                  f"infra=prefect` (or start a worker for pool {pool!r}, which deploys it)") from None
+            online = [w for w in client.read_workers_for_work_pool(pool) if str(w.status).upper().endswith("ONLINE")]
+            if not online:
+                warnings.append(f"pool {pool!r} has no worker online; its steps wait until one starts "
+                                f"(`quantmill worker --pool {pool}`)")
+    return warnings
+
+
+# -- workers -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerPlan:
+    command: list[str]
+    env: dict[str, str]
+    found: dict[str, str]  # capability -> what this machine has
+
+
+def worker_plan(pools: Mapping[str, PoolConfig], pool: str, *, name: str, cache_dir: str | Path,
+                poll_seconds: float = 1.0, heartbeat_seconds: float = 10.0, limit: int | None = None) -> WorkerPlan:
+    """Check this machine against the pool's capabilities, then the ``prefect worker start`` to run.
+
+    Raises:
+        PreflightError: unknown pool, or a capability this machine lacks (one line, naming both).
+    """
+    from quantmill.hardware import check_capability
+    from quantmill.pools import describe_pools
+
+    if pool not in pools:
+        raise PreflightError(f"pool {pool!r} is not configured; configured: {describe_pools(pools)} "
+                             f"(conf/infra/prefect.yaml)")
+    config = pools[pool]
+    found = {}
+    for capability in config.capabilities:
+        try:
+            found[capability] = check_capability(capability, min_gpu_memory_gb=config.min_gpu_memory_gb)
+        except PreflightError as e:
+            raise PreflightError(f"this machine cannot serve pool {pool!r}: {e}") from None
+    env = {C.ENV_WORKER: name, C.ENV_POOL: pool, C.ENV_CACHE_DIR: str(Path(cache_dir).expanduser().resolve()),
+           "PREFECT_WORKER_QUERY_SECONDS": f"{poll_seconds:g}", "PREFECT_WORKER_HEARTBEAT_SECONDS": f"{heartbeat_seconds:g}",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
+               "--type", config.type]
+    if limit:
+        command += ["--limit", str(limit)]
+    return WorkerPlan(command, env, found)
+
+
+def worker_store(store: StoreConfig) -> StoreConfig:
+    """The store config as this worker uses it: its own local cache (set by ``quantmill worker``)."""
+    import dataclasses
+
+    cache = os.environ.get(C.ENV_CACHE_DIR)
+    return dataclasses.replace(store, cache_dir=cache) if cache else store
+
+
 def current_run() -> RunInfo:
-    """The Prefect flow and task run ids of the caller (None outside Prefect)."""
+    """The Prefect flow and task run ids of the caller, and its pool and worker when a pool worker runs it."""
     from prefect.runtime import flow_run, task_run
 
-    return RunInfo(flow_run_id=_id(flow_run.get_id()), task_run_id=_id(task_run.get_id()))
+    pool = os.environ.get(C.ENV_POOL)
+    return RunInfo(builder_id=C.BUILDER_ID_POOL if pool else C.BUILDER_ID_EMBEDDED,
+                   flow_run_id=_id(flow_run.get_id()), task_run_id=_id(task_run.get_id()),
+                   pool=pool, worker=os.environ.get(C.ENV_WORKER))
+
+
+def tag_this_flow_run() -> None:
+    """Record on this flow run which worker runs it (the API knows the pool, not the worker's name)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    worker, run_id = os.environ.get(C.ENV_WORKER), flow_run.get_id()
+    if not worker or not run_id:
+        return
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        client.update_flow_run(run.id, tags=sorted({*run.tags, f"worker:{worker}"}))
 
 
 def _id(value) -> str | None:
     return str(value) if value else None
+
+
+# -- waiting for a dispatched step run ------------------------------------------------------------------------
+STALE_HEARTBEATS = 3  # a worker silent for this many heartbeat intervals is taken as gone
+
+
+def wait_for_run(flow_run_id: str, *, poll_seconds: float) -> str:
+    """Wait for a dispatched flow run to end; return its final state type.
+
+    A worker killed mid-step leaves its run RUNNING for ever; when the worker that took the run stops sending
+    heartbeats, the run is marked Crashed (naming the worker) so the parent can report it and a re-run resumes.
+    """
+    import time
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state and run.state.is_final():
+                return run.state.type.value
+            worker = next((t.split(":", 1)[1] for t in run.tags if t.startswith("worker:")), None)
+            if worker and run.work_pool_name and run.state and run.state.is_running():
+                found = [w for w in client.read_workers_for_work_pool(run.work_pool_name) if w.name == worker]
+                if found and found[0].last_heartbeat_time:
+                    silent = (datetime.now(timezone.utc) - found[0].last_heartbeat_time).total_seconds()
+                    if silent > STALE_HEARTBEATS * (found[0].heartbeat_interval_seconds or 30):
+                        message = (f"worker {worker} of pool {run.work_pool_name} stopped (no heartbeat for "
+                                   f"{silent:.0f} s) while running this step; finished steps are kept, re-run to "
+                                   f"resume")
+                        client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                        return "CRASHED"
+            time.sleep(poll_seconds)
+
+
+# -- reading back what ran where -----------------------------------------------------------------------------
+def flow_run_report(flow_run_id: str, *, wait_for: list[str] = (), wait_seconds: float = 15.0) -> dict[str, Any]:
+    """A dispatched flow run as the API has it: state, pool, worker tag, and each task run's state by name.
+
+    Task run states reach the API as events, after the flow run's own final state: ``wait_for`` names task runs
+    to wait (up to ``wait_seconds``) to see in a final state.
+    """
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + wait_seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            final = {t.name for t in tasks if t.state and t.state.is_final()}
+            if set(wait_for) <= final or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    worker = next((t.split(":", 1)[1] for t in run.tags if t.startswith("worker:")), None)
+    return {
+        "id": str(run.id), "name": run.name, "state": run.state.type.value if run.state else None,
+        "message": run.state.message if run.state else None, "pool": run.work_pool_name, "worker": worker,
+        "start": run.start_time.isoformat() if run.start_time else None,
+        "end": run.end_time.isoformat() if run.end_time else None,
+        "created": run.created.isoformat() if run.created else None,
+        "tasks": {t.name: {"state": t.state.type.value if t.state else None,
+                           "message": t.state.message if t.state else None,
+                           "start": t.start_time.isoformat() if t.start_time else None,
+                           "end": t.end_time.isoformat() if t.end_time else None} for t in tasks},
+    }

@@ -123,6 +123,19 @@ class S3Store(Store):
 
     verified_files = files
 
+    def read_file(self, ref: ArtifactRef, path: str) -> bytes:
+        import hashlib
+
+        stmt = self.statement(ref.key)
+        subject = next((s for s in provenance.subjects_of(stmt) if s.path == path), None)
+        if subject is None:
+            raise NotFound(f"artifact {ref.key} in {self.uri} has no file {path}")
+        body = self._call(self.client.get_object, Bucket=self.bucket,
+                          Key=self._key(C.OBJECTS_DIR, ref.key, C.FILES_DIR, path))["Body"].read()
+        if hashlib.sha256(body).hexdigest() != subject.sha256:
+            raise IntegrityError(f"artifact {ref.key} in {self.uri}: {path} differs from its provenance; not used")
+        return body
+
     def verify(self, key: str) -> list[str]:
         ref = self.lookup(key)
         if ref is None:

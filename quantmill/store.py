@@ -77,6 +77,10 @@ class Store(ABC):
     def state_dir(self) -> Path:
         """A local directory for caches the store keeps about itself (digest cache)."""
 
+    def read_file(self, ref: ArtifactRef, path: str) -> bytes:
+        """One small file of an artifact, checked against its provenance (without fetching the rest)."""
+        return (self.files(ref) / path).read_bytes()
+
     def digest_cache(self) -> DigestCache:
         """sha256 of local files by inode, so a large file is hashed once (see ``DigestCache``)."""
         return DigestCache(self.state_dir() / C.DIGEST_CACHE_FILE)

@@ -155,7 +155,7 @@ def test_runtime_not_installed_names_package_and_pool(tmp_path, tiny_model, monk
         llamacpp.locate.cache_clear()
     message = _one_line(e)
     assert message.startswith("runtime 'llamacpp' (validates format 'gguf') is not installed here: llama.cpp build")
-    assert "pool offering capability 'cpu'" in message
+    assert "pool offering capability 'llamacpp'" in message
 
 
 def test_unknown_gate_lists_known_gates(tmp_path, tiny_model):

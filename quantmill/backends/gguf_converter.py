@@ -23,7 +23,7 @@ class GgufConverter:
     """Converts a Hugging Face model directory to one GGUF file (the shared intermediate of GGUF recipes)."""
 
     key = "gguf"
-    capability = C.CPU
+    capability = C.LLAMACPP
     identity = False
 
     def check(self, info: SourceInfo, model_name: str) -> None:

@@ -37,7 +37,7 @@ class GgufQuantizer(QuantizerDefaults):
     """F16 GGUF -> quantized GGUF, optionally with an importance matrix."""
 
     key = "gguf"
-    capability = C.CPU
+    capability = C.LLAMACPP
     formats = ("gguf",)
     reads = "intermediate"
     calibration_input = "imatrix"

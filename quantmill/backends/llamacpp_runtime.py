@@ -21,12 +21,12 @@ class LlamaCppRuntime:
     """Loads a GGUF, returns next-token logits for fixed token ids, and generates greedily."""
 
     key = "llamacpp"
-    capability = C.CPU
+    capability = C.LLAMACPP
     formats = ("gguf",)
 
     def check_installed(self) -> None:
-        hint = ("run `make llama-cpp` here, or validate on a worker of a pool offering capability 'cpu' with "
-                "llama.cpp built (quantmill worker checks it)")
+        hint = ("run `make llama-cpp` here, or validate on a worker of a pool offering capability 'llamacpp' "
+                "(quantmill worker checks it)")
         try:
             locate()
             import_llama_cpp()
