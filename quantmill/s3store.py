@@ -1,9 +1,11 @@
 """The content-addressed store on any S3-compatible endpoint (AWS, MinIO, R2), through boto3.
 
-Layout under ``s3://BUCKET/PREFIX/``: ``objects/<key>/files/<path>`` for an artifact's files and
+Layout under ``s3://BUCKET/PREFIX/``: ``objects/<key>/files/<upload>/<path>`` for an artifact's files and
 ``objects/<key>/provenance.json``, uploaded last with a conditional write (``If-None-Match: *``): it is the commit
 marker, so an artifact exists only once every file is up, and of two workers that computed the same key, the first
-to commit wins and the second keeps its result (same key, same bytes). Downloads land in a worker-local cache keyed
+to commit wins and the second uses the winner's artifact. Each writer uploads under an ``<upload>`` id of its own,
+which the marker names (object metadata ``files``), so a losing writer never overwrites the winner's files even
+when its bytes differ (a validation record holds measured speeds). Downloads land in a worker-local cache keyed
 by artifact key and are checked against their sha256 before any step reads them.
 
 Credentials come from the environment or the worker (boto3's chain), never from conf/.
@@ -56,11 +58,18 @@ class S3Store(Store):
         self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
         self.transfer = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20)
         self.cache = Path(cache_dir).expanduser().resolve()
+        self._uploads: dict[str, str] = {}  # artifact key -> upload id of its committed files
         for sub in (C.OBJECTS_DIR, C.STAGING_DIR, C.STATE_DIR):
             (self.cache / sub).mkdir(parents=True, exist_ok=True)
 
     def _key(self, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def _file_key(self, key: str, path: str) -> str:
+        """Where a committed artifact's file is: under the upload id its commit marker names."""
+        if key not in self._uploads:
+            self.statement(key)
+        return self._key(C.OBJECTS_DIR, key, C.FILES_DIR, self._uploads[key], path)
 
     def _call(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
         try:
@@ -83,11 +92,12 @@ class S3Store(Store):
         from botocore.exceptions import ClientError
 
         try:
-            body = self._call(self.client.get_object, Bucket=self.bucket,
-                              Key=self._key(C.OBJECTS_DIR, key, C.PROVENANCE_FILE))["Body"].read()
+            response = self._call(self.client.get_object, Bucket=self.bucket,
+                                  Key=self._key(C.OBJECTS_DIR, key, C.PROVENANCE_FILE))
         except ClientError:
             raise NotFound(f"no artifact with key {key} in {self.uri}") from None
-        return json.loads(body)
+        self._uploads[key] = response.get("Metadata", {}).get("files", "")
+        return json.loads(response["Body"].read())
 
     def lookup(self, key: str) -> ArtifactRef | None:
         try:
@@ -110,7 +120,7 @@ class S3Store(Store):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
             self._call(self.client.download_file, Bucket=self.bucket,
-                       Key=self._key(C.OBJECTS_DIR, ref.key, C.FILES_DIR, subject.path), Filename=str(tmp),
+                       Key=self._file_key(ref.key, subject.path), Filename=str(tmp),
                        Config=self.transfer)
             actual = sha256_file(tmp)
             if actual != subject.sha256:
@@ -130,8 +140,7 @@ class S3Store(Store):
         subject = next((s for s in provenance.subjects_of(stmt) if s.path == path), None)
         if subject is None:
             raise NotFound(f"artifact {ref.key} in {self.uri} has no file {path}")
-        body = self._call(self.client.get_object, Bucket=self.bucket,
-                          Key=self._key(C.OBJECTS_DIR, ref.key, C.FILES_DIR, path))["Body"].read()
+        body = self._call(self.client.get_object, Bucket=self.bucket, Key=self._file_key(ref.key, path))["Body"].read()
         if hashlib.sha256(body).hexdigest() != subject.sha256:
             raise IntegrityError(f"artifact {ref.key} in {self.uri}: {path} differs from its provenance; not used")
         return body
@@ -167,12 +176,15 @@ class S3Store(Store):
         cache.save()
         digest = manifest_digest(subjects)
         stmt = build_statement(subjects, digest)
-        for subject in subjects:  # files first: invisible until the marker below exists
+        upload = uuid.uuid4().hex[:16]
+        for subject in subjects:  # files first, under this writer's own upload id: invisible until the marker
             self._call(self.client.upload_file, Filename=str(staging.files / subject.path), Bucket=self.bucket,
-                       Key=self._key(C.OBJECTS_DIR, staging.key, C.FILES_DIR, subject.path), Config=self.transfer)
+                       Key=self._key(C.OBJECTS_DIR, staging.key, C.FILES_DIR, upload, subject.path),
+                       Config=self.transfer)
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(C.OBJECTS_DIR, staging.key, C.PROVENANCE_FILE),
-                                   Body=json.dumps(stmt, indent=1).encode(), IfNoneMatch="*")
+                                   Body=json.dumps(stmt, indent=1).encode(), IfNoneMatch="*",
+                                   Metadata={"files": upload})
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 raise _explain(e, self.bucket, self.endpoint_url) from e
@@ -180,6 +192,7 @@ class S3Store(Store):
             if existing is None:
                 raise StoreError(f"{self.uri}: conditional commit of {staging.key} refused but no record found") from e
             return existing
+        self._uploads[staging.key] = upload
         # the committed files are also the local cache's copy
         local = self.cache / C.OBJECTS_DIR / staging.key
         if not local.exists():

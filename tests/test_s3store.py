@@ -88,12 +88,29 @@ def test_second_commit_of_a_key_keeps_the_first(endpoint, bucket, tmp_path):
     assert second == first
 
 
+def test_a_losing_writer_with_other_bytes_never_touches_the_winners_files(endpoint, bucket, tmp_path):
+    a, b = _worker(endpoint, bucket, tmp_path, "a"), _worker(endpoint, bucket, tmp_path, "b")
+    first = _commit(a, b"measured 41.7 tokens/s")
+    second = _commit(b, b"measured 39.2 tokens/s")  # same key, different bytes (a re-measured validation)
+    assert second == first
+    auditor = _worker(endpoint, bucket, tmp_path, "auditor")
+    assert auditor.verify(KEY) == []
+    assert (auditor.files(first) / "model.gguf").read_bytes() == b"measured 41.7 tokens/s"
+
+
+def _file_object(endpoint, bucket, name):
+    import boto3
+
+    listed = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket)["Contents"]
+    return next(o["Key"] for o in listed if o["Key"].endswith(name))
+
+
 def test_altered_object_is_detected_on_download(endpoint, bucket, tmp_path):
     import boto3
 
     ref = _commit(_worker(endpoint, bucket, tmp_path, "a"), b"original weights")
     boto3.client("s3", endpoint_url=endpoint).put_object(
-        Bucket=bucket, Key=f"team/objects/{KEY}/files/model.gguf", Body=b"Original weights")
+        Bucket=bucket, Key=_file_object(endpoint, bucket, "model.gguf"), Body=b"Original weights")
     b = _worker(endpoint, bucket, tmp_path, "b")
     with pytest.raises(IntegrityError, match=r"model.gguf has sha256 .* the object was altered: not used"):
         b.files(ref)

@@ -1,0 +1,414 @@
+"""Worker pools, all real: a Prefect server started here on a free port, moto's S3 server, and two workers on two
+pools, each in its own directory with its own Prefect home and artifact cache (they share nothing but S3).
+
+The parent runs are `quantmill run infra=prefect` processes; what ran where is read back from Prefect's API and
+from the bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONF
+
+pytestmark = pytest.mark.slow
+
+POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp]},mac:{capabilities:[mlx]}}"
+QUICK_VALIDATION = ["validate.n_chunks=2", "validate.n_ctx=128", "calibration.num_samples=16",
+                    "calibration.seq_len=128"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "quantmill.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3):
+    """`quantmill server`, a bucket, and workers `w-cpu` (pool cpu) and `w-mac` (pool mac)."""
+    import boto3
+
+    root = tmp_path_factory.mktemp("pools")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "QUANTMILL_"))}
+    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", QUANTMILL_CONF=str(CONF),
+               PREFECT_LOGGING_LEVEL="WARNING")
+    server_log = open(root / "server.log", "w")
+    server = subprocess.Popen(_cli("server", "--port", str(port), "--home", str(root / "server-home")), env=env,
+                              stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
+    env["PREFECT_API_URL"] = url
+    _wait(lambda: _healthy(url), 90, f"Prefect server on port {port} (log: {root / 'server.log'})")
+    boto3.client("s3", endpoint_url=s3, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="team-artifacts")
+    c = Cluster(root, url, s3, env)
+    c.workers["cpu"] = c.start_worker("cpu", "w-cpu")
+    c.workers["mac"] = c.start_worker("mac", "w-mac")
+    yield c
+    for worker in c.workers.values():
+        _killpg(worker, signal.SIGINT)
+    _killpg(server, signal.SIGINT)
+    server.wait(30)
+
+
+def _healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def _killpg(proc: subprocess.Popen, sig) -> None:
+    """Signal the process and its children (a worker and the step run it spawned)."""
+    for s in (sig, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, s)
+            proc.wait(30)
+            return
+        except ProcessLookupError:
+            proc.wait(30)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the step run a process worker spawns lives in a session of its own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _crash(proc: subprocess.Popen) -> None:
+    """SIGKILL a worker and everything it started, as a machine that dies would."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(30)
+
+
+class Cluster:
+    def __init__(self, root: Path, url: str, s3: str, env: dict[str, str]):
+        self.root, self.url, self.s3, self.env = root, url, s3, env
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    def start_worker(self, pool: str, name: str) -> subprocess.Popen:
+        home = self.root / name  # the worker's own directory, Prefect home and cache: nothing shared but S3
+        home.mkdir(exist_ok=True)
+        env = {**self.env, "PREFECT_HOME": str(home / "prefect")}
+        log = open(home / "worker.log", "a")
+        proc = subprocess.Popen(_cli("worker", "--pool", pool, "--name", name, "--cache-dir", str(home / "cache"),
+                                     "--poll-seconds", "0.5", "--heartbeat-seconds", "2", POOLS),
+                                cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait(lambda: self.worker_online(pool, name) or proc.poll() is not None, 90, f"worker {name}")
+        assert proc.poll() is None, (home / "worker.log").read_text()
+        return proc
+
+    def worker_online(self, pool: str, name: str) -> bool:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True, httpx_settings={"base_url": self.url}) as client:
+            try:
+                workers = client.read_workers_for_work_pool(pool)
+            except Exception:  # noqa: BLE001 - the pool is created by the worker's start
+                return False
+        return any(w.name == name and str(w.status).upper().endswith("ONLINE") for w in workers)
+
+    def overrides(self, *extra: str) -> list[str]:
+        return ["infra=prefect", POOLS, "store=s3", "store.bucket=team-artifacts", f"store.endpoint_url={self.s3}",
+                "publish.enabled=false", *QUICK_VALIDATION, *extra]
+
+    def run(self, *extra: str, name: str = "parent") -> subprocess.Popen:
+        home = self.root / name
+        home.mkdir(exist_ok=True)
+        env = {**self.env, "PREFECT_HOME": str(home / "prefect")}
+        return subprocess.Popen(_cli("run", "--json", *self.overrides(f"store.cache_dir={home / 'cache'}", *extra)),
+                                cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+
+    def run_to_end(self, *extra: str, name: str = "parent") -> tuple[int, dict, str]:
+        proc = self.run(*extra, name=name)
+        out, err = proc.communicate(timeout=600)
+        return proc.returncode, json.loads(out) if out.strip().startswith("{") else {}, err
+
+    def client(self):
+        from prefect.client.orchestration import get_client
+
+        return get_client(sync_client=True, httpx_settings={"base_url": self.url})
+
+    def where_steps_ran(self) -> dict[str, list[tuple[str, str]]]:
+        """task run name (a spec id) -> [(pool, worker)] of every step flow run that ran it, from the API."""
+        with self.client() as client:
+            runs = {r.id: r for r in client.read_flow_runs() if r.work_pool_name}
+            tasks = client.read_task_runs()
+        where: dict[str, list[tuple[str, str]]] = {}
+        for t in tasks:
+            run = runs.get(t.flow_run_id)
+            if run is not None and t.state and t.state.is_completed():
+                worker = next(tag.split(":", 1)[1] for tag in run.tags if tag.startswith("worker:"))
+                where.setdefault(t.name, []).append((run.work_pool_name, worker))
+        return where
+
+    def bucket_objects(self) -> dict[str, list[str]]:
+        """artifact key -> object names under it, listed from the bucket."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.s3, region_name="us-east-1", aws_access_key_id="testing",
+                              aws_secret_access_key="testing")
+        found: dict[str, list[str]] = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket="team-artifacts"):
+            for obj in page.get("Contents", []):
+                parts = obj["Key"].split("/")  # quantmill/objects/<key>/...
+                found.setdefault(parts[2], []).append("/".join(parts[3:]))
+        return found
+
+    def auditor(self, name: str = "auditor"):
+        """A third machine's view of the bucket, with its own empty cache."""
+        from quantmill.s3store import S3Store
+
+        return S3Store("team-artifacts", "quantmill", endpoint_url=self.s3, cache_dir=self.root / name)
+
+
+def _steps(report: dict) -> dict[str, dict]:
+    return {s["spec_id"]: s for s in report["steps"]}
+
+
+def _s3_env(monkeypatch):
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_one_run_sends_gguf_steps_to_cpu_pool_and_mlx_steps_to_mac_pool(cluster, monkeypatch):
+    _s3_env(monkeypatch)
+    code, report, err = cluster.run_to_end("recipe=[gguf_q8_0,mlx_4bit]")
+    assert code == 0, err
+    steps = _steps(report)
+    assert {s["status"] for s in steps.values()} == {"ran"}, steps
+    where = cluster.where_steps_ran()
+    for spec in ("download", "validate:evalset", "convert:gguf-f16", "quantize:gguf_q8_0", "validate:gguf_q8_0"):
+        assert where[spec] == [("cpu", "w-cpu")], (spec, where)
+    for spec in ("convert:mlx-float16", "quantize:mlx_4bit", "validate:reference-mlx", "validate:mlx_4bit"):
+        assert where[spec] == [("mac", "w-mac")], (spec, where)
+
+    objects = cluster.bucket_objects()
+    assert set(objects) == {s["key"] for s in steps.values()}  # one artifact per step, nothing else
+    auditor = cluster.auditor()
+    for key, names in objects.items():
+        assert "provenance.json" in names
+        assert auditor.verify(key) == [], key  # every file re-downloaded and re-hashed by a third party
+    record = auditor.statement(steps["quantize:mlx_4bit"]["key"])
+    run = next(b for b in record["predicate"]["runDetails"]["byproducts"] if b["name"] == "run")["annotations"]
+    assert (run["pool"], run["worker"]) == ("mac", "w-mac")
+    assert record["predicate"]["runDetails"]["builder"]["id"].endswith("/prefect-pool")
+    with cluster.client() as client:
+        flow_run = client.read_flow_run(run["prefect_flow_run_id"])
+    assert flow_run.work_pool_name == "mac" and "worker:w-mac" in flow_run.tags
+    # No shared filesystem: the mac worker fetched the download from S3 into its own cache, never a GGUF.
+    mac_cache = cluster.root / "w-mac" / "cache" / "objects"
+    assert steps["download"]["key"] in {p.name for p in mac_cache.iterdir()}
+    assert steps["convert:gguf-f16"]["key"] not in {p.name for p in mac_cache.iterdir()}
+
+    # Re-running dispatches nothing: every step is answered from the bucket.
+    code, again, err = cluster.run_to_end("recipe=[gguf_q8_0,mlx_4bit]")
+    assert code == 0, err
+    assert {s["status"] for s in again["steps"]} == {"cached"}
+    assert again["seconds"] < 15
+
+
+def test_worker_killed_mid_step_leaves_nothing_partial_and_a_rerun_resumes(cluster, monkeypatch):
+    _s3_env(monkeypatch)
+    # A new evaluation set: MLX validation re-runs on the mac pool, and takes long enough (tens of seconds on
+    # mlx's CPU build) to be killed in the middle.
+    extra = ("recipe=[mlx_4bit]", "validate.n_chunks=4", "validate.n_ctx=256")
+    parent = cluster.run(*extra, name="fault")
+
+    def validation_running():
+        with cluster.client() as client:
+            return any(t.name == "validate:mlx_4bit" and t.state and t.state.is_running()
+                       for t in client.read_task_runs())
+
+    _wait(validation_running, 300, "validate:mlx_4bit to be running")
+    time.sleep(2)
+    _crash(cluster.workers["mac"])
+    out, err = parent.communicate(timeout=120)
+    assert parent.returncode == 1, err
+    steps = _steps(json.loads(out))
+    lost = steps["validate:mlx_4bit"]
+    assert lost["status"] == "failed"
+    assert "worker w-mac of pool mac stopped (no heartbeat for" in lost["error"], lost
+    finished = {sid for sid, s in steps.items() if s["status"] in ("ran", "cached")}
+    assert {"download", "convert:mlx-float16", "quantize:mlx_4bit", "validate:evalset",
+            "validate:reference-mlx"} <= finished
+
+    auditor = cluster.auditor("auditor-fault")
+    for key, names in cluster.bucket_objects().items():  # no partial artifact: every key is complete and verifies
+        assert "provenance.json" in names and auditor.verify(key) == [], key
+
+    cluster.workers["mac"] = cluster.start_worker("mac", "w-mac")
+    code, report, err = cluster.run_to_end(*extra, name="fault")
+    assert code == 0, err
+    again = _steps(report)
+    assert {sid for sid, s in again.items() if s["status"] == "cached"} == finished
+    assert again["validate:mlx_4bit"]["status"] == "ran"
+    assert again["validate:mlx_4bit"]["result"]["status"] == "passed"
+
+
+def test_two_identical_runs_at_once_make_one_artifact_per_key(cluster, monkeypatch):
+    _s3_env(monkeypatch)
+    extra = ("recipe=[gguf_q3_k_m]", "validate.enabled=false")
+    first, second = cluster.run(*extra, name="twin-a"), cluster.run(*extra, name="twin-b")
+    results = []
+    for proc in (first, second):
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        results.append(_steps(json.loads(out)))
+    a, b = results
+    assert set(a) == set(b)
+    for sid in a:
+        assert (a[sid]["key"], a[sid]["digest"]) == (b[sid]["key"], b[sid]["digest"]), sid
+    objects = cluster.bucket_objects()
+    auditor = cluster.auditor("auditor-twins")
+    for sid in a:
+        assert objects[a[sid]["key"]].count("provenance.json") == 1
+        assert auditor.verify(a[sid]["key"]) == []
+
+
+def test_an_object_altered_in_the_bucket_is_refused_by_the_worker_that_fetches_it(cluster, monkeypatch):
+    import boto3
+    import shutil
+
+    _s3_env(monkeypatch)
+    code, report, err = cluster.run_to_end("recipe=[gguf_q8_0]", "validate.enabled=false")
+    assert code == 0, err
+    f16 = _steps(report)["convert:gguf-f16"]["key"]
+    s3 = boto3.client("s3", endpoint_url=cluster.s3)
+    name = next(f"quantmill/objects/{f16}/{n}" for n in cluster.bucket_objects()[f16] if n.endswith(".gguf"))
+    data = bytearray(s3.get_object(Bucket="team-artifacts", Key=name)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    s3.put_object(Bucket="team-artifacts", Key=name, Body=bytes(data))
+    shutil.rmtree(cluster.root / "w-cpu" / "cache" / "objects" / f16)  # the worker must fetch it again
+
+    code, report, err = cluster.run_to_end("recipe=[gguf_q4_0]", "validate.enabled=false")
+    assert code == 1
+    failed = _steps(report)["quantize:gguf_q4_0"]
+    assert failed["status"] == "failed"
+    assert f"model-f16.gguf has sha256" in failed["error"] and "the object was altered: not used" in failed["error"]
+    assert f"quantize:gguf_q4_0" not in cluster.where_steps_ran()
+
+
+# -- bad input, refused before anything runs -----------------------------------------------------------------
+def _compose(*extra: str):
+    from quantmill.config import compose
+
+    return compose(["infra=prefect", "publish.enabled=false", *extra], conf_dir=CONF)
+
+
+def test_capability_no_pool_offers_names_it_and_the_pools(tmp_path):
+    from quantmill.errors import PreflightError
+    from quantmill.planner import open_store, plan
+
+    cfg = _compose("recipe=[mlx_4bit]", "~infra.pools.mac", f"store.root={tmp_path / 'store'}")
+    with pytest.raises(PreflightError) as e:
+        plan(cfg, open_store(cfg))
+    assert str(e.value) == ("step convert:mlx-float16 needs capability 'mlx', which no pool offers (configured: cpu "
+                            "[cpu, llamacpp]; cuda [cuda]); add a pool offering it to conf/infra/, or run embedded")
+
+
+def test_unreachable_server_says_how_to_run_embedded(tmp_path):
+    from quantmill.cli import run_config
+    from quantmill.runner import ServerError
+
+    cfg = _compose("recipe=[gguf_q8_0]", f"infra.api_url=http://127.0.0.1:{_free_port()}/api",
+                   f"store.root={tmp_path / 'store'}")
+    with pytest.raises(ServerError) as e:
+        run_config(cfg)
+    message = str(e.value)
+    assert "\n" not in message and "is unreachable" in message and "run embedded with infra=embedded" in message
+
+
+def test_missing_bucket_is_one_line_before_any_server_call(tmp_path, s3, monkeypatch):
+    from quantmill.cli import run_config
+    from quantmill.errors import StoreError
+
+    _s3_env(monkeypatch)
+    cfg = _compose("recipe=[gguf_q8_0]", "store=s3", "store.bucket=no-such-bucket", f"store.endpoint_url={s3}",
+                   f"store.cache_dir={tmp_path / 'cache'}", f"infra.api_url=http://127.0.0.1:{_free_port()}/api")
+    with pytest.raises(StoreError) as e:
+        run_config(cfg)
+    assert "bucket 'no-such-bucket' does not exist; create it or fix store.bucket" in str(e.value)
+
+
+def test_worker_refuses_a_pool_this_machine_cannot_serve(tmp_path):
+    from quantmill.hardware import cuda_gpus
+
+    if cuda_gpus():
+        pytest.skip("this machine has CUDA; the refusal needs one without")
+    proc = subprocess.run(_cli("worker", "--pool", "cuda", "infra.api_url=http://127.0.0.1:1/api"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("quantmill: error: this machine cannot serve pool 'cuda': capability 'cuda': torch "
+                                   "sees no CUDA device here (no GPU, no driver, or a CPU-only torch); start this "
+                                   "worker on a GPU machine")
+    proc = subprocess.run(_cli("worker", "--pool", "gpu"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "pool 'gpu' is not configured; configured: cpu [cpu, llamacpp]; cuda [cuda]; " \
+                                    "mac [mlx]" in proc.stderr
+
+
+def test_worker_with_other_tool_versions_refuses_the_spec():
+    from quantmill.versions import check_tools, package_version
+
+    assert check_tools({"numpy": package_version("numpy")}) == []
+    assert check_tools({"numpy": "1.0.0", "machine": "pool cpu"}, pool="gpu") == [
+        "machine pool gpu (planned: pool cpu)", f"numpy {package_version('numpy')} (planned: 1.0.0)"]
