@@ -59,6 +59,11 @@ def pipeline(config: dict[str, Any]):
         future = futures[spec.id]
         future.wait()
         outcomes.append(outcome_of(spec, future.state))
+    return finish(cfg, store, outcomes)
+
+
+def finish(cfg, store, outcomes: list[Outcome]):
+    """Update the model's validation report, then the run's final state carrying every outcome."""
     if isinstance(store, LocalStore):
         report_mod.update_from_outcomes(store, cfg.model.name, outcomes)
     data = [o.to_json() for o in outcomes]
@@ -69,16 +74,21 @@ def pipeline(config: dict[str, Any]):
 
 
 # -- infra=prefect: the same plan, each segment of same-pool steps sent to its pool's deployment ----------------
-@task(name="dispatch", task_run_name="{pool}: {label}", cache_policy=NO_CACHE, persist_result=False)
+@task(name="dispatch", task_run_name="{pool}: {label}", cache_policy=NO_CACHE, persist_result=False, retries=3,
+      retry_delay_seconds=3)
 def dispatch(pool: str, label: str, specs: list[dict[str, Any]], inputs: dict[str, dict[str, str]],
              store: dict[str, Any], poll_seconds: float) -> str:
     """Run a segment on ``pool`` as a run of its deployment (a subflow of this run); return that run's id."""
     from prefect.deployments import run_deployment
 
+    from prefect.runtime import flow_run
+
     from quantmill.runner import wait_for_run
 
+    # A retry (the server was busy) finds the step run made by the first attempt instead of making a second one.
     run = run_deployment(f"{C.STEP_FLOW}/{pool}", parameters={"specs": specs, "inputs": inputs, "store": store},
-                         flow_run_name=label, timeout=0, tags=["quantmill", f"pool:{pool}"])
+                         flow_run_name=label, timeout=0, tags=["quantmill", f"pool:{pool}"],
+                         idempotency_key=f"{flow_run.get_id()}:{specs[0]['id']}")
     wait_for_run(str(run.id), poll_seconds=poll_seconds)
     return str(run.id)
 
@@ -105,10 +115,14 @@ def collect(segment: list[StepSpec], run_id: str | None, failure: str | None, st
                                 ref.key, ref.digest, read_result(store, ref)))
     if not missing:
         return outcomes
-    report = flow_run_report(run_id, wait_for=[s.id for s in missing]) if run_id else None
+    lost = {s.id for s in missing}
+    skipped = {s.id for s in missing if lost & set(s.inputs.values())}  # never started: an input failed
+    report = flow_run_report(run_id, wait_for=sorted(lost - skipped)) if run_id else None
     for spec in missing:
         task_run = report["tasks"].get(spec.id) if report else None
-        if task_run and task_run["state"] in ("FAILED", "CRASHED"):
+        if spec.id in skipped:
+            outcomes.append(Outcome(spec.id, spec.step, spec.recipe, SKIPPED, error="an input failed"))
+        elif task_run and task_run["state"] in ("FAILED", "CRASHED"):
             message = (task_run["message"] or "").removeprefix("Task run encountered an exception ")
             upstream = "upstream" in message.lower() or "NotReady" in message
             outcomes.append(Outcome(spec.id, spec.step, spec.recipe, SKIPPED if upstream else FAILED,
@@ -167,11 +181,4 @@ def pipeline_on_pools(config: dict[str, Any]):
             outcomes[outcome.spec_id] = outcome
     for spec in specs:  # never dispatched: an input failed
         outcomes.setdefault(spec.id, Outcome(spec.id, spec.step, spec.recipe, SKIPPED, error="an input failed"))
-    ordered = [outcomes[s.id] for s in specs]
-    if isinstance(store, LocalStore):
-        report_mod.update_from_outcomes(store, cfg.model.name, ordered)
-    data = [o.to_json() for o in ordered]
-    failed = [o for o in ordered if not o.ok]
-    if failed:
-        return Failed(message=f"{len(failed)} step(s) failed: {', '.join(o.spec_id for o in failed)}", data=data)
-    return Completed(data=data)
+    return finish(cfg, store, [outcomes[s.id] for s in specs])

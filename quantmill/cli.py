@@ -117,7 +117,14 @@ def _run_on_pools(cfg, the_plan, *, verbose: bool) -> list:
     from flows.pipeline import pipeline_on_pools
 
     flow = pipeline_on_pools.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
-    state = flow(to_dict(cfg), return_state=True)
+    for attempt in range(5):  # a busy server (SQLite, many runs starting at once) may refuse to create the run
+        try:
+            state = flow(to_dict(cfg), return_state=True)
+            break
+        except Exception as e:  # noqa: BLE001 - only the server's "busy" answers are retried
+            if attempt == 4 or not runner.transient(e):
+                raise
+            time.sleep(2 * (attempt + 1))
     data = state.result(raise_on_failure=False)
     if isinstance(data, BaseException):
         raise data

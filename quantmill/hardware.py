@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -120,6 +121,7 @@ def gpu_details() -> dict[str, str]:
     if not rows:
         return {}
     name, driver, memory = (p.strip() for p in rows[0].split(","))
-    cuda = next((part.split(":", 1)[1].split()[0] for part in header.split("|") if "CUDA Version" in part), "")
+    found = re.search(r"CUDA Version:\s*([\d.]+)", header)
+    cuda = found.group(1) if found else ""
     return {"gpu": f"{name} x{len(rows)}" if len(rows) > 1 else name, "gpu_memory": memory, "gpu_driver": driver,
             **({"cuda": cuda} if cuda else {})}

@@ -216,7 +216,8 @@ STALE_HEARTBEATS = 3  # a worker silent for this many heartbeat intervals is tak
 def wait_for_run(flow_run_id: str, *, poll_seconds: float) -> str:
     """Wait for a dispatched flow run to end; return its final state type.
 
-    A worker killed mid-step leaves its run RUNNING for ever; when the worker that took the run stops sending
+    Polling starts every ``poll_seconds`` and slows to every 5 s for long steps. A worker killed mid-step leaves
+    its run RUNNING for ever; when the worker that took the run stops sending
     heartbeats, the run is marked Crashed (naming the worker) so the parent can report it and a re-run resumes.
     """
     import time
@@ -225,9 +226,16 @@ def wait_for_run(flow_run_id: str, *, poll_seconds: float) -> str:
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
+    interval = poll_seconds
     with get_client(sync_client=True) as client:
         while True:
-            run = client.read_flow_run(flow_run_id)
+            try:
+                run = client.read_flow_run(flow_run_id)
+            except Exception as e:  # noqa: BLE001 - a busy server (SQLite under load answers 503): ask again
+                if not transient(e):
+                    raise
+                time.sleep(max(poll_seconds, 2.0))
+                continue
             if run.state and run.state.is_final():
                 return run.state.type.value
             worker = next((t.split(":", 1)[1] for t in run.tags if t.startswith("worker:")), None)
@@ -241,7 +249,16 @@ def wait_for_run(flow_run_id: str, *, poll_seconds: float) -> str:
                                    f"resume")
                         client.set_flow_run_state(run.id, Crashed(message=message), force=True)
                         return "CRASHED"
-            time.sleep(poll_seconds)
+            time.sleep(interval)
+            interval = min(interval * 1.25, 5.0)  # long steps are polled less: many waiting parents, one server
+
+
+def transient(exc: Exception) -> bool:
+    """A server answer worth asking again: busy (429/503), a gateway, or the connection dropped."""
+    import httpx
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status in (429, 502, 503, 504) or isinstance(exc, (httpx.TransportError,))
 
 
 # -- reading back what ran where -----------------------------------------------------------------------------

@@ -68,3 +68,15 @@ def plant(store, key: str, directory: Path) -> None:
             subjects=subjects, artifact_digest=digest, key=key, step="quantize", spec_id="planted",
             impl_version="1", config={}, inputs={}, dependencies=[], tools={}, run=provenance.RunInfo(),
             started="", finished=""))
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server: a real HTTP S3 endpoint on 127.0.0.1 (free port), one per test module."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

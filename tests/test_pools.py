@@ -38,14 +38,8 @@ def _cli(*args: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+def s3(s3_endpoint):
+    return s3_endpoint
 
 
 @pytest.fixture(scope="module")
@@ -344,8 +338,8 @@ def test_an_object_altered_in_the_bucket_is_refused_by_the_worker_that_fetches_i
     assert code == 1
     failed = _steps(report)["quantize:gguf_q4_0"]
     assert failed["status"] == "failed"
-    assert f"model-f16.gguf has sha256" in failed["error"] and "the object was altered: not used" in failed["error"]
-    assert f"quantize:gguf_q4_0" not in cluster.where_steps_ran()
+    assert "model-f16.gguf has sha256" in failed["error"] and "the object was altered: not used" in failed["error"]
+    assert "quantize:gguf_q4_0" not in cluster.where_steps_ran()
 
 
 # -- bad input, refused before anything runs -----------------------------------------------------------------

@@ -12,14 +12,8 @@ KEY = "cd" * 32
 
 
 @pytest.fixture(scope="module")
-def endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+def endpoint(s3_endpoint):
+    return s3_endpoint
 
 
 @pytest.fixture

@@ -1,0 +1,112 @@
+"""Load on worker pools: N small runs queued at once through two workers; the orchestration overhead of each.
+
+Starts what the pools integration test starts (a Prefect server, moto's S3 server, two `quantmill worker`s on pool
+`cpu`, each with its own directory, Prefect home and cache, `--limit 1`), then submits N runs at once from one
+process (N parent flows in threads). Each run is the bundled model to GGUF Q8_0 under its own model name, so its
+convert and quantize steps are new (one step run on the pool; the download is shared).
+
+Per run, from Prefect's API and the provenance records:
+  wall      the parent flow's duration
+  steps     time inside step functions (provenance startedOn..finishedOn)
+  queued    time its step run waited for a free worker (both busy with other runs: load, not overhead)
+  overhead  wall - steps - queued: dispatch, pickup, process start, Prefect engine, S3 transfers, polling.
+
+    python bench/pools_load.py [N]        # writes bench/out/pools_load.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _cluster  # noqa: E402
+
+REPO = _cluster.REPO
+OUT = REPO / "bench" / "out" / "pools_load.json"
+POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp]}}"
+
+
+def main(n: int = 50) -> dict:
+    cluster = _cluster.start([("cpu", "w1", ["--limit", "1"]), ("cpu", "w2", ["--limit", "1"])], POOLS, bucket="load")
+    try:
+        from prefect.client.orchestration import get_client
+
+        from quantmill.cli import run_config
+        from quantmill.config import compose
+
+        base = ["infra=prefect", POOLS, "infra.max_parallel=1", *cluster.store_overrides("parent-cache"),
+                "publish.enabled=false", "validate.enabled=false", "recipe=[gguf_q8_0]"]
+        run_config(compose([*base, "model.name=warmup"], conf_dir=REPO / "conf"))  # the shared download
+
+        configs = [compose([*base, f"model.name=tiny-{i:03d}"], conf_dir=REPO / "conf") for i in range(n)]
+
+        def one(i):  # Hydra's compose is not thread-safe: composed above
+            cfg = configs[i]
+            time.sleep(0.1 * i)  # submitted over 5 s, as a batch script would
+            t0 = time.time()
+            outcomes = run_config(cfg)
+            return {"run": i, "start": t0, "end": time.time(), "ok": all(o.ok for o in outcomes),
+                    "ran": [o.spec_id for o in outcomes if o.status == "ran"],
+                    "steps_s": sum(o.seconds for o in outcomes if o.status == "ran")}
+
+        t0 = time.time()
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            runs = list(pool.map(one, range(n)))
+        total = time.time() - t0
+        step_runs = []
+        with get_client(sync_client=True) as c:  # the API pages at 200
+            while batch := c.read_flow_runs(limit=200, offset=len(step_runs)):
+                step_runs += batch
+        step_runs = [r for r in step_runs if r.work_pool_name == "cpu"]
+    finally:
+        cluster.stop()
+
+    # queued: the time a step run waited while its worker was busy with the previous run (limit 1 per worker)
+    by_worker: dict[str, list] = {}
+    for r in step_runs:
+        worker = next((t.split(":", 1)[1] for t in r.tags if t.startswith("worker:")), "?")
+        by_worker.setdefault(worker, []).append(r)
+    queued = {}
+    for rs in by_worker.values():
+        rs.sort(key=lambda r: r.start_time)
+        for prev, cur in zip([None, *rs], rs):
+            busy_until = prev.end_time.timestamp() if prev else 0.0
+            queued[cur.id] = max(0.0, busy_until - cur.created.timestamp())
+    rows = []
+    for run in runs:
+        mine = [r for r in step_runs if r.parameters and any(
+            s.get("config", {}).get("model_name") == f"tiny-{run['run']:03d}" for s in r.parameters.get("specs", []))]
+        q = sum(queued.get(r.id, 0.0) for r in mine)
+        wall = run["end"] - run["start"]
+        rows.append({**run, "wall_s": wall, "queued_s": q, "overhead_s": wall - run["steps_s"] - q,
+                     "step_runs": len(mine)})
+    overheads = sorted(r["overhead_s"] for r in rows)
+    p95 = overheads[min(len(overheads) - 1, int(round(0.95 * (len(overheads) - 1))))]
+    result = {"date": datetime.now().strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "runs": n,
+              "completed": sum(r["ok"] for r in rows), "total_s": total,
+              "median_overhead_s": statistics.median(overheads), "p95_overhead_s": p95,
+              "median_steps_s": statistics.median(r["steps_s"] for r in rows),
+              "median_wall_s": statistics.median(r["wall_s"] for r in rows),
+              "step_runs_per_worker": {w: len(rs) for w, rs in by_worker.items()}, "rows": rows}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def markdown(r: dict) -> str:
+    return (f"{r['runs']} runs queued at once, {r['completed']} completed in {r['total_s']:.0f} s on two workers "
+            f"({r['step_runs_per_worker']}); per run: median wall {r['median_wall_s']:.1f} s, median time in step "
+            f"functions {r['median_steps_s']:.2f} s, orchestration overhead median {r['median_overhead_s']:.2f} s, "
+            f"p95 {r['p95_overhead_s']:.2f} s ({r['machine']}, {r['date']})")
+
+
+if __name__ == "__main__":
+    print(markdown(main(int(sys.argv[1]) if len(sys.argv) > 1 else 50)))
