@@ -11,7 +11,8 @@ Per run, from Prefect's API and the provenance records:
   queued    time its step run waited for a free worker (both busy with other runs: load, not overhead)
   overhead  wall - steps - queued: dispatch, pickup, process start, Prefect engine, S3 transfers, polling.
 
-    python bench/pools_load.py [N]        # writes bench/out/pools_load.json
+    python bench/pools_load.py [N]            # writes bench/out/pools_load.json
+    python bench/pools_load.py N --serial     # the same runs one at a time (no queueing): bench/out/pools_serial.json
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ OUT = REPO / "bench" / "out" / "pools_load.json"
 POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp]}}"
 
 
-def main(n: int = 50) -> dict:
+def main(n: int = 50, serial: bool = False) -> dict:
     cluster = _cluster.start([("cpu", "w1", ["--limit", "1"]), ("cpu", "w2", ["--limit", "1"])], POOLS, bucket="load")
     try:
         from prefect.client.orchestration import get_client
@@ -50,7 +51,8 @@ def main(n: int = 50) -> dict:
 
         def one(i):  # Hydra's compose is not thread-safe: composed above
             cfg = configs[i]
-            time.sleep(0.1 * i)  # submitted over 5 s, as a batch script would
+            if not serial:
+                time.sleep(0.1 * i)  # submitted over 5 s, as a batch script would
             t0 = time.time()
             outcomes = run_config(cfg)
             return {"run": i, "start": t0, "end": time.time(), "ok": all(o.ok for o in outcomes),
@@ -58,7 +60,7 @@ def main(n: int = 50) -> dict:
                     "steps_s": sum(o.seconds for o in outcomes if o.status == "ran")}
 
         t0 = time.time()
-        with ThreadPoolExecutor(max_workers=n) as pool:
+        with ThreadPoolExecutor(max_workers=1 if serial else n) as pool:
             runs = list(pool.map(one, range(n)))
         total = time.time() - t0
         step_runs = []
@@ -86,27 +88,38 @@ def main(n: int = 50) -> dict:
             s.get("config", {}).get("model_name") == f"tiny-{run['run']:03d}" for s in r.parameters.get("specs", []))]
         q = sum(queued.get(r.id, 0.0) for r in mine)
         wall = run["end"] - run["start"]
+        # where the overhead goes: worker pickup + process start before the step run starts, the step run's own
+        # time outside step functions (engine, S3, hashing), and the rest in the parent (plan, dispatch, polling)
+        pickup = sum((r.start_time - r.created).total_seconds() - queued.get(r.id, 0.0) for r in mine)
+        in_run = sum((r.end_time - r.start_time).total_seconds() for r in mine) - run["steps_s"]
         rows.append({**run, "wall_s": wall, "queued_s": q, "overhead_s": wall - run["steps_s"] - q,
-                     "step_runs": len(mine)})
+                     "pickup_s": pickup, "step_run_outside_steps_s": in_run,
+                     "parent_s": wall - run["steps_s"] - q - pickup - in_run, "step_runs": len(mine)})
     overheads = sorted(r["overhead_s"] for r in rows)
     p95 = overheads[min(len(overheads) - 1, int(round(0.95 * (len(overheads) - 1))))]
     result = {"date": datetime.now().strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "runs": n,
+              "mode": "one at a time" if serial else "queued at once",
               "completed": sum(r["ok"] for r in rows), "total_s": total,
               "median_overhead_s": statistics.median(overheads), "p95_overhead_s": p95,
               "median_steps_s": statistics.median(r["steps_s"] for r in rows),
               "median_wall_s": statistics.median(r["wall_s"] for r in rows),
+              **{f"median_{k}": statistics.median(r[k] for r in rows)
+                 for k in ("pickup_s", "step_run_outside_steps_s", "parent_s")},
               "step_runs_per_worker": {w: len(rs) for w, rs in by_worker.items()}, "rows": rows}
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=1))
+    (OUT.with_name("pools_serial.json") if serial else OUT).write_text(json.dumps(result, indent=1))
     return result
 
 
 def markdown(r: dict) -> str:
-    return (f"{r['runs']} runs queued at once, {r['completed']} completed in {r['total_s']:.0f} s on two workers "
+    return (f"{r['runs']} runs {r['mode']}, {r['completed']} completed in {r['total_s']:.0f} s on two workers "
             f"({r['step_runs_per_worker']}); per run: median wall {r['median_wall_s']:.1f} s, median time in step "
             f"functions {r['median_steps_s']:.2f} s, orchestration overhead median {r['median_overhead_s']:.2f} s, "
-            f"p95 {r['p95_overhead_s']:.2f} s ({r['machine']}, {r['date']})")
+            f"p95 {r['p95_overhead_s']:.2f} s; of it (medians): pickup and process start {r['median_pickup_s']:.2f} s, "
+            f"inside the step run outside steps {r['median_step_run_outside_steps_s']:.2f} s, parent "
+            f"{r['median_parent_s']:.2f} s ({r['machine']}, {r['date']})")
 
 
 if __name__ == "__main__":
-    print(markdown(main(int(sys.argv[1]) if len(sys.argv) > 1 else 50)))
+    args = [a for a in sys.argv[1:] if a != "--serial"]
+    print(markdown(main(int(args[0]) if args else 50, serial="--serial" in sys.argv)))
