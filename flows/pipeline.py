@@ -80,7 +80,6 @@ def dispatch(pool: str, label: str, specs: list[dict[str, Any]], inputs: dict[st
              store: dict[str, Any], poll_seconds: float) -> str:
     """Run a segment on ``pool`` as a run of its deployment (a subflow of this run); return that run's id."""
     from prefect.deployments import run_deployment
-
     from prefect.runtime import flow_run
 
     from quantmill.runner import wait_for_run
@@ -143,12 +142,12 @@ def pipeline_on_pools(config: dict[str, Any]):
     to the pools offering their capabilities, as soon as their inputs exist."""
     from prefect.futures import as_completed
 
-    from quantmill.pools import next_segments, route
+    from quantmill.pools import next_segments
 
     cfg = to_config(config)
     store = open_store(cfg)
     the_plan = plan(cfg, store)
-    routes = route(the_plan, cfg.infra.pools)
+    routes = the_plan.routes
     resolution = resolve(the_plan, store)
     specs = list(the_plan)
     refs = dict(resolution.refs)

@@ -104,20 +104,21 @@ def run_config(cfg, *, verbose: bool = False) -> list:
 
 def _run_on_pools(cfg, the_plan, *, verbose: bool) -> list:
     """infra=prefect: this process runs the parent flow against the server; workers of each pool run the steps."""
-    from quantmill import pools, runner, ui
+    from quantmill import runner, ui
     from quantmill.config import to_dict
     from quantmill.outcome import Outcome
 
     runner.connect(cfg.infra, verbose=verbose)
-    routes = pools.route(the_plan, cfg.infra.pools)
-    for warning in runner.check_deployments(sorted(set(routes.values()))):
+    for warning in runner.check_deployments(sorted(set(the_plan.routes.values()))):
         ui.out.print(f"[yellow]{warning}[/]")
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.pipeline import pipeline_on_pools
 
     flow = pipeline_on_pools.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
-    for attempt in range(5):  # a busy server (SQLite, many runs starting at once) may refuse to create the run
+    # A busy server (SQLite, many runs starting at once) may refuse to create the run; a retry re-plans, and steps
+    # that finished in a refused attempt are answered from the store.
+    for attempt in range(5):
         try:
             state = flow(to_dict(cfg), return_state=True)
             break

@@ -79,6 +79,7 @@ class Plan:
     source: SourceInfo
     specs: dict[str, StepSpec]  # in topological order
     warnings: list[str] = field(default_factory=list)
+    routes: dict[str, str] = field(default_factory=dict)  # spec id -> pool (infra=prefect)
 
     def __iter__(self) -> Iterator[StepSpec]:
         return iter(self.specs.values())
@@ -368,11 +369,12 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                         "base_model": info.base_model, "adapter": model.adapter, "tags": sorted(cfg.publish.tags),
                         "license": cfg.publish.license or info.license, "enforce": cfg.validate.enforce},
                 context={"store_root": str(getattr(store, "root", ""))}))
+    routes = {}
     if cfg.infra.mode == "prefect":
         from quantmill.pools import route
 
-        route(specs.values(), cfg.infra.pools)
-    return Plan(cfg, info, specs, warnings)
+        routes = route(specs.values(), cfg.infra.pools)
+    return Plan(cfg, info, specs, warnings, routes)
 
 
 def measured_on(cfg: QuantmillConfig, capability: str) -> str:

@@ -59,6 +59,7 @@ class S3Store(Store):
         self.transfer = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20)
         self.cache = Path(cache_dir).expanduser().resolve()
         self._uploads: dict[str, str] = {}  # artifact key -> upload id of its committed files
+        self._statements: dict[str, dict[str, Any]] = {}  # committed records never change: read each once
         for sub in (C.OBJECTS_DIR, C.STAGING_DIR, C.STATE_DIR):
             (self.cache / sub).mkdir(parents=True, exist_ok=True)
 
@@ -91,13 +92,16 @@ class S3Store(Store):
     def statement(self, key: str) -> dict[str, Any]:
         from botocore.exceptions import ClientError
 
+        if key in self._statements:
+            return self._statements[key]
         try:
             response = self._call(self.client.get_object, Bucket=self.bucket,
                                   Key=self._key(C.OBJECTS_DIR, key, C.PROVENANCE_FILE))
         except ClientError:
             raise NotFound(f"no artifact with key {key} in {self.uri}") from None
         self._uploads[key] = response.get("Metadata", {}).get("files", "")
-        return json.loads(response["Body"].read())
+        self._statements[key] = json.loads(response["Body"].read())
+        return self._statements[key]
 
     def lookup(self, key: str) -> ArtifactRef | None:
         try:

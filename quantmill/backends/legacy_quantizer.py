@@ -13,7 +13,6 @@ import os
 import subprocess
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
 
 from quantmill.backends import QUANTIZERS
 from quantmill.backends.calibrated import CalibratedQuantizer
