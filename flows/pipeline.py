@@ -45,9 +45,13 @@ def pipeline(config: dict[str, Any]):
     """Run one composed config (``quantmill.config.to_dict`` output) end to end.
 
     Returns a Completed state carrying one outcome per spec, or a Failed state carrying the same list when any
-    step failed; what failed never stops unrelated recipes.
+    step failed; what failed never stops unrelated recipes. This is also the flow of the ``quantmill-pipeline``
+    deployments that run submitted runs on a worker; a config with ``infra.mode=prefect`` then dispatches its
+    steps to the pools as ``pipeline_on_pools`` does.
     """
     cfg = to_config(config)
+    if cfg.infra.mode == "prefect":  # a submitted run of a pools config: this run is the parent
+        return pipeline_on_pools.fn(config)
     store = open_store(cfg)
     the_plan = plan(cfg, store)
     futures = {}

@@ -260,6 +260,8 @@ class InfraConfig:
         api_url: The Prefect server (prefect mode); unset: $PREFECT_API_URL.
         pools: Pool name -> its capabilities (prefect mode).
         poll_seconds: How often the parent polls a dispatched step's state.
+        pipeline_pool: The pool whose workers run whole submitted runs (``quantmill batch --submit``, the
+            Prefect launcher, scheduled watches): the deployment ``quantmill-pipeline/<pool>``.
     """
 
     mode: str = "embedded"
@@ -269,6 +271,7 @@ class InfraConfig:
     api_url: Optional[str] = None
     pools: Dict[str, PoolConfig] = field(default_factory=dict)
     poll_seconds: float = 0.5
+    pipeline_pool: str = "cpu"
 
 
 @dataclass
@@ -443,6 +446,32 @@ def _check_keys(node: Any, schema: type, path: str) -> None:
         elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
             for name, item in (value or {}).items():
                 _check_keys(item, typing.get_args(hint)[1], f"{where}.{name}")
+
+
+def absolute_paths(cfg: QuantmillConfig, base: Path | None = None) -> QuantmillConfig:
+    """The config with its relative paths made absolute against ``base`` (default: the working directory), for a
+    run that another process executes in another directory (a worker of the pipeline pool)."""
+    import dataclasses
+
+    base = Path(base or Path.cwd())
+
+    def absolute(value: Optional[str]) -> Optional[str]:
+        return value if not value or Path(value).expanduser().is_absolute() else str((base / value).resolve())
+
+    def texts(names: List[str]) -> List[str]:
+        return [n if n.startswith("bundled:") else absolute(n) for n in names]
+
+    model = cfg.model
+    if model.source == "local":
+        model = dataclasses.replace(model, path=absolute(model.path))
+    if model.adapter and (base / model.adapter).exists():
+        model = dataclasses.replace(model, adapter=absolute(model.adapter))
+    return dataclasses.replace(
+        cfg, model=model,
+        store=dataclasses.replace(cfg.store, root=absolute(cfg.store.root), cache_dir=absolute(cfg.store.cache_dir)),
+        infra=dataclasses.replace(cfg.infra, prefect_home=absolute(cfg.infra.prefect_home)),
+        calibration=dataclasses.replace(cfg.calibration, files=texts(list(cfg.calibration.files))),
+        validate=dataclasses.replace(cfg.validate, eval_files=texts(list(cfg.validate.eval_files))))
 
 
 def to_dict(cfg: QuantmillConfig) -> dict[str, Any]:

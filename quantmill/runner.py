@@ -18,7 +18,9 @@ from quantmill.config import InfraConfig, PoolConfig, StoreConfig
 from quantmill.errors import PreflightError, QuantmillError
 from quantmill.provenance import RunInfo
 
-STEP_ENTRYPOINT = "flows.step.step"  # a module path: workers import the installed package, no code pull
+STEP_ENTRYPOINT = "flows.step.step"  # module paths: workers import the installed package, no code pull
+PIPELINE_ENTRYPOINT = "flows.pipeline.pipeline"
+WATCH_ENTRYPOINT = "flows.watch.watch"
 
 
 class ServerError(QuantmillError):
@@ -85,35 +87,84 @@ def server_command(*, host: str, port: int, database_url: str | None) -> tuple[l
 
 
 # -- pools and deployments -----------------------------------------------------------------------------------
-def deploy(pools: Mapping[str, PoolConfig], names: list[str] | None = None) -> list[str]:
-    """Create (or update) each pool and its deployment ``quantmill-step/<pool>`` of the step flow; idempotent."""
+def deploy(infra: InfraConfig, names: list[str] | None = None,
+           watches: Mapping[str, tuple[str, str]] | None = None) -> list[str]:
+    """Create (or update) each pool and its deployment ``quantmill-step/<pool>`` of the step flow; on the pipeline
+    pool also ``quantmill-pipeline/<pool>`` (whole submitted runs) and ``quantmill-watch/<batch>`` for each batch
+    of ``watches`` (batch -> (cron, timezone)), scheduled. Idempotent."""
+    names = names or list(infra.pools) or [infra.pipeline_pool]
+    made = []
+    with _client() as client:
+        for name in names:
+            pool = infra.pools.get(name) or PoolConfig()
+            made.append(_deployment(client, C.STEP_FLOW, name, name, STEP_ENTRYPOINT, pool.type, pool.job_variables,
+                                    f"quantmill steps needing: {', '.join(pool.capabilities)}",
+                                    ["quantmill", *pool.capabilities]))
+        if infra.pipeline_pool in names:
+            pool = infra.pools.get(infra.pipeline_pool) or PoolConfig()
+            made.append(_deployment(client, C.PIPELINE_FLOW, infra.pipeline_pool, infra.pipeline_pool,
+                                    PIPELINE_ENTRYPOINT, pool.type, pool.job_variables,
+                                    "whole quantmill runs (batch --submit, hydra/launcher=prefect)", ["quantmill"]))
+            for batch, (cron, timezone) in (watches or {}).items():
+                made.append(_deployment(client, C.WATCH_FLOW, batch, infra.pipeline_pool, WATCH_ENTRYPOINT, pool.type,
+                                        pool.job_variables, f"runs batch {batch} where its upstream changed",
+                                        ["quantmill", "watch"], parameters={"batch": batch}, cron=(cron, timezone)))
+    return made
+
+
+def _client():
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate
+
+    return get_client(sync_client=True)
+
+
+def _deployment(client, flow: str, name: str, pool_name: str, entrypoint: str, pool_type: str,
+                job_variables: Mapping[str, Any], description: str, tags: list[str], *,
+                parameters: dict[str, Any] | None = None, cron: tuple[str, str] | None = None) -> str:
+    from prefect.client.schemas.actions import DeploymentScheduleCreate, DeploymentUpdate, WorkPoolCreate
+    from prefect.client.schemas.schedules import CronSchedule
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    made = []
-    with get_client(sync_client=True) as client:
-        flow_id = client.create_flow_from_name(C.STEP_FLOW)
-        for name in names or list(pools):
-            pool = pools[name]
-            try:
-                client.create_work_pool(WorkPoolCreate(name=name, type=pool.type))
-            except ObjectAlreadyExists:
-                pass
-            description = f"quantmill steps needing: {', '.join(pool.capabilities)}"
-            try:
-                existing = client.read_deployment_by_name(f"{C.STEP_FLOW}/{name}")
-            except ObjectNotFound:
-                client.create_deployment(flow_id=flow_id, name=name, work_pool_name=name, entrypoint=STEP_ENTRYPOINT,
-                                         job_variables=dict(pool.job_variables), pull_steps=[],
-                                         enforce_parameter_schema=False, description=description,
-                                         tags=["quantmill", *pool.capabilities])
-            else:
-                client.update_deployment(existing.id, DeploymentUpdate(
-                    work_pool_name=name, entrypoint=STEP_ENTRYPOINT, job_variables=dict(pool.job_variables),
-                    description=description, tags=["quantmill", *pool.capabilities]))
-            made.append(f"{C.STEP_FLOW}/{name}")
-    return made
+    try:
+        client.create_work_pool(WorkPoolCreate(name=pool_name, type=pool_type))
+    except ObjectAlreadyExists:
+        pass
+    schedules = [DeploymentScheduleCreate(schedule=CronSchedule(cron=cron[0], timezone=cron[1]), active=True)] \
+        if cron else []
+    fields = dict(work_pool_name=pool_name, entrypoint=entrypoint, job_variables=dict(job_variables),
+                  description=description, tags=tags, parameters=parameters or {})
+    try:
+        existing = client.read_deployment_by_name(f"{flow}/{name}")
+    except ObjectNotFound:
+        client.create_deployment(flow_id=client.create_flow_from_name(flow), name=name, pull_steps=[],
+                                 enforce_parameter_schema=False, schedules=schedules, **fields)
+    else:
+        client.update_deployment(existing.id, DeploymentUpdate(**fields))
+        if cron:
+            for schedule in existing.schedules:
+                client.delete_deployment_schedule(existing.id, schedule.id)
+            client.create_deployment_schedules(existing.id, [(s.schedule, s.active) for s in schedules])
+    return f"{flow}/{name}"
+
+
+def submit_pipeline(cfg, *, name: str, pool: str, tags: list[str]) -> str:
+    """Create a flow run of ``quantmill-pipeline/<pool>`` for one composed config; return its id (not waiting).
+
+    Relative paths are made absolute first: the worker runs the flow in a directory of its own.
+    """
+    from prefect.exceptions import ObjectNotFound
+
+    from quantmill.config import absolute_paths, to_dict
+
+    with _client() as client:
+        try:
+            deployment = client.read_deployment_by_name(f"{C.PIPELINE_FLOW}/{pool}")
+        except ObjectNotFound:
+            raise ServerError(f"the server has no deployment {C.PIPELINE_FLOW}/{pool} for submitted runs; start a worker "
+                              f"with `quantmill worker --pool {pool}` (it deploys it) or run `quantmill deploy`") from None
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={"config": to_dict(absolute_paths(cfg))},
+                                                     name=name, tags=["quantmill", *tags])
+    return str(run.id)
 
 
 def check_deployments(pools: list[str]) -> list[str]:

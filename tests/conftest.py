@@ -80,3 +80,34 @@ def s3_endpoint():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+def second_model(directory: Path, scale: float = 1.01) -> Path:
+    """Another tiny Llama: the bundled one with its output head scaled, so its bytes (and every key) differ."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(BUNDLED_ROOT / "tiny-llama", directory)
+    tensors = load_file(directory / "model.safetensors")
+    tensors["lm_head.weight"] = (tensors["lm_head.weight"] * scale).astype(tensors["lm_head.weight"].dtype)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def project(root: Path, *, batch: str | None = None) -> Path:
+    """A project of its own under ``root``: a copy of conf/ (store and Prefect home inside ``root``), a second model
+    ``tiny_b`` (a local directory) and, if given, ``conf/batch/pair.yaml``. Returns the conf directory."""
+    conf = root / "conf"
+    shutil.copytree(CONF, conf)
+    model = second_model(root / "models" / "tiny-b")
+    (conf / "model" / "tiny_b.yaml").write_text(f"name: tiny-b\nsource: local\npath: {model}\n")
+    for path in (conf / "batch").glob("*.yaml"):
+        path.unlink()
+    if batch is not None:
+        (conf / "batch" / "pair.yaml").write_text(batch)
+    config = (conf / "config.yaml").read_text()
+    (conf / "config.yaml").write_text(config.replace("  - _self_\n", f"  - _self_\n\nstore:\n  root: {root / 'store'}\n"
+                                                     f"infra:\n  prefect_home: {root / 'prefect'}\n"))
+    return conf
+
+
+QUICK = ["validate.n_chunks=2", "validate.n_ctx=128", "calibration.num_samples=16", "calibration.seq_len=128"]

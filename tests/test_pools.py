@@ -10,31 +10,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import CONF
+from tests.prefect_cluster import cli as _cli, free_port as _free_port, killpg as _killpg, start_server, wait as _wait
 
 pytestmark = pytest.mark.slow
 
 POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp]},mac:{capabilities:[mlx]}}"
 QUICK_VALIDATION = ["validate.n_chunks=2", "validate.n_ctx=128", "calibration.num_samples=16",
                     "calibration.seq_len=128"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "quantmill.cli", *args]
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +37,8 @@ def cluster(tmp_path_factory, s3):
     import boto3
 
     root = tmp_path_factory.mktemp("pools")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "QUANTMILL_"))}
-    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", QUANTMILL_CONF=str(CONF),
-               PREFECT_LOGGING_LEVEL="WARNING")
-    server_log = open(root / "server.log", "w")
-    server = subprocess.Popen(_cli("server", "--port", str(port), "--home", str(root / "server-home")), env=env,
-                              stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
-    env["PREFECT_API_URL"] = url
-    _wait(lambda: _healthy(url), 90, f"Prefect server on port {port} (log: {root / 'server.log'})")
+    server, url, env = start_server(root, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                                    AWS_DEFAULT_REGION="us-east-1")
     boto3.client("s3", endpoint_url=s3, region_name="us-east-1", aws_access_key_id="testing",
                  aws_secret_access_key="testing").create_bucket(Bucket="team-artifacts")
     c = Cluster(root, url, s3, env)
@@ -69,39 +49,6 @@ def cluster(tmp_path_factory, s3):
         _killpg(worker, signal.SIGINT)
     _killpg(server, signal.SIGINT)
     server.wait(30)
-
-
-def _healthy(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _wait(condition, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-
-
-def _killpg(proc: subprocess.Popen, sig) -> None:
-    """Signal the process and its children (a worker and the step run it spawned)."""
-    for s in (sig, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, s)
-            proc.wait(30)
-            return
-        except ProcessLookupError:
-            proc.wait(30)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _descendants(pid: int) -> list[int]:
