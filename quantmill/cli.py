@@ -185,12 +185,23 @@ def _multirun(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace):
+    """(the registry's store, the registry) of the configured publisher (``publish=s3 publish.bucket=...``)."""
+    import dataclasses
+
     from quantmill.backends import PUBLISHERS
+    from quantmill.errors import ConfigError
     from quantmill.planner import open_store
 
     cfg = _compose(args)
-    store = open_store(cfg)
-    return store, PUBLISHERS.get(cfg.publish.publisher).registry(store.root)
+    args.publish_config = cfg.publish
+    publisher = PUBLISHERS.get(cfg.publish.publisher)
+    if not hasattr(publisher, "is_published") or cfg.publish.publisher == "hf":
+        raise ConfigError(f"publish.publisher={cfg.publish.publisher!r} cannot be listed; the team registry is "
+                          f"publish=local or publish=s3")
+    publisher.check(cfg.publish, open_store(cfg)) if cfg.publish.publisher != "local" else None
+    store = open_store(cfg) if cfg.publish.publisher == "local" else None
+    registry = publisher.registry({**dataclasses.asdict(cfg.publish), "cache_dir": cfg.store.cache_dir}, store)
+    return registry.store, registry
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -434,6 +445,214 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+# -- the team registry ------------------------------------------------------------------------------------------
+def cmd_registry(args: argparse.Namespace) -> int:
+    return REGISTRY_COMMANDS[args.registry_command](args)
+
+
+def _keys(args: argparse.Namespace) -> list:
+    from quantmill.registry_ops import keys_for
+
+    return keys_for(args.publish_config, list(getattr(args, "key", None) or []))
+
+
+def reg_ls(args: argparse.Namespace) -> int:
+    from quantmill import ui
+    from quantmill.registry_ops import Filters, search
+
+    _, registry = _registry(args)
+    target = None
+    if args.fits:
+        from quantmill.config import compose
+
+        target = compose([f"target={args.fits}", "recipe=[gguf_q8_0]"], conf_dir=args.config_dir).target
+    found = search(registry, Filters(model=args.model, format=args.format, bits=args.bits, max_kld=args.max_kld,
+                                     max_ppl_ratio=args.max_ppl_ratio, fits=target, tag=args.tag))
+    if args.json:
+        print(json.dumps(found, indent=1))
+    else:
+        ui.out.print(ui.registry_table(found))
+    return 0
+
+
+def reg_show(args: argparse.Namespace) -> int:
+    from quantmill import ui
+    from quantmill.artifact_registry import PROVENANCE
+
+    _, registry = _registry(args)
+    name, v = registry.resolve(args.name)
+    entry = registry.get(name, v)
+    keys = _keys(args)
+    statement, _, signer = registry.signed_record(name, v, keys, require=False)
+    if args.json:
+        print(json.dumps({"entry": entry, "card": registry.card(name, v), "provenance": statement,
+                          "signed_by": entry.get("signed_by"), "signature_verified_with": signer,
+                          "tags": registry.tags(name)}, indent=1))
+        return 0
+    ui.out.print(registry.card(name, v))
+    ui.out.print(f"[bold]{name}:v{v}[/] in {registry.root}; tags: {', '.join(sorted(registry.tags(name))) or 'none'}")
+    for s in statement["subject"]:
+        ui.out.print(f"  {s['name']}  sha256:{s['digest']['sha256']}")
+    signature = ("[green]signature verified[/] (key " + signer[:16] + "…)" if signer else
+                 f"signed by key {entry['signed_by'][:16]}… (no trusted key given to check it)" if entry.get("signed_by")
+                 else "not signed")
+    ui.out.print(f"provenance: {registry.location.version_path(name, v, PROVENANCE)}; {signature}")
+    return 0
+
+
+def reg_lineage(args: argparse.Namespace) -> int:
+    from quantmill.registry_ops import lineage_of
+
+    _, registry = _registry(args)
+    hops = lineage_of(registry, args.name)
+    if args.json:
+        print(json.dumps(hops, indent=1))
+        return 0
+    for i, hop in enumerate(hops):
+        source = "".join(f"  from {s['uri']}" for s in hop["sources"])
+        side = "".join(f"  + {k}: {v}" for k, v in hop["side_inputs"].items())
+        print(f"{'  ' * i}{'└─ ' if i else ''}{hop['step']:<9} {hop['spec']:<28} {hop['digest']}{source}{side}")
+    return 0
+
+
+def reg_pull(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from quantmill.registry_ops import pull
+
+    _, registry = _registry(args)
+    name, _ = registry.resolve(args.name)
+    result = pull(registry, args.name, Path(args.to or name), _keys(args), require_signature=args.require_signature)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        signed = f", signature verified (key {result['signed_by'][:16]}…)" if result["signed_by"] else ""
+        print(f"{result['name']}:v{result['version']} -> {result['to']}: {len(result['files'])} files verified{signed}")
+    return 0
+
+
+def reg_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from quantmill.registry_ops import verify_name, verify_path
+
+    path = Path(args.target)
+    if path.is_dir():
+        args.publish_config = _compose(args).publish
+        problems = verify_path(path, _keys(args), require_signature=args.require_signature)
+    else:
+        _, registry = _registry(args)
+        problems = verify_name(registry, args.target, _keys(args), require_signature=args.require_signature)
+    for p in problems:
+        print(f"{args.target}: {p}", file=sys.stderr)
+    if not problems:
+        print(f"{args.target}: verified")
+    return 0 if not problems else 1
+
+
+def reg_promote(args: argparse.Namespace) -> int:
+    _, registry = _registry(args)
+    v = registry.promote(args.name, args.tag, args.version)
+    print(f"{args.name.split(':')[0]}:{args.tag} -> v{v}")
+    return 0
+
+
+def reg_gc(args: argparse.Namespace) -> int:
+    from quantmill.registry_ops import gc_apply, gc_plan
+
+    _, registry = _registry(args)
+    plan = gc_plan(registry, args.keep_days)
+    if args.json:
+        print(json.dumps({**plan, "dry_run": args.dry_run}, indent=1))
+    else:
+        for version in plan["versions"]:
+            print(f"{'would delete' if args.dry_run else 'deleting'} registry entry {version}")
+        for key in plan["objects"]:
+            print(f"{'would delete' if args.dry_run else 'deleting'} object {key}")
+        print(f"{len(plan['objects'])} objects, {len(plan['versions'])} entries unreferenced")
+    if not args.dry_run:
+        gc_apply(registry, plan)
+    return 0
+
+
+def reg_keygen(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from quantmill import signing
+
+    private, public = signing.generate(Path(args.out), args.name)
+    print(f"private key {private} (keep it secret: publish.signing_key or $QUANTMILL_SIGNING_KEY)\n"
+          f"public key  {public} (share it: publish.trusted_keys)")
+    return 0
+
+
+def reg_catalogue(args: argparse.Namespace) -> int:
+    from quantmill.catalogue import write_catalogue
+
+    _, registry = _registry(args)
+    print(write_catalogue(registry))
+    return 0
+
+
+REGISTRY_COMMANDS = {"ls": reg_ls, "show": reg_show, "lineage": reg_lineage, "pull": reg_pull, "verify": reg_verify,
+                     "promote": reg_promote, "gc": reg_gc, "keygen": reg_keygen, "catalogue": reg_catalogue}
+
+
+def _registry_parser(sub) -> dict[str, argparse.ArgumentParser]:
+    p = sub.add_parser("registry", help="the team registry: search, show, lineage, pull, verify, promote, gc",
+                       description="The team registry of the configured publisher (publish=local or publish=s3 "
+                                   "publish.bucket=...). Hydra overrides may follow any subcommand.")
+    p.set_defaults(func=cmd_registry)
+    rs = p.add_subparsers(dest="registry_command", required=True)
+    parsers: dict[str, argparse.ArgumentParser] = {}
+
+    def sub_command(name: str, help_: str, *, target: str | None = "name") -> argparse.ArgumentParser:
+        q = rs.add_parser(name, help=help_, description=help_)
+        parsers[name] = q
+        q.add_argument("--config-dir", help="the conf/ directory (default: $QUANTMILL_CONF or ./conf)")
+        q.add_argument("-v", "--verbose", action="store_true")
+        if target:
+            q.add_argument(target)
+        q.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. publish=s3 publish.bucket=team")
+        return q
+
+    q = sub_command("ls", "published artifacts, filtered by measured quality", target=None)
+    q.add_argument("--model")
+    q.add_argument("--format", help="gguf, mlx, safetensors, compressed-tensors, ...")
+    q.add_argument("--bits", type=int, help="nominal bits (Q4_K_M: 4, W8A16: 8, F16: 16)")
+    q.add_argument("--max-kld", type=float, help="mean KL divergence against the unquantized model at most this")
+    q.add_argument("--max-ppl-ratio", type=float, help="perplexity ratio at most this (1.03: 3 %% worse)")
+    q.add_argument("--fits", metavar="TARGET", help="fits a conf/target profile (weights + KV cache + overhead)")
+    q.add_argument("--tag", help="only versions carrying this tag")
+    q.add_argument("--json", action="store_true")
+    q = sub_command("show", "model card, metrics, files and provenance of NAME[:vN|:TAG]")
+    q.add_argument("--key", action="append", help="a trusted public key file (also publish.trusted_keys)")
+    q.add_argument("--json", action="store_true")
+    q = sub_command("lineage", "base -> merged -> F16 -> quant: the step and digest of each hop")
+    q.add_argument("--json", action="store_true")
+    q = sub_command("pull", "download NAME[:vN|:TAG], every digest and the signature verified before writing")
+    q.add_argument("--to", help="directory to create (default: ./NAME)")
+    q.add_argument("--key", action="append", help="a trusted public key file (also publish.trusted_keys)")
+    q.add_argument("--require-signature", action="store_true", help="refuse what is not signed by a trusted key")
+    q.add_argument("--json", action="store_true")
+    q = sub_command("verify", "re-hash a pulled directory or a published NAME against its signed record",
+                    target="target")
+    q.add_argument("--key", action="append", help="a trusted public key file (also publish.trusted_keys)")
+    q.add_argument("--require-signature", action="store_true")
+    q = sub_command("promote", "tag a version (default: the latest): NAME --tag stable")
+    q.add_argument("--tag", required=True)
+    q.add_argument("--version", help="vN or N (default: latest)")
+    q = sub_command("gc", "delete objects no name, tag or recent run references", target=None)
+    q.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    q.add_argument("--keep-days", type=float, default=7.0, help="keep what a run made within this many days")
+    q.add_argument("--json", action="store_true")
+    q = sub_command("keygen", "make an Ed25519 key pair for signing provenance records", target=None)
+    q.add_argument("--out", default="keys", help="directory for NAME.key and NAME.pub.json")
+    q.add_argument("--name", default="quantmill")
+    sub_command("catalogue", "rewrite the registry's catalogue page (index.html)", target=None)
+    return parsers
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser (help, version) and one parser per command; overrides may follow options."""
     parser = argparse.ArgumentParser(prog="quantmill", description="A declarative factory for quantized LLMs.")
@@ -510,13 +729,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--submit", action="store_true", help="submit the runs to the server instead of running here")
     p.add_argument("--pool", help="the pool whose workers run submitted runs (default: infra.pipeline_pool)")
     p.add_argument("--json", action="store_true")
+    for name, p in _registry_parser(sub).items():
+        commands[f"registry {name}"] = p
     return parser, commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, commands = build_parser()
-    if argv and argv[0] in commands:  # Hydra overrides may come before or after a command's options
+    if argv[:1] == ["registry"] and f"registry {argv[1:2][0] if argv[1:] else ''}" in commands:
+        args = commands[f"registry {argv[1]}"].parse_intermixed_args(argv[2:])
+        args.func, args.registry_command = cmd_registry, argv[1]
+    elif argv and argv[0] in commands:  # Hydra overrides may come before or after a command's options
         args = commands[argv[0]].parse_intermixed_args(argv[1:])
     else:
         args = parser.parse_args(argv)

@@ -190,10 +190,20 @@ class PublishConfig:
     """Where validated artifacts are published.
 
     Attributes:
-        publisher: Publisher backend key (``local``: the registry folder inside the local store).
+        publisher: ``local`` (the registry folder inside the local store), ``s3`` (the team registry in a bucket:
+            the same layout, with the artifacts) or ``hf`` (the Hugging Face Hub).
         name_template: Registry name; ``{model}`` and ``{recipe}`` are filled in.
         tags: Extra tags for the model card.
         license: License for the model card (defaults to the source model's, when it declares one).
+        bucket, prefix, endpoint_url, region: The bucket of ``s3`` (credentials from the environment only).
+        repo_id: ``hf``: the Hub repository, ``{model}``/``{recipe}``/``{name}`` filled in (e.g.
+            ``my-org/{model}-GGUF``). hf_layout: ``repo`` (the repo holds one artifact), ``branch`` (a branch per
+            recipe) or ``folder`` (a folder per recipe in one repo). private: create new repos private.
+        split_max_gb: ``hf``: a GGUF larger than this is split with llama.cpp's ``llama-gguf-split`` (the Hub refuses
+            files over 50 GB).
+        signing_key: Private key (PEM) that signs each published provenance record (or $QUANTMILL_SIGNING_KEY);
+            ``quantmill registry keygen`` makes a pair. trusted_keys: public keys ``pull``/``verify`` accept.
+        catalogue: Rewrite the registry's catalogue page (index.html) after each publish.
     """
 
     enabled: bool = True
@@ -201,6 +211,17 @@ class PublishConfig:
     name_template: str = "{model}-{recipe}"
     tags: List[str] = field(default_factory=list)
     license: Optional[str] = None
+    bucket: Optional[str] = None
+    prefix: str = "quantmill"
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    repo_id: str = "{name}"
+    hf_layout: str = "repo"
+    private: bool = True
+    split_max_gb: float = 45.0
+    signing_key: Optional[str] = None
+    trusted_keys: List[str] = field(default_factory=list)
+    catalogue: bool = True
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import Any, Callable, Mapping
 from quantmill import constants as C
 from quantmill import provenance
 from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOURCES
+from quantmill.estimate import Shape
 from quantmill.backends import gguf_quantizer
 from quantmill.backends.base import SourceInfo
-from quantmill.backends.local_publisher import LocalRegistry
 from quantmill.config import CalibrationConfig, ModelConfig
 from quantmill.errors import PreflightError, ToolError
 from quantmill.planner import StepSpec, step_key
@@ -139,8 +139,11 @@ def _publish(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store
                               artifact_digest=artifact_ref["digest"], tags=list(c["tags"]), license=c["license"],
                               adapter=c.get("adapter"))
     (out / C.MODEL_CARD_FILE).write_text(card)
+    shape = Shape.from_config(json.loads((inputs["source"] / "config.json").read_text()))
     return {"name": c["name"], "artifact": artifact_ref, "validated": validated,
             "validation": {"status": validation["status"]} if validation else None,
+            "metrics": {k: validation[k] for k in SUMMARY_METRICS if k in validation} if validation else {},
+            "kv_cache_bytes_per_token": shape.kv_cache_bytes(1),
             "recipe": c["recipe"], "model": c["model"], "format": c["format"],
             "quant_type": quant.get("quant_type") or quant.get("outtype", "").upper(),
             "bits_per_weight": quant.get("bits_per_weight"),
@@ -152,16 +155,8 @@ RUNNERS: dict[str, Runner] = {C.DOWNLOAD: _download, C.MERGE: _merge, C.CALIBRAT
 
 
 def register(spec: StepSpec, store: Store, ref: ArtifactRef) -> dict[str, Any]:
-    """Make a committed publish record visible under its name (idempotent)."""
-    if not isinstance(store, LocalStore):
-        raise NotImplementedError("publishing from a non-local store")
-    publisher = PUBLISHERS.get(spec.backend)
-    registry: LocalRegistry = publisher.registry(store.root)
-    result = read_result(store, ref)
-    entry = {**{k: v for k, v in result.items() if k != "name"}, "publish_key": ref.key,
-             "published_at": provenance.now()}
-    card = (store.files(ref) / C.MODEL_CARD_FILE).read_text()
-    return registry.publish(result["name"], entry, card)
+    """Make a committed publish record visible where its publisher publishes (idempotent)."""
+    return PUBLISHERS.get(spec.backend).publish(spec, store, ref)
 
 
 def run_step(spec: StepSpec, inputs: Mapping[str, ArtifactRef], store: Store,

@@ -7,15 +7,17 @@ the digests of its inputs, so it is known as soon as its inputs exist, and the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from quantmill import constants as C
+from quantmill import signing
 from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOURCES
 from quantmill.backends.base import SourceInfo
-from quantmill.backends.local_publisher import check_name
+from quantmill.artifact_registry import check_name
 from quantmill.config import QuantmillConfig, StoreConfig
 from quantmill.digest import canonical_json, sha256_bytes
 from quantmill.errors import ConfigError, PreflightError, StoreFullError
@@ -25,7 +27,7 @@ from quantmill.versions import package_versions
 
 # Bump a step's version when its output bytes change for the same inputs and config.
 IMPLEMENTATION_VERSIONS = {C.DOWNLOAD: "2", C.MERGE: "1", C.CALIBRATE: "2", C.CONVERT: "1", C.QUANTIZE: "1",
-                           C.VALIDATE: "2", C.PUBLISH: "1"}
+                           C.VALIDATE: "2", C.PUBLISH: "2"}
 BUNDLED_TEXT = Path(__file__).resolve().parent / "bundled" / "text"
 HIT, MISS, PENDING = "hit", "miss", "pending"
 
@@ -217,9 +219,9 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
         for name, (recipe, _, _) in recipes.items():
             check_here(name, recipe.requires)
     publisher = PUBLISHERS.get(cfg.publish.publisher) if cfg.publish.enabled else None
-    if publisher is not None and not isinstance(store, LocalStore):
-        raise PreflightError(f"publish.publisher={cfg.publish.publisher!r} writes the registry inside a local store; "
-                             f"with store.kind={cfg.store.kind!r} set publish.enabled=false")
+    if publisher is not None:
+        publisher.check(cfg.publish, store)
+        signer = signing.signer_from(cfg.publish.signing_key)  # a bad key path fails here, before any work
     if publisher is not None and not cfg.validate.enabled and cfg.validate.enforce:
         raise PreflightError("publishing needs a passed validation but validate.enabled=false; enable it, or set "
                              "validate.enforce=false to publish marked unvalidated, or publish.enabled=false")
@@ -367,8 +369,11 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                 inputs=inputs, recipe=name,
                 config={"name": names[name], "model": model.name, "recipe": name, "format": recipe.format,
                         "base_model": info.base_model, "adapter": model.adapter, "tags": sorted(cfg.publish.tags),
-                        "license": cfg.publish.license or info.license, "enforce": cfg.validate.enforce},
-                context={"store_root": str(getattr(store, "root", ""))}))
+                        "license": cfg.publish.license or info.license, "enforce": cfg.validate.enforce,
+                        "destination": publisher.destination(cfg.publish),
+                        "signed_by": signing.key_id(signer) if signer else None},
+                context={"store_root": str(getattr(store, "root", "")),
+                         "publish": {**dataclasses.asdict(cfg.publish), "cache_dir": cfg.store.cache_dir}}))
     routes = {}
     if cfg.infra.mode == "prefect":
         from quantmill.pools import route
@@ -476,13 +481,7 @@ def resolve(plan: Plan, store: Store) -> Resolution:
 
 def _registered(spec: StepSpec, store: Store, ref: ArtifactRef) -> bool:
     """A publish is only cached if the registry still holds what it published."""
-    from quantmill.backends.local_publisher import LocalRegistry
-
-    if not isinstance(store, LocalStore):
-        return True
-    record = json.loads((store.files(ref) / C.RESULT_FILE).read_text())
-    registry = LocalRegistry(store.root / C.REGISTRY_DIR)
-    return registry.find(spec.config["name"], record["artifact"]["digest"], ref.key) is not None
+    return PUBLISHERS.get(spec.backend).is_published(spec, store, ref)
 
 
 def check_space(plan: Plan, resolution: Resolution, store: Store) -> None:

@@ -162,6 +162,31 @@ class S3Store(Store):
     def state_dir(self) -> Path:
         return self.cache / C.STATE_DIR
 
+    def fetch_file(self, key: str, path: str, dst: Path) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._call(self.client.download_file, Bucket=self.bucket, Key=self._file_key(key, path), Filename=str(dst),
+                       Config=self.transfer)
+        except ClientError:
+            raise NotFound(f"{self.uri}: artifact {key} has no object for {path}") from None
+
+    def keys(self) -> list[str]:
+        found = []
+        base = self._key(C.OBJECTS_DIR) + "/"
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base,
+                                                                          Delimiter="/"):
+            found += [p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return sorted(k for k in found if self.lookup(k) is not None)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(C.OBJECTS_DIR, key, C.PROVENANCE_FILE))
+        self._statements.pop(key, None)
+        base = self._key(C.OBJECTS_DIR, key) + "/"
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+            for obj in page.get("Contents", []):
+                self.client.delete_object(Bucket=self.bucket, Key=obj["Key"])
+
     # -- writing -----------------------------------------------------------------------------------------
     def stage(self, key: str) -> Staging:
         root = self.cache / C.STAGING_DIR / f"{key[:16]}-{uuid.uuid4().hex[:8]}"

@@ -81,6 +81,18 @@ class Store(ABC):
         """One small file of an artifact, checked against its provenance (without fetching the rest)."""
         return (self.files(ref) / path).read_bytes()
 
+    def fetch_file(self, key: str, path: str, dst: Path) -> None:
+        """Copy one committed file of ``key`` to ``dst`` from the store itself (never a cache); unchecked."""
+        raise NotImplementedError
+
+    def keys(self) -> list[str]:
+        """Every committed artifact key."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        """Remove a committed artifact (``registry gc``): its record first, so it is never half visible."""
+        raise NotImplementedError
+
     def digest_cache(self) -> DigestCache:
         """sha256 of local files by inode, so a large file is hashed once (see ``DigestCache``)."""
         return DigestCache(self.state_dir() / C.DIGEST_CACHE_FILE)
@@ -155,6 +167,19 @@ class LocalStore(Store):
 
     def state_dir(self) -> Path:
         return self.root / C.STATE_DIR
+
+    def fetch_file(self, key: str, path: str, dst: Path) -> None:
+        shutil.copyfile(self._object(key) / C.FILES_DIR / path, dst)
+
+    def keys(self) -> list[str]:
+        objects = self.root / C.OBJECTS_DIR
+        return sorted(p.name for p in objects.iterdir() if (p / C.PROVENANCE_FILE).is_file())
+
+    def delete(self, key: str) -> None:
+        target = self._object(key)
+        trash = self.root / C.STAGING_DIR / f"deleted-{key[:16]}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, trash)  # gone from lookups at once; then the bytes
+        shutil.rmtree(trash)
 
     def used_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.root / C.OBJECTS_DIR).rglob("*") if p.is_file())

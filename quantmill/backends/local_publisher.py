@@ -1,106 +1,132 @@
-"""The local registry: human names -> artifact digests, versioned, inside the local store.
-
-Layout: ``<store root>/registry/<name>/v<N>/{entry.json, README.md}``. Publishing the same artifact under the
-same name again adds no version; a different artifact under the name adds ``v<N+1>``.
+"""Registry publishers: ``local`` (the registry folder inside the local store) and ``s3`` (the same layout in a
+bucket, shared by a team). Both sign the provenance record when a signing key is configured, keep the lineage,
+and rewrite the catalogue page after each new version. Publishing the same artifact again changes nothing.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from quantmill import constants as C
+from quantmill.artifact_registry import (ArtifactRegistry, LocalLocation, S3Location, check_name, copy_artifact,
+                                         lineage)
 from quantmill.backends import PUBLISHERS
-from quantmill.errors import NotFound, PublishRefused
+from quantmill.errors import PreflightError
+from quantmill.store import ArtifactRef, LocalStore, Store
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def check_name(name: str) -> str:
-    if not _NAME.match(name) or ".." in name:
-        raise PublishRefused(f"registry name {name!r} is invalid; use letters, digits, '.', '_' and '-' "
-                             f"(no path separators or '..')")
-    return name
+__all__ = ["check_name", "LocalRegistry", "LocalPublisher", "S3Publisher", "record_bytes"]
 
 
-class LocalPublisher:
-    key = "local"
+class LocalRegistry(ArtifactRegistry):
+    """The registry folder ``root`` (``<store>/registry``) of the local store ``root.parent``."""
 
-    def registry(self, store_root: Path) -> "LocalRegistry":
-        return LocalRegistry(store_root / C.REGISTRY_DIR)
-
-
-class LocalRegistry:
     def __init__(self, root: Path):
-        self.root = root
+        super().__init__(LocalLocation(root), LocalStore(Path(root).parent))
 
-    def versions(self, name: str) -> list[int]:
-        d = self.root / check_name(name)
-        return sorted(int(p.name[1:]) for p in d.glob("v*") if p.name[1:].isdigit()) if d.is_dir() else []
 
-    def get(self, name: str, version: int | None = None) -> dict[str, Any]:
-        versions = self.versions(name)
-        if not versions:
-            close = _closest(name, self.names())
-            hint = f"; did you mean {close!r}?" if close else ""
-            raise NotFound(f"no published artifact named {name!r} in {self.root}{hint}")
-        v = versions[-1] if version is None else version
-        path = self.root / name / f"v{v}" / C.REGISTRY_ENTRY_FILE
-        if not path.is_file():
-            raise NotFound(f"{name!r} has no version v{v}; versions: {', '.join(f'v{x}' for x in versions)}")
-        return json.loads(path.read_text())
+def record_bytes(statement: Mapping[str, Any]) -> bytes:
+    """A provenance record as published and signed: sorted keys, one space of indent, a final newline."""
+    return (json.dumps(statement, indent=1, sort_keys=True) + "\n").encode()
 
-    def card(self, name: str, version: int) -> str:
-        return (self.root / name / f"v{version}" / C.MODEL_CARD_FILE).read_text()
 
-    def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+class RegistryPublisher:
+    """What local and S3 registries share: entry, card, signed record, lineage, catalogue page."""
 
-    def entries(self) -> list[dict[str, Any]]:
-        return [self.get(n) for n in self.names() if self.versions(n)]
+    key = ""
 
-    def find(self, name: str, artifact_digest: str, publish_key: str) -> dict[str, Any] | None:
-        """The version of ``name`` that already holds this artifact with this publish record, if any."""
-        for v in reversed(self.versions(name)):
-            entry = self.get(name, v)
-            if entry["artifact"]["digest"] == artifact_digest and entry["publish_key"] == publish_key:
-                return entry
-        return None
+    def destination(self, publish: Any) -> str:
+        raise NotImplementedError
 
-    def publish(self, name: str, entry: dict[str, Any], card: str) -> dict[str, Any]:
-        """Add ``entry`` as the next version of ``name`` (atomically), unless an identical one exists."""
-        check_name(name)
-        existing = self.find(name, entry["artifact"]["digest"], entry["publish_key"])
+    def registry(self, publish: Mapping[str, Any], store: Store) -> ArtifactRegistry:
+        raise NotImplementedError
+
+    def check(self, publish: Any, store: Store) -> None:
+        """Preflight: what this publisher needs from the config and the store (one line each)."""
+
+    def publish(self, spec, store: Store, ref: ArtifactRef) -> dict[str, Any]:
+        from quantmill import signing
+        from quantmill.catalogue import write_catalogue
+        from quantmill.execute import read_result
+
+        settings = spec.context["publish"]
+        registry = self.registry(settings, store)
+        result = read_result(store, ref)
+        artifact = ArtifactRef(result["artifact"]["key"], result["artifact"]["digest"], "")
+        existing = registry.find(result["name"], artifact.digest, ref.key)
         if existing:
             return existing
-        (self.root / name).mkdir(parents=True, exist_ok=True)
-        while True:
-            version = (self.versions(name) or [0])[-1] + 1
-            staging = self.root / name / f".v{version}-{uuid.uuid4().hex[:8]}"
-            staging.mkdir()
-            record = {**entry, "name": name, "version": version}
-            (staging / C.MODEL_CARD_FILE).write_text(card)
-            (staging / C.REGISTRY_ENTRY_FILE).write_text(json.dumps(record, indent=1) + "\n")
-            try:
-                os.rename(staging, self.root / name / f"v{version}")
-                return record
-            except OSError:  # a concurrent publisher took this version number: take the next one
-                for p in staging.iterdir():
-                    p.unlink()
-                staging.rmdir()
+        if registry.store is not store:
+            copy_artifact(store, registry.store, artifact)
+        record = record_bytes(store.statement(artifact.key))
+        signer = signing.signer_from(settings.get("signing_key"))
+        entry = {**{k: v for k, v in result.items() if k != "name"}, "publish_key": ref.key,
+                 "published_at": _now(), "signed_by": signing.key_id(signer) if signer else None}
+        card = store.read_file(ref, C.MODEL_CARD_FILE).decode()
+        published = registry.publish(result["name"], entry, card, provenance=record,
+                                     signature=signing.sign(record, signer) if signer else None,
+                                     lineage=lineage(store, artifact.key))
+        if settings.get("catalogue", True):
+            write_catalogue(registry)
+        return published
+
+    def is_published(self, spec, store: Store, ref: ArtifactRef) -> bool:
+        from quantmill.execute import read_result
+
+        record = read_result(store, ref)
+        return self.registry(spec.context["publish"], store).find(record["name"], record["artifact"]["digest"],
+                                                                  ref.key) is not None
 
 
-def _closest(name: str, names: list[str]) -> str | None:
-    import difflib
+def _now() -> str:
+    from quantmill import provenance
 
-    match = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-    return match[0] if match else None
+    return provenance.now()
+
+
+class LocalPublisher(RegistryPublisher):
+    key = "local"
+
+    def destination(self, publish: Any) -> str:
+        return "local"
+
+    def registry(self, publish: Mapping[str, Any] | None, store: Store) -> ArtifactRegistry:
+        return ArtifactRegistry(LocalLocation(store.root / C.REGISTRY_DIR), store)
+
+    def check(self, publish: Any, store: Store) -> None:
+        if not isinstance(store, LocalStore):
+            raise PreflightError(f"publish.publisher=local writes the registry inside a local store; with an S3 store "
+                                 f"publish to the team's bucket (publish=s3) or set publish.enabled=false")
+
+
+class S3Publisher(RegistryPublisher):
+    """The team registry in a bucket: ``<bucket>/<prefix>/registry/...`` and the artifacts beside it as an S3 store."""
+
+    key = "s3"
+
+    def destination(self, publish: Any) -> str:
+        return f"s3://{_get(publish, 'bucket')}/{_get(publish, 'prefix').strip('/')}"
+
+    def registry(self, publish: Mapping[str, Any], store: Store | None = None) -> ArtifactRegistry:
+        from quantmill.s3store import S3Store
+
+        target = S3Store(publish["bucket"], publish["prefix"], endpoint_url=publish.get("endpoint_url"),
+                         region=publish.get("region"), cache_dir=publish.get("cache_dir") or ".quantmill/s3-cache")
+        if store is not None and getattr(store, "uri", None) == target.uri:
+            target = store  # the run's store is the registry's bucket: the artifact is there already
+        prefix = "/".join(p for p in (publish["prefix"].strip("/"), C.REGISTRY_DIR) if p)
+        return ArtifactRegistry(S3Location(target.client, publish["bucket"], prefix), target)
+
+    def check(self, publish: Any, store: Store) -> None:
+        if not _get(publish, "bucket"):
+            raise PreflightError("publish.publisher=s3 needs publish.bucket (and publish.endpoint_url for MinIO, R2 "
+                                 "or a local S3 server)")
+
+
+def _get(publish: Any, name: str) -> Any:
+    return publish.get(name) if isinstance(publish, Mapping) else getattr(publish, name)
 
 
 PUBLISHERS.register(LocalPublisher.key)(LocalPublisher())
+PUBLISHERS.register(S3Publisher.key)(S3Publisher())

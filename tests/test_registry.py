@@ -1,0 +1,213 @@
+"""The team registry against moto's S3 server: two team members publish from their own stores, a third lists,
+pulls and verifies; signatures; search by measured quality; gc; bad names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+
+from quantmill.cli import run_config
+from quantmill.config import compose
+from tests.conftest import CONF, QUICK
+
+pytestmark = pytest.mark.slow
+BUCKET = "team-registry"
+
+
+@pytest.fixture(scope="module")
+def team(s3_endpoint, tmp_path_factory):
+    """Members alice and bob publish (each from a store of their own, each signing with a key of their own) to one
+    bucket; carol has only the bucket and both public keys."""
+    import os
+
+    from quantmill import signing
+
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    root = tmp_path_factory.mktemp("team")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
+    keys = {who: signing.generate(root / "keys", who) for who in ("alice", "bob", "mallory")}
+    publish = ["publish=s3", f"publish.bucket={BUCKET}", f"publish.endpoint_url={s3_endpoint}"]
+    outcomes = {}
+    loose = ["recipe.gguf_q2_k.gates.max_ppl_ratio=null", "recipe.gguf_q2_k.gates.max_mean_kld=null"]
+    for who, recipes, model in (("alice", "gguf_q8_0,gguf_q4_k_m", []),
+                                ("bob", "gguf_q2_k", ["model.name=tiny-llama-bob", *loose])):
+        cfg = compose([f"store.root={root / who / 'store'}", f"infra.prefect_home={root / who / 'prefect'}",
+                       f"store.cache_dir={root / who / 'cache'}", f"recipe=[{recipes}]", *publish, *QUICK, *model,
+                       f"publish.signing_key={keys[who][0]}"], conf_dir=CONF)
+        outcomes[who] = run_config(cfg)
+        assert all(o.ok for o in outcomes[who]), [o for o in outcomes[who] if not o.ok]
+    carol = [*publish, f"store.root={root / 'carol' / 'store'}", f"store.cache_dir={root / 'carol' / 'cache'}",
+             f"publish.trusted_keys=[{keys['alice'][1]},{keys['bob'][1]}]"]
+    return {"root": root, "keys": keys, "outcomes": outcomes, "carol": carol, "endpoint": s3_endpoint,
+            "publish": publish}
+
+
+def quantmill(team, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "quantmill.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd or team["root"], env={**os.environ, "QUANTMILL_CONF": str(CONF)})
+
+
+def registry_json(team, *args: str):
+    proc = quantmill(team, "registry", *args, "--json", *team["carol"])
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_two_members_publish_a_third_lists_them(team):
+    names = {e["name"]: e for e in registry_json(team, "ls")}
+    assert sorted(names) == ["tiny-llama-bob-gguf_q2_k", "tiny-llama-gguf_q4_k_m", "tiny-llama-gguf_q8_0"]
+    assert all(e["validated"] and e["version"] == 1 for e in names.values())
+    keyids = {who: json.loads(team["keys"][who][1].read_text())["keyid"] for who in ("alice", "bob")}
+    assert names["tiny-llama-gguf_q8_0"]["signed_by"] == keyids["alice"]
+    assert names["tiny-llama-bob-gguf_q2_k"]["signed_by"] == keyids["bob"]
+
+
+def test_publishing_again_changes_nothing(team):
+    before = _bucket(team)
+    root = team["root"] / "alice"
+    cfg = compose([f"store.root={root / 'store'}", f"infra.prefect_home={root / 'prefect'}",
+                   f"store.cache_dir={root / 'cache'}", "recipe=[gguf_q8_0,gguf_q4_k_m]", *team["publish"], *QUICK,
+                   f"publish.signing_key={team['keys']['alice'][0]}"], conf_dir=CONF)
+    assert all(o.status == "cached" for o in run_config(cfg))
+    assert _bucket(team) == before
+
+
+def _bucket(team) -> dict[str, str]:
+    client = boto3.client("s3", endpoint_url=team["endpoint"])
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for o in page.get("Contents", []):
+            if not o["Key"].endswith("index.html"):
+                out[o["Key"]] = o["ETag"]
+    return out
+
+
+def _alice_files(team, recipe: str) -> dict[str, bytes]:
+    quantize = next(o for o in team["outcomes"]["alice"] if o.spec_id == f"quantize:{recipe}")
+    files = team["root"] / "alice" / "store" / "objects" / quantize.key / "files"
+    return {p.name: p.read_bytes() for p in files.iterdir()}
+
+
+def test_pull_reproduces_the_exact_bytes_and_verifies_the_signature(team, tmp_path):
+    out = registry_json(team, "pull", "tiny-llama-gguf_q4_k_m", "--to", str(tmp_path / "q4"), "--require-signature")
+    assert out["signed_by"] == json.loads(team["keys"]["alice"][1].read_text())["keyid"]
+    pulled = {p.name: p.read_bytes() for p in (tmp_path / "q4").iterdir()}
+    expected = _alice_files(team, "gguf_q4_k_m")
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in pulled.items() if k in expected} == \
+        {k: hashlib.sha256(v).hexdigest() for k, v in expected.items()}
+    assert sorted(pulled) == sorted([*expected, "provenance.json", "provenance.sig.json"])
+    proc = quantmill(team, "registry", "verify", str(tmp_path / "q4"), "--require-signature", *team["carol"])
+    assert proc.returncode == 0 and proc.stdout.strip() == f"{tmp_path / 'q4'}: verified", proc.stderr
+
+
+def _objects(team, contains: str) -> list[str]:
+    return [k for k in _bucket(team) if contains in k]
+
+
+def test_a_flipped_byte_in_the_bucket_fails_pull_and_verify_naming_the_file(team, tmp_path):
+    client = boto3.client("s3", endpoint_url=team["endpoint"])
+    key = next(k for k in _objects(team, "/files/") if k.endswith("model-q8_0.gguf"))
+    body = bytearray(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0x01
+    client.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+    try:
+        proc = quantmill(team, "registry", "pull", "tiny-llama-gguf_q8_0", "--to", str(tmp_path / "q8"),
+                         *team["carol"])
+        assert proc.returncode == 2
+        assert "tiny-llama-gguf_q8_0:v1: model-q8_0.gguf: sha256 " in proc.stderr, proc.stderr
+        assert "nothing was written" in proc.stderr and not (tmp_path / "q8").exists()
+        assert [p.name for p in tmp_path.iterdir()] == []  # not even the staging folder is left
+        proc = quantmill(team, "registry", "verify", "tiny-llama-gguf_q8_0", *team["carol"])
+        assert proc.returncode == 1 and proc.stderr.startswith("tiny-llama-gguf_q8_0: model-q8_0.gguf: sha256 ")
+    finally:
+        body[len(body) // 2] ^= 0x01
+        client.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+    assert quantmill(team, "registry", "verify", "tiny-llama-gguf_q8_0", *team["carol"]).returncode == 0
+
+
+@pytest.mark.parametrize("tamper", ["record", "signature", "other-key"])
+def test_tampered_records_and_foreign_signatures_fail(team, tamper):
+    from quantmill import signing
+
+    client = boto3.client("s3", endpoint_url=team["endpoint"])
+    record_key = next(k for k in _objects(team, "tiny-llama-gguf_q4_k_m/v1/") if k.endswith("/provenance.json"))
+    sig_key = record_key.replace("provenance.json", "provenance.sig.json")
+    saved = {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in (record_key, sig_key)}
+    if tamper == "record":
+        client.put_object(Bucket=BUCKET, Key=record_key, Body=saved[record_key].replace(b'"quantize"', b'"quantise"'))
+        expected = "the signature is over other bytes than the provenance record published beside it"
+    elif tamper == "signature":
+        envelope = json.loads(saved[sig_key])
+        sig = envelope["signatures"][0]["sig"]
+        envelope["signatures"][0]["sig"] = ("A" if sig[0] != "A" else "B") + sig[1:]
+        client.put_object(Bucket=BUCKET, Key=sig_key, Body=json.dumps(envelope).encode())
+        expected = "signature does not verify with any trusted key"
+    else:  # mallory re-signs the record with a key nobody trusts
+        client.put_object(Bucket=BUCKET, Key=sig_key,
+                          Body=signing.sign(saved[record_key], signing.signer_from(team["keys"]["mallory"][0])))
+        expected = "signature does not verify with any trusted key (signed by key " + \
+            json.loads(team["keys"]["mallory"][1].read_text())["keyid"][:16]
+    try:
+        proc = quantmill(team, "registry", "verify", "tiny-llama-gguf_q4_k_m", *team["carol"])
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("quantmill: error: tiny-llama-gguf_q4_k_m:v1: ")
+        proc = quantmill(team, "registry", "pull", "tiny-llama-gguf_q4_k_m", "--to", "x", *team["carol"])
+        assert proc.returncode == 2 and expected in proc.stderr
+    finally:
+        for k, v in saved.items():
+            client.put_object(Bucket=BUCKET, Key=k, Body=v)
+
+
+def test_ls_filters_by_measured_quality(team):
+    kld = {}
+    for who in ("alice", "bob"):
+        for o in team["outcomes"][who]:
+            if o.step == "validate" and o.result.get("mean_kld") is not None and o.spec_id.count(":") == 1:
+                name = ("tiny-llama-bob-" if who == "bob" else "tiny-llama-") + o.recipe
+                kld[name] = o.result["mean_kld"]
+    assert len(kld) == 3
+    threshold = sorted(kld.values())[1]  # two of the three are at or under it
+    found = registry_json(team, "ls", "--max-kld", str(threshold))
+    assert sorted(e["name"] for e in found) == sorted(n for n, k in kld.items() if k <= threshold)
+    assert len(found) == 2
+    assert [e["name"] for e in registry_json(team, "ls", "--bits", "4")] == ["tiny-llama-gguf_q4_k_m"]
+    assert [e["name"] for e in registry_json(team, "ls", "--model", "tiny-llama-bob")] == ["tiny-llama-bob-gguf_q2_k"]
+    assert len(registry_json(team, "ls", "--fits", "phone_8gb")) == 3
+    assert registry_json(team, "ls", "--max-ppl-ratio", "0.5") == []
+
+
+def test_lineage_show_and_promote(team):
+    hops = registry_json(team, "lineage", "tiny-llama-gguf_q4_k_m")
+    assert [h["step"] for h in hops] == ["download", "convert", "quantize"]
+    assert hops[0]["sources"][0]["name"] == "model" and "imatrix" in hops[-1]["side_inputs"]
+    alice = {(o.step, o.recipe): o for o in team["outcomes"]["alice"] if o.step != "convert" or o.recipe is None}
+    assert [h["digest"] for h in hops] == [alice[("download", None)].digest, alice[("convert", None)].digest,
+                                           alice[("quantize", "gguf_q4_k_m")].digest]
+    proc = quantmill(team, "registry", "promote", "tiny-llama-gguf_q4_k_m", "--tag", "stable", *team["carol"])
+    assert proc.returncode == 0 and proc.stdout.strip() == "tiny-llama-gguf_q4_k_m:stable -> v1"
+    shown = registry_json(team, "show", "tiny-llama-gguf_q4_k_m:stable")
+    assert shown["tags"] == {"stable": 1} and shown["signature_verified_with"] == shown["signed_by"]
+    assert "base_model_relation: quantized" in shown["card"]
+    assert [e["name"] for e in registry_json(team, "ls", "--tag", "stable")] == ["tiny-llama-gguf_q4_k_m"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("tiny-llama-gguf_q4_k", "no published artifact named 'tiny-llama-gguf_q4_k' in s3://team-registry/quantmill/"
+                             "registry; did you mean 'tiny-llama-gguf_q4_k_m'?"),
+    ("../etc", "registry name '../etc' is invalid; use letters, digits, '.', '_' and '-' (no path separators or "
+               "'..')"),
+    ("team/tiny", "registry name 'team/tiny' is invalid"),
+    ("tiny-llama-gguf_q8_0:beta", "'tiny-llama-gguf_q8_0' has no tag 'beta'; tags: none"),
+])
+def test_bad_names_are_one_line(team, name, message):
+    proc = quantmill(team, "registry", "show", name, *team["carol"])
+    assert proc.returncode == 2 and proc.stderr.startswith(f"quantmill: error: {message}"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
