@@ -7,7 +7,7 @@ PYTHON := $(VENV)/bin/python
 LLAMA := .llama.cpp
 LEGACY := .venv-legacy
 
-.PHONY: run test setup llama-cpp bench clean
+.PHONY: run test setup llama-cpp bench clean browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -32,7 +32,11 @@ setup: $(VENV)/.installed $(LLAMA)/BUILD_INFO.json
 run: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/quantmill run
 
-test: setup $(LEGACY)/.installed
+# The catalogue page is checked in Debian's headless Chromium.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: setup $(LEGACY)/.installed browser
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
 
 bench: setup

@@ -48,29 +48,29 @@ def _chart(model: str, points: list[dict[str, Any]]) -> str:
     points = [p for p in points if p["size_bytes"] and p["mean_kld"] is not None]
     if not points:
         return f'<p class="muted">{html.escape(model)}: no validated metrics to chart</p>'
-    w, h, pad = 460, 260, 48
+    w, h, pad, left = 460, 260, 48, 72
     xs = [p["size_bytes"] / 2**20 for p in points]
     ys = [p["mean_kld"] for p in points]
     x0, x1 = 0.0, max(xs) * 1.1
     y0, y1 = 0.0, max(max(ys) * 1.15, 1e-6)
 
     def sx(x: float) -> float:
-        return pad + (x - x0) / (x1 - x0) * (w - 2 * pad)
+        return left + (x - x0) / (x1 - x0) * (w - left - pad)
 
     def sy(y: float) -> float:
         return h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad)
 
     parts = [f'<svg class="chart" data-model="{html.escape(model)}" width="{w}" height="{h}" '
              f'viewBox="0 0 {w} {h}" role="img" aria-label="{html.escape(model)}: KL divergence against size">',
-             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#555"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#555"/>',
+             f'<line x1="{left}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#555"/>',
+             f'<line x1="{left}" y1="{pad}" x2="{left}" y2="{h - pad}" stroke="#555"/>',
              f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle" font-size="12">size (MiB)</text>',
              f'<text x="14" y="{h / 2}" text-anchor="middle" font-size="12" transform="rotate(-90 14 {h / 2})">'
              f'mean KLD</text>']
     for i in range(5):
         x, y = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
         parts += [f'<text x="{sx(x):.1f}" y="{h - pad + 16}" text-anchor="middle" font-size="10">{x:.2f}</text>',
-                  f'<text x="{pad - 6}" y="{sy(y) + 3:.1f}" text-anchor="end" font-size="10">{y:.3g}</text>']
+                  f'<text x="{left - 6}" y="{sy(y) + 3:.1f}" text-anchor="end" font-size="10">{y:.3g}</text>']
     for p, x, y in zip(points, xs, ys):
         label = html.escape(p["quant_type"] or p["name"])
         parts += [f'<circle class="point" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="#1a73e8">'
@@ -102,7 +102,7 @@ def render(registry: ArtifactRegistry, title: str | None = None) -> str:
     for model in sorted({r["model"] for r in data}):
         charts.append(f"<h2>{html.escape(model)}</h2>" + _chart(model, [r for r in data if r["model"] == model]))
     return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
-            f"<meta name=viewport content='width=device-width'><title>{html.escape(title)}</title>"
+            f"<meta name=viewport content='width=device-width'><link rel=icon href='data:,'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p class=muted>{len(data)} published artifacts; KLD and perplexity against the unquantized model, "
             f"measured before publishing.</p><table id=catalogue><thead><tr>"

@@ -30,7 +30,12 @@ def team(s3_endpoint, tmp_path_factory):
 
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     root = tmp_path_factory.mktemp("team")
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket=BUCKET)
+    # what a team does to serve the catalogue page: anyone may read the registry folder (not the artifacts)
+    client.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
+        "Resource": f"arn:aws:s3:::{BUCKET}/quantmill/registry/*"}]}))
     keys = {who: signing.generate(root / "keys", who) for who in ("alice", "bob", "mallory")}
     publish = ["publish=s3", f"publish.bucket={BUCKET}", f"publish.endpoint_url={s3_endpoint}"]
     outcomes = {}
@@ -211,3 +216,74 @@ def test_bad_names_are_one_line(team, name, message):
     proc = quantmill(team, "registry", "show", name, *team["carol"])
     assert proc.returncode == 2 and proc.stderr.startswith(f"quantmill: error: {message}"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _browse(url: str, screenshot: Path) -> dict:
+    """Open ``url`` in Debian's headless Chromium: console errors, the table rows, the charts; save a screenshot."""
+    import asyncio
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    asyncio.set_event_loop(asyncio.new_event_loop())  # Prefect closed this thread's loop; Playwright needs one
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is not installed; `make test` installs it (apt-get install chromium)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
+        response = page.goto(url)
+        rows = {}
+        for row in page.locator("tr.artifact").all():
+            cells = [c.inner_text().strip() for c in row.locator("td").all()]
+            rows[row.get_attribute("data-name")] = cells
+        charts = {}
+        for svg in page.locator("svg.chart").all():
+            box = svg.bounding_box()
+            charts[svg.get_attribute("data-model")] = {"points": svg.locator("circle.point").count(),
+                                                       "width": box["width"], "height": box["height"]}
+        link = page.locator("tr.artifact a[href$='provenance.json']").first.get_attribute("href")
+        record = page.request.get(page.url.rsplit("/", 1)[0] + "/" + link) if url.startswith("http") else None
+        record = (record.status, record.json()) if record else (None, None)
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return {"status": response.status if response else None, "errors": errors, "rows": rows, "charts": charts,
+            "record_status": record[0], "record": record[1]}
+
+
+def test_the_catalogue_page_served_from_the_bucket(team):
+    from tests.conftest import REPO
+
+    shot = REPO / ".quantmill" / "test-artifacts" / "catalogue-s3.png"
+    page = _browse(f"{team['endpoint']}/{BUCKET}/quantmill/registry/index.html", shot)
+    assert page["status"] == 200 and page["errors"] == []
+    entries = {e["name"]: e for e in registry_json(team, "ls")}
+    assert sorted(page["rows"]) == sorted(entries)
+    for name, cells in page["rows"].items():
+        e, m = entries[name], entries[name]["metrics"]
+        assert cells[0] == f"{name} v{e['version']}" and cells[3] == e["quant_type"]
+        assert cells[4] == f"{e['size_bytes'] / 2**20:.2f}" and cells[5] == f"{e['bits_per_weight']:.2f}"
+        assert cells[6] == f"{m['mean_kld']:.5f}" and cells[7] == f"{m['ppl_ratio']:.4f}"
+        assert cells[9] == "passed" and cells[10] == "yes"
+    assert {m: c["points"] for m, c in page["charts"].items()} == {"tiny-llama": 2, "tiny-llama-bob": 1}
+    assert all(c["width"] >= 460 and c["height"] >= 260 for c in page["charts"].values())  # laid out, drawn
+    assert page["record_status"] == 200 and page["record"]["_type"] == "https://in-toto.io/Statement/v1"
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")
+
+
+def test_the_catalogue_page_opened_from_disk(default_run):
+    from tests.conftest import REPO
+
+    root, _, outcomes = default_run
+    page = _browse((root / "store" / "registry" / "index.html").as_uri(),
+                   REPO / ".quantmill" / "test-artifacts" / "catalogue-local.png")
+    assert page["errors"] == []
+    kld = {o.recipe: o.result["mean_kld"] for o in outcomes if o.step == "validate" and "mean_kld" in o.result}
+    assert {name: cells[6] for name, cells in page["rows"].items()} == \
+        {f"tiny-llama-{r}": f"{k:.5f}" for r, k in kld.items()}
+    assert page["charts"]["tiny-llama"]["points"] == 2
