@@ -137,7 +137,7 @@ def _publish(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store
     card = publish.model_card(name=c["name"], model=c["model"], base_model=c["base_model"], recipe=c["recipe"],
                               fmt=c["format"], quant=quant, validation=validation, validated=validated,
                               artifact_digest=artifact_ref["digest"], tags=list(c["tags"]), license=c["license"],
-                              adapter=c.get("adapter"))
+                              adapter=c.get("adapter"), made_by=publish.made_by(store.statement(artifact_ref["key"])))
     (out / C.MODEL_CARD_FILE).write_text(card)
     shape = Shape.from_config(json.loads((inputs["source"] / "config.json").read_text()))
     return {"name": c["name"], "artifact": artifact_ref, "validated": validated,

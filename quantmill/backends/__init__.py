@@ -15,6 +15,7 @@ from quantmill.backends import (  # noqa: E402,F401
     gguf_converter,
     gguf_quantizer,
     gptqmodel_quantizer,
+    hf_publisher,
     hf_source,
     legacy_quantizer,
     llamacpp_runtime,

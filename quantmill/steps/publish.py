@@ -47,7 +47,7 @@ def metric_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
 
 def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str, quant: dict[str, Any],
                validation: dict[str, Any] | None, validated: bool, artifact_digest: str, tags: list[str],
-               license: str | None, adapter: str | None = None) -> str:
+               license: str | None, adapter: str | None = None, made_by: dict[str, Any] | None = None) -> str:
     """README.md with Hugging Face metadata: what was made, from what, and what validation measured."""
     quant_type = quant.get("quant_type") or quant.get("outtype", "").upper()
     bpw = quant.get("bits_per_weight")
@@ -72,6 +72,24 @@ def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str,
     if validation:
         rows += metric_rows(validation)
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-    lines += ["", f"Artifact digest: `{artifact_digest}`. Its provenance record (in-toto / SLSA v1) lists the "
-                  "sha256 of every file and how it was made: `quantmill show " + name + "`.", ""]
+    lines += ["", "## Provenance", "", "| | |", "|---|---|", f"| Artifact digest | `{artifact_digest}` |"]
+    if made_by:
+        tools = ", ".join(f"{k} {v}" for k, v in sorted(made_by.get("tools", {}).items())) or "none"
+        lines += [f"| Made by | step `{made_by['spec']}`; tools: {tools} |",
+                  f"| Built by | {made_by['builder']} (quantmill {made_by['quantmill']}), finished {made_by['finished']} |"]
+    lines += ["| Record | `provenance.json`: in-toto Statement, SLSA Provenance v1, the sha256 of every file and how it "
+              "was made; `provenance.sig.json`: its DSSE signature, when the publisher signs |", "",
+              f"Check what you downloaded: `quantmill registry verify DIR --key PUBLISHER.pub.json`, or "
+              f"`quantmill registry pull {name}` (verifies before writing).", ""]
     return "\n".join(lines)
+
+
+def made_by(statement: dict[str, Any]) -> dict[str, Any]:
+    """The provenance summary a model card shows: the step, its tools, the builder."""
+    predicate = statement["predicate"]
+    tools = {d["name"].removeprefix("tool:"): d.get("annotations", {}).get("version", "")
+             for d in predicate["buildDefinition"]["resolvedDependencies"] if d.get("name", "").startswith("tool:")}
+    run = predicate["runDetails"]
+    return {"spec": predicate["buildDefinition"]["externalParameters"]["spec"], "tools": tools,
+            "builder": run["builder"]["id"], "quantmill": run["builder"].get("version", {}).get("quantmill", "?"),
+            "finished": run["metadata"].get("finishedOn", "?")}
