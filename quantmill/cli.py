@@ -146,6 +146,8 @@ def _run_and_report(cfg, args: argparse.Namespace) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.force:  # publish what fails a gate, marked unvalidated in its card, entry and the catalogue
+        args.overrides = [*args.overrides, "validate.enforce=false"]
     if args.multirun:
         return _multirun(args)
     return 0 if _run_and_report(_compose(args), args) else 1
@@ -672,6 +674,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     p = command("run", cmd_run, "run the pipeline (embedded Prefect flow); cached steps are not re-run")
     p.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated overrides (a matrix)")
+    p.add_argument("--force", action="store_true",
+                   help="publish artifacts that fail a validation gate, marked unvalidated (validate.enforce=false)")
     p.add_argument("--json", action="store_true", help="print the outcomes as JSON")
     p = command("plan", cmd_plan, "show the steps, their keys and cache hit/miss; runs nothing")
     p.add_argument("--json", action="store_true")

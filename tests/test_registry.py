@@ -287,3 +287,41 @@ def test_the_catalogue_page_opened_from_disk(default_run):
     assert {name: cells[6] for name, cells in page["rows"].items()} == \
         {f"tiny-llama-{r}": f"{k:.5f}" for r, k in kld.items()}
     assert page["charts"]["tiny-llama"]["points"] == 2
+
+
+def test_gc_dry_run_lists_exactly_the_unreferenced_objects(tmp_path, capsys):
+    """Two versions of one name (the second made from a BF16 intermediate) and an unpublished recipe: what only the
+    old version and the unpublished run made is unreferenced; a tag keeps the old version's."""
+    from quantmill.cli import main
+    from tests.conftest import overrides_for
+
+    base = [*overrides_for(tmp_path), *QUICK]
+    first = run_config(compose([*base, "recipe=[gguf_q8_0]"], conf_dir=CONF))
+    second = run_config(compose([*base, "recipe=[gguf_q8_0]", "convert.gguf_outtype=bf16"], conf_dir=CONF))
+    loose = run_config(compose([*base, "recipe=[gguf_q6_k]", "publish.enabled=false"], conf_dir=CONF))
+    assert all(o.ok for o in first + second + loose)
+    keys = lambda outcomes: {o.key for o in outcomes}  # noqa: E731
+    expected = (keys(first) | keys(loose)) - keys(second)
+    assert {o.step for o in first if o.key in expected} == {"convert", "quantize", "validate", "publish"}
+
+    def gc(*args: str) -> dict:
+        capsys.readouterr()
+        assert main(["registry", "gc", "--keep-days", "0", "--json", *args, *overrides_for(tmp_path)]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    plan = gc("--dry-run")
+    assert set(plan["objects"]) == expected and plan["versions"] == ["tiny-llama-gguf_q8_0:v1"]
+    assert gc("--dry-run") == plan and all((tmp_path / "store" / "objects" / k).is_dir() for k in expected)
+    assert gc("--dry-run", "--keep-days", "1")["objects"] == []  # all made just now: recent runs keep them
+
+    assert main(["registry", "promote", "tiny-llama-gguf_q8_0", "--tag", "stable", "--version", "1",
+                 *overrides_for(tmp_path)]) == 0
+    plan = gc("--dry-run")
+    assert set(plan["objects"]) == keys(loose) - keys(second) - keys(first) and plan["versions"] == []
+
+    gc()  # for real: the unpublished q6_k run's objects go; everything named stays and verifies
+    assert sorted(p.name for p in (tmp_path / "store" / "objects").iterdir()) == \
+        sorted((keys(first) | keys(second) | keys(loose)) - (keys(loose) - keys(second) - keys(first)))
+    capsys.readouterr()
+    for name in ("tiny-llama-gguf_q8_0:stable", "tiny-llama-gguf_q8_0"):
+        assert main(["registry", "verify", name, *overrides_for(tmp_path)]) == 0

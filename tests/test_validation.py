@@ -175,6 +175,15 @@ def test_planted_broken_quant_fails_its_gate_and_is_not_published(tmp_path, dama
     assert record["status"] == C.FAILED  # kept in the store with its report
     report = json.loads((tmp_path / "store" / "reports" / "tiny-llama" / "report.json").read_text())
     assert [r["status"] for r in report["artifacts"]] == [C.FAILED]
+    if gate == "max_mean_kld":  # forced: published, marked unvalidated everywhere it shows
+        from quantmill.cli import main
+
+        assert main(["run", "--force", f"recipe=[{recipe}]", *overrides_for(tmp_path)]) == 1  # a gate still failed
+        entry = LocalRegistry(tmp_path / "store" / C.REGISTRY_DIR).get(f"tiny-llama-{recipe}")
+        assert entry["validated"] is False and entry["validation"] == {"status": C.FAILED}
+        assert "**Unvalidated**" in LocalRegistry(tmp_path / "store" / C.REGISTRY_DIR).card(entry["name"], 1)
+        assert '<span class="unvalidated">unvalidated</span>' in \
+            (tmp_path / "store" / C.REGISTRY_DIR / "index.html").read_text()
 
 
 def test_quality_metrics_are_reproducible(tmp_path):

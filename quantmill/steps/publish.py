@@ -25,7 +25,7 @@ def check_publishable(name: str, validation: dict[str, Any] | None, *, enforce: 
         raise PublishRefused(f"{name}: not validated; enable validate.enabled or set validate.enforce=false "
                              f"to publish it marked unvalidated")
     raise PublishRefused(f"{name}: failed validation: {'; '.join(failed_checks(validation))}; not published "
-                         f"(set validate.enforce=false to publish it marked unvalidated)")
+                         f"(`quantmill run --force`, i.e. validate.enforce=false, publishes it marked unvalidated)")
 
 
 def metric_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
