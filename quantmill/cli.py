@@ -207,10 +207,13 @@ def _registry(args: argparse.Namespace):
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    _, registry = _registry(args)
+    return _print_entries(args, registry.entries())
+
+
+def _print_entries(args: argparse.Namespace, entries: list) -> int:
     from quantmill import ui
 
-    _, registry = _registry(args)
-    entries = registry.entries()
     if args.json:
         print(json.dumps(entries, indent=1))
     else:
@@ -459,7 +462,6 @@ def _keys(args: argparse.Namespace) -> list:
 
 
 def reg_ls(args: argparse.Namespace) -> int:
-    from quantmill import ui
     from quantmill.registry_ops import Filters, search
 
     _, registry = _registry(args)
@@ -468,13 +470,9 @@ def reg_ls(args: argparse.Namespace) -> int:
         from quantmill.config import compose
 
         target = compose([f"target={args.fits}", "recipe=[gguf_q8_0]"], conf_dir=args.config_dir).target
-    found = search(registry, Filters(model=args.model, format=args.format, bits=args.bits, max_kld=args.max_kld,
-                                     max_ppl_ratio=args.max_ppl_ratio, fits=target, tag=args.tag))
-    if args.json:
-        print(json.dumps(found, indent=1))
-    else:
-        ui.out.print(ui.registry_table(found))
-    return 0
+    return _print_entries(args, search(registry, Filters(
+        model=args.model, format=args.format, bits=args.bits, max_kld=args.max_kld, max_ppl_ratio=args.max_ppl_ratio,
+        fits=target, tag=args.tag)))
 
 
 def reg_show(args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ the digests of its inputs, so it is known as soon as its inputs exist, and the s
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping

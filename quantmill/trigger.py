@@ -94,7 +94,7 @@ def changes(repo: Path, base: str, head: str, conf_path: str = "conf") -> tuple[
     for run in head_runs:
         old = base_runs.pop(run.id, None)
         if old is None:
-            out.append(Change(run, "run", "new" + (f" (base did not compose)" if broken else "")))
+            out.append(Change(run, "run", "new" + (" (base did not compose)" if broken else "")))
         elif old.fingerprint != run.fingerprint:
             out.append(Change(run, "run", "; ".join(changed_paths(old.fingerprint, run.fingerprint))))
     out += [Change(run, "removed", "not in conf/ at head; nothing runs") for run in base_runs.values()]

@@ -13,7 +13,7 @@ from rich.table import Table
 from quantmill.outcome import CACHED, FAILED, RAN, SKIPPED, Outcome
 
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)  # piped output: tables at full width, not 80
 
 
 class RichBar:
@@ -139,12 +139,16 @@ def fit_table(target: Any, rows: list[dict[str, Any]]) -> Table:
 
 def registry_table(entries: list[dict[str, Any]]) -> Table:
     table = Table(title="published")
-    for col in ("name", "version", "type", "bpw", "size", "validation", "digest"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True, overflow="fold")
+    for col in ("ver", "type", "bpw", "MiB", "KLD", "PPL×", "valid.", "tags", "digest"):
+        table.add_column(col, no_wrap=True)
     for e in entries:
-        size = f"{e['size_bytes'] / 2**20:.2f} MiB" if e.get("size_bytes") else ""
+        m = e.get("metrics") or {}
         table.add_row(e["name"], f"v{e['version']}", e.get("quant_type") or "",
-                      f"{e['bits_per_weight']:.2f}" if e.get("bits_per_weight") else "", size,
-                      "passed" if e.get("validated") else "[red]UNVALIDATED[/]",
-                      e["artifact"]["digest"].removeprefix("sha256:")[:12])
+                      f"{e['bits_per_weight']:.2f}" if e.get("bits_per_weight") else "",
+                      f"{e['size_bytes'] / 2**20:.2f}" if e.get("size_bytes") else "",
+                      f"{m['mean_kld']:.4f}" if m.get("mean_kld") is not None else "",
+                      f"{m['ppl_ratio']:.3f}" if m.get("ppl_ratio") is not None else "",
+                      "passed" if e.get("validated") else "[red]NO[/]", ",".join(e.get("tags", [])),
+                      e["artifact"]["digest"].removeprefix("sha256:")[:8])
     return table

@@ -7,7 +7,6 @@ with ``hydra.launcher.wait=true`` it waits, and a job whose flow run did not com
 """
 
 
-import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 

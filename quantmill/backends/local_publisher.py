@@ -96,8 +96,8 @@ class LocalPublisher(RegistryPublisher):
 
     def check(self, publish: Any, store: Store) -> None:
         if not isinstance(store, LocalStore):
-            raise PreflightError(f"publish.publisher=local writes the registry inside a local store; with an S3 store "
-                                 f"publish to the team's bucket (publish=s3) or set publish.enabled=false")
+            raise PreflightError("publish.publisher=local writes the registry inside a local store; with an S3 store "
+                                 "publish to the team's bucket (publish=s3) or set publish.enabled=false")
 
 
 class S3Publisher(RegistryPublisher):
