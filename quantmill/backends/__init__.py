@@ -26,6 +26,7 @@ from quantmill.backends import (  # noqa: E402,F401
     mlx_quantizer,
     mlx_runtime,
     passthrough_quantizer,
+    s3_source,
     safetensors_converter,
     transformers_runtime,
 )
