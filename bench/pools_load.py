@@ -13,6 +13,7 @@ Per run, from Prefect's API and the provenance records:
 
     python bench/pools_load.py [N]            # writes bench/out/pools_load.json
     python bench/pools_load.py N --serial     # the same runs one at a time (no queueing): bench/out/pools_serial.json
+    python bench/pools_load.py N [--serial] --warm   # workers of pool type `warm` (quantmill.warm_worker): *_warm.json
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ OUT = REPO / "bench" / "out" / "pools_load.json"
 POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp]}}"
 
 
-def main(n: int = 50, serial: bool = False) -> dict:
-    cluster = _cluster.start([("cpu", "w1", ["--limit", "1"]), ("cpu", "w2", ["--limit", "1"])], POOLS, bucket="load")
+def main(n: int = 50, serial: bool = False, warm: bool = False) -> dict:
+    pools = POOLS.replace("llamacpp]", "llamacpp],type:warm") if warm else POOLS
+    cluster = _cluster.start([("cpu", "w1", ["--limit", "1"]), ("cpu", "w2", ["--limit", "1"])], pools, bucket="load")
     try:
         from prefect.client.orchestration import get_client
 
         from quantmill.cli import run_config
         from quantmill.config import compose
 
-        base = ["infra=prefect", POOLS, "infra.max_parallel=1", *cluster.store_overrides("parent-cache"),
+        base = ["infra=prefect", pools, "infra.max_parallel=1", *cluster.store_overrides("parent-cache"),
                 "publish.enabled=false", "validate.enabled=false", "recipe=[gguf_q8_0]"]
         run_config(compose([*base, "model.name=warmup"], conf_dir=REPO / "conf"))  # the shared download
 
@@ -98,7 +100,7 @@ def main(n: int = 50, serial: bool = False) -> dict:
     overheads = sorted(r["overhead_s"] for r in rows)
     p95 = overheads[min(len(overheads) - 1, int(round(0.95 * (len(overheads) - 1))))]
     result = {"date": datetime.now().strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "runs": n,
-              "mode": "one at a time" if serial else "queued at once",
+              "mode": ("one at a time" if serial else "queued at once") + (", warm workers" if warm else ""),
               "completed": sum(r["ok"] for r in rows), "total_s": total,
               "median_overhead_s": statistics.median(overheads), "p95_overhead_s": p95,
               "median_steps_s": statistics.median(r["steps_s"] for r in rows),
@@ -107,7 +109,8 @@ def main(n: int = 50, serial: bool = False) -> dict:
                  for k in ("pickup_s", "step_run_outside_steps_s", "parent_s")},
               "step_runs_per_worker": {w: len(rs) for w, rs in by_worker.items()}, "rows": rows}
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    (OUT.with_name("pools_serial.json") if serial else OUT).write_text(json.dumps(result, indent=1))
+    out = OUT.with_name("pools_serial.json") if serial else OUT
+    (out.with_name(out.stem + "_warm.json") if warm else out).write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -121,5 +124,5 @@ def markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--serial"]
-    print(markdown(main(int(args[0]) if args else 50, serial="--serial" in sys.argv)))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    print(markdown(main(int(args[0]) if args else 50, serial="--serial" in sys.argv, warm="--warm" in sys.argv)))

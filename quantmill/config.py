@@ -256,7 +256,10 @@ class PoolConfig:
     Attributes:
         capabilities: What every worker of the pool has (``cpu``, ``cuda``, ``mlx``, ``llamacpp``); a step goes
             to the first pool, in file order, that offers the capability its backend declares.
-        type: The Prefect worker type (``process``: each step runs in a fresh process on the worker's machine).
+        type: ``process`` (Prefect's process worker: each step run starts fresh interpreters on the worker's
+            machine) or ``warm`` (quantmill's warm worker: each step run runs in the worker's own interpreter,
+            about 3 s less per step run; a run's job_variables cannot change its environment, see
+            ``quantmill.warm_worker``).
         min_gpu_memory_gb: For ``cuda`` pools: ``quantmill worker`` refuses a machine with less.
         job_variables: Passed to the pool's deployment (env, working_dir, ...).
     """

@@ -125,10 +125,20 @@ def _deployment(client, flow: str, name: str, pool_name: str, entrypoint: str, p
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+    prefect_type = prefect_pool_type(pool_type)
+    template = {}
+    if prefect_type == WARM_TYPE:
+        from quantmill.warm_worker import base_job_template
+
+        template = {"base_job_template": base_job_template()}
     try:
-        client.create_work_pool(WorkPoolCreate(name=pool_name, type=pool_type))
+        client.create_work_pool(WorkPoolCreate(name=pool_name, type=prefect_type, **template))
     except ObjectAlreadyExists:
-        pass
+        existing_type = client.read_work_pool(pool_name).type
+        if existing_type != prefect_type:
+            raise ServerError(f"work pool {pool_name!r} exists on the server as type {existing_type!r}, the config says "
+                              f"{pool_type!r}; delete it (`prefect work-pool delete {pool_name}`) or set "
+                              f"infra.pools.{pool_name}.type to match") from None
     schedules = [DeploymentScheduleCreate(schedule=CronSchedule(cron=cron[0], timezone=cron[1]), active=True)] \
         if cron else []
     fields = dict(work_pool_name=pool_name, entrypoint=entrypoint, job_variables=dict(job_variables),
@@ -188,6 +198,19 @@ def check_deployments(pools: list[str]) -> list[str]:
 
 
 # -- workers -------------------------------------------------------------------------------------------------
+WARM_TYPE = "quantmill-warm"  # the Prefect pool type of `type: warm` (quantmill.warm_worker)
+POOL_TYPES = {"process": "process", "warm": WARM_TYPE}
+
+
+def prefect_pool_type(pool_type: str) -> str:
+    """The Prefect work-pool type of a configured pool type: ``process`` (a fresh process per step run) or ``warm``
+    (runs in the worker's own interpreter, see ``quantmill.warm_worker``)."""
+    if pool_type not in POOL_TYPES:
+        raise PreflightError(f"pool type {pool_type!r} unknown; choose one of {', '.join(POOL_TYPES)} "
+                             f"(infra.pools.NAME.type)")
+    return POOL_TYPES[pool_type]
+
+
 @dataclass(frozen=True)
 class WorkerPlan:
     command: list[str]
@@ -218,8 +241,11 @@ def worker_plan(pools: Mapping[str, PoolConfig], pool: str, *, name: str, cache_
     env = {C.ENV_WORKER: name, C.ENV_POOL: pool, C.ENV_CACHE_DIR: str(Path(cache_dir).expanduser().resolve()),
            "PREFECT_WORKER_QUERY_SECONDS": f"{poll_seconds:g}", "PREFECT_WORKER_HEARTBEAT_SECONDS": f"{heartbeat_seconds:g}",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
-               "--type", config.type]
+    if prefect_pool_type(config.type) == WARM_TYPE:
+        command = [sys.executable, "-m", "quantmill.warm_worker", "--pool", pool, "--name", name]
+    else:
+        command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
+                   "--type", config.type]
     if limit:
         command += ["--limit", str(limit)]
     return WorkerPlan(command, env, found)
