@@ -16,12 +16,11 @@ from typing import Any, Callable, Mapping
 
 from quantmill import constants as C
 from quantmill import provenance
-from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOURCES
-from quantmill.estimate import Shape
-from quantmill.backends import gguf_quantizer
+from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOURCES, gguf_quantizer
 from quantmill.backends.base import SourceInfo
 from quantmill.config import CalibrationConfig, ModelConfig
 from quantmill.errors import PreflightError, ToolError
+from quantmill.estimate import Shape
 from quantmill.planner import StepSpec, step_key
 from quantmill.steps import calibrate, convert, download, merge, publish, quantize, validate
 from quantmill.store import ArtifactRef, LocalStore, Store

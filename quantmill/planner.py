@@ -14,9 +14,9 @@ from typing import Any, Iterator, Mapping
 
 from quantmill import constants as C
 from quantmill import signing
+from quantmill.artifact_registry import check_name
 from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOURCES
 from quantmill.backends.base import SourceInfo
-from quantmill.artifact_registry import check_name
 from quantmill.config import QuantmillConfig, StoreConfig
 from quantmill.digest import canonical_json, sha256_bytes
 from quantmill.errors import ConfigError, PreflightError, StoreFullError

@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--limit", type=int, default=None)
     args = parser.parse_args(argv)
-    import flows.step  # noqa: F401 - imported before the first run, not during it
     import flows.pipeline  # noqa: F401
+    import flows.step  # noqa: F401 - imported before the first run, not during it
 
     anyio.run(_serve, args.pool, args.name, args.limit)
 

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from quantmill import constants as C
-from quantmill.artifact_registry import (ArtifactRegistry, LocalLocation, S3Location, check_name, copy_artifact,
-                                         lineage)
+from quantmill.artifact_registry import ArtifactRegistry, LocalLocation, S3Location, check_name, copy_artifact, lineage
 from quantmill.backends import PUBLISHERS
 from quantmill.errors import PreflightError
 from quantmill.store import ArtifactRef, LocalStore, Store
