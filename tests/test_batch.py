@@ -90,6 +90,6 @@ def test_batch_runs_once_then_is_all_cached(tmp_path):
     again = json.loads(second.stdout)
     assert [(r["ok"], r["ran"]) for r in again["results"]] == [(True, 0)] * 6
     assert all(r["cached"] > 0 for r in again["results"])
-    registry = sorted(p.name for p in (tmp_path / "store" / "registry").iterdir())
+    registry = sorted(p.name for p in (tmp_path / "store" / "registry").iterdir() if p.is_dir())
     assert registry == sorted(f"{m}-{r}" for m in ("tiny-llama", "tiny-b")
                               for r in ("gguf_q8_0", "gguf_q4_k_m", "safetensors_f16"))

@@ -92,7 +92,7 @@ def test_the_prefect_launcher_submits_a_2x2_sweep_as_four_flow_runs(server):
         _, model, recipe = s["name"].split("#")[0].split("/")
         assert config["model"]["name"] == model and list(config["recipe"]) == [recipe]
         assert config["store"]["root"] == str(server["repo"] / "store")  # absolute: the worker runs elsewhere
-    registry = sorted(p.name for p in (server["repo"] / "store" / "registry").iterdir())
+    registry = sorted(p.name for p in (server["repo"] / "store" / "registry").iterdir() if p.is_dir())
     assert registry == ["tiny-b-gguf_q8_0", "tiny-b-safetensors_f16", "tiny-llama-gguf_q8_0",
                         "tiny-llama-safetensors_f16"]
 
