@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,7 +121,8 @@ def test_deploy_schedules_a_watch_per_batch_with_its_cron(server):
     proc = _quantmill(server, "deploy", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "deployed quantmill-watch/pair" in proc.stdout.splitlines()
-    listing = subprocess.run(["prefect", "deployment", "ls"], env={**server["env"], "COLUMNS": "200"},
+    prefect = [sys.executable, "-m", "prefect"]  # as CI runs it: the venv's python, its bin/ not on PATH
+    listing = subprocess.run([*prefect, "deployment", "ls"], env={**server["env"], "COLUMNS": "200"},
                              capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0 and "quantmill-watch/pair" in listing.stdout, listing.stdout + listing.stderr
     with _client(server) as client:
@@ -128,7 +130,7 @@ def test_deploy_schedules_a_watch_per_batch_with_its_cron(server):
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules] == \
         [("30 2 * * 1-5", "Europe/Paris", True)]
     assert deployment.parameters == {"batch": "pair"} and deployment.work_pool_name == "cpu"
-    inspect = subprocess.run(["prefect", "deployment", "inspect", "quantmill-watch/pair"], env=server["env"],
+    inspect = subprocess.run([*prefect, "deployment", "inspect", "quantmill-watch/pair"], env=server["env"],
                              capture_output=True, text=True, timeout=120)
     assert "'cron': '30 2 * * 1-5'" in inspect.stdout, inspect.stdout + inspect.stderr
     again = _quantmill(server, "deploy", timeout=120)  # idempotent: still one schedule
