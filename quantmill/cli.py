@@ -200,8 +200,9 @@ def _registry(args: argparse.Namespace):
     if not hasattr(publisher, "is_published") or cfg.publish.publisher == "hf":
         raise ConfigError(f"publish.publisher={cfg.publish.publisher!r} cannot be listed; the team registry is "
                           f"publish=local or publish=s3")
-    publisher.check(cfg.publish, open_store(cfg)) if cfg.publish.publisher != "local" else None
-    store = open_store(cfg) if cfg.publish.publisher == "local" else None
+    store = open_store(cfg) if cfg.publish.publisher == "local" else None  # a bucket registry needs no local store
+    if store is None:
+        publisher.check(cfg.publish, store)
     registry = publisher.registry({**dataclasses.asdict(cfg.publish), "cache_dir": cfg.store.cache_dir}, store)
     return registry.store, registry
 
