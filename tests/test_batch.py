@@ -49,7 +49,7 @@ def test_changed_paths_names_each_difference():
 
 @pytest.mark.parametrize("text, message", [
     ("models:\n  - tiny_llama\n  - tiny_lama\n",
-     "conf/batch/pair.yaml:3: unknown model 'tiny_lama'; did you mean 'tiny_llama'? known: hf, local, tiny_b, "
+     "conf/batch/pair.yaml:3: unknown model 'tiny_lama'; did you mean 'tiny_llama'? known: hf, local, s3, tiny_b, "
      "tiny_llama"),
     ("recipes: [gguf_q8_0]\nmodels:\n  - model: tiny_llama\n    recipes:\n      - gguf_q4_k_m\n      - gguf_q9\n",
      "conf/batch/pair.yaml:6: unknown recipe 'gguf_q9'"),
