@@ -144,7 +144,7 @@ class S3Location(Location):
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
-            raise _explain(e, self.uri) from e
+            raise _explain(e, self) from e
 
     def read(self, path: str) -> bytes | None:
         response = self._get(self._key(path))
@@ -165,7 +165,7 @@ class S3Location(Location):
                 folders += [p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", [])]
                 objects += [o["Key"][len(base):] for o in page.get("Contents", [])]
         except ClientError as e:
-            raise _explain(e, self.uri) from e
+            raise _explain(e, self) from e
         return folders, objects
 
     def children(self, path: str) -> list[str]:
@@ -193,7 +193,7 @@ class S3Location(Location):
                                    IfNoneMatch="*", Metadata={"files": upload}, ContentType="application/json")
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                raise _explain(e, self.uri) from e
+                raise _explain(e, self) from e
             for file in files:
                 if file != ENTRY:
                     self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{name}/v{version}/{upload}/{file}"))
@@ -222,14 +222,11 @@ class S3Location(Location):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{name}/v{version}/{obj}"))
 
 
-def _explain(exc, uri: str) -> QuantmillError:
-    code = exc.response.get("Error", {}).get("Code", "")
-    if code == "NoSuchBucket":
-        return QuantmillError(f"registry {uri}: the bucket does not exist; create it or fix publish.bucket")
-    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
-        return QuantmillError(f"registry {uri}: credentials refused ({code}); check AWS_ACCESS_KEY_ID / "
-                              f"AWS_SECRET_ACCESS_KEY")
-    return QuantmillError(f"registry {uri}: {code or type(exc).__name__}: {exc}")
+def _explain(exc, location: "S3Location") -> QuantmillError:
+    """The S3 store's one-line errors, naming the publish settings."""
+    from quantmill.s3store import _explain as explain_s3
+
+    return explain_s3(exc, location.bucket, location.client.meta.endpoint_url, setting="publish")
 
 
 # -- the registry --------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ every file passed (files are staged beside the destination, then renamed into pl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -20,6 +19,7 @@ from typing import Any
 from quantmill import constants as C
 from quantmill import provenance as prov
 from quantmill.artifact_registry import LINEAGE, PROVENANCE, SIGNATURE, ArtifactRegistry
+from quantmill.digest import sha256_file
 from quantmill.errors import IntegrityError, NotFound, QuantmillError
 
 
@@ -104,14 +104,6 @@ def lineage_of(registry: ArtifactRegistry, name: str, version: int | str | None 
 
 
 # -- pull and verify -----------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_verified(registry: ArtifactRegistry, statement: dict[str, Any], key: str, into: Path) -> list[str]:
     """Fetch every file the record lists from the registry's store into ``into`` (fresh, not from a cache) and
     re-hash it; returns the problems, one line per file."""
@@ -124,7 +116,7 @@ def fetch_verified(registry: ArtifactRegistry, statement: dict[str, Any], key: s
         except (NotFound, FileNotFoundError):
             problems.append(f"{subject.path}: missing from {registry.store.uri}")
             continue
-        actual = _sha256(dst)
+        actual = sha256_file(dst)
         if actual != subject.sha256:
             problems.append(f"{subject.path}: sha256 {actual[:16]}… but its provenance record says "
                             f"{subject.sha256[:16]}…")
@@ -186,7 +178,7 @@ def verify_path(path: Path, keys: list, *, require_signature: bool) -> list[str]
         file = path / subject.path
         if not file.is_file():
             problems.append(f"{subject.path}: missing")
-        elif _sha256(file) != subject.sha256:
+        elif sha256_file(file) != subject.sha256:
             problems.append(f"{subject.path}: sha256 differs from its provenance record")
     return problems
 

@@ -26,7 +26,7 @@ from quantmill.errors import IntegrityError, NotFound, StoreError
 from quantmill.store import ArtifactRef, Staging, Store
 
 
-def _explain(exc: Exception, bucket: str, endpoint: str | None) -> StoreError:
+def _explain(exc: Exception, bucket: str, endpoint: str | None, setting: str = "store") -> StoreError:
     """One line for the errors users hit: wrong credentials, missing bucket, unreachable endpoint."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
@@ -35,11 +35,11 @@ def _explain(exc: Exception, bucket: str, endpoint: str | None) -> StoreError:
         return StoreError(f"{where}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile) "
                           f"in the worker's environment")
     if isinstance(exc, EndpointConnectionError):
-        return StoreError(f"{where}: endpoint unreachable; check store.endpoint_url")
+        return StoreError(f"{where}: endpoint unreachable; check {setting}.endpoint_url")
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         if code == "NoSuchBucket":
-            return StoreError(f"{where}: bucket {bucket!r} does not exist; create it or fix store.bucket")
+            return StoreError(f"{where}: bucket {bucket!r} does not exist; create it or fix {setting}.bucket")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
             return StoreError(f"{where}: credentials refused ({code}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
         return StoreError(f"{where}: {code or type(exc).__name__}: {exc.response.get('Error', {}).get('Message', '')}")
