@@ -1,6 +1,8 @@
-"""One Prefect task per step. Each adds retries and tags, and passes references, never weights.
+"""One Prefect task per step. Each adds retries where they help, and passes references, never weights.
 
-Prefect's own result caching is off: the content-addressed store is the cache, shared by every runner.
+Prefect's own result caching is off: the content-addressed store is the cache, shared by every runner. The tasks
+carry no tags: a tagged task asks the server for tag concurrency slots before it starts, which cost about 2 s per
+task on a warm worker (measured, docs/benchmarks.md); pools' worker limits are what bounds concurrency here.
 """
 
 from __future__ import annotations
@@ -25,37 +27,37 @@ def _run(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig)
 _common = dict(cache_policy=NO_CACHE, task_run_name="{spec.id}", persist_result=False)
 
 
-@task(name=C.DOWNLOAD, retries=2, retry_delay_seconds=5, tags=["quantmill", C.DOWNLOAD], **_common)
+@task(name=C.DOWNLOAD, retries=2, retry_delay_seconds=5, **_common)
 def download(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
     return _run(spec, upstream, store)
 
 
-@task(name=C.MERGE, tags=["quantmill", C.MERGE], **_common)
+@task(name=C.MERGE, **_common)
 def merge(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
     return _run(spec, upstream, store)
 
 
-@task(name=C.CALIBRATE, tags=["quantmill", C.CALIBRATE], **_common)
+@task(name=C.CALIBRATE, **_common)
 def calibrate(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
     return _run(spec, upstream, store)
 
 
-@task(name=C.CONVERT, tags=["quantmill", C.CONVERT], **_common)
+@task(name=C.CONVERT, **_common)
 def convert(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
     return _run(spec, upstream, store)
 
 
-@task(name=C.QUANTIZE, tags=["quantmill", C.QUANTIZE], **_common)
+@task(name=C.QUANTIZE, **_common)
 def quantize(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
     return _run(spec, upstream, store)
 
 
-@task(name=C.VALIDATE, tags=["quantmill", C.VALIDATE], **_common)
+@task(name=C.VALIDATE, **_common)
 def validate(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
     return _run(spec, upstream, store)
 
 
-@task(name=C.PUBLISH, retries=1, retry_delay_seconds=2, tags=["quantmill", C.PUBLISH], **_common)
+@task(name=C.PUBLISH, retries=1, retry_delay_seconds=2, **_common)
 def publish(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
     return _run(spec, upstream, store)
 
