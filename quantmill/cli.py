@@ -94,7 +94,7 @@ def run_config(cfg, *, verbose: bool = False) -> list:
     from flows.pipeline import pipeline
 
     flow = pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
-    with ui.RichReporter() as reporter, progress.using(reporter):
+    with ui.RichReporter() as reporter, progress.using(reporter), runner.without_run_heartbeats():
         state = flow(to_dict(cfg), return_state=True)
     data = state.result(raise_on_failure=False)
     if isinstance(data, BaseException):
@@ -120,7 +120,8 @@ def _run_on_pools(cfg, the_plan, *, verbose: bool) -> list:
     # that finished in a refused attempt are answered from the store.
     for attempt in range(5):
         try:
-            state = flow(to_dict(cfg), return_state=True)
+            with runner.without_run_heartbeats():
+                state = flow(to_dict(cfg), return_state=True)
             break
         except Exception as e:  # noqa: BLE001 - only the server's "busy" answers are retried
             if attempt == 4 or not runner.transient(e):

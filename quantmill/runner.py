@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from quantmill import constants as C
 from quantmill.config import InfraConfig, PoolConfig, StoreConfig
@@ -45,6 +46,20 @@ def _quiet(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
+
+
+@contextmanager
+def without_run_heartbeats() -> Iterator[None]:
+    """Flow runs started inside send no flow-run heartbeats.
+
+    Prefect 3.8 sends one every 180 s from a thread that takes up to 1 s to stop when the run ends (half a second
+    of every run, measured). Liveness is checked otherwise here: a step run's by its worker's heartbeat
+    (``wait_for_run``); an embedded or parent run is the process that started it.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 # -- the server --------------------------------------------------------------------------------------------
@@ -293,41 +308,86 @@ STALE_HEARTBEATS = 3  # a worker silent for this many heartbeat intervals is tak
 def wait_for_run(flow_run_id: str, *, poll_seconds: float) -> str:
     """Wait for a dispatched flow run to end; return its final state type.
 
-    Polling starts every ``poll_seconds`` and slows to every 5 s for long steps. A worker killed mid-step leaves
-    its run RUNNING for ever; when the worker that took the run stops sending
-    heartbeats, the run is marked Crashed (naming the worker) so the parent can report it and a re-run resumes.
+    The end is heard as it happens, from the server's event stream (the run's state-change events); the API is
+    also read every ``poll_seconds`` at first, slowing to every 10 s for long steps, which covers an event stream
+    that cannot be reached and checks the worker: a worker killed mid-step leaves its run RUNNING for ever, so when
+    the worker that took the run stops sending heartbeats, the run is marked Crashed (naming the worker) so the
+    parent can report it and a re-run resumes.
     """
-    import time
+    import asyncio
+
+    return asyncio.run(_wait_for_run(flow_run_id, poll_seconds))
+
+
+async def _wait_for_run(flow_run_id: str, poll_seconds: float) -> str:
+    import anyio
+    from prefect.client.orchestration import get_client
+
+    ended = anyio.Event()
+    async with get_client() as client, anyio.create_task_group() as listening:
+        await listening.start(_listen_for_end, flow_run_id, ended)
+        interval = poll_seconds
+        while True:
+            state = await _check_run(client, flow_run_id)
+            if state is not None:
+                listening.cancel_scope.cancel()
+                return state
+            with anyio.move_on_after(interval):
+                await ended.wait()
+            if not ended.is_set():
+                interval = min(interval * 1.5, 10.0)  # long steps are checked less: many parents, one server
+
+
+async def _listen_for_end(flow_run_id: str, ended, task_status) -> None:
+    """Set ``ended`` when the server announces a final state of the run; give up quietly without a stream."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.clients import get_events_subscriber
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    final = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
+    only_this_run = EventFilter(event=EventNameFilter(prefix=["prefect.flow-run."]),
+                                resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"]))
+    listening = False
+    try:
+        async with get_events_subscriber(filter=only_this_run, reconnection_attempts=2) as events:
+            task_status.started()
+            listening = True
+            async for event in events:
+                state = event.resource.get("prefect.state-type")
+                if state and StateType(state) in final:
+                    ended.set()
+                    return
+    except Exception:  # noqa: BLE001 - no event stream (a proxy, an old server): the API reads still find the end
+        pass
+    if not listening:
+        task_status.started()
+
+
+async def _check_run(client, flow_run_id: str) -> str | None:
+    """The run's final state type, or None while it runs; marks it Crashed when its worker went silent."""
     from datetime import datetime, timezone
 
-    from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
-    interval = poll_seconds
-    with get_client(sync_client=True) as client:
-        while True:
-            try:
-                run = client.read_flow_run(flow_run_id)
-            except Exception as e:  # noqa: BLE001 - a busy server (SQLite under load answers 503): ask again
-                if not transient(e):
-                    raise
-                time.sleep(max(poll_seconds, 2.0))
-                continue
-            if run.state and run.state.is_final():
-                return run.state.type.value
-            worker = next((t.split(":", 1)[1] for t in run.tags if t.startswith("worker:")), None)
-            if worker and run.work_pool_name and run.state and run.state.is_running():
-                found = [w for w in client.read_workers_for_work_pool(run.work_pool_name) if w.name == worker]
-                if found and found[0].last_heartbeat_time:
-                    silent = (datetime.now(timezone.utc) - found[0].last_heartbeat_time).total_seconds()
-                    if silent > STALE_HEARTBEATS * (found[0].heartbeat_interval_seconds or 30):
-                        message = (f"worker {worker} of pool {run.work_pool_name} stopped (no heartbeat for "
-                                   f"{silent:.0f} s) while running this step; finished steps are kept, re-run to "
-                                   f"resume")
-                        client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-                        return "CRASHED"
-            time.sleep(interval)
-            interval = min(interval * 1.25, 5.0)  # long steps are polled less: many waiting parents, one server
+    try:
+        run = await client.read_flow_run(flow_run_id)
+    except Exception as e:  # noqa: BLE001 - a busy server (SQLite under load answers 503): ask again later
+        if not transient(e):
+            raise
+        return None
+    if run.state and run.state.is_final():
+        return run.state.type.value
+    worker = next((t.split(":", 1)[1] for t in run.tags if t.startswith("worker:")), None)
+    if worker and run.work_pool_name and run.state and run.state.is_running():
+        found = [w for w in await client.read_workers_for_work_pool(run.work_pool_name) if w.name == worker]
+        if found and found[0].last_heartbeat_time:
+            silent = (datetime.now(timezone.utc) - found[0].last_heartbeat_time).total_seconds()
+            if silent > STALE_HEARTBEATS * (found[0].heartbeat_interval_seconds or 30):
+                message = (f"worker {worker} of pool {run.work_pool_name} stopped (no heartbeat for {silent:.0f} s) "
+                           f"while running this step; finished steps are kept, re-run to resume")
+                await client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                return "CRASHED"
+    return None
 
 
 def transient(exc: Exception) -> bool:

@@ -40,7 +40,10 @@ def _flow(entrypoint: str):
 def _execute(flow_run, entrypoint: str) -> int:
     from prefect.flow_engine import run_flow
 
-    state = run_flow(_flow(entrypoint), flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+    from quantmill.runner import without_run_heartbeats
+
+    with without_run_heartbeats():  # the parent watches this worker's heartbeat instead
+        state = run_flow(_flow(entrypoint), flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
     return 0 if state.is_completed() else 1
 
 
