@@ -9,7 +9,7 @@ from typing import Any, Callable
 from quantmill.backends import SOURCES
 from quantmill.backends.base import SourceInfo
 from quantmill.config import ModelConfig
-from quantmill.digest import DigestCache, FileDigest, manifest_digest
+from quantmill.digest import DigestCache, digest_tree, manifest_digest
 from quantmill.errors import ModelSourceError
 from quantmill.model_files import check_config, check_safetensors, read_config, select_files
 
@@ -70,7 +70,7 @@ class LocalSource:
         for name in chosen:
             if name.endswith(".safetensors"):
                 check_safetensors(root / name)
-        files = [FileDigest(n, cache.sha256(root / n), (root / n).stat().st_size) for n in chosen]
+        files = digest_tree(root, [root / n for n in chosen], hasher=cache.sha256)
         cache.save()
         return SourceInfo(source=self.key, identity={"content": manifest_digest(files)}, config=config,
                           architecture=arch, files=files, uri=root.as_uri(), base_model=cfg.name,
