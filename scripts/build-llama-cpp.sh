@@ -39,6 +39,16 @@ cmake -S "$src/vendor/llama.cpp" -B "$build" "${generator[@]}" \
   -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON >/dev/null
 cmake --build "$build" -j "$(nproc)" --target llama "${TOOLS[@]}"
 
+# A toolchain that links libstdc++ statically into each library (seen: a GPU image's /opt/gcc as $CXX) gives a
+# libllama that the tools use fine but that crashes inside the Python bindings; refuse it here, not at validation.
+if [ "$(uname -s)" = Linux ] && command -v readelf >/dev/null \
+   && ! readelf -d "$build/bin/libllama.so" | grep -q 'libstdc++'; then
+  echo "build-llama-cpp: $build/bin/libllama.so links libstdc++ statically (compiler: ${CXX:-c++}), which crashes" \
+       "in the Python bindings; rebuild with the system compiler: rm -rf $build && CXX=/usr/bin/g++" \
+       "CC=/usr/bin/gcc $0 $*" >&2
+  exit 1
+fi
+
 # The Python bindings without a second compile: they load the libllama built above.
 CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$python" -m pip install --quiet "$src"
 # The gguf-py the converter was written against (newer than the registry's gguf 0.19.0, which it fails with).

@@ -1,0 +1,28 @@
+# Prepare an offline GPU machine for the GPU benchmarks; source it from the repository root:
+#
+#     . bench/gpu-setup.sh
+#
+# It expects a carry folder (default .gpu-carry, git-ignored) holding what the machine lacks and cannot download:
+#   whl/            wheels for Python 3.12 (Prefect, hydra, llm-compressor, moto, ...), installed into /tmp/site
+#   site/           pure-Python packages copied as they are (the llama_cpp bindings, without a library)
+#   llama-src.tgz   the llama.cpp tree vendored by the pinned llama-cpp-python sdist (scripts/build-llama-cpp.sh)
+#   BUILD_INFO.json that build's pin, as scripts/build-llama-cpp.sh writes it
+# and builds llama.cpp there with the same flags as scripts/build-llama-cpp.sh, so converter, quantizer and the
+# bindings' library are one version. Exports PYTHONPATH and QUANTMILL_LLAMA_CPP.
+carry=${CARRY:-.gpu-carry}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  "$carry"/whl/*.whl || return 1
+cp -r "$carry"/site/* /tmp/site/
+mkdir -p /tmp/llama/src/vendor
+tar xzf "$carry/llama-src.tgz" -C /tmp/llama/src/vendor
+cp "$carry/BUILD_INFO.json" /tmp/llama/
+# The distribution's compiler: a toolchain that links libstdc++ statically into each library (the GPU image's
+# /opt/gcc, its $CXX) makes libllama crash inside the Python bindings (std::stringstream in print_info).
+CC=/usr/bin/gcc CXX=/usr/bin/g++ cmake -S /tmp/llama/src/vendor/llama.cpp -B /tmp/llama/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
+  -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON >/tmp/llama/cmake.log 2>&1 || return 1
+cmake --build /tmp/llama/build -j "$(nproc)" --target llama llama-quantize llama-imatrix llama-perplexity \
+  llama-gguf-split >/tmp/llama/build.log 2>&1 || { tail -30 /tmp/llama/build.log; return 1; }
+export PYTHONPATH=/tmp/site:$PWD:/tmp/llama/src/vendor/llama.cpp/gguf-py
+export QUANTMILL_LLAMA_CPP=/tmp/llama
+echo "gpu-setup: wheels in /tmp/site, llama.cpp built in /tmp/llama/build"
