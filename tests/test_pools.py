@@ -296,6 +296,44 @@ def _compose(*extra: str):
     return compose(["infra=prefect", "publish.enabled=false", *extra], conf_dir=CONF)
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["event stream", "no event stream"])
+def test_the_parent_hears_a_step_run_end_from_the_event_stream_or_by_reading_the_api(cluster, monkeypatch, stream):
+    """A dispatched run's end is heard from the server's events as it happens; without a stream (a proxy that
+    refuses websockets) the API reads still find it."""
+    import threading
+
+    import prefect.events.clients
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Completed
+
+    from quantmill import runner
+
+    @flow(name="quantmill-test-ends-later")
+    def ends_later():
+        pass
+
+    if not stream:
+        def refused(**_):
+            raise OSError("websocket refused")
+
+        monkeypatch.setattr(prefect.events.clients, "get_events_subscriber", refused)
+    with temporary_settings(updates={PREFECT_API_URL: cluster.url}):
+        with get_client(sync_client=True) as client:
+            run_id = client.create_flow_run(ends_later).id
+
+        def end():
+            with temporary_settings(updates={PREFECT_API_URL: cluster.url}), get_client(sync_client=True) as c:
+                c.set_flow_run_state(run_id, Completed(), force=True)
+
+        threading.Timer(1.0, end).start()
+        start = time.monotonic()
+        # with the stream, the first API read after this one would come only after 30 s
+        assert runner.wait_for_run(str(run_id), poll_seconds=30.0 if stream else 0.2) == "COMPLETED"
+        assert time.monotonic() - start < 15
+
+
 def test_capability_no_pool_offers_names_it_and_the_pools(tmp_path):
     from quantmill.errors import PreflightError
     from quantmill.planner import open_store, plan
