@@ -6,10 +6,14 @@ process (N parent flows in threads). Each run is the bundled model to GGUF Q8_0 
 convert and quantize steps are new (one step run on the pool; the download is shared).
 
 Per run, from Prefect's API and the provenance records:
-  wall      the parent flow's duration
+  wall      from calling the pipeline to its return
   steps     time inside step functions (provenance startedOn..finishedOn)
-  queued    time its step run waited for a free worker (both busy with other runs: load, not overhead)
-  overhead  wall - steps - queued: dispatch, pickup, process start, Prefect engine, S3 transfers, polling.
+  queued    time during the run when every worker was busy with other runs' step runs: the run could not have
+            progressed however fast the orchestration (capacity, not overhead)
+  overhead  wall - steps - queued: planning, dispatch, pickup, process start, Prefect engine, S3 transfers,
+            waiting for the end; and, under load, the parents' own slowness while a worker stood free.
+Also, for the whole load: worker-seconds not spent in step functions per run, (total x workers - sum of
+steps) / runs, the throughput cost of the orchestration.
 
     python bench/pools_load.py [N]            # writes bench/out/pools_load.json
     python bench/pools_load.py N --serial     # the same runs one at a time (no queueing): bench/out/pools_serial.json
@@ -73,26 +77,22 @@ def main(n: int = 50, serial: bool = False, warm: bool = False) -> dict:
     finally:
         cluster.stop()
 
-    # queued: the time a step run waited while its worker was busy with the previous run (limit 1 per worker)
     by_worker: dict[str, list] = {}
     for r in step_runs:
         worker = next((t.split(":", 1)[1] for t in r.tags if t.startswith("worker:")), "?")
         by_worker.setdefault(worker, []).append(r)
-    queued = {}
-    for rs in by_worker.values():
-        rs.sort(key=lambda r: r.start_time)
-        for prev, cur in zip([None, *rs], rs):
-            busy_until = prev.end_time.timestamp() if prev else 0.0
-            queued[cur.id] = max(0.0, busy_until - cur.created.timestamp())
+    busy = {w: [(r.start_time.timestamp(), r.end_time.timestamp(), r.id) for r in rs] for w, rs in by_worker.items()}
     rows = []
     for run in runs:
         mine = [r for r in step_runs if r.parameters and any(
             s.get("config", {}).get("model_name") == f"tiny-{run['run']:03d}" for s in r.parameters.get("specs", []))]
-        q = sum(queued.get(r.id, 0.0) for r in mine)
+        q = all_busy_seconds(busy, run["start"], run["end"], {r.id for r in mine})
         wall = run["end"] - run["start"]
         # where the overhead goes: worker pickup + process start before the step run starts, the step run's own
-        # time outside step functions (engine, S3, hashing), and the rest in the parent (plan, dispatch, polling)
-        pickup = sum((r.start_time - r.created).total_seconds() - queued.get(r.id, 0.0) for r in mine)
+        # time outside step functions (engine, S3, hashing), and the rest in the parent (plan, dispatch, waiting)
+        pickup = sum(max(0.0, (r.start_time - r.created).total_seconds()
+                         - all_busy_seconds(busy, r.created.timestamp(), r.start_time.timestamp(), {r.id}))
+                     for r in mine)
         in_run = sum((r.end_time - r.start_time).total_seconds() for r in mine) - run["steps_s"]
         rows.append({**run, "wall_s": wall, "queued_s": q, "overhead_s": wall - run["steps_s"] - q,
                      "pickup_s": pickup, "step_run_outside_steps_s": in_run,
@@ -107,11 +107,24 @@ def main(n: int = 50, serial: bool = False, warm: bool = False) -> dict:
               "median_wall_s": statistics.median(r["wall_s"] for r in rows),
               **{f"median_{k}": statistics.median(r[k] for r in rows)
                  for k in ("pickup_s", "step_run_outside_steps_s", "parent_s")},
+              "worker_s_outside_steps_per_run": (total * len(busy) - sum(r["steps_s"] for r in rows)) / n,
               "step_runs_per_worker": {w: len(rs) for w, rs in by_worker.items()}, "rows": rows}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     out = OUT.with_name("pools_serial.json") if serial else OUT
     (out.with_name(out.stem + "_warm.json") if warm else out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def all_busy_seconds(busy: dict[str, list[tuple[float, float, object]]], start: float, end: float,
+                     own: set) -> float:
+    """Seconds of [start, end] during which every worker was running a step run not in ``own``."""
+    cuts = sorted({start, end, *(t for runs in busy.values() for s, e, _ in runs for t in (s, e) if start < t < end)})
+    total = 0.0
+    for a, b in zip(cuts, cuts[1:]):
+        mid = (a + b) / 2
+        if all(any(s <= mid < e and rid not in own for s, e, rid in runs) for runs in busy.values()):
+            total += b - a
+    return total
 
 
 def markdown(r: dict) -> str:
@@ -120,7 +133,8 @@ def markdown(r: dict) -> str:
             f"functions {r['median_steps_s']:.2f} s, orchestration overhead median {r['median_overhead_s']:.2f} s, "
             f"p95 {r['p95_overhead_s']:.2f} s; of it (medians): pickup and process start {r['median_pickup_s']:.2f} s, "
             f"inside the step run outside steps {r['median_step_run_outside_steps_s']:.2f} s, parent "
-            f"{r['median_parent_s']:.2f} s ({r['machine']}, {r['date']})")
+            f"{r['median_parent_s']:.2f} s; worker-seconds outside step functions per run "
+            f"{r['worker_s_outside_steps_per_run']:.2f} s ({r['machine']}, {r['date']})")
 
 
 if __name__ == "__main__":
