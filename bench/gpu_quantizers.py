@@ -6,6 +6,14 @@ checkpoint, runs ``oneshot`` with the same modifier and 128 x 512 calibration to
 do the same work), on a fresh store. Wall time of each whole process, peak GPU memory, output size.
 
     python bench/gpu_quantizers.py --shape llama-1.1b --recipes gptq_w4a16,awq_w4a16,fp8_dynamic,nvfp4 --out DIR
+        [--server]     the pipeline runs against a running `quantmill server` (a team's setup) instead of
+                       Prefect's temporary one
+        [--together]   also all recipes in one pipeline run (one download, one calibration set) against the
+                       bare scripts one after the other
+        [--dtype bfloat16]  the synthetic checkpoint's dtype (Llama 3 ships bfloat16)
+
+Each pipeline row also carries its steps' own times (from the provenance records), so what the pipeline adds
+is visible: download (copy + sha256 of the source), the calibration set, hashing and committing the output.
 """
 
 from __future__ import annotations
@@ -80,34 +88,114 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str
     return seconds, done.stdout + done.stderr
 
 
-def bench_one(shape: str, model: Path, recipe: str, work: Path, text: Path) -> dict:
+def pipeline_overrides(shape: str, model: Path, recipes: list[str], store: Path, work: Path, text: Path) -> list[str]:
+    extra = [o for r in recipes for o in VARIANTS.get(r, (r, []))[1]]
+    names = ",".join(VARIANTS.get(r, (r, []))[0] for r in recipes)
+    return ["model=local", f"model.path={model}", f"model.name={shape}", f"recipe=[{names}]", *extra,
+            f"store.root={store}", f"infra.prefect_home={work / 'prefect'}", "validate.enabled=false",
+            "publish.enabled=false", f"calibration.num_samples={SAMPLES}", f"calibration.seq_len={SEQ_LEN}",
+            f"calibration.files=[{text}]", "calibration.min_samples=128"]
+
+
+def step_seconds(store: Path) -> dict[str, float]:
+    """Each artifact's step and how long its step function ran, from its provenance record."""
+    from quantmill import provenance
+
+    out = {}
+    for record in (store / "objects").glob("*/provenance.json"):
+        stmt = json.loads(record.read_text())
+        spec = stmt["predicate"]["buildDefinition"]["externalParameters"]["spec"]
+        out[spec] = round(provenance.seconds_of(stmt), 2)
+    return out
+
+
+def quantized_dir(store: Path, method: str) -> Path:
+    return next(p for p in (store / "objects").glob("*/files") if (p / "quantmill.json").is_file()
+                and json.loads((p / "quantmill.json").read_text()).get("method") == method)
+
+
+def bare(model: Path, store: Path | None, recipe: str, work: Path) -> tuple[float, int, Path]:
+    """The bare script for ``recipe``, fed the very calibration token ids the pipeline made into ``store``
+    (without a store: data-free recipes only, as a warm-up)."""
     method, scheme, calibrated = RECIPES[recipe]
-    store = work / f"store-{recipe}"
-    base, extra = VARIANTS.get(recipe, (recipe, []))
-    overrides = ["model=local", f"model.path={model}", f"model.name={shape}", f"recipe=[{base}]", *extra,
-                 f"store.root={store}", f"infra.prefect_home={work / 'prefect'}", "validate.enabled=false",
-                 "publish.enabled=false", f"calibration.num_samples={SAMPLES}", f"calibration.seq_len={SEQ_LEN}",
-                 f"calibration.files=[{text}]", "calibration.min_samples=128"]
-    # The pipeline first computes the calibration set; the bare script is fed the very same token ids.
-    pipeline_s, _ = timed([sys.executable, "-m", "quantmill.cli", "run", *overrides])
-    objects = store / "objects"
-    quant = next(p for p in objects.glob("*/files") if (p / "quantmill.json").is_file()
-                 and json.loads((p / "quantmill.json").read_text()).get("method") == method)
-    result = json.loads((quant / "quantmill.json").read_text())
-    cal = next((p / "calibration.safetensors" for p in objects.glob("*/files")
-                if (p / "calibration.safetensors").is_file()), None)
+    cal = next((p / "calibration.safetensors" for p in (store / "objects").glob("*/files")
+                if (p / "calibration.safetensors").is_file()), None) if store else None
+    calibrated = calibrated and cal is not None
     bare_out = work / f"bare-{recipe}"
-    bare_s, log = timed([sys.executable, "-c", BARE, str(model), str(cal) if calibrated else "-", method, scheme,
-                         str(bare_out)])
-    bare_peak = int(next(line.split()[1] for line in log.splitlines() if line.startswith("PEAK")))
+    seconds, log = timed([sys.executable, "-c", BARE, str(model), str(cal) if calibrated else "-", method, scheme,
+                          str(bare_out)])
+    peak = int(next(line.split()[1] for line in log.splitlines() if line.startswith("PEAK")))
+    return seconds, peak, bare_out
+
+
+def bench_one(shape: str, model: Path, recipe: str, work: Path, text: Path, env: dict[str, str],
+              pipeline_only: bool = False, bare_first: bool = False) -> dict:
+    method = RECIPES[recipe][0]
+    store = work / f"store-{recipe}"
+    if bare_first:  # the first process on a fresh machine pays one-time costs (kernel caches): give them to bare
+        _, _, warm_out = bare(model, None, recipe, work)
+        shutil.rmtree(warm_out, ignore_errors=True)
+    # The pipeline first computes the calibration set; the bare script is fed the very same token ids.
+    pipeline_s, _ = timed([sys.executable, "-m", "quantmill.cli", "run",
+                           *pipeline_overrides(shape, model, [recipe], store, work, text)], env)
+    quant = quantized_dir(store, method)
+    result = json.loads((quant / "quantmill.json").read_text())
+    if pipeline_only:
+        row = {"shape": shape, "recipe": recipe, "pipeline_s": round(pipeline_s, 1), "server": bool(env),
+               "pipeline_peak_gpu_gib": round((result.get("peak_gpu_bytes") or 0) / 2**30, 2),
+               "pipeline_out_gb": round(out_bytes(quant) / 1e9, 3), "bits_per_weight": result.get("bits_per_weight"),
+               "device": result.get("device"), "steps_s": step_seconds(store)}
+        shutil.rmtree(store, ignore_errors=True)
+        return row
+    bare_s, bare_peak, bare_out = bare(model, store, recipe, work)
     row = {"shape": shape, "recipe": recipe, "bare_s": round(bare_s, 1), "pipeline_s": round(pipeline_s, 1),
            "ratio": round(pipeline_s / bare_s, 3), "bare_peak_gpu_gib": round(bare_peak / 2**30, 2),
            "pipeline_peak_gpu_gib": round((result.get("peak_gpu_bytes") or 0) / 2**30, 2),
            "bare_out_gb": round(out_bytes(bare_out) / 1e9, 3), "pipeline_out_gb": round(out_bytes(quant) / 1e9, 3),
-           "bits_per_weight": result.get("bits_per_weight"), "device": result.get("device")}
+           "bits_per_weight": result.get("bits_per_weight"), "device": result.get("device"),
+           "server": bool(env), "steps_s": step_seconds(store)}
     shutil.rmtree(bare_out, ignore_errors=True)
     shutil.rmtree(store, ignore_errors=True)
     return row
+
+
+def bench_together(shape: str, model: Path, recipes: list[str], work: Path, text: Path, env: dict[str, str]) -> dict:
+    """All recipes in one pipeline run (download and calibration once) against the bare scripts in a row."""
+    store = work / "store-together"
+    pipeline_s, _ = timed([sys.executable, "-m", "quantmill.cli", "run",
+                           *pipeline_overrides(shape, model, recipes, store, work, text)], env)
+    bare_s = 0.0
+    for recipe in recipes:
+        seconds, _, out = bare(model, store, recipe, work)
+        bare_s += seconds
+        shutil.rmtree(out, ignore_errors=True)
+    row = {"shape": shape, "recipe": "+".join(recipes), "bare_s": round(bare_s, 1), "pipeline_s": round(pipeline_s, 1),
+           "ratio": round(pipeline_s / bare_s, 3), "server": bool(env), "steps_s": step_seconds(store)}
+    shutil.rmtree(store, ignore_errors=True)
+    return row
+
+
+def start_server(work: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+    """`quantmill server` on a free port (SQLite), as a team runs one; the environment pointing runs at it."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "quantmill.cli", "server", "--port", str(port), "--home",
+                             str(work / "server")], stdout=open(work / "server.log", "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, {"PREFECT_API_URL": url}
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the Prefect server did not start")
 
 
 def main() -> None:
@@ -116,20 +204,38 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--out", default="bench/out")
     parser.add_argument("--models", default=None, help="where synthetic checkpoints are written")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--server", action="store_true")
+    parser.add_argument("--together", action="store_true")
+    parser.add_argument("--pipeline-only", action="store_true", help="no bare script (device time is short)")
+    parser.add_argument("--bare-first", action="store_true", help="a bare warm-up run before the pipeline's")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="qm-gpu-bench-"))
-    model = synthetic.make(args.shape, Path(args.models or work) / args.shape)
+    suffix = "" if args.dtype == "float16" else "-bf16"
+    model = synthetic.make(args.shape, Path(args.models or work) / (args.shape + suffix), dtype=args.dtype)
     text = calibration_text(work)
-    for recipe in args.recipes.split(","):
-        try:
-            row = bench_one(args.shape, model, recipe, work, text)
-        except Exception as e:  # noqa: BLE001 - one failed recipe must not lose the others' rows
-            row = {"shape": args.shape, "recipe": recipe, "error": str(e)[-1500:]}
+    server, env = start_server(work) if args.server else (None, {})
+    recipes = args.recipes.split(",")
+
+    def record(row: dict) -> None:
+        row = {**row, "dtype": args.dtype}
         print(json.dumps(row), flush=True)
         with (out / "gpu_quantizers.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+    try:
+        for recipe in recipes:
+            try:
+                record(bench_one(args.shape, model, recipe, work, text, env, args.pipeline_only, args.bare_first))
+            except Exception as e:  # noqa: BLE001 - one failed recipe must not lose the others' rows
+                record({"shape": args.shape, "recipe": recipe, "error": str(e)[-1500:]})
+        if args.together:
+            record(bench_together(args.shape, model, recipes, work, text, env))
+    finally:
+        if server:
+            server.terminate()
 
 
 if __name__ == "__main__":

@@ -54,16 +54,27 @@ def _tokenizer(out: Path, vocab_size: int) -> None:
         shutil.copy(BUNDLED_ROOT / "tiny-llama" / name, out / name)
 
 
-def make(shape: str, out: Path, seed: int = 0) -> Path:
-    """Write the checkpoint (F16 safetensors shards + index, config, tokenizer) unless it is already there."""
+def make(shape: str, out: Path, seed: int = 0, dtype: str = "float16") -> Path:
+    """Write the checkpoint (safetensors shards + index, config, tokenizer) unless it is already there.
+
+    ``dtype`` float16, or bfloat16 as Llama 3 ships (written through torch: numpy has no bfloat16).
+    """
     from safetensors.numpy import save_file
+
+    if dtype == "bfloat16":
+        import torch
+        from safetensors.torch import save_file as save_torch
+
+        def save_file(shard, path):  # noqa: F811 - the same call, bfloat16 tensors
+            save_torch({k: torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16) for k, v in shard.items()},
+                       path)
 
     done = out / ".complete"
     if done.exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
     s = SHAPES[shape]
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float16",
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": dtype,
               "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
               "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", **s}
     (out / "config.json").write_text(json.dumps(config, indent=1))
@@ -75,19 +86,20 @@ def make(shape: str, out: Path, seed: int = 0) -> Path:
         if len(shp) == 1:
             t = np.ones(shp, dtype=np.float16)
         else:
-            t = (rng.standard_normal(shp, dtype=np.float32) * 0.02).astype(np.float16)
-        if size + t.nbytes > SHARD_BYTES and shards[-1]:
+            t = rng.standard_normal(shp, dtype=np.float32) * 0.02
+            t = t.astype(np.float16) if dtype == "float16" else t
+        if size + t.size * 2 > SHARD_BYTES and shards[-1]:
             shards.append({})
             size = 0
         shards[-1][name] = t
-        size += t.nbytes
+        size += t.size * 2
     index = {"metadata": {"total_size": 0}, "weight_map": {}}
     for n, shard in enumerate(shards, 1):
         fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out / fname))
         for name, t in shard.items():
             index["weight_map"][name] = fname
-            index["metadata"]["total_size"] += t.nbytes
+            index["metadata"]["total_size"] += t.size * 2
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     done.write_text("")
     return out
