@@ -332,10 +332,12 @@ async def _wait_for_run(flow_run_id: str, poll_seconds: float) -> str:
             if state is not None:
                 listening.cancel_scope.cancel()
                 return state
+            if ended.is_set():  # announced, not yet readable: read again shortly
+                await anyio.sleep(0.2)
+                continue
             with anyio.move_on_after(interval):
                 await ended.wait()
-            if not ended.is_set():
-                interval = min(interval * 1.5, 10.0)  # long steps are checked less: many parents, one server
+            interval = min(interval * 1.5, 10.0)  # long steps are checked less: many parents, one server
 
 
 async def _listen_for_end(flow_run_id: str, ended, task_status) -> None:
