@@ -27,6 +27,7 @@ from typing import Any, Iterable
 
 from quantmill import constants as C
 from quantmill.errors import IntegrityError, NotFound, PublishRefused, QuantmillError
+from quantmill.s3store import explain_client_error
 from quantmill.store import ArtifactRef, Store
 
 ENTRY, CARD, PROVENANCE, SIGNATURE, LINEAGE, TAGS = (C.REGISTRY_ENTRY_FILE, C.MODEL_CARD_FILE, "provenance.json",
@@ -136,6 +137,10 @@ class S3Location(Location):
     def _key(self, path: str) -> str:
         return "/".join(p for p in (self.prefix, path) if p)
 
+    def _error(self, exc) -> QuantmillError:
+        """The S3 store's one-line error for ``exc``, naming the publish settings."""
+        return explain_client_error(exc, self.bucket, self.client.meta.endpoint_url, setting="publish")
+
     def _get(self, key: str) -> dict | None:
         from botocore.exceptions import ClientError
 
@@ -144,7 +149,7 @@ class S3Location(Location):
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
-            raise _explain(e, self) from e
+            raise self._error(e) from e
 
     def read(self, path: str) -> bytes | None:
         response = self._get(self._key(path))
@@ -165,7 +170,7 @@ class S3Location(Location):
                 folders += [p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", [])]
                 objects += [o["Key"][len(base):] for o in page.get("Contents", [])]
         except ClientError as e:
-            raise _explain(e, self) from e
+            raise self._error(e) from e
         return folders, objects
 
     def children(self, path: str) -> list[str]:
@@ -193,7 +198,7 @@ class S3Location(Location):
                                    IfNoneMatch="*", Metadata={"files": upload}, ContentType="application/json")
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                raise _explain(e, self) from e
+                raise self._error(e) from e
             for file in files:
                 if file != ENTRY:
                     self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{name}/v{version}/{upload}/{file}"))
@@ -220,13 +225,6 @@ class S3Location(Location):
         _, objects = self._list(f"{name}/v{version}", delimiter="")
         for obj in objects:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{name}/v{version}/{obj}"))
-
-
-def _explain(exc, location: "S3Location") -> QuantmillError:
-    """The S3 store's one-line errors, naming the publish settings."""
-    from quantmill.s3store import _explain as explain_s3
-
-    return explain_s3(exc, location.bucket, location.client.meta.endpoint_url, setting="publish")
 
 
 # -- the registry --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from quantmill.errors import IntegrityError, NotFound, StoreError
 from quantmill.store import ArtifactRef, Staging, Store
 
 
-def _explain(exc: Exception, bucket: str, endpoint: str | None, setting: str = "store") -> StoreError:
+def explain_client_error(exc: Exception, bucket: str, endpoint: str | None, setting: str = "store") -> StoreError:
     """One line for the errors users hit: wrong credentials, missing bucket, unreachable endpoint."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
@@ -85,7 +85,7 @@ class S3Store(Store):
                 code = getattr(e, "response", {}).get("Error", {}).get("Code")
                 if code in ("NoSuchKey", "404"):
                     raise
-                raise _explain(e, self.bucket, self.endpoint_url) from e
+                raise explain_client_error(e, self.bucket, self.endpoint_url) from e
             raise
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ class S3Store(Store):
                                    Metadata={"files": upload})
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                raise _explain(e, self.bucket, self.endpoint_url) from e
+                raise explain_client_error(e, self.bucket, self.endpoint_url) from e
             existing = self.lookup(staging.key)  # another worker committed this key first: keep theirs
             if existing is None:
                 raise StoreError(f"{self.uri}: conditional commit of {staging.key} refused but no record found") from e
