@@ -58,23 +58,24 @@ def list_files(root: Path) -> list[Path]:
 HASH_THREADS = 8
 
 
-def digest_tree(root: Path, files: Iterable[Path] | None = None,
-                hasher: Callable[[Path], str] = sha256_file) -> list[FileDigest]:
-    """Digest every file under ``root`` (or the given ones), sorted by path.
-
-    Files are hashed in parallel threads (hashlib and file reads release the GIL): a checkpoint's shards hash
-    in the time of its largest shard on a machine with the cores, instead of one after another.
-    """
+def sha256_files(paths: list[Path], hasher: Callable[[Path], str] = sha256_file) -> list[str]:
+    """``hasher`` of each path, in order, hashed in parallel threads (hashlib and file reads release the GIL): a
+    checkpoint's shards hash in the time of its largest shard on a machine with the cores."""
     from concurrent.futures import ThreadPoolExecutor
 
-    paths = list_files(root) if files is None else sorted(files)
     threads = min(HASH_THREADS, os.cpu_count() or 1, len(paths))
     if threads <= 1:
-        digests = [hasher(p) for p in paths]
-    else:
-        with ThreadPoolExecutor(threads, thread_name_prefix="sha256") as pool:
-            digests = list(pool.map(hasher, paths))
-    return [FileDigest(p.relative_to(root).as_posix(), d, p.stat().st_size) for p, d in zip(paths, digests)]
+        return [hasher(p) for p in paths]
+    with ThreadPoolExecutor(threads, thread_name_prefix="sha256") as pool:
+        return list(pool.map(hasher, paths))
+
+
+def digest_tree(root: Path, files: Iterable[Path] | None = None,
+                hasher: Callable[[Path], str] = sha256_file) -> list[FileDigest]:
+    """Digest every file under ``root`` (or the given ones), sorted by path."""
+    paths = list_files(root) if files is None else sorted(files)
+    return [FileDigest(p.relative_to(root).as_posix(), d, p.stat().st_size)
+            for p, d in zip(paths, sha256_files(paths, hasher))]
 
 
 def manifest_digest(files: Iterable[FileDigest]) -> str:

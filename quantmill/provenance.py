@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from quantmill import __version__, constants as C
-from quantmill.digest import FileDigest, sha256_file
+from quantmill.digest import FileDigest, sha256_files
 
 _SECRET = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key|access[_-]?key|private[_-]?key)", re.I)
 REDACTED = "<redacted>"
@@ -156,12 +156,13 @@ def verify(stmt: Mapping[str, Any], files_dir: Path) -> list[str]:
         problems.append("not an in-toto v1 statement with a SLSA v1 predicate")
     subjects = subjects_of(stmt)
     on_disk = {f.path for f in digest_tree(files_dir, hasher=lambda p: "")}
+    present = [s for s in subjects if (files_dir / s.path).is_file()]
+    actual = dict(zip((s.path for s in present), sha256_files([files_dir / s.path for s in present])))
     for s in subjects:
-        path = files_dir / s.path
-        if not path.is_file():
+        if s.path not in actual:
             problems.append(f"{s.path}: missing")
-        elif (actual := sha256_file(path)) != s.sha256:
-            problems.append(f"{s.path}: sha256 {actual} != recorded {s.sha256}")
+        elif actual[s.path] != s.sha256:
+            problems.append(f"{s.path}: sha256 {actual[s.path]} != recorded {s.sha256}")
     for extra in sorted(on_disk - {s.path for s in subjects}):
         problems.append(f"{extra}: not in the provenance record")
     if manifest_digest(subjects) != artifact_digest_of(stmt):
