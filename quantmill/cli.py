@@ -198,7 +198,7 @@ def _registry(args: argparse.Namespace):
     cfg = _compose(args)
     args.publish_config = cfg.publish
     publisher = PUBLISHERS.get(cfg.publish.publisher)
-    if not hasattr(publisher, "is_published") or cfg.publish.publisher == "hf":
+    if not hasattr(publisher, "registry"):  # only registry publishers keep the versioned layout listed here
         raise ConfigError(f"publish.publisher={cfg.publish.publisher!r} cannot be listed; the team registry is "
                           f"publish=local or publish=s3")
     store = open_store(cfg) if cfg.publish.publisher == "local" else None  # a bucket registry needs no local store

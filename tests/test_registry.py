@@ -325,3 +325,11 @@ def test_gc_dry_run_lists_exactly_the_unreferenced_objects(tmp_path, capsys):
     capsys.readouterr()
     for name in ("tiny-llama-gguf_q8_0:stable", "tiny-llama-gguf_q8_0"):
         assert main(["registry", "verify", name, *overrides_for(tmp_path)]) == 0
+
+
+
+def test_a_publisher_without_a_registry_cannot_be_listed(team):
+    proc = quantmill(team, "registry", "ls", "publish=hf")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("quantmill: error: publish.publisher='hf' cannot be listed; the team registry is "
+                                   "publish=local or publish=s3")
