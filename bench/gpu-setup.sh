@@ -18,11 +18,11 @@ tar xzf "$carry/llama-src.tgz" -C /tmp/llama/src/vendor
 cp "$carry/BUILD_INFO.json" /tmp/llama/
 # The distribution's compiler: a toolchain that links libstdc++ statically into each library (the GPU image's
 # /opt/gcc, its $CXX) makes libllama crash inside the Python bindings (std::stringstream in print_info).
-CC=/usr/bin/gcc CXX=/usr/bin/g++ cmake -S /tmp/llama/src/vendor/llama.cpp -B /tmp/llama/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
-  -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON >/tmp/llama/cmake.log 2>&1 || return 1
-cmake --build /tmp/llama/build -j "$(nproc)" --target llama llama-quantize llama-imatrix llama-perplexity \
-  llama-gguf-split >/tmp/llama/build.log 2>&1 || { tail -30 /tmp/llama/build.log; return 1; }
+. scripts/llama-cpp-flags.sh
+CC=/usr/bin/gcc CXX=/usr/bin/g++ cmake -S /tmp/llama/src/vendor/llama.cpp -B /tmp/llama/build \
+  "${LLAMA_CPP_CMAKE_FLAGS[@]}" >/tmp/llama/cmake.log 2>&1 || return 1
+cmake --build /tmp/llama/build -j "$(nproc)" --target "${LLAMA_CPP_TARGETS[@]}" >/tmp/llama/build.log 2>&1 \
+  || { tail -30 /tmp/llama/build.log; return 1; }
 export PYTHONPATH=/tmp/site:$PWD:/tmp/llama/src/vendor/llama.cpp/gguf-py
 export QUANTMILL_LLAMA_CPP=/tmp/llama
 echo "gpu-setup: wheels in /tmp/site, llama.cpp built in /tmp/llama/build"

@@ -9,7 +9,8 @@ set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
-TOOLS=(llama-quantize llama-imatrix llama-perplexity llama-gguf-split)
+# shellcheck source=scripts/llama-cpp-flags.sh
+source "$(dirname "${BASH_SOURCE[0]}")/llama-cpp-flags.sh"
 
 python=${1:?usage: build-llama-cpp.sh PYTHON DEST}
 dest=${2:?usage: build-llama-cpp.sh PYTHON DEST}
@@ -33,11 +34,8 @@ fi
 
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
-cmake -S "$src/vendor/llama.cpp" -B "$build" "${generator[@]}" \
-  -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON \
-  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON >/dev/null
-cmake --build "$build" -j "$(nproc)" --target llama "${TOOLS[@]}"
+cmake -S "$src/vendor/llama.cpp" -B "$build" "${generator[@]}" "${LLAMA_CPP_CMAKE_FLAGS[@]}" >/dev/null
+cmake --build "$build" -j "$(nproc)" --target "${LLAMA_CPP_TARGETS[@]}"
 
 # A toolchain that links libstdc++ statically into each library (seen: a GPU image's /opt/gcc as $CXX) gives a
 # libllama that the tools use fine but that crashes inside the Python bindings; refuse it here, not at validation.
