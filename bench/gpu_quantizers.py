@@ -11,6 +11,8 @@ do the same work), on a fresh store. Wall time of each whole process, peak GPU m
         [--together]   also all recipes in one pipeline run (one download, one calibration set) against the
                        bare scripts one after the other
         [--dtype bfloat16]  the synthetic checkpoint's dtype (Llama 3 ships bfloat16)
+        [--warmup]     an untimed run of the pipeline and of the bare script first (one-time costs paid by neither)
+        [--pipeline-only]  no bare script
 
 Each pipeline row also carries its steps' own times (from the provenance records), so what the pipeline adds
 is visible: download (copy + sha256 of the source), the calibration set, hashing and committing the output.
@@ -114,13 +116,11 @@ def quantized_dir(store: Path, method: str) -> Path:
                 and json.loads((p / "quantmill.json").read_text()).get("method") == method)
 
 
-def bare(model: Path, store: Path | None, recipe: str, work: Path) -> tuple[float, int, Path]:
-    """The bare script for ``recipe``, fed the very calibration token ids the pipeline made into ``store``
-    (without a store: data-free recipes only, as a warm-up)."""
+def bare(model: Path, store: Path, recipe: str, work: Path) -> tuple[float, int, Path]:
+    """The bare script for ``recipe``, fed the very calibration token ids the pipeline made into ``store``."""
     method, scheme, calibrated = RECIPES[recipe]
     cal = next((p / "calibration.safetensors" for p in (store / "objects").glob("*/files")
-                if (p / "calibration.safetensors").is_file()), None) if store else None
-    calibrated = calibrated and cal is not None
+                if (p / "calibration.safetensors").is_file()), None)
     bare_out = work / f"bare-{recipe}"
     seconds, log = timed([sys.executable, "-c", BARE, str(model), str(cal) if calibrated else "-", method, scheme,
                           str(bare_out)])
@@ -129,32 +129,28 @@ def bare(model: Path, store: Path | None, recipe: str, work: Path) -> tuple[floa
 
 
 def bench_one(shape: str, model: Path, recipe: str, work: Path, text: Path, env: dict[str, str],
-              pipeline_only: bool = False, bare_first: bool = False) -> dict:
+              pipeline_only: bool = False, warmup: bool = False) -> dict:
     method = RECIPES[recipe][0]
     store = work / f"store-{recipe}"
-    if bare_first:  # the first process on a fresh machine pays one-time costs (kernel caches): give them to bare
-        _, _, warm_out = bare(model, None, recipe, work)
-        shutil.rmtree(warm_out, ignore_errors=True)
+    command = [sys.executable, "-m", "quantmill.cli", "run", *pipeline_overrides(shape, model, [recipe], store, work, text)]
+    if warmup:  # the first processes on a fresh machine pay one-time costs (kernel caches): neither side is timed
+        timed(command, env)
+        if not pipeline_only:
+            shutil.rmtree(bare(model, store, recipe, work)[2], ignore_errors=True)
+        shutil.rmtree(store, ignore_errors=True)
     # The pipeline first computes the calibration set; the bare script is fed the very same token ids.
-    pipeline_s, _ = timed([sys.executable, "-m", "quantmill.cli", "run",
-                           *pipeline_overrides(shape, model, [recipe], store, work, text)], env)
+    pipeline_s, _ = timed(command, env)
     quant = quantized_dir(store, method)
     result = json.loads((quant / "quantmill.json").read_text())
-    if pipeline_only:
-        row = {"shape": shape, "recipe": recipe, "pipeline_s": round(pipeline_s, 1), "server": bool(env),
-               "pipeline_peak_gpu_gib": round((result.get("peak_gpu_bytes") or 0) / 2**30, 2),
-               "pipeline_out_gb": round(out_bytes(quant) / 1e9, 3), "bits_per_weight": result.get("bits_per_weight"),
-               "device": result.get("device"), "steps_s": step_seconds(store)}
-        shutil.rmtree(store, ignore_errors=True)
-        return row
-    bare_s, bare_peak, bare_out = bare(model, store, recipe, work)
-    row = {"shape": shape, "recipe": recipe, "bare_s": round(bare_s, 1), "pipeline_s": round(pipeline_s, 1),
-           "ratio": round(pipeline_s / bare_s, 3), "bare_peak_gpu_gib": round(bare_peak / 2**30, 2),
-           "pipeline_peak_gpu_gib": round((result.get("peak_gpu_bytes") or 0) / 2**30, 2),
-           "bare_out_gb": round(out_bytes(bare_out) / 1e9, 3), "pipeline_out_gb": round(out_bytes(quant) / 1e9, 3),
-           "bits_per_weight": result.get("bits_per_weight"), "device": result.get("device"),
-           "server": bool(env), "steps_s": step_seconds(store)}
-    shutil.rmtree(bare_out, ignore_errors=True)
+    row = {"shape": shape, "recipe": recipe, "pipeline_s": round(pipeline_s, 1), "server": bool(env),
+           "warmup": warmup, "pipeline_peak_gpu_gib": round((result.get("peak_gpu_bytes") or 0) / 2**30, 2),
+           "pipeline_out_gb": round(out_bytes(quant) / 1e9, 3), "bits_per_weight": result.get("bits_per_weight"),
+           "device": result.get("device"), "steps_s": step_seconds(store)}
+    if not pipeline_only:
+        bare_s, bare_peak, bare_out = bare(model, store, recipe, work)
+        row.update(bare_s=round(bare_s, 1), ratio=round(pipeline_s / bare_s, 3),
+                   bare_peak_gpu_gib=round(bare_peak / 2**30, 2), bare_out_gb=round(out_bytes(bare_out) / 1e9, 3))
+        shutil.rmtree(bare_out, ignore_errors=True)
     shutil.rmtree(store, ignore_errors=True)
     return row
 
@@ -208,7 +204,7 @@ def main() -> None:
     parser.add_argument("--server", action="store_true")
     parser.add_argument("--together", action="store_true")
     parser.add_argument("--pipeline-only", action="store_true", help="no bare script (device time is short)")
-    parser.add_argument("--bare-first", action="store_true", help="a bare warm-up run before the pipeline's")
+    parser.add_argument("--warmup", action="store_true", help="an untimed run of each side first")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +224,7 @@ def main() -> None:
     try:
         for recipe in recipes:
             try:
-                record(bench_one(args.shape, model, recipe, work, text, env, args.pipeline_only, args.bare_first))
+                record(bench_one(args.shape, model, recipe, work, text, env, args.pipeline_only, args.warmup))
             except Exception as e:  # noqa: BLE001 - one failed recipe must not lose the others' rows
                 record({"shape": args.shape, "recipe": recipe, "error": str(e)[-1500:]})
         if args.together:

@@ -59,16 +59,6 @@ def make(shape: str, out: Path, seed: int = 0, dtype: str = "float16") -> Path:
 
     ``dtype`` float16, or bfloat16 as Llama 3 ships (written through torch: numpy has no bfloat16).
     """
-    from safetensors.numpy import save_file
-
-    if dtype == "bfloat16":
-        import torch
-        from safetensors.torch import save_file as save_torch
-
-        def save_file(shard, path):  # noqa: F811 - the same call, bfloat16 tensors
-            save_torch({k: torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16) for k, v in shard.items()},
-                       path)
-
     done = out / ".complete"
     if done.exists():
         return out
@@ -96,13 +86,25 @@ def make(shape: str, out: Path, seed: int = 0, dtype: str = "float16") -> Path:
     index = {"metadata": {"total_size": 0}, "weight_map": {}}
     for n, shard in enumerate(shards, 1):
         fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname))
+        _save(shard, out / fname, dtype)
         for name, t in shard.items():
             index["weight_map"][name] = fname
             index["metadata"]["total_size"] += t.size * 2
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     done.write_text("")
     return out
+
+
+def _save(shard: dict[str, np.ndarray], path: Path, dtype: str) -> None:
+    if dtype == "bfloat16":
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({k: torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16) for k, v in shard.items()}, str(path))
+    else:
+        from safetensors.numpy import save_file
+
+        save_file(shard, str(path))
 
 
 def n_params(shape: str) -> int:
