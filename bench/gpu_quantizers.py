@@ -39,15 +39,24 @@ SAMPLES, SEQ_LEN = 128, 512
 
 # The bare script: what a user writes by hand with llm-compressor for the same recipe.
 BARE = r'''
-import json, sys, time, torch
+import json, sys, time
+T0 = time.perf_counter()
+import torch
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 from llmcompressor.modifiers.awq import AWQModifier
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
+phases, last = {}, T0
+def mark(name):
+    global last
+    now = time.perf_counter()
+    phases[name], last = round(now - last, 2), now
+mark("imports")
 model_dir, calibration, method, scheme, out = sys.argv[1:6]
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+mark("load")
 kwargs = {}
 if calibration != "-":
     ids = load_file(calibration)["input_ids"].tolist()
@@ -58,8 +67,11 @@ cuda = torch.cuda.is_available()
 if cuda:
     torch.cuda.reset_peak_memory_stats()
 oneshot(model=model, recipe=[modifier(targets=["Linear"], scheme=scheme, ignore=["lm_head"])], **kwargs)
+mark("oneshot")
 model.save_pretrained(out, save_compressed=True)
+mark("save")
 print("PEAK", torch.cuda.max_memory_allocated() if cuda else 0)
+print("PHASES", json.dumps(phases))
 '''
 
 RECIPES = {"gptq_w4a16": ("gptq", "W4A16", True), "awq_w4a16": ("awq", "W4A16", True),
@@ -116,7 +128,7 @@ def quantized_dir(store: Path, method: str) -> Path:
                 and json.loads((p / "quantmill.json").read_text()).get("method") == method)
 
 
-def bare(model: Path, store: Path, recipe: str, work: Path) -> tuple[float, int, Path]:
+def bare(model: Path, store: Path, recipe: str, work: Path) -> tuple[float, int, Path, dict]:
     """The bare script for ``recipe``, fed the very calibration token ids the pipeline made into ``store``."""
     method, scheme, calibrated = RECIPES[recipe]
     cal = next((p / "calibration.safetensors" for p in (store / "objects").glob("*/files")
@@ -125,7 +137,8 @@ def bare(model: Path, store: Path, recipe: str, work: Path) -> tuple[float, int,
     seconds, log = timed([sys.executable, "-c", BARE, str(model), str(cal) if calibrated else "-", method, scheme,
                           str(bare_out)])
     peak = int(next(line.split()[1] for line in log.splitlines() if line.startswith("PEAK")))
-    return seconds, peak, bare_out
+    phases = json.loads(next(line.split(" ", 1)[1] for line in log.splitlines() if line.startswith("PHASES ")))
+    return seconds, peak, bare_out, phases
 
 
 def bench_one(shape: str, model: Path, recipe: str, work: Path, text: Path, env: dict[str, str],
@@ -145,10 +158,10 @@ def bench_one(shape: str, model: Path, recipe: str, work: Path, text: Path, env:
     row = {"shape": shape, "recipe": recipe, "pipeline_s": round(pipeline_s, 1), "server": bool(env),
            "warmup": warmup, "pipeline_peak_gpu_gib": round((result.get("peak_gpu_bytes") or 0) / 2**30, 2),
            "pipeline_out_gb": round(out_bytes(quant) / 1e9, 3), "bits_per_weight": result.get("bits_per_weight"),
-           "device": result.get("device"), "steps_s": step_seconds(store)}
+           "device": result.get("device"), "steps_s": step_seconds(store), "pipeline_phases_s": result.get("phases_s")}
     if not pipeline_only:
-        bare_s, bare_peak, bare_out = bare(model, store, recipe, work)
-        row.update(bare_s=round(bare_s, 1), ratio=round(pipeline_s / bare_s, 3),
+        bare_s, bare_peak, bare_out, bare_phases = bare(model, store, recipe, work)
+        row.update(bare_s=round(bare_s, 1), ratio=round(pipeline_s / bare_s, 3), bare_phases_s=bare_phases,
                    bare_peak_gpu_gib=round(bare_peak / 2**30, 2), bare_out_gb=round(out_bytes(bare_out) / 1e9, 3))
         shutil.rmtree(bare_out, ignore_errors=True)
     shutil.rmtree(store, ignore_errors=True)
@@ -162,7 +175,7 @@ def bench_together(shape: str, model: Path, recipes: list[str], work: Path, text
                            *pipeline_overrides(shape, model, recipes, store, work, text)], env)
     bare_s = 0.0
     for recipe in recipes:
-        seconds, _, out = bare(model, store, recipe, work)
+        seconds, _, out, _ = bare(model, store, recipe, work)
         bare_s += seconds
         shutil.rmtree(out, ignore_errors=True)
     row = {"shape": shape, "recipe": "+".join(recipes), "bare_s": round(bare_s, 1), "pipeline_s": round(pipeline_s, 1),

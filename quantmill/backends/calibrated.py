@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,7 +107,7 @@ class CalibratedQuantizer(QuantizerDefaults):
             work = Path(tmp)
             request = {"module": self.module, "config": dict(config), "model": str(model), "out": str(out),
                        "calibration": str(calibration) if calibration else None, "threads": threads,
-                       "work": str(work)}
+                       "work": str(work), "requested_at": time.time()}
             (work / REQUEST_FILE).write_text(json.dumps(request))
             env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
             try:
@@ -118,10 +119,13 @@ class CalibratedQuantizer(QuantizerDefaults):
                     raise ToolError(f"{label}: {json.loads(error.read_text())['error']}") from None
                 raise ToolError(f"{label}: {e}") from None
             result = json.loads((work / RESULT_FILE).read_text())
+        t0 = time.perf_counter()
         carry_files(model, out)
         result.update({"method": config["method"], "scheme": config["quant_type"], "backend": self.key,
                        "bits_per_weight": round(bits_per_source_weight(model, out), 4),
                        "peak_rss_bytes": ran.max_rss_bytes})
+        result["phases_s"] = {**result.get("phases_s", {}), "child_process": round(ran.seconds, 2),
+                              "after_child": round(time.perf_counter() - t0, 2)}
         return result
 
 
@@ -194,6 +198,23 @@ def oom_names_layer(tracker: LayerTracker, config: Mapping[str, Any], samples: i
                          f"(or use a GPU with more memory)") from None
 
 
+class Phases:
+    """Seconds the child spends in each phase (``mark`` closes the current one), reported in the step's result:
+    where a quantization's time went, next to a bare script's (bench/gpu_quantizers.py)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self._last, 2)
+        self._last = now
+
+
+PHASES = Phases()  # one quantization per child process
+
+
 class UserFacing(Exception):
     """An error the parent shows as is (one line)."""
 
@@ -231,6 +252,8 @@ def main(argv: list[str]) -> int:
 
     request = json.loads(Path(argv[0]).read_text())
     work = Path(request["work"])
+    PHASES.seconds["start"] = round(time.time() - request.get("requested_at", time.time()), 2)  # interpreter start
+    PHASES.mark("imports")  # this module's
     try:
         if os.environ.get(ENV_CUDA_MEMORY_FRACTION):
             import torch
@@ -248,9 +271,12 @@ def main(argv: list[str]) -> int:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         (work / ERROR_FILE).write_text(json.dumps({"error": f"{type(e).__name__}: {first}"}))
         return 1
-    (work / RESULT_FILE).write_text(json.dumps(result))
+    PHASES.mark("finish")
+    (work / RESULT_FILE).write_text(json.dumps({**result, "phases_s": PHASES.seconds}))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # run as the importable module, so the backends mark this module's PHASES
+    from quantmill.backends.calibrated import main as module_main
+
+    sys.exit(module_main(sys.argv[1:]))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.backends import QUANTIZERS
-from quantmill.backends.calibrated import (CalibratedQuantizer, LayerTracker, UserFacing, oom_names_layer,
+from quantmill.backends.calibrated import (PHASES, CalibratedQuantizer, LayerTracker, UserFacing, oom_names_layer,
                                            write_probe)
 from quantmill.config import RecipeConfig
 
@@ -41,6 +41,7 @@ def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Pat
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
     from gptqmodel.quantization import FORMAT, METHOD
 
+    PHASES.mark("imports")
     config, params = request["config"], request["config"]["params"]
     torch.manual_seed(0)
     if not ids:
@@ -62,6 +63,7 @@ def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Pat
     if ignore:
         options["dynamic"] = {f"-:{pattern}": {} for pattern in ignore}
     model = GPTQModel.load(str(model_dir), QuantizeConfig(**options))
+    PHASES.mark("load")
     tracker = LayerTracker(model.model)
     rows = [{"input_ids": r, "attention_mask": [1] * len(r)} for r in ids]
     if cuda:
@@ -69,10 +71,12 @@ def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Pat
     with oom_names_layer(tracker, config, len(ids), len(ids[0])):
         model.quantize(rows, batch_size=min(len(rows), 8), **kwargs)
     tracker.remove()
+    PHASES.mark("quantize")
     model.save(str(out))
     for stray in ("quant_log.csv",):  # a per-run timing log: it would make the bytes differ run to run
         (out / stray).unlink(missing_ok=True)
     del model
+    PHASES.mark("save")
     # GPTQModel packs the weights as it saves: its own loader gives the model as quantized.
     write_probe(GPTQModel.load(str(out), **({} if cuda else {"dtype": torch.float32})), out, ids)
     return {"device": torch.cuda.get_device_name() if cuda else "cpu",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from quantmill.backends import QUANTIZERS
-from quantmill.backends.calibrated import CalibratedQuantizer, LayerTracker, oom_names_layer, write_probe
+from quantmill.backends.calibrated import PHASES, CalibratedQuantizer, LayerTracker, oom_names_layer, write_probe
 from quantmill.config import RecipeConfig
 
 DATA_FREE = ("FP8_DYNAMIC", "FP8_BLOCK", "NVFP4A16")
@@ -108,6 +108,7 @@ def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Pat
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
+    PHASES.mark("imports")
     config = request["config"]
     torch.manual_seed(0)
     if request.get("threads"):
@@ -117,6 +118,7 @@ def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Pat
     # checkpoint keeps the source's dtype either way.
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto" if cuda else torch.float32)
     source_dtype = _source_dtype(model_dir)
+    PHASES.mark("load")
     kwargs: dict[str, Any] = {}
     if ids:
         from datasets import Dataset
@@ -129,6 +131,7 @@ def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Pat
     with oom_names_layer(tracker, config, len(ids), len(ids[0]) if ids else 0), _no_pinning_without_accelerator():
         oneshot(model=model, recipe=build_recipe(config), **kwargs)
     tracker.remove()
+    PHASES.mark("oneshot")
     if not cuda and source_dtype is not None:
         model.to(source_dtype)  # round to the dtype it is saved in, then probe it in float32 as loaders on CPU do
         model.to(torch.float32)
@@ -137,7 +140,9 @@ def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Pat
         model.config.dtype = source_dtype
     else:
         write_probe(model, out, ids)
+    PHASES.mark("probe")
     model.save_pretrained(out, save_compressed=True)
+    PHASES.mark("save")
     return {"device": torch.cuda.get_device_name() if cuda else "cpu",
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             "calibration_samples": len(ids)}
