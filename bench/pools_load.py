@@ -8,10 +8,12 @@ convert and quantize steps are new (one step run on the pool; the download is sh
 Per run, from Prefect's API and the provenance records:
   wall      from calling the pipeline to its return
   steps     time inside step functions (provenance startedOn..finishedOn)
-  queued    time during the run when every worker was busy with other runs' step runs: the run could not have
-            progressed however fast the orchestration (capacity, not overhead)
+  queued    time its step run waited behind earlier ones: while at least as many step runs created before it
+            (the pool serves them first come, first served) had not ended as there are workers. Each hand-over
+            between runs (release, claim, start) is thereby counted once, as overhead of the run handed to,
+            not again for every run still behind it in the queue
   overhead  wall - steps - queued: planning, dispatch, pickup, process start, Prefect engine, S3 transfers,
-            waiting for the end; and, under load, the parents' own slowness while a worker stood free.
+            waiting for the end; under load, the parents' own slowness included.
 Also, for the whole load: worker-seconds not spent in step functions per run, (total x workers - sum of
 steps) / runs, the throughput cost of the orchestration.
 
@@ -81,18 +83,18 @@ def main(n: int = 50, serial: bool = False, warm: bool = False) -> dict:
     for r in step_runs:
         worker = next((t.split(":", 1)[1] for t in r.tags if t.startswith("worker:")), "?")
         by_worker.setdefault(worker, []).append(r)
-    busy = {w: [(r.start_time.timestamp(), r.end_time.timestamp(), r.id) for r in rs] for w, rs in by_worker.items()}
+    spans = [(r.created.timestamp(), r.end_time.timestamp(), r.id) for r in step_runs]
     rows = []
     for run in runs:
         mine = [r for r in step_runs if r.parameters and any(
             s.get("config", {}).get("model_name") == f"tiny-{run['run']:03d}" for s in r.parameters.get("specs", []))]
-        q = all_busy_seconds(busy, run["start"], run["end"], {r.id for r in mine})
+        queued = [queued_seconds(spans, r.created.timestamp(), r.start_time.timestamp(), len(by_worker))
+                  for r in mine]
+        q = sum(queued)
         wall = run["end"] - run["start"]
         # where the overhead goes: worker pickup + process start before the step run starts, the step run's own
         # time outside step functions (engine, S3, hashing), and the rest in the parent (plan, dispatch, waiting)
-        pickup = sum(max(0.0, (r.start_time - r.created).total_seconds()
-                         - all_busy_seconds(busy, r.created.timestamp(), r.start_time.timestamp(), {r.id}))
-                     for r in mine)
+        pickup = sum((r.start_time - r.created).total_seconds() - w for r, w in zip(mine, queued))
         in_run = sum((r.end_time - r.start_time).total_seconds() for r in mine) - run["steps_s"]
         rows.append({**run, "wall_s": wall, "queued_s": q, "overhead_s": wall - run["steps_s"] - q,
                      "pickup_s": pickup, "step_run_outside_steps_s": in_run,
@@ -107,7 +109,7 @@ def main(n: int = 50, serial: bool = False, warm: bool = False) -> dict:
               "median_wall_s": statistics.median(r["wall_s"] for r in rows),
               **{f"median_{k}": statistics.median(r[k] for r in rows)
                  for k in ("pickup_s", "step_run_outside_steps_s", "parent_s")},
-              "worker_s_outside_steps_per_run": (total * len(busy) - sum(r["steps_s"] for r in rows)) / n,
+              "worker_s_outside_steps_per_run": (total * len(by_worker) - sum(r["steps_s"] for r in rows)) / n,
               "step_runs_per_worker": {w: len(rs) for w, rs in by_worker.items()}, "rows": rows}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     out = OUT.with_name("pools_serial.json") if serial else OUT
@@ -115,16 +117,12 @@ def main(n: int = 50, serial: bool = False, warm: bool = False) -> dict:
     return result
 
 
-def all_busy_seconds(busy: dict[str, list[tuple[float, float, object]]], start: float, end: float,
-                     own: set) -> float:
-    """Seconds of [start, end] during which every worker was running a step run not in ``own``."""
-    cuts = sorted({start, end, *(t for runs in busy.values() for s, e, _ in runs for t in (s, e) if start < t < end)})
-    total = 0.0
-    for a, b in zip(cuts, cuts[1:]):
-        mid = (a + b) / 2
-        if all(any(s <= mid < e and rid not in own for s, e, rid in runs) for runs in busy.values()):
-            total += b - a
-    return total
+def queued_seconds(spans: list[tuple[float, float, object]], created: float, started: float, workers: int) -> float:
+    """Seconds of [created, started] during which at least ``workers`` step runs created before this one had
+    not ended: the time it waited its turn (first come, first served), however fast the hand-overs."""
+    ahead = [(c, e) for c, e, _ in spans if c < created and e > created]
+    cuts = sorted({created, started, *(e for _, e in ahead if created < e < started)})
+    return sum(b - a for a, b in zip(cuts, cuts[1:]) if sum(e > (a + b) / 2 for _, e in ahead) >= workers)
 
 
 def markdown(r: dict) -> str:
