@@ -88,14 +88,22 @@ def run_config(cfg, *, verbose: bool = False) -> list:
     planner.check_space(the_plan, resolution, store)
     if cfg.infra.mode == "prefect":
         return _run_on_pools(cfg, the_plan, verbose=verbose)
-    runner.configure_embedded(cfg.infra, verbose=verbose)
-    from prefect.task_runners import ThreadPoolTaskRunner
+    from quantmill import constants as C
+    from quantmill.backends import QUANTIZERS
+    from quantmill.backends.calibrated import prestarted
 
-    from flows.pipeline import pipeline
+    # the torch quantizers' processes import their libraries while Prefect starts and the earlier steps run
+    ahead = [QUANTIZERS.get(s.backend) for s in the_plan if s.step == C.QUANTIZE
+             and resolution.status[s.id] != planner.HIT]
+    with prestarted(ahead):
+        runner.configure_embedded(cfg.infra, verbose=verbose)
+        from prefect.task_runners import ThreadPoolTaskRunner
 
-    flow = pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
-    with ui.RichReporter() as reporter, progress.using(reporter), runner.without_run_heartbeats():
-        state = flow(to_dict(cfg), return_state=True)
+        from flows.pipeline import pipeline
+
+        flow = pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
+        with ui.RichReporter() as reporter, progress.using(reporter), runner.without_run_heartbeats():
+            state = flow(to_dict(cfg), return_state=True)
     data = state.result(raise_on_failure=False)
     if isinstance(data, BaseException):
         raise data

@@ -36,17 +36,30 @@ def run_tool(cmd: Sequence[str | Path], *, name: str, label: str, env: Mapping[s
     Raises:
         ToolError: non-zero exit, with the last lines of the tool's output.
     """
-    argv = [str(c) for c in cmd]
-    full_env = {**os.environ, **(env or {})}
-    tail: deque[str] = deque(maxlen=tail_lines)
-    bar = reporter().bar(label, total=total)
     start = time.perf_counter()
+    proc = start_tool(cmd, name=name, env=env, cwd=cwd)
+    return follow_tool(proc, name=name, label=label, progress=progress, total=total, tail_lines=tail_lines,
+                       start=start)
+
+
+def start_tool(cmd: Sequence[str | Path], *, name: str, env: Mapping[str, str] | None = None,
+               cwd: Path | None = None, stdin: int | None = None) -> subprocess.Popen:
+    """Start ``cmd`` with its output piped for ``follow_tool`` (``stdin=subprocess.PIPE`` to talk to it first)."""
+    argv = [str(c) for c in cmd]
     try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=cwd)
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=stdin,
+                                env={**os.environ, **(env or {})}, cwd=cwd)
     except FileNotFoundError:
-        bar.close()
         # llama.cpp's tools are located (with their own install hint) before they get here
         raise ToolError(f"{name}: {argv[0]} not found; install it or put it on PATH") from None
+
+
+def follow_tool(proc: subprocess.Popen, *, name: str, label: str, progress: re.Pattern[str] | None = None,
+                total: int | None = None, tail_lines: int = 30, start: float | None = None) -> ToolRun:
+    """Stream a started tool's output until it exits; its seconds count from ``start`` (default: now)."""
+    start = time.perf_counter() if start is None else start
+    tail: deque[str] = deque(maxlen=tail_lines)
+    bar = reporter().bar(label, total=total)
     buf = b""
     assert proc.stdout is not None
     while chunk := proc.stdout.read1(1 << 16):

@@ -94,6 +94,30 @@ def test_outputs_reproduce_the_logits_recorded_right_after_quantization(calibrat
 
 
 @pytest.mark.slow
+def test_quantizer_processes_import_their_libraries_ahead_of_their_steps(calibrated_runs):
+    """Embedded, each torch quantization's child was started when the run began (one per backend, the next
+    started as the previous is handed its step): the step waited at most for the rest of that import."""
+    root, first, second = calibrated_runs
+    for o in (*first, *second):
+        if o.step == C.QUANTIZE:
+            phases = o.result["phases_s"]
+            assert phases["imported_ahead"] > 0.5, (o.spec_id, phases)  # torch + the library, before the step
+            assert phases["imports"] < 0.5, (o.spec_id, phases)  # nothing imported again after the request
+            assert phases["start"] < phases["imported_ahead"] + 1.0, (o.spec_id, phases)
+            assert phases["child_process"] >= phases["oneshot" if "oneshot" in phases else "quantize"]
+
+
+def test_a_child_started_ahead_and_not_needed_is_stopped(tmp_path):
+    from quantmill.backends import QUANTIZERS
+    from quantmill.backends.calibrated import _WAITING, prestarted
+
+    with prestarted([QUANTIZERS.get("bitsandbytes"), QUANTIZERS.get("gguf")]):  # gguf has no child to start
+        children = list(_WAITING.children.values())
+        assert len(children) == 1 and children[0].poll() is None
+    assert children[0].poll() is not None and _WAITING.children == {} and _WAITING.expected == {}
+
+
+@pytest.mark.slow
 def test_bitsandbytes_nf4_runs_on_cpu(tmp_path):
     from quantmill.cli import run_config
 

@@ -35,6 +35,12 @@ class BitsAndBytesQuantizer(CalibratedQuantizer):
 QUANTIZERS.register(BitsAndBytesQuantizer.key)(BitsAndBytesQuantizer())
 
 
+def preload() -> None:
+    """What ``run`` imports, imported by a child started ahead of its step."""
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: F401
+
+
 def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -12,12 +12,14 @@ import json
 import os
 import shutil
 import sys
+import subprocess
 import tempfile
+import threading
 import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from quantmill import constants as C
 from quantmill.backends.base import QuantizerDefaults, SourceInfo
@@ -99,9 +101,14 @@ class CalibratedQuantizer(QuantizerDefaults):
     def child_command(self, request_file: Path) -> list[str]:
         return [self.python(), "-m", "quantmill.backends.calibrated", str(request_file)]
 
+    def waiting_command(self) -> list[str] | None:
+        """A child that imports its libraries now and reads its request file's path from stdin later (see
+        ``prestarted``); None where the child is another program (the legacy backends' scripts)."""
+        return [self.python(), "-m", "quantmill.backends.calibrated", "--wait", self.module]
+
     def quantize(self, model: Path, out: Path, config: Mapping[str, Any], *, imatrix: Path | None, threads: int,
                  label: str, calibration: Path | None = None) -> dict[str, Any]:
-        from quantmill.tools import run_tool
+        from quantmill.tools import follow_tool, run_tool
 
         with tempfile.TemporaryDirectory(prefix="quantmill-quantize-") as tmp:
             work = Path(tmp)
@@ -109,10 +116,16 @@ class CalibratedQuantizer(QuantizerDefaults):
                        "calibration": str(calibration) if calibration else None, "threads": threads,
                        "work": str(work), "requested_at": time.time()}
             (work / REQUEST_FILE).write_text(json.dumps(request))
-            env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            name = f"{self.key} {config['method']}"
             try:
-                ran = run_tool(self.child_command(work / REQUEST_FILE), name=f"{self.key} {config['method']}",
-                               label=label, env=env, cwd=work, tail_lines=40)  # libraries' log files stay in work
+                waiting = _WAITING.take(self)
+                if waiting is not None:  # already imported: hand it the request
+                    waiting.stdin.write(f"{work / REQUEST_FILE}\n".encode())
+                    waiting.stdin.close()
+                    ran = follow_tool(waiting, name=name, label=label, tail_lines=40)
+                else:  # libraries' log files stay in work
+                    ran = run_tool(self.child_command(work / REQUEST_FILE), name=name, label=label,
+                                   env=_child_env(), cwd=work, tail_lines=40)
             except ToolError as e:
                 error = work / ERROR_FILE
                 if error.is_file():
@@ -127,6 +140,71 @@ class CalibratedQuantizer(QuantizerDefaults):
         result["phases_s"] = {**result.get("phases_s", {}), "child_process": round(ran.seconds, 2),
                               "after_child": round(time.perf_counter() - t0, 2)}
         return result
+
+
+def _child_env() -> dict[str, str]:
+    return {"PYTHONPATH": str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+class _Waiting:
+    """Children started ahead of their quantize steps, one per backend at a time, with how many more of that
+    backend's quantizations the run expects (a taken child is replaced while more are to come)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.children: dict[str, subprocess.Popen] = {}
+        self.expected: dict[str, int] = {}
+        self.quantizers: dict[str, CalibratedQuantizer] = {}
+
+    def start(self, quantizer: CalibratedQuantizer) -> None:
+        """Start ``quantizer``'s waiting child unless one waits already (called with the lock held)."""
+        from quantmill.tools import start_tool
+
+        command = quantizer.waiting_command()
+        if command is None or quantizer.key in self.children:
+            return
+        self.quantizers[quantizer.key] = quantizer
+        self.children[quantizer.key] = start_tool(command, name=quantizer.key, env=_child_env(),
+                                                  cwd=Path(tempfile.gettempdir()), stdin=subprocess.PIPE)
+
+    def take(self, quantizer: CalibratedQuantizer) -> subprocess.Popen | None:
+        with self.lock:
+            child = self.children.pop(quantizer.key, None)
+            left = self.expected.get(quantizer.key, 0) - 1
+            self.expected[quantizer.key] = max(0, left)
+            if left > 0:
+                self.start(quantizer)
+        return child if child is not None and child.poll() is None else None
+
+    def stop_all(self) -> None:
+        with self.lock:
+            children, self.children, self.expected = list(self.children.values()), {}, {}
+        for child in children:
+            child.kill()
+            child.wait()
+
+
+_WAITING = _Waiting()
+
+
+@contextmanager
+def prestarted(quantizers: Iterable[Any]) -> Iterator[None]:
+    """Start the child processes of the calibrated quantizations a run is about to do, so that importing torch
+    and the quantization library (10-15 s, as long as the quantization itself for FP8) overlaps the run's
+    planning and earlier steps instead of following them. Children still waiting at the end are stopped."""
+    counts: dict[str, int] = {}
+    for q in quantizers:
+        if isinstance(q, CalibratedQuantizer) and q.waiting_command() is not None:
+            counts[q.key] = counts.get(q.key, 0) + 1
+            with _WAITING.lock:
+                _WAITING.start(q)
+    with _WAITING.lock:
+        for key, n in counts.items():
+            _WAITING.expected[key] = _WAITING.expected.get(key, 0) + n
+    try:
+        yield
+    finally:
+        _WAITING.stop_all()
 
 
 def scheme_bits(scheme: str) -> float:
@@ -206,6 +284,10 @@ class Phases:
         self.seconds: dict[str, float] = {}
         self._last = time.perf_counter()
 
+    def reset(self) -> None:
+        self.seconds.clear()
+        self._last = time.perf_counter()
+
     def mark(self, phase: str) -> None:
         now = time.perf_counter()
         self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self._last, 2)
@@ -250,10 +332,22 @@ def calibration_ids(calibration: Path | None) -> list[list[int]]:
 def main(argv: list[str]) -> int:
     import importlib
 
+    preloaded = None
+    if argv[0] == "--wait":  # started ahead (``prestarted``): import now, then wait for the request
+        t0 = time.perf_counter()
+        getattr(importlib.import_module(argv[1]), "preload", lambda: None)()
+        preloaded = round(time.perf_counter() - t0, 2)
+        argv = [sys.stdin.readline().strip()]
+        if not argv[0]:
+            return 0  # not needed after all
+        PHASES.reset()
     request = json.loads(Path(argv[0]).read_text())
     work = Path(request["work"])
+    os.chdir(work)  # libraries' log files stay in work
     PHASES.seconds["start"] = round(time.time() - request.get("requested_at", time.time()), 2)  # interpreter start
     PHASES.mark("imports")  # this module's
+    if preloaded is not None:
+        PHASES.seconds["imported_ahead"] = preloaded  # before the step: overlapped with the run's earlier work
     try:
         if os.environ.get(ENV_CUDA_MEMORY_FRACTION):
             import torch

@@ -71,6 +71,9 @@ class LegacyQuantizer(CalibratedQuantizer):
     def child_command(self, request_file: Path) -> list[str]:
         return [self.python(), str(SCRIPTS / self.script), str(request_file)]
 
+    def waiting_command(self) -> None:
+        return None  # its script is started when the step runs
+
 
 class AutoAwqQuantizer(LegacyQuantizer):
     key = "autoawq"

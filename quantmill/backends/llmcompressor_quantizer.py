@@ -103,6 +103,16 @@ def _source_dtype(model_dir: Path):
     return getattr(torch, name, None) if isinstance(name, str) else None
 
 
+def preload() -> None:
+    """What ``run`` imports, imported by a child started ahead of its step."""
+    import datasets  # noqa: F401
+    import torch  # noqa: F401
+    from llmcompressor import oneshot  # noqa: F401
+    from llmcompressor.modifiers.awq import AWQModifier  # noqa: F401
+    from llmcompressor.modifiers.quantization import GPTQModifier  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+
 def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Path) -> dict[str, Any]:
     import torch
     from llmcompressor import oneshot
