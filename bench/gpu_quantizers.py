@@ -13,7 +13,9 @@ do the same work), on a fresh store. Wall time of each whole process, peak GPU m
         [--dtype bfloat16]  the synthetic checkpoint's dtype (Llama 3 ships bfloat16)
         [--warmup]     an untimed run of the pipeline and of the bare script first (one-time costs paid by neither)
         [--warmup-first]  the same, for the first recipe only (the machine's caches warm; saves device time)
-        [--pipeline-only]  no bare script
+        [--pipeline-only]  no bare script (keeps the calibration set beside the checkpoint for --bare-only)
+        [--bare-only]  the bare script alone, on the calibration set a --pipeline-only run kept (device calls are
+                       limited to 10 minutes: the 8B AWQ pair is run as two calls)
 
 Each pipeline row also carries its steps' own times (from the provenance records), so what the pipeline adds
 is visible: download (copy + sha256 of the source), the calibration set, hashing and committing the output.
@@ -129,11 +131,14 @@ def quantized_dir(store: Path, method: str) -> Path:
                 and json.loads((p / "quantmill.json").read_text()).get("method") == method)
 
 
-def bare(model: Path, store: Path, recipe: str, work: Path) -> tuple[float, int, Path, dict]:
-    """The bare script for ``recipe``, fed the very calibration token ids the pipeline made into ``store``."""
+def calibration_file(store: Path) -> Path | None:
+    return next((p / "calibration.safetensors" for p in (store / "objects").glob("*/files")
+                 if (p / "calibration.safetensors").is_file()), None)
+
+
+def bare(model: Path, cal: Path | None, recipe: str, work: Path) -> tuple[float, int, Path, dict]:
+    """The bare script for ``recipe``, fed the very calibration token ids the pipeline made (``cal``)."""
     method, scheme, calibrated = RECIPES[recipe]
-    cal = next((p / "calibration.safetensors" for p in (store / "objects").glob("*/files")
-                if (p / "calibration.safetensors").is_file()), None)
     bare_out = work / f"bare-{recipe}"
     seconds, log = timed([sys.executable, "-c", BARE, str(model), str(cal) if calibrated else "-", method, scheme,
                           str(bare_out)])
@@ -142,18 +147,28 @@ def bare(model: Path, store: Path, recipe: str, work: Path) -> tuple[float, int,
     return seconds, peak, bare_out, phases
 
 
+def bare_row(shape: str, model: Path, cal: Path | None, recipe: str, work: Path) -> dict:
+    bare_s, bare_peak, bare_out, bare_phases = bare(model, cal, recipe, work)
+    row = {"shape": shape, "recipe": recipe, "bare_s": round(bare_s, 1), "bare_phases_s": bare_phases,
+           "bare_peak_gpu_gib": round(bare_peak / 2**30, 2), "bare_out_gb": round(out_bytes(bare_out) / 1e9, 3)}
+    shutil.rmtree(bare_out, ignore_errors=True)
+    return row
+
+
 def bench_one(shape: str, model: Path, recipe: str, work: Path, text: Path, env: dict[str, str],
-              pipeline_only: bool = False, warmup: bool = False) -> dict:
+              pipeline_only: bool = False, warmup: bool = False, keep_calibration: Path | None = None) -> dict:
     method = RECIPES[recipe][0]
     store = work / f"store-{recipe}"
     command = [sys.executable, "-m", "quantmill.cli", "run", *pipeline_overrides(shape, model, [recipe], store, work, text)]
     if warmup:  # the first processes on a fresh machine pay one-time costs (kernel caches): neither side is timed
         timed(command, env)
         if not pipeline_only:
-            shutil.rmtree(bare(model, store, recipe, work)[2], ignore_errors=True)
+            shutil.rmtree(bare(model, calibration_file(store), recipe, work)[2], ignore_errors=True)
         shutil.rmtree(store, ignore_errors=True)
     # The pipeline first computes the calibration set; the bare script is fed the very same token ids.
     pipeline_s, _ = timed(command, env)
+    if keep_calibration is not None and calibration_file(store):  # for a later --bare-only
+        shutil.copyfile(calibration_file(store), keep_calibration)
     quant = quantized_dir(store, method)
     result = json.loads((quant / "quantmill.json").read_text())
     row = {"shape": shape, "recipe": recipe, "pipeline_s": round(pipeline_s, 1), "server": bool(env),
@@ -161,10 +176,8 @@ def bench_one(shape: str, model: Path, recipe: str, work: Path, text: Path, env:
            "pipeline_out_gb": round(out_bytes(quant) / 1e9, 3), "bits_per_weight": result.get("bits_per_weight"),
            "device": result.get("device"), "steps_s": step_seconds(store), "pipeline_phases_s": result.get("phases_s")}
     if not pipeline_only:
-        bare_s, bare_peak, bare_out, bare_phases = bare(model, store, recipe, work)
-        row.update(bare_s=round(bare_s, 1), ratio=round(pipeline_s / bare_s, 3), bare_phases_s=bare_phases,
-                   bare_peak_gpu_gib=round(bare_peak / 2**30, 2), bare_out_gb=round(out_bytes(bare_out) / 1e9, 3))
-        shutil.rmtree(bare_out, ignore_errors=True)
+        row.update(bare_row(shape, model, calibration_file(store), recipe, work))
+        row["ratio"] = round(pipeline_s / row["bare_s"], 3)
     shutil.rmtree(store, ignore_errors=True)
     return row
 
@@ -176,7 +189,7 @@ def bench_together(shape: str, model: Path, recipes: list[str], work: Path, text
                            *pipeline_overrides(shape, model, recipes, store, work, text)], env)
     bare_s = 0.0
     for recipe in recipes:
-        seconds, _, out, _ = bare(model, store, recipe, work)
+        seconds, _, out, _ = bare(model, calibration_file(store), recipe, work)
         bare_s += seconds
         shutil.rmtree(out, ignore_errors=True)
     row = {"shape": shape, "recipe": "+".join(recipes), "bare_s": round(bare_s, 1), "pipeline_s": round(pipeline_s, 1),
@@ -219,6 +232,7 @@ def main() -> None:
     parser.add_argument("--together", action="store_true")
     parser.add_argument("--pipeline-only", action="store_true", help="no bare script (device time is short)")
     parser.add_argument("--warmup", action="store_true", help="an untimed run of each side first")
+    parser.add_argument("--bare-only", action="store_true", help="the bare script on a kept calibration set")
     parser.add_argument("--warmup-first", action="store_true", help="--warmup for the first recipe only")
     args = parser.parse_args()
     out = Path(args.out)
@@ -237,10 +251,15 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
 
     try:
+        kept = model.parent / f"{model.name}-calibration.safetensors"
         for i, recipe in enumerate(recipes):
             warmup = args.warmup or (args.warmup_first and i == 0)
             try:
-                record(bench_one(args.shape, model, recipe, work, text, env, args.pipeline_only, warmup))
+                if args.bare_only:
+                    record(bare_row(args.shape, model, kept if RECIPES[recipe][2] else None, recipe, work))
+                    continue
+                record(bench_one(args.shape, model, recipe, work, text, env, args.pipeline_only, warmup,
+                                 keep_calibration=kept if args.pipeline_only else None))
             except Exception as e:  # noqa: BLE001 - one failed recipe must not lose the others' rows
                 record({"shape": args.shape, "recipe": recipe, "error": str(e)[-1500:]})
         if args.together:

@@ -67,7 +67,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def run_config(cfg, *, verbose: bool = False) -> list:
     """Run one composed config embedded; return its outcomes. Starts Prefect only if something must run."""
+    from quantmill.backends.calibrated import prestarted
+
+    # Embedded, the torch quantizers' processes import their libraries (10+ s) while the run plans, Prefect
+    # starts and the earlier steps run; the plan then stops those no step needs.
+    with prestarted(_torch_quantizers(cfg) if cfg.infra.mode != "prefect" else []) as ahead:
+        return _run_config(cfg, ahead, verbose=verbose)
+
+
+def _torch_quantizers(cfg) -> list:
+    from quantmill.backends import QUANTIZERS
+
+    quantizers = []
+    for recipe in cfg.recipe.values():
+        try:
+            quantizers.append(QUANTIZERS.get(recipe.backend or recipe.method))
+        except QuantmillError:
+            pass  # the planner reports it, in its words
+    return quantizers
+
+
+def _run_config(cfg, ahead, *, verbose: bool) -> list:
+    from quantmill import constants as C
     from quantmill import planner, progress, runner, ui
+    from quantmill.backends import QUANTIZERS
     from quantmill.config import to_dict
     from quantmill.execute import read_result
     from quantmill.outcome import CACHED, Outcome
@@ -76,6 +99,8 @@ def run_config(cfg, *, verbose: bool = False) -> list:
     store = planner.open_store(cfg)
     the_plan = planner.plan(cfg, store)
     resolution = planner.resolve(the_plan, store)
+    ahead.expect(QUANTIZERS.get(s.backend) for s in the_plan
+                 if s.step == C.QUANTIZE and resolution.status[s.id] != planner.HIT)
     if resolution.all_cached:
         from quantmill import report
 
@@ -88,22 +113,14 @@ def run_config(cfg, *, verbose: bool = False) -> list:
     planner.check_space(the_plan, resolution, store)
     if cfg.infra.mode == "prefect":
         return _run_on_pools(cfg, the_plan, verbose=verbose)
-    from quantmill import constants as C
-    from quantmill.backends import QUANTIZERS
-    from quantmill.backends.calibrated import prestarted
+    runner.configure_embedded(cfg.infra, verbose=verbose)
+    from prefect.task_runners import ThreadPoolTaskRunner
 
-    # the torch quantizers' processes import their libraries while Prefect starts and the earlier steps run
-    ahead = [QUANTIZERS.get(s.backend) for s in the_plan if s.step == C.QUANTIZE
-             and resolution.status[s.id] != planner.HIT]
-    with prestarted(ahead):
-        runner.configure_embedded(cfg.infra, verbose=verbose)
-        from prefect.task_runners import ThreadPoolTaskRunner
+    from flows.pipeline import pipeline
 
-        from flows.pipeline import pipeline
-
-        flow = pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
-        with ui.RichReporter() as reporter, progress.using(reporter), runner.without_run_heartbeats():
-            state = flow(to_dict(cfg), return_state=True)
+    flow = pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
+    with ui.RichReporter() as reporter, progress.using(reporter), runner.without_run_heartbeats():
+        state = flow(to_dict(cfg), return_state=True)
     data = state.result(raise_on_failure=False)
     if isinstance(data, BaseException):
         raise data

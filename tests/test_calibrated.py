@@ -107,14 +107,18 @@ def test_quantizer_processes_import_their_libraries_ahead_of_their_steps(calibra
             assert phases["child_process"] >= phases["oneshot" if "oneshot" in phases else "quantize"]
 
 
-def test_a_child_started_ahead_and_not_needed_is_stopped(tmp_path):
+def test_children_started_ahead_and_not_needed_are_stopped(tmp_path):
     from quantmill.backends import QUANTIZERS
     from quantmill.backends.calibrated import _WAITING, prestarted
 
-    with prestarted([QUANTIZERS.get("bitsandbytes"), QUANTIZERS.get("gguf")]):  # gguf has no child to start
-        children = list(_WAITING.children.values())
-        assert len(children) == 1 and children[0].poll() is None
-    assert children[0].poll() is not None and _WAITING.children == {} and _WAITING.expected == {}
+    bnb, llmc = QUANTIZERS.get("bitsandbytes"), QUANTIZERS.get("llmcompressor")
+    with prestarted([bnb, llmc, QUANTIZERS.get("gguf")]) as ahead:  # gguf has no child to start
+        children = dict(_WAITING.children)
+        assert sorted(children) == ["bitsandbytes", "llmcompressor"]
+        assert all(c.poll() is None for c in children.values())
+        ahead.expect([bnb])  # the plan: only the bitsandbytes recipe has a step to run
+        assert children["llmcompressor"].poll() is not None and children["bitsandbytes"].poll() is None
+    assert children["bitsandbytes"].poll() is not None and _WAITING.children == {} and _WAITING.expected == {}
 
 
 @pytest.mark.slow

@@ -154,7 +154,6 @@ class _Waiting:
         self.lock = threading.Lock()
         self.children: dict[str, subprocess.Popen] = {}
         self.expected: dict[str, int] = {}
-        self.quantizers: dict[str, CalibratedQuantizer] = {}
 
     def start(self, quantizer: CalibratedQuantizer) -> None:
         """Start ``quantizer``'s waiting child unless one waits already (called with the lock held)."""
@@ -163,7 +162,6 @@ class _Waiting:
         command = quantizer.waiting_command()
         if command is None or quantizer.key in self.children:
             return
-        self.quantizers[quantizer.key] = quantizer
         self.children[quantizer.key] = start_tool(command, name=quantizer.key, env=_child_env(),
                                                   cwd=Path(tempfile.gettempdir()), stdin=subprocess.PIPE)
 
@@ -187,22 +185,35 @@ class _Waiting:
 _WAITING = _Waiting()
 
 
+class Ahead:
+    """What ``prestarted`` yields: ``expect`` tells it the quantizations the run will do."""
+
+    def expect(self, quantizers: Iterable[Any]) -> None:
+        """Keep one waiting child per backend the run's quantize steps use (counting them, so that a taken child
+        is replaced while more are to come); stop the others."""
+        counts: dict[str, int] = {}
+        for q in quantizers:
+            if isinstance(q, CalibratedQuantizer) and q.waiting_command() is not None:
+                counts[q.key] = counts.get(q.key, 0) + 1
+        with _WAITING.lock:
+            unneeded = [_WAITING.children.pop(key) for key in list(_WAITING.children) if key not in counts]
+            _WAITING.expected = counts
+        for child in unneeded:
+            child.kill()
+            child.wait()
+
+
 @contextmanager
-def prestarted(quantizers: Iterable[Any]) -> Iterator[None]:
-    """Start the child processes of the calibrated quantizations a run is about to do, so that importing torch
-    and the quantization library (10-15 s, as long as the quantization itself for FP8) overlaps the run's
+def prestarted(quantizers: Iterable[Any]) -> Iterator[Ahead]:
+    """Start the child processes of the torch quantizations a run may do, so that importing torch and the
+    quantization library (10-15 s on a GPU machine: as long as an FP8 quantization itself) overlaps the run's
     planning and earlier steps instead of following them. Children still waiting at the end are stopped."""
-    counts: dict[str, int] = {}
-    for q in quantizers:
-        if isinstance(q, CalibratedQuantizer) and q.waiting_command() is not None:
-            counts[q.key] = counts.get(q.key, 0) + 1
-            with _WAITING.lock:
-                _WAITING.start(q)
     with _WAITING.lock:
-        for key, n in counts.items():
-            _WAITING.expected[key] = _WAITING.expected.get(key, 0) + n
+        for q in quantizers:
+            if isinstance(q, CalibratedQuantizer):
+                _WAITING.start(q)
     try:
-        yield
+        yield Ahead()
     finally:
         _WAITING.stop_all()
 
@@ -373,4 +384,8 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":  # run as the importable module, so the backends mark this module's PHASES
     from quantmill.backends.calibrated import main as module_main
 
-    sys.exit(module_main(sys.argv[1:]))
+    code = module_main(sys.argv[1:])
+    # Everything is written and closed: skip the interpreter's teardown of torch and CUDA (about a second).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
