@@ -82,34 +82,16 @@ def finish(cfg, store, outcomes: list[Outcome]):
       retry_delay_seconds=3)
 def dispatch(pool: str, label: str, specs: list[dict[str, Any]], inputs: dict[str, dict[str, str]],
              store: dict[str, Any], poll_seconds: float) -> str:
-    """Run a segment on ``pool`` as a run of its deployment (a subflow of this task run); return that run's id.
-
-    One API call: the deployment's id is known from the run's start, and this task run is the step run's parent
-    (Prefect's ``run_deployment`` also reads the deployment and makes a placeholder task run first: under load
-    each call costs seconds, and the step run's place in its pool's queue is its scheduled time, taken when the
-    call began).
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.context import TaskRunContext
+    """Run a segment on ``pool`` as a run of its deployment (a subflow of this run); return that run's id."""
+    from prefect.deployments import run_deployment
     from prefect.runtime import flow_run
 
-    from quantmill.runner import deployment_id, wait_for_run
+    from quantmill.runner import wait_for_run
 
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        for fresh in (False, True):  # a deployment made again since its id was read has a new id
-            try:
-                # A retry (the server was busy) finds the step run the first attempt made instead of a second one.
-                run = client.create_flow_run_from_deployment(
-                    deployment_id(pool, fresh=fresh), parameters={"specs": specs, "inputs": inputs, "store": store},
-                    name=label, tags=["quantmill", f"pool:{pool}"],
-                    idempotency_key=f"{flow_run.get_id()}:{specs[0]['id']}",
-                    parent_task_run_id=TaskRunContext.get().task_run.id)
-                break
-            except ObjectNotFound:
-                if fresh:
-                    raise
+    # A retry (the server was busy) finds the step run made by the first attempt instead of making a second one.
+    run = run_deployment(f"{C.STEP_FLOW}/{pool}", parameters={"specs": specs, "inputs": inputs, "store": store},
+                         flow_run_name=label, timeout=0, tags=["quantmill", f"pool:{pool}"],
+                         idempotency_key=f"{flow_run.get_id()}:{specs[0]['id']}")
     wait_for_run(str(run.id), poll_seconds=poll_seconds)
     return str(run.id)
 

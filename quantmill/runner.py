@@ -201,7 +201,7 @@ def check_deployments(pools: list[str]) -> list[str]:
     with get_client(sync_client=True) as client:
         for pool in pools:
             try:
-                _DEPLOYMENTS[(_api_url(), pool)] = client.read_deployment_by_name(f"{C.STEP_FLOW}/{pool}").id
+                client.read_deployment_by_name(f"{C.STEP_FLOW}/{pool}")
             except ObjectNotFound:
                 raise ServerError(f"the server has no deployment {C.STEP_FLOW}/{pool}; run `quantmill deploy "
                                   f"infra=prefect` (or start a worker for pool {pool!r}, which deploys it)") from None
@@ -210,26 +210,6 @@ def check_deployments(pools: list[str]) -> list[str]:
                 warnings.append(f"pool {pool!r} has no worker online; its steps wait until one starts "
                                 f"(`quantmill worker --pool {pool}`)")
     return warnings
-
-
-_DEPLOYMENTS: dict[tuple[str, str], Any] = {}  # (API URL, pool) -> the pool's step deployment id
-
-
-def _api_url() -> str:
-    from prefect.settings import PREFECT_API_URL
-
-    return str(PREFECT_API_URL.value())
-
-
-def deployment_id(pool: str, *, fresh: bool = False):
-    """The id of ``pool``'s step deployment (read once per server and pool, or again when ``fresh``)."""
-    key = (_api_url(), pool)
-    if fresh or key not in _DEPLOYMENTS:
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as client:
-            _DEPLOYMENTS[key] = client.read_deployment_by_name(f"{C.STEP_FLOW}/{pool}").id
-    return _DEPLOYMENTS[key]
 
 
 # -- workers -------------------------------------------------------------------------------------------------
