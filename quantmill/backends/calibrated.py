@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -120,8 +120,11 @@ class CalibratedQuantizer(QuantizerDefaults):
             try:
                 waiting = _WAITING.take(self)
                 if waiting is not None:  # already imported: hand it the request
-                    waiting.stdin.write(f"{work / REQUEST_FILE}\n".encode())
-                    waiting.stdin.close()
+                    try:
+                        waiting.stdin.write(f"{work / REQUEST_FILE}\n".encode())
+                        waiting.stdin.close()
+                    except BrokenPipeError:
+                        pass  # it died importing: follow_tool reports its exit code and last lines
                     ran = follow_tool(waiting, name=name, label=label, tail_lines=40)
                 else:  # libraries' log files stay in work
                     ran = run_tool(self.child_command(work / REQUEST_FILE), name=name, label=label,
