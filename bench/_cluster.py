@@ -63,8 +63,10 @@ class Cluster:
         self.s3.stop()
 
 
-def start(workers: list[tuple[str, str, list[str]]], pools_override: str, bucket: str = "bench") -> Cluster:
-    """Start the server, S3 and ``workers`` [(pool, name, extra worker args)]; return when all are online."""
+def start(workers: list[tuple[str, str, list[str]]], pools_override: str, bucket: str = "bench",
+          database_url: str | None = None) -> Cluster:
+    """Start the server (SQLite, or ``database_url``), S3 and ``workers`` [(pool, name, extra worker args)];
+    return when all are online."""
     import boto3
     import httpx
     from moto.server import ThreadedMotoServer
@@ -84,7 +86,8 @@ def start(workers: list[tuple[str, str, list[str]]], pools_override: str, bucket
     env.update(CREDS, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
                PREFECT_LOGGING_LEVEL="WARNING", QUANTMILL_CONF=str(REPO / "conf"))
     cluster = Cluster(root, url, endpoint, bucket, env, s3=s3)
-    cluster.procs.append(subprocess.Popen(cli("server", "--port", str(port), "--home", str(root / "server")), env=env,
+    database = ["--database-url", database_url] if database_url else []
+    cluster.procs.append(subprocess.Popen(cli("server", "--port", str(port), "--home", str(root / "server"), *database), env=env,
                                           stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT))
     env["PREFECT_API_URL"] = url
 

@@ -20,6 +20,7 @@ steps) / runs, the throughput cost of the orchestration.
     python bench/pools_load.py [N]            # writes bench/out/pools_load.json
     python bench/pools_load.py N --serial     # the same runs one at a time (no queueing): bench/out/pools_serial.json
     python bench/pools_load.py N [--serial] --warm   # workers of pool type `warm` (quantmill.warm_worker): *_warm.json
+    python bench/pools_load.py N --warm --database-url postgresql+asyncpg://USER@HOST:PORT/DB   # server on PostgreSQL
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ OUT = REPO / "bench" / "out" / "pools_load.json"
 POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp]}}"
 
 
-def main(n: int = 50, serial: bool = False, warm: bool = False) -> dict:
+def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: str | None = None) -> dict:
     pools = POOLS.replace("llamacpp]", "llamacpp],type:warm") if warm else POOLS
-    cluster = _cluster.start([("cpu", "w1", ["--limit", "1"]), ("cpu", "w2", ["--limit", "1"])], pools, bucket="load")
+    cluster = _cluster.start([("cpu", "w1", ["--limit", "1"]), ("cpu", "w2", ["--limit", "1"])], pools, bucket="load",
+                             database_url=database_url)
     try:
         from prefect.client.orchestration import get_client
 
@@ -104,7 +106,8 @@ def main(n: int = 50, serial: bool = False, warm: bool = False) -> dict:
     overheads = sorted(r["overhead_s"] for r in rows)
     p95 = overheads[min(len(overheads) - 1, int(round(0.95 * (len(overheads) - 1))))]
     result = {"date": datetime.now().strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "runs": n,
-              "mode": ("one at a time" if serial else "queued at once") + (", warm workers" if warm else ""),
+              "mode": ("one at a time" if serial else "queued at once") + (", warm workers" if warm else "")
+              + (", PostgreSQL server" if database_url else ""),
               "completed": sum(r["ok"] for r in rows), "total_s": total,
               "median_overhead_s": statistics.median(overheads), "p95_overhead_s": p95,
               "median_steps_s": statistics.median(r["steps_s"] for r in rows),
@@ -115,7 +118,8 @@ def main(n: int = 50, serial: bool = False, warm: bool = False) -> dict:
               "step_runs_per_worker": {w: len(rs) for w, rs in by_worker.items()}, "rows": rows}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     out = OUT.with_name("pools_serial.json") if serial else OUT
-    (out.with_name(out.stem + "_warm.json") if warm else out).write_text(json.dumps(result, indent=1))
+    out = out.with_name(out.stem + "_warm.json") if warm else out
+    (out.with_name(out.stem + "_postgres.json") if database_url else out).write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -138,5 +142,8 @@ def markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    print(markdown(main(int(args[0]) if args else 50, serial="--serial" in sys.argv, warm="--warm" in sys.argv)))
+    argv = sys.argv[1:]
+    url = argv[argv.index("--database-url") + 1] if "--database-url" in argv else None
+    args = [a for a in argv if not a.startswith("--") and a != url]
+    print(markdown(main(int(args[0]) if args else 50, serial="--serial" in argv, warm="--warm" in argv,
+                        database_url=url)))
