@@ -9,9 +9,10 @@ Per run, from Prefect's API and the provenance records:
   wall      from calling the pipeline to its return
   steps     time inside step functions (provenance startedOn..finishedOn)
   queued    time its step run waited behind earlier ones: while at least as many step runs created before it
-            (the pool serves them first come, first served) had not ended as there are workers. Each hand-over
-            between runs (release, claim, start) is thereby counted once, as overhead of the run handed to,
-            not again for every run still behind it in the queue
+            had not ended as there are workers. Each hand-over between runs (release, claim, start) is thereby
+            counted once, as overhead of the run handed to, not again for every run still behind it in the queue.
+            (Prefect serves a pool's runs in scheduled-time order, taken just before each run is created; where
+            that order differs from creation order, the extra wait counts as overhead, not as queue.)
   overhead  wall - steps - queued: planning, dispatch, pickup, process start, Prefect engine, S3 transfers,
             waiting for the end; under load, the parents' own slowness included.
 Also, for the whole load: worker-seconds not spent in step functions per run, (total x workers - sum of
