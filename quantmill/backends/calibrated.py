@@ -177,20 +177,6 @@ class _Waiting:
                 self.start(quantizer)
         return child if child is not None and child.poll() is None else None
 
-    def stop_all(self) -> None:
-        with self.lock:
-            children, self.children, self.expected = list(self.children.values()), {}, {}
-        for child in children:
-            child.kill()
-            child.wait()
-
-
-_WAITING = _Waiting()
-
-
-class Ahead:
-    """What ``prestarted`` yields: ``expect`` tells it the quantizations the run will do."""
-
     def expect(self, quantizers: Iterable[Any]) -> None:
         """Keep one waiting child per backend the run's quantize steps use (counting them, so that a taken child
         is replaced while more are to come); stop the others."""
@@ -198,25 +184,38 @@ class Ahead:
         for q in quantizers:
             if isinstance(q, CalibratedQuantizer) and q.waiting_command() is not None:
                 counts[q.key] = counts.get(q.key, 0) + 1
-        with _WAITING.lock:
-            unneeded = [_WAITING.children.pop(key) for key in list(_WAITING.children) if key not in counts]
-            _WAITING.expected = counts
-        for child in unneeded:
-            child.kill()
-            child.wait()
+        with self.lock:
+            unneeded = [self.children.pop(key) for key in list(self.children) if key not in counts]
+            self.expected = counts
+        _stop(unneeded)
+
+    def stop_all(self) -> None:
+        with self.lock:
+            children, self.children, self.expected = list(self.children.values()), {}, {}
+        _stop(children)
+
+
+def _stop(children: Iterable[subprocess.Popen]) -> None:
+    for child in children:
+        child.kill()
+        child.wait()
+
+
+_WAITING = _Waiting()
 
 
 @contextmanager
-def prestarted(quantizers: Iterable[Any]) -> Iterator[Ahead]:
+def prestarted(quantizers: Iterable[Any]) -> Iterator[_Waiting]:
     """Start the child processes of the torch quantizations a run may do, so that importing torch and the
     quantization library (10-15 s on a GPU machine: as long as an FP8 quantization itself) overlaps the run's
-    planning and earlier steps instead of following them. Children still waiting at the end are stopped."""
+    planning and earlier steps instead of following them; the run then says which it needs (``expect``).
+    Children still waiting at the end are stopped."""
     with _WAITING.lock:
         for q in quantizers:
             if isinstance(q, CalibratedQuantizer):
                 _WAITING.start(q)
     try:
-        yield Ahead()
+        yield _WAITING
     finally:
         _WAITING.stop_all()
 

@@ -35,15 +35,20 @@ class GptqModelQuantizer(CalibratedQuantizer):
 QUANTIZERS.register(GptqModelQuantizer.key)(GptqModelQuantizer())
 
 
+def _cpu_workers() -> None:
+    """GPTQModel's CPU worker threads must not exceed the cores; read when it is imported."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, len(os.sched_getaffinity(0)))))
+
+
 def preload() -> None:
     """What ``run`` imports, imported by a child started ahead of its step."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, len(os.sched_getaffinity(0)))))
+    _cpu_workers()
     import torch  # noqa: F401
     from gptqmodel import GPTQModel  # noqa: F401
 
 
 def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Path) -> dict[str, Any]:
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, len(os.sched_getaffinity(0)))))
+    _cpu_workers()
     import torch
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
     from gptqmodel.quantization import FORMAT, METHOD
