@@ -14,6 +14,8 @@ do the same work), on a fresh store. Wall time of each whole process, peak GPU m
         [--warmup]     an untimed run of the pipeline and of the bare script first (one-time costs paid by neither)
         [--warmup-first]  the same, for the first recipe only (the machine's caches warm; saves device time)
         [--pipeline-only]  no bare script (keeps the calibration set beside the checkpoint for --bare-only)
+        [--shared-store]  one store for the shape's recipes: the source's sha256 and the calibration set made
+                       once (by the warm-up, else by the first recipe), as when a team adds a recipe to a model
         [--bare-only]  the bare script alone, on the calibration set a --pipeline-only run kept (device calls are
                        limited to 10 minutes: the 8B AWQ pair is run as two calls)
 
@@ -155,17 +157,30 @@ def bare_row(shape: str, model: Path, cal: Path | None, recipe: str, work: Path)
     return row
 
 
+def drop_quantized(store: Path, method: str) -> None:
+    """Delete the quantized artifact from a shared store, so the next run of the recipe quantizes again."""
+    from quantmill.store import LocalStore
+
+    LocalStore(store).delete(quantized_dir(store, method).parent.name)
+
+
 def bench_one(shape: str, model: Path, recipe: str, work: Path, text: Path, env: dict[str, str],
-              pipeline_only: bool = False, warmup: bool = False, keep_calibration: Path | None = None) -> dict:
+              pipeline_only: bool = False, warmup: bool = False, keep_calibration: Path | None = None,
+              shared: Path | None = None) -> dict:
     method = RECIPES[recipe][0]
-    store = work / f"store-{recipe}"
+    store = shared or work / f"store-{recipe}"
     command = [sys.executable, "-m", "quantmill.cli", "run", *pipeline_overrides(shape, model, [recipe], store, work, text)]
     if warmup:  # the first processes on a fresh machine pay one-time costs (kernel caches): neither side is timed
         timed(command, env)
         if not pipeline_only:
             shutil.rmtree(bare(model, calibration_file(store), recipe, work)[2], ignore_errors=True)
-        shutil.rmtree(store, ignore_errors=True)
-    # The pipeline first computes the calibration set; the bare script is fed the very same token ids.
+        if shared:
+            drop_quantized(store, method)
+        else:
+            shutil.rmtree(store, ignore_errors=True)
+    # The pipeline first computes the calibration set (unless a shared store has it); the bare script is fed the
+    # very same token ids.
+    before = step_seconds(store) if store.exists() else {}
     pipeline_s, _ = timed(command, env)
     if keep_calibration is not None and calibration_file(store):  # for a later --bare-only
         shutil.copyfile(calibration_file(store), keep_calibration)
@@ -174,11 +189,18 @@ def bench_one(shape: str, model: Path, recipe: str, work: Path, text: Path, env:
     row = {"shape": shape, "recipe": recipe, "pipeline_s": round(pipeline_s, 1), "server": bool(env),
            "warmup": warmup, "pipeline_peak_gpu_gib": round((result.get("peak_gpu_bytes") or 0) / 2**30, 2),
            "pipeline_out_gb": round(out_bytes(quant) / 1e9, 3), "bits_per_weight": result.get("bits_per_weight"),
-           "device": result.get("device"), "steps_s": step_seconds(store), "pipeline_phases_s": result.get("phases_s")}
+           "device": result.get("device"), "pipeline_phases_s": result.get("phases_s"),
+           "pipeline_calibration_peak_gpu_gib": round((result.get("calibration_peak_gpu_bytes") or 0) / 2**30, 2),
+           "probed_on_gpu": result.get("probed_on_gpu"), "store": "shared" if shared else "fresh",
+           "steps_s": {k: v for k, v in step_seconds(store).items() if k not in before},
+           "cached": sorted(before)}
     if not pipeline_only:
         row.update(bare_row(shape, model, calibration_file(store), recipe, work))
         row["ratio"] = round(pipeline_s / row["bare_s"], 3)
-    shutil.rmtree(store, ignore_errors=True)
+    if shared:
+        drop_quantized(store, method)
+    else:
+        shutil.rmtree(store, ignore_errors=True)
     return row
 
 
@@ -234,6 +256,9 @@ def main() -> None:
     parser.add_argument("--warmup", action="store_true", help="an untimed run of each side first")
     parser.add_argument("--bare-only", action="store_true", help="the bare script on a kept calibration set")
     parser.add_argument("--warmup-first", action="store_true", help="--warmup for the first recipe only")
+    parser.add_argument("--shared-store", action="store_true",
+                        help="one store for all recipes of the shape: download and calibration made once, as a team "
+                             "adding recipes to a model has them (the first recipe, or the warm-up, makes them)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,6 +277,7 @@ def main() -> None:
 
     try:
         kept = model.parent / f"{model.name}-calibration.safetensors"
+        shared = work / "store-shared" if args.shared_store else None
         for i, recipe in enumerate(recipes):
             warmup = args.warmup or (args.warmup_first and i == 0)
             try:
@@ -259,7 +285,7 @@ def main() -> None:
                     record(bare_row(args.shape, model, kept if RECIPES[recipe][2] else None, recipe, work))
                     continue
                 record(bench_one(args.shape, model, recipe, work, text, env, args.pipeline_only, warmup,
-                                 keep_calibration=kept if args.pipeline_only else None))
+                                 keep_calibration=kept if args.pipeline_only else None, shared=shared))
             except Exception as e:  # noqa: BLE001 - one failed recipe must not lose the others' rows
                 record({"shape": args.shape, "recipe": recipe, "error": str(e)[-1500:]})
         if args.together:
