@@ -14,8 +14,9 @@ do the same work), on a fresh store. Wall time of each whole process, peak GPU m
         [--warmup]     an untimed run of the pipeline and of the bare script first (one-time costs paid by neither)
         [--warmup-first]  the same, for the first recipe only (the machine's caches warm; saves device time)
         [--pipeline-only]  no bare script (keeps the calibration set beside the checkpoint for --bare-only)
-        [--shared-store]  one store for the shape's recipes: the source's sha256 and the calibration set made
-                       once (by the warm-up, else by the first recipe), as when a team adds a recipe to a model
+        [--shared-store [DIR]]  one store for the shape's recipes (DIR to keep it across calls): the source's
+                       sha256 and the calibration set made once (by the warm-up, else by the first recipe), as
+                       when a team adds a recipe to a model
         [--bare-only]  the bare script alone, on the calibration set a --pipeline-only run kept (device calls are
                        limited to 10 minutes: the 8B AWQ pair is run as two calls)
 
@@ -256,7 +257,7 @@ def main() -> None:
     parser.add_argument("--warmup", action="store_true", help="an untimed run of each side first")
     parser.add_argument("--bare-only", action="store_true", help="the bare script on a kept calibration set")
     parser.add_argument("--warmup-first", action="store_true", help="--warmup for the first recipe only")
-    parser.add_argument("--shared-store", action="store_true",
+    parser.add_argument("--shared-store", nargs="?", const="", default=None, metavar="DIR",
                         help="one store for all recipes of the shape: download and calibration made once, as a team "
                              "adding recipes to a model has them (the first recipe, or the warm-up, makes them)")
     args = parser.parse_args()
@@ -277,7 +278,7 @@ def main() -> None:
 
     try:
         kept = model.parent / f"{model.name}-calibration.safetensors"
-        shared = work / "store-shared" if args.shared_store else None
+        shared = None if args.shared_store is None else Path(args.shared_store or work / "store-shared")
         for i, recipe in enumerate(recipes):
             warmup = args.warmup or (args.warmup_first and i == 0)
             try:
