@@ -1,9 +1,5 @@
 """A throwaway pools cluster on this machine for benchmarks: `quantmill server`, moto's S3 server, and workers,
-each worker in its own directory with its own Prefect home and artifact cache (nothing shared but S3).
-
-Every part is its own process, S3 included: moto's server running as a thread of the benchmark's process (as the
-tests start it) would share that process's interpreter lock with the parents the benchmark runs there, and slow
-every S3 request the workers make while the parents are busy (as a team's S3 never is)."""
+each worker in its own directory with its own Prefect home and artifact cache (nothing shared but S3)."""
 
 from __future__ import annotations
 
@@ -41,6 +37,7 @@ class Cluster:
     bucket: str
     env: dict[str, str]
     procs: list = field(default_factory=list)
+    s3: object = None
 
     def store_overrides(self, cache: str) -> list[str]:
         return ["store=s3", f"store.bucket={self.bucket}", f"store.endpoint_url={self.endpoint}",
@@ -63,12 +60,7 @@ class Cluster:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        self.s3.stop()
 
 
 def start(workers: list[tuple[str, str, list[str]]], pools_override: str, bucket: str = "bench",
@@ -77,28 +69,23 @@ def start(workers: list[tuple[str, str, list[str]]], pools_override: str, bucket
     return when all are online."""
     import boto3
     import httpx
+    from moto.server import ThreadedMotoServer
 
     root = Path(tempfile.mkdtemp(prefix="quantmill-cluster-"))
-    s3_port = free_port()
-    endpoint = f"http://127.0.0.1:{s3_port}"
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    s3.start()
+    host, s3_port = s3.get_host_and_port()
+    endpoint = f"http://{host}:{s3_port}"
     os.environ.update(CREDS)
-    s3 = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
-                          stdout=open(root / "s3.log", "w"), stderr=subprocess.STDOUT)
-
-    def s3_up():
-        try:
-            return httpx.get(endpoint, timeout=2).status_code < 500
-        except httpx.HTTPError:
-            return False
-
-    wait(s3_up, 60, "moto's S3 server")
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(CREDS, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
                PREFECT_LOGGING_LEVEL="WARNING", QUANTMILL_CONF=str(REPO / "conf"))
-    cluster = Cluster(root, url, endpoint, bucket, env, procs=[s3])
+    cluster = Cluster(root, url, endpoint, bucket, env, s3=s3)
     database = ["--database-url", database_url] if database_url else []
     cluster.procs.append(subprocess.Popen(cli("server", "--port", str(port), "--home", str(root / "server"), *database), env=env,
                                           stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT))
