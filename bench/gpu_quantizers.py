@@ -191,8 +191,7 @@ def bench_one(shape: str, model: Path, recipe: str, work: Path, text: Path, env:
            "warmup": warmup, "pipeline_peak_gpu_gib": round((result.get("peak_gpu_bytes") or 0) / 2**30, 2),
            "pipeline_out_gb": round(out_bytes(quant) / 1e9, 3), "bits_per_weight": result.get("bits_per_weight"),
            "device": result.get("device"), "pipeline_phases_s": result.get("phases_s"),
-           "pipeline_calibration_peak_gpu_gib": round((result.get("calibration_peak_gpu_bytes") or 0) / 2**30, 2),
-           "probed_on_gpu": result.get("probed_on_gpu"), "store": "shared" if shared else "fresh",
+           "store": "shared" if shared else "fresh",
            "steps_s": {k: v for k, v in step_seconds(store).items() if k not in before},
            "cached": sorted(before)}
     if not pipeline_only:
