@@ -81,3 +81,35 @@ def test_wrong_type_names_the_key():
 def test_empty_recipe_list_fails():
     with pytest.raises(ConfigError, match="no recipes selected"):
         compose(["recipe=[]"], conf_dir=CONF)
+
+
+def test_a_config_crosses_to_a_flow_parameter_and_back_unchanged_and_unshared():
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from quantmill.config import to_config, to_dict
+
+    cfg = compose(["recipe=[gguf_q8_0,gptq_w4a16]", "infra=prefect"], conf_dir=CONF)
+    data = to_dict(cfg)
+    assert data == OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # what OmegaConf would give
+    back = to_config(data)
+    assert back == cfg and back is not cfg
+    back.recipe.clear()  # the caller's copy: the remembered one is untouched
+    assert to_config(data) == cfg
+    changed = {**data, "recipe": {}}  # a different dict is validated as before
+    with pytest.raises(ConfigError, match="no recipes selected"):
+        to_config(changed)
+    assert dataclasses.asdict(to_config(dict(data))) == data
+
+
+def test_runs_started_without_heartbeats_leave_the_settings_as_they_were():
+    from prefect.settings import get_current_settings
+
+    from quantmill.runner import without_run_heartbeats
+
+    before = get_current_settings().flows.heartbeat_frequency
+    for _ in range(2):  # the second time from the settings copy made the first time
+        with without_run_heartbeats():
+            assert get_current_settings().flows.heartbeat_frequency is None
+        assert get_current_settings().flows.heartbeat_frequency == before
