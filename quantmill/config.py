@@ -512,9 +512,9 @@ def to_dict(cfg: QuantmillConfig) -> dict[str, Any]:
 
 
 class _Made:
-    """The typed configs behind the last dicts ``to_dict`` made in this process, by content (a copy is returned,
-    so neither side's later changes reach the other). Each parent run on pools converted its config twice
-    through OmegaConf: 60 ms of Python, in turn with every other parent of the process."""
+    """The typed configs behind the last dicts ``to_dict`` made in this process, by content (copies both ways, so
+    neither side's later changes reach the other). Each parent run on pools converted its config twice through
+    OmegaConf: 60 ms of Python, in turn with every other parent of the process."""
 
     SIZE = 64
 
@@ -522,35 +522,31 @@ class _Made:
         import threading
 
         self._lock = threading.Lock()
-        self._by_content: dict[str, QuantmillConfig] = {}
-
-    @staticmethod
-    def _key(data: dict[str, Any]) -> str | None:
-        import json
-
-        try:
-            return json.dumps(data, sort_keys=True, separators=(",", ":"))
-        except (TypeError, ValueError):
-            return None
+        self._by_content: dict[bytes, QuantmillConfig] = {}
 
     def remember(self, data: dict[str, Any], cfg: QuantmillConfig) -> None:
         import copy
 
-        key = self._key(data)
-        if key is None:
-            return
+        from quantmill.digest import canonical_json
+
+        key, kept = canonical_json(data), copy.deepcopy(cfg)
         with self._lock:
             self._by_content.pop(key, None)
-            self._by_content[key] = copy.deepcopy(cfg)
+            self._by_content[key] = kept
             while len(self._by_content) > self.SIZE:
                 self._by_content.pop(next(iter(self._by_content)))
 
     def get(self, data: dict[str, Any]) -> QuantmillConfig | None:
         import copy
 
-        key = self._key(data)
+        from quantmill.digest import canonical_json
+
+        try:
+            key = canonical_json(data)
+        except (TypeError, ValueError):  # not JSON: never made by to_dict; validated the long way
+            return None
         with self._lock:
-            cfg = self._by_content.get(key) if key is not None else None
+            cfg = self._by_content.get(key)
         return copy.deepcopy(cfg) if cfg is not None else None
 
 
