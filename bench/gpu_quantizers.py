@@ -190,6 +190,8 @@ def bench_one(shape: str, model: Path, recipe: str, work: Path, text: Path, env:
     row = {"shape": shape, "recipe": recipe, "pipeline_s": round(pipeline_s, 1), "server": bool(env),
            "warmup": warmup, "pipeline_peak_gpu_gib": round((result.get("peak_gpu_bytes") or 0) / 2**30, 2),
            "pipeline_out_gb": round(out_bytes(quant) / 1e9, 3), "bits_per_weight": result.get("bits_per_weight"),
+           "shards": len([p for p in quant.glob("*.safetensors") if not p.name.startswith("quantmill")]),
+           "hashed_while_writing": len(result.get("hashed_while_writing", [])),
            "device": result.get("device"), "pipeline_phases_s": result.get("phases_s"),
            "store": "shared" if shared else "fresh",
            "steps_s": {k: v for k, v in step_seconds(store).items() if k not in before},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,3 +118,50 @@ class DigestCache:
         tmp.write_text(json.dumps(self._entries))
         os.replace(tmp, self.path)
         self._dirty = False
+
+
+class HashAhead:
+    """Hash a writer's finished files while it writes the next ones, so a multi-file checkpoint is not read again
+    after its writer ends: the commit finds each file's sha256 in ``cache`` (stamped with size and mtime, so a file
+    changed after it was hashed is hashed again there).
+
+    Only for writers that create each file matching ``patterns`` under a temporary name and rename it when it is
+    complete (safetensors >= 0.8 does, for every shard transformers saves): a file under its final name is whole.
+    Used as a context manager around the writer; on exit it stops looking and waits for the hashes under way.
+    """
+
+    def __init__(self, root: Path, cache: DigestCache, patterns: Iterable[str], poll_seconds: float = 0.2):
+        self.root, self.cache, self.patterns, self.poll_seconds = root, cache, tuple(patterns), poll_seconds
+        self.hashed: list[str] = []  # paths relative to root, in the order they were hashed
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="hash-ahead", daemon=True)
+
+    def __enter__(self) -> "HashAhead":
+        if self.patterns:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.patterns:
+            return
+        self._stop.set()
+        self._thread.join()
+        self.cache.save()
+
+    def _watch(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        seen: set[Path] = set()
+        with ThreadPoolExecutor(min(HASH_THREADS, os.cpu_count() or 1), thread_name_prefix="hash-ahead") as pool:
+            while not self._stop.wait(self.poll_seconds):
+                for path in sorted(p for pattern in self.patterns for p in self.root.rglob(pattern)):
+                    if path not in seen and not path.name.startswith("."):
+                        seen.add(path)
+                        pool.submit(self._hash, path)
+
+    def _hash(self, path: Path) -> None:
+        try:
+            self.cache.sha256(path)
+        except OSError:  # gone again (the writer replaced it): the commit hashes what is there
+            return
+        self.hashed.append(path.relative_to(self.root).as_posix())

@@ -19,6 +19,7 @@ from quantmill import provenance
 from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOURCES, gguf_quantizer
 from quantmill.backends.base import SourceInfo
 from quantmill.config import CalibrationConfig, ModelConfig
+from quantmill.digest import HashAhead
 from quantmill.errors import PreflightError, ToolError
 from quantmill.estimate import Shape
 from quantmill.planner import StepSpec, step_key
@@ -97,9 +98,13 @@ def _convert(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store
 
 def _quantize(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
     extra = {"calibration": inputs["calibration"]} if "calibration" in inputs else {}
-    return quantize.quantize(QUANTIZERS.get(spec.backend), inputs["model"], out, spec.config,
-                             imatrix=inputs.get("imatrix"), threads=spec.context["threads"],
-                             label=f"quantize {spec.recipe}", **extra)
+    quantizer = QUANTIZERS.get(spec.backend)
+    with HashAhead(out, store.digest_cache(), quantizer.renamed_when_complete) as ahead:
+        result = quantize.quantize(quantizer, inputs["model"], out, spec.config, imatrix=inputs.get("imatrix"),
+                                   threads=spec.context["threads"], label=f"quantize {spec.recipe}", **extra)
+    if ahead.hashed:
+        result["hashed_while_writing"] = sorted(ahead.hashed)
+    return result
 
 
 def _validate(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:

@@ -36,10 +36,12 @@ def calibrated_runs(tmp_path_factory):
     pytest.importorskip("gptqmodel")
     root = tmp_path_factory.mktemp("calibrated")
     common = ("validate.n_chunks=4", "calibration.num_samples=32")
-    first = run_config(compose_in(root, "recipe=[gptq_w4a16,awq_w4a16]", *common))
+    # llm-compressor's AWQ and GPTQModel's GPTQ write shards of 1 MB (several for this model); the others one file
+    first = run_config(compose_in(root, "recipe=[gptq_w4a16,awq_w4a16]", "recipe.awq_w4a16.params.max_shard_size=1MB",
+                                  *common))
     second = run_config(compose_in(root, "recipe=[gptq_w4a16,awq_w4a16]", "recipe.gptq_w4a16.backend=gptqmodel",
                                    "recipe.awq_w4a16.backend=gptqmodel", "publish.name_template='{model}-{recipe}-gptqmodel'",
-                                   *common))
+                                   "recipe.gptq_w4a16.params.max_shard_size=1MB", *common))
     return root, first, second
 
 
@@ -89,6 +91,11 @@ def test_outputs_reproduce_the_logits_recorded_right_after_quantization(calibrat
         # Same up to kernel and half-precision rounding: logits within 0.1 (they span about +-8), same top-1.
         np.testing.assert_allclose(logits, probe["logits"], atol=0.1)
         assert (logits.argmax(-1) == probe["logits"].argmax(-1)).all()
+        shards = sorted(p.name for p in files.glob("*.safetensors") if p.name != C.PROBE_FILE)
+        sharded = o.recipe == "awq_w4a16" and o in first or o.recipe == "gptq_w4a16" and o in second
+        assert (len(shards) > 1) == sharded, (o.spec_id, shards)
+        assert (files / "model.safetensors.index.json").is_file() == sharded
+        assert store.verify(o.key) == []
         checked += 1
     assert checked == 4
 
@@ -166,6 +173,12 @@ def test_unknown_scheme_lists_the_valid_ones(tmp_path):
 def test_group_size_must_divide_the_hidden_size(tmp_path):
     message = _preflight(tmp_path, "recipe=[awq_w4a16]", "recipe.awq_w4a16.params.group_size=96")
     assert "group_size 96 does not divide" in message and "hidden_size 256" in message
+
+
+def test_shard_size_must_be_a_size(tmp_path):
+    message = _preflight(tmp_path, "recipe=[gptq_w4a16]", "recipe.gptq_w4a16.params.max_shard_size=1.5GB")
+    assert message == ("recipe 'gptq_w4a16': max_shard_size '1.5GB' is not a size; write bytes or digits and a unit "
+                       "(GB, MB, KB, GiB, MiB, KiB), e.g. 1GB")
 
 
 def test_backend_that_cannot_run_the_method(tmp_path):

@@ -109,6 +109,45 @@ def test_concurrent_commits_of_one_key_leave_one_artifact(tmp_path):
     assert store.verify(KEY) == []
 
 
+def test_shards_are_hashed_while_the_next_is_written_and_the_commit_trusts_only_unchanged_ones(tmp_path, monkeypatch):
+    """A checkpoint written shard by shard (safetensors writes each to a temporary name, then renames it): each
+    finished shard is hashed while the next is written; the commit hashes only what was not hashed ahead, or what
+    changed since (here a shard rewritten after its hash), and records the true digests."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from quantmill import digest
+
+    store = LocalStore(tmp_path)
+    rng = np.random.default_rng(0)
+    names = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    with store.stage(KEY) as staging:
+        with digest.HashAhead(staging.files, store.digest_cache(), ("*.safetensors",), poll_seconds=0.02) as ahead:
+            for name in names[:2]:
+                save_file({"w": rng.standard_normal(1 << 19).astype(np.float32)}, str(staging.files / name))
+            for _ in range(200):  # the first shard is hashed while the writer is still busy
+                if names[0] in ahead.hashed:
+                    break
+                threading.Event().wait(0.01)
+            hashed_before_the_last = list(ahead.hashed)
+            save_file({"w": rng.standard_normal(1 << 19).astype(np.float32)}, str(staging.files / names[2]))
+        assert names[0] in hashed_before_the_last and names[2] not in hashed_before_the_last
+        assert not [p for p in staging.files.iterdir() if p.name.startswith(".")]  # no temporary file was seen
+        # a shard rewritten after its hash (same size, other bytes) must not keep the stale digest
+        threading.Event().wait(0.02)  # a timestamp tick apart
+        save_file({"w": rng.standard_normal(1 << 19).astype(np.float32)}, str(staging.files / names[0]))
+        (staging.files / "config.json").write_text("{}")
+        hashed_at_commit = []
+        real = digest.sha256_file
+        monkeypatch.setattr(digest, "sha256_file", lambda path, *a: hashed_at_commit.append(path.name) or real(path, *a))
+        ref = store.commit(staging, _statement(KEY))
+    files = store.files(ref)
+    recorded = {s["name"]: s["digest"]["sha256"] for s in store.statement(KEY)["subject"]}
+    assert recorded == {name: real(files / name) for name in [*names, "config.json"]}
+    assert sorted(hashed_at_commit) == sorted({"config.json", names[0]} | set(names) - set(ahead.hashed))
+    assert store.verify(KEY) == []
+
+
 def test_quota_refuses_commit_without_partial_artifact(tmp_path):
     store = LocalStore(tmp_path, quota_bytes=10_000)
     with pytest.raises(StoreFullError) as e:

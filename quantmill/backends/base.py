@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from quantmill.digest import FileDigest
+from quantmill.errors import PreflightError
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class QuantizerDefaults:
     reads = "source"
     calibration_input = "dataset"
     formats: tuple[str, ...] = ()
+    # Output files (glob patterns) that appear under their final name only when complete (written to a temporary
+    # name, then renamed): the step hashes them while the quantizer writes the rest (``digest.HashAhead``).
+    renamed_when_complete: tuple[str, ...] = ()
 
     def default_format(self, recipe: Any) -> str:
         return self.formats[0]
@@ -87,3 +91,18 @@ class QuantizerDefaults:
 
     def needs_calibration(self, recipe: Any) -> bool:
         return False
+
+
+SHARD_SIZE_UNITS = ("GB", "MB", "KB", "GiB", "MiB", "KiB")
+
+
+def check_shard_size(name: str, value: Any) -> None:
+    """``max_shard_size`` as transformers and huggingface_hub read it: bytes, or digits and a unit ("1GB")."""
+    import re
+
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return
+    if isinstance(value, str) and re.fullmatch(r"[1-9][0-9]*(GB|MB|KB|GiB|MiB|KiB)", value, re.IGNORECASE):
+        return
+    raise PreflightError(f"recipe {name!r}: max_shard_size {value!r} is not a size; write bytes or digits and a unit "
+                         f"({', '.join(SHARD_SIZE_UNITS)}), e.g. 1GB")

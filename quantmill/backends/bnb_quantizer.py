@@ -22,6 +22,7 @@ class BitsAndBytesQuantizer(CalibratedQuantizer):
     params = ("double_quant", "compute_dtype", "ignore")
     module = __name__
     packages = ("bitsandbytes", "torch", "transformers")
+    renamed_when_complete = ("*.safetensors",)  # transformers saves each shard with safetensors' save_file
 
     def check(self, name, recipe) -> None:
         super().check(name, recipe)

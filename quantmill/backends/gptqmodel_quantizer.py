@@ -23,7 +23,7 @@ class GptqModelQuantizer(CalibratedQuantizer):
     key = "gptqmodel"
     formats = ("gptq", "awq")
     schemes = {"gptq": tuple(BITS), "awq": ("W4A16",)}
-    params = ("group_size", "ignore", "desc_act", "sym", "damp_percent", "targets")
+    params = ("group_size", "ignore", "desc_act", "sym", "damp_percent", "targets", "max_shard_size")
     calibrated = ("gptq", "awq")
     module = __name__
     packages = ("gptqmodel", "torch", "transformers", "optimum")
@@ -84,7 +84,7 @@ def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Pat
         model.quantize(rows, batch_size=min(len(rows), 8), **kwargs)
     tracker.remove()
     PHASES.mark("quantize")
-    model.save(str(out))
+    model.save(str(out), **({"max_shard_size": params["max_shard_size"]} if "max_shard_size" in params else {}))
     for stray in ("quant_log.csv",):  # a per-run timing log: it would make the bytes differ run to run
         (out / stray).unlink(missing_ok=True)
     del model

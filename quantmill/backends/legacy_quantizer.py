@@ -81,7 +81,7 @@ class AutoAwqQuantizer(LegacyQuantizer):
     script = "run_autoawq.py"
     formats = ("awq",)
     schemes = {"awq": ("W4A16", "W4A16_ASYM")}
-    params = ("group_size", "sym", "version", "ignore")
+    params = ("group_size", "sym", "version", "ignore", "max_shard_size")
     calibrated = ("awq",)
 
 
@@ -91,7 +91,7 @@ class AutoGptqQuantizer(LegacyQuantizer):
     script = "run_autogptq.py"
     formats = ("gptq",)
     schemes = {"gptq": ("W4A16", "W8A16")}
-    params = ("group_size", "desc_act", "sym", "ignore")
+    params = ("group_size", "desc_act", "sym", "ignore", "max_shard_size")
     calibrated = ("gptq",)
     needs_cuda_reason = "AutoGPTQ 0.7.1 refuses to quantize without a CUDA device"
 

@@ -26,10 +26,11 @@ class LlmCompressorQuantizer(CalibratedQuantizer):
         "nvfp4": ("NVFP4", "NVFP4A16"),
         "smoothquant": ("W8A8",),
     }
-    params = ("group_size", "ignore", "targets", "dampening_frac", "actorder", "smoothing_strength")
+    params = ("group_size", "ignore", "targets", "dampening_frac", "actorder", "smoothing_strength", "max_shard_size")
     calibrated = ("gptq", "awq", "fp8", "nvfp4", "smoothquant")
     module = __name__
     packages = ("llmcompressor", "compressed-tensors", "torch", "transformers")
+    renamed_when_complete = ("*.safetensors",)  # transformers saves each shard with safetensors' save_file
 
     def needs_calibration(self, recipe: RecipeConfig) -> bool:
         return recipe.method in self.calibrated and (recipe.quant_type or "").upper() not in DATA_FREE
@@ -151,7 +152,10 @@ def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Pat
     else:
         write_probe(model, out, ids)
     PHASES.mark("probe")
-    model.save_pretrained(out, save_compressed=True)
+    # Shards of max_shard_size (the recipes' 1GB) rather than llm-compressor's one 20 GB file: the step hashes
+    # each finished shard while the next is written (``digest.HashAhead``).
+    shard = {"max_shard_size": config["params"]["max_shard_size"]} if "max_shard_size" in config["params"] else {}
+    model.save_pretrained(out, save_compressed=True, **shard)
     PHASES.mark("save")
     return {"device": torch.cuda.get_device_name() if cuda else "cpu",
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,

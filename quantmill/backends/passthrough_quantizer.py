@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from quantmill import constants as C
 from quantmill.backends import QUANTIZERS
-from quantmill.backends.base import QuantizerDefaults
+from quantmill.backends.base import QuantizerDefaults, check_shard_size
 from quantmill.config import RecipeConfig
 from quantmill.errors import PreflightError
 from quantmill.model_files import safetensors_bits
@@ -27,6 +27,7 @@ class PassthroughQuantizer(QuantizerDefaults):
     key = "passthrough"
     capability = C.CPU
     formats = ("safetensors",)
+    renamed_when_complete = ("*.safetensors",)  # huggingface_hub saves each shard with safetensors' save_file
 
     def check(self, name: str, recipe: RecipeConfig) -> None:
         if (recipe.quant_type or "").upper() not in DTYPES:
@@ -35,6 +36,8 @@ class PassthroughQuantizer(QuantizerDefaults):
         unknown = set(recipe.params) - {"max_shard_size"}
         if unknown:
             raise PreflightError(f"recipe {name!r}: unknown params {sorted(unknown)}; known: max_shard_size")
+        if "max_shard_size" in recipe.params:
+            check_shard_size(name, recipe.params["max_shard_size"])
 
     def estimate_bytes(self, recipe: RecipeConfig, f16_bytes: int) -> int:
         return f16_bytes * (2 if recipe.quant_type.upper() == "F32" else 1)

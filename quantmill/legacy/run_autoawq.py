@@ -18,7 +18,8 @@ def quantize(request, ids):
     model = AutoAWQForCausalLM.from_pretrained(request["model"], low_cpu_mem_usage=True, use_cache=False)
     model.quantize(None, quant_config=quant_config, calib_data=ids, n_parallel_calib_samples=None,
                    max_calib_samples=len(ids), max_calib_seq_len=len(ids[0]))
-    model.save_quantized(request["out"])
+    shard = {"shard_size": params["max_shard_size"]} if "max_shard_size" in params else {}
+    model.save_quantized(request["out"], **shard)
     return {"device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 

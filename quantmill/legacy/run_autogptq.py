@@ -16,7 +16,8 @@ def quantize(request, ids):
     model = AutoGPTQForCausalLM.from_pretrained(request["model"], quant)
     model.quantize([{"input_ids": torch.tensor([r]), "attention_mask": torch.ones(1, len(r), dtype=torch.long)}
                     for r in ids])
-    model.save_quantized(request["out"], use_safetensors=True)
+    shard = {"max_shard_size": params["max_shard_size"]} if "max_shard_size" in params else {}
+    model.save_quantized(request["out"], use_safetensors=True, **shard)
     return {"device": "cuda"}
 
 
