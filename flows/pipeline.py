@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -16,6 +17,7 @@ from quantmill import constants as C
 from quantmill import provenance
 from quantmill import report as report_mod
 from quantmill.config import to_config
+from quantmill.digest import canonical_json
 from quantmill.execute import read_result
 from quantmill.outcome import CACHED, FAILED, RAN, SKIPPED, Outcome
 from quantmill.planner import StepSpec, open_store, plan, resolve, step_key
@@ -140,6 +142,23 @@ def collect(segment: list[StepSpec], run_id: str | None, failure: str | None, st
     return outcomes
 
 
+# What the caller in this process planned for a config just before starting its parent flow, used once by that
+# flow instead of planning again (a plan reads every source and asks the store about every step: under many
+# parents in one process, a third of a parent's Python).
+_HANDED_OVER: dict[bytes, tuple[Any, Any, Any]] = {}
+
+
+@contextmanager
+def handed_over(config: dict[str, Any], store, the_plan, resolution) -> Iterator[None]:
+    """While inside, a ``pipeline_on_pools`` run of ``config`` takes this plan (once) instead of planning."""
+    key = canonical_json(config)
+    _HANDED_OVER[key] = (store, the_plan, resolution)
+    try:
+        yield
+    finally:
+        _HANDED_OVER.pop(key, None)  # not taken (the run was refused before it started): a retry plans again
+
+
 @flow(name=C.PIPELINE_FLOW, log_prints=False, validate_parameters=False)
 def pipeline_on_pools(config: dict[str, Any]):
     """``pipeline`` for infra=prefect: cached steps are answered from the store; the rest go, segment by segment,
@@ -149,10 +168,14 @@ def pipeline_on_pools(config: dict[str, Any]):
     from quantmill.pools import next_segments
 
     cfg = to_config(config)
-    store = open_store(cfg)
-    the_plan = plan(cfg, store)
+    handed = _HANDED_OVER.pop(canonical_json(config), None)
+    if handed is not None:
+        store, the_plan, resolution = handed
+    else:
+        store = open_store(cfg)
+        the_plan = plan(cfg, store)
+        resolution = resolve(the_plan, store)
     routes = the_plan.routes
-    resolution = resolve(the_plan, store)
     specs = list(the_plan)
     refs = dict(resolution.refs)
     outcomes: dict[str, Outcome] = {

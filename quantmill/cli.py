@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from typing import Any, Sequence
 
 from quantmill import __version__
@@ -112,7 +113,7 @@ def _run_config(cfg, ahead, *, verbose: bool) -> list:
         return outcomes
     planner.check_space(the_plan, resolution, store)
     if cfg.infra.mode == "prefect":
-        return _run_on_pools(cfg, the_plan, verbose=verbose)
+        return _run_on_pools(cfg, the_plan, verbose=verbose, planned=(store, resolution))
     runner.configure_embedded(cfg.infra, verbose=verbose)
     from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -127,7 +128,7 @@ def _run_config(cfg, ahead, *, verbose: bool) -> list:
     return [Outcome.from_json(d) for d in data]
 
 
-def _run_on_pools(cfg, the_plan, *, verbose: bool) -> list:
+def _run_on_pools(cfg, the_plan, *, verbose: bool, planned: tuple | None = None) -> list:
     """infra=prefect: this process runs the parent flow against the server; workers of each pool run the steps."""
     from quantmill import runner, ui
     from quantmill.config import to_dict
@@ -138,15 +139,18 @@ def _run_on_pools(cfg, the_plan, *, verbose: bool) -> list:
         ui.out.print(f"[yellow]{warning}[/]")
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.pipeline import pipeline_on_pools
+    from flows.pipeline import handed_over, pipeline_on_pools
 
     flow = pipeline_on_pools.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
+    config = to_dict(cfg)
     # A busy server (SQLite, many runs starting at once) may refuse to create the run; a retry re-plans, and steps
     # that finished in a refused attempt are answered from the store.
     for attempt in range(5):
         try:
-            with runner.without_run_heartbeats():
-                state = flow(to_dict(cfg), return_state=True)
+            # the first attempt's flow takes the plan made above instead of making it again
+            taken = handed_over(config, planned[0], the_plan, planned[1]) if planned and not attempt else nullcontext()
+            with taken, runner.without_run_heartbeats():
+                state = flow(config, return_state=True)
             break
         except Exception as e:  # noqa: BLE001 - only the server's "busy" answers are retried
             if attempt == 4 or not runner.transient(e):

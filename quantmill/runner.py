@@ -99,10 +99,31 @@ def check_server(url: str) -> None:
                           f"infra.api_url / PREFECT_API_URL, or run embedded with infra=embedded") from None
 
 
+# A process that starts many runs (a batch, the Hydra launcher, parents in threads) checks the server and its
+# deployments once per this many seconds, not once per run (each check is a new HTTP client and a request).
+CHECK_TTL_SECONDS = 10.0
+_CHECKED: dict[Any, tuple[float, Any]] = {}
+
+
+def _recent_check(key: Any) -> tuple[bool, Any]:
+    import time
+
+    hit = _CHECKED.get(key)
+    return (True, hit[1]) if hit and time.monotonic() - hit[0] < CHECK_TTL_SECONDS else (False, None)
+
+
+def _remember_check(key: Any, value: Any = None) -> None:
+    import time
+
+    _CHECKED[key] = (time.monotonic(), value)
+
+
 def connect(infra: InfraConfig, *, verbose: bool = False) -> str:
     """Point this process's Prefect client at the configured server (before Prefect is imported) and check it."""
     url = api_url(infra)
-    check_server(url)
+    if not _recent_check(("server", url))[0]:
+        check_server(url)
+        _remember_check(("server", url))
     os.environ["PREFECT_API_URL"] = url
     _quiet(verbose)
     return url
@@ -212,7 +233,12 @@ def check_deployments(pools: list[str]) -> list[str]:
     """Refuse a run whose pools have no deployment; return a warning per pool with no worker online."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
+    from prefect.settings import get_current_settings
 
+    key = ("deployments", str(get_current_settings().api.url), tuple(pools))
+    seen, warnings = _recent_check(key)
+    if seen:
+        return list(warnings)
     warnings = []
     with get_client(sync_client=True) as client:
         for pool in pools:
@@ -225,6 +251,7 @@ def check_deployments(pools: list[str]) -> list[str]:
             if not online:
                 warnings.append(f"pool {pool!r} has no worker online; its steps wait until one starts "
                                 f"(`quantmill worker --pool {pool}`)")
+    _remember_check(key, warnings)
     return warnings
 
 
@@ -317,95 +344,191 @@ def _id(value) -> str | None:
     return str(value) if value else None
 
 
-# -- waiting for a dispatched step run ------------------------------------------------------------------------
+# -- waiting for dispatched step runs -------------------------------------------------------------------------
 STALE_HEARTBEATS = 3  # a worker silent for this many heartbeat intervals is taken as gone
+HEARTBEAT_CHECK_SECONDS = 5.0  # how often running runs' workers are checked
+API_PAGE = 200  # the most runs the API returns for one read
 
 
 def wait_for_run(flow_run_id: str, *, poll_seconds: float) -> str:
     """Wait for a dispatched flow run to end; return its final state type.
 
-    The end is heard as it happens, from the server's event stream (the run's state-change events); the API is
-    also read every ``poll_seconds`` at first, slowing to every 10 s for long steps, which covers an event stream
-    that cannot be reached and checks the worker: a worker killed mid-step leaves its run RUNNING for ever, so when
-    the worker that took the run stops sending heartbeats, the run is marked Crashed (naming the worker) so the
-    parent can report it and a re-run resumes.
+    Every wait of this process goes through one ``RunWaiter`` per server (see there): the end is heard as it
+    happens from the server's event stream, and the API is read every ``poll_seconds`` for all runs at once, which
+    covers a stream that cannot be reached and checks the workers: a worker killed mid-step leaves its run RUNNING
+    for ever, so when the worker that took the run stops sending heartbeats, the run is marked Crashed (naming the
+    worker) so the parent can report it and a re-run resumes.
     """
-    import asyncio
+    from prefect.settings import get_current_settings
 
-    return asyncio.run(_wait_for_run(flow_run_id, poll_seconds))
-
-
-async def _wait_for_run(flow_run_id: str, poll_seconds: float) -> str:
-    import anyio
-    from prefect.client.orchestration import get_client
-
-    ended = anyio.Event()
-    async with get_client() as client, anyio.create_task_group() as listening:
-        await listening.start(_listen_for_end, flow_run_id, ended)
-        interval = poll_seconds
-        while True:
-            state = await _check_run(client, flow_run_id)
-            if state is not None:
-                listening.cancel_scope.cancel()
-                return state
-            if ended.is_set():  # announced, not yet readable: read again shortly
-                await anyio.sleep(0.2)
-                continue
-            with anyio.move_on_after(interval):
-                await ended.wait()
-            interval = min(interval * 1.5, 10.0)  # long steps are checked less: many parents, one server
+    url = str(get_current_settings().api.url)
+    with _WAITERS_LOCK:
+        waiter = _WAITERS.get(url)
+        if waiter is None or waiter.failed is not None:
+            waiter = _WAITERS[url] = RunWaiter(url)
+    return waiter.wait(flow_run_id, poll_seconds)
 
 
-async def _listen_for_end(flow_run_id: str, ended, task_status) -> None:
-    """Set ``ended`` when the server announces a final state of the run; give up quietly without a stream."""
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.clients import get_events_subscriber
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+class RunWaiter:
+    """Waits for the dispatched runs of every parent in this process with one client, one event subscription and
+    one API read per interval for all of them.
 
-    final = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
-    only_this_run = EventFilter(event=EventNameFilter(prefix=["prefect.flow-run."]),
-                                resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"]))
-    listening = False
-    try:
-        async with get_events_subscriber(filter=only_this_run, reconnection_attempts=2) as events:
-            task_status.started()
-            listening = True
-            async for event in events:
-                state = event.resource.get("prefect.state-type")
-                if state and StateType(state) in final:
-                    ended.set()
-                    return
-    except Exception:  # noqa: BLE001 - no event stream (a proxy, an old server): the API reads still find the end
-        pass
-    if not listening:
-        task_status.started()
+    A waiter per dispatch (its own event loop, HTTP client and websocket) costs about as much of the process's
+    Python as the rest of a parent run; with fifty parents in one process that was where their time went.
+    """
+
+    def __init__(self, url: str):
+        import asyncio
+        from concurrent.futures import Future
+
+        self.url = url
+        self.lock = threading.Lock()
+        self.pending: dict[str, list[tuple[Future, float]]] = {}
+        self.loop = asyncio.new_event_loop()
+        self.reads = 0  # API reads of the pending runs, for tests and benchmarks
+        self.failed: BaseException | None = None  # set when the waiting thread stopped; a new waiter replaces it
+        self._wake: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self._serve(),),
+                                       name="quantmill-run-waiter", daemon=True)
+        self.thread.start()
+
+    def wait(self, flow_run_id: str, poll_seconds: float) -> str:
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        with self.lock:
+            if self.failed is not None:
+                raise self.failed
+            self.pending.setdefault(flow_run_id, []).append((done, poll_seconds))
+        self.loop.call_soon_threadsafe(self._poke)
+        return done.result()
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _settle(self, flow_run_id: str, state: str | None = None, error: BaseException | None = None) -> None:
+        with self.lock:
+            waits = self.pending.pop(flow_run_id, [])
+        for done, _ in waits:
+            done.set_exception(error) if error is not None else done.set_result(state)
+
+    async def _serve(self) -> None:
+        try:
+            await self._serve_until_failure()
+        except BaseException as e:  # noqa: BLE001 - every waiting parent hears it instead of waiting for ever
+            with self.lock:
+                self.failed = e if isinstance(e, Exception) else ServerError(f"waiting for runs stopped: {e!r}")
+                waits = [done for ws in self.pending.values() for done, _ in ws]
+                self.pending.clear()
+            for done in waits:
+                done.set_exception(self.failed)
+
+    async def _serve_until_failure(self) -> None:
+        import asyncio
+        import time
+
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        self._wake = asyncio.Event()
+        with temporary_settings(updates={PREFECT_API_URL: self.url}):
+            async with get_client() as client:
+                listening = asyncio.ensure_future(self._listen())
+                checked = 0.0
+                try:
+                    while True:
+                        with self.lock:
+                            ids = list(self.pending)
+                            interval = min((p for waits in self.pending.values() for _, p in waits), default=None)
+                        if ids:
+                            check_workers = time.monotonic() - checked > HEARTBEAT_CHECK_SECONDS
+                            await self._read(client, ids, check_workers)
+                            checked = time.monotonic() if check_workers else checked
+                        self._wake.clear()
+                        try:
+                            await asyncio.wait_for(self._wake.wait(), timeout=interval)
+                        except asyncio.TimeoutError:
+                            pass
+                finally:
+                    listening.cancel()
+
+    async def _read(self, client, ids: list[str], check_workers: bool) -> None:
+        """One read of every pending run: settle the ended, mark Crashed those whose worker went silent."""
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        self.reads += 1
+        runs: list[Any] = []
+        try:
+            for at in range(0, len(ids), API_PAGE):
+                page = ids[at:at + API_PAGE]
+                runs += await client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=page)),
+                                                    limit=len(page))
+        except Exception as e:  # noqa: BLE001 - a busy server (SQLite under load answers 503): ask again later
+            if not transient(e):
+                for flow_run_id in ids:
+                    self._settle(flow_run_id, error=e)
+            return
+        running: list[Any] = []
+        for run in runs:
+            if run.state and run.state.is_final():
+                self._settle(str(run.id), run.state.type.value)
+            elif check_workers and run.work_pool_name and run.state and run.state.is_running():
+                running.append(run)
+        workers: dict[str, list[Any]] = {}  # each pool's workers, read once per check
+        for run in running:
+            try:
+                if run.work_pool_name not in workers:
+                    workers[run.work_pool_name] = await client.read_workers_for_work_pool(run.work_pool_name)
+                if await _crashed(client, run, workers[run.work_pool_name]):
+                    self._settle(str(run.id), "CRASHED")
+            except Exception as e:  # noqa: BLE001 - checked again at the next interval
+                if not transient(e):
+                    raise
+
+    async def _listen(self) -> None:
+        """Read at once when the server announces a final state of a pending run; quietly nothing without a stream
+        (a proxy that refuses websockets, an old server): the interval's reads still find the end."""
+        from prefect.events.clients import get_events_subscriber
+        from prefect.events.filters import EventFilter, EventNameFilter
+
+        final = [f"prefect.flow-run.{name}" for name in ("Completed", "Failed", "Crashed", "Cancelled")]
+        try:
+            async with get_events_subscriber(filter=EventFilter(event=EventNameFilter(name=final)),
+                                             reconnection_attempts=2) as events:
+                async for event in events:
+                    with self.lock:
+                        mine = event.resource.id.removeprefix("prefect.flow-run.") in self.pending
+                    if mine:
+                        self._poke()
+        except Exception:  # noqa: BLE001 - see the docstring
+            pass
 
 
-async def _check_run(client, flow_run_id: str) -> str | None:
-    """The run's final state type, or None while it runs; marks it Crashed when its worker went silent."""
+async def _crashed(client, run, workers: list[Any]) -> bool:
+    """Mark ``run`` Crashed if the worker that took it (one of its pool's ``workers``) stopped sending heartbeats;
+    True if so."""
     from datetime import datetime, timezone
 
     from prefect.states import Crashed
 
-    try:
-        run = await client.read_flow_run(flow_run_id)
-    except Exception as e:  # noqa: BLE001 - a busy server (SQLite under load answers 503): ask again later
-        if not transient(e):
-            raise
-        return None
-    if run.state and run.state.is_final():
-        return run.state.type.value
     worker = next((t.split(":", 1)[1] for t in run.tags if t.startswith("worker:")), None)
-    if worker and run.work_pool_name and run.state and run.state.is_running():
-        found = [w for w in await client.read_workers_for_work_pool(run.work_pool_name) if w.name == worker]
-        if found and found[0].last_heartbeat_time:
-            silent = (datetime.now(timezone.utc) - found[0].last_heartbeat_time).total_seconds()
-            if silent > STALE_HEARTBEATS * (found[0].heartbeat_interval_seconds or 30):
-                message = (f"worker {worker} of pool {run.work_pool_name} stopped (no heartbeat for {silent:.0f} s) "
-                           f"while running this step; finished steps are kept, re-run to resume")
-                await client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-                return "CRASHED"
-    return None
+    if not worker:
+        return False
+    found = [w for w in workers if w.name == worker]
+    if not found or not found[0].last_heartbeat_time:
+        return False
+    silent = (datetime.now(timezone.utc) - found[0].last_heartbeat_time).total_seconds()
+    if silent <= STALE_HEARTBEATS * (found[0].heartbeat_interval_seconds or 30):
+        return False
+    message = (f"worker {worker} of pool {run.work_pool_name} stopped (no heartbeat for {silent:.0f} s) while running "
+               f"this step; finished steps are kept, re-run to resume")
+    await client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+    return True
+
+
+_WAITERS: dict[str, RunWaiter] = {}
+_WAITERS_LOCK = threading.Lock()
 
 
 def transient(exc: Exception) -> bool:

@@ -297,16 +297,18 @@ def _compose(*extra: str):
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["event stream", "no event stream"])
-def test_the_parent_hears_a_step_run_end_from_the_event_stream_or_by_reading_the_api(cluster, monkeypatch, stream):
-    """A dispatched run's end is heard from the server's events as it happens; without a stream (a proxy that
-    refuses websockets) the API reads still find it."""
+def test_parents_hear_their_step_runs_end_through_one_waiter(cluster, monkeypatch, stream):
+    """Runs waited for at once from many threads (parents in one process) are watched by one waiter: their ends
+    are heard from the server's event stream as they happen, or without a stream (a proxy that refuses
+    websockets) by its reads of the API, one read for all of them."""
     import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     import prefect.events.clients
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect.states import Completed
+    from prefect.states import Completed, Failed
 
     from quantmill import runner
 
@@ -319,19 +321,37 @@ def test_the_parent_hears_a_step_run_end_from_the_event_stream_or_by_reading_the
             raise OSError("websocket refused")
 
         monkeypatch.setattr(prefect.events.clients, "get_events_subscriber", refused)
+    monkeypatch.setattr(runner, "_WAITERS", {})  # a waiter of its own, started with or without the stream
     with temporary_settings(updates={PREFECT_API_URL: cluster.url}):
         with get_client(sync_client=True) as client:
-            run_id = client.create_flow_run(ends_later).id
+            run_ids = [str(client.create_flow_run(ends_later).id) for _ in range(6)]
 
         def end():
             with temporary_settings(updates={PREFECT_API_URL: cluster.url}), get_client(sync_client=True) as c:
-                c.set_flow_run_state(run_id, Completed(), force=True)
+                for i, run_id in enumerate(run_ids):
+                    c.set_flow_run_state(run_id, Completed() if i % 2 else Failed(), force=True)
 
         threading.Timer(1.0, end).start()
         start = time.monotonic()
-        # with the stream, the first API read after this one would come only after 30 s
-        assert runner.wait_for_run(str(run_id), poll_seconds=30.0 if stream else 0.2) == "COMPLETED"
-        assert time.monotonic() - start < 15
+
+        def wait(run_id):
+            with temporary_settings(updates={PREFECT_API_URL: cluster.url}):
+                # with the stream, no read of the API after the first would come within 30 s
+                return runner.wait_for_run(run_id, poll_seconds=30.0 if stream else 0.2)
+
+        with ThreadPoolExecutor(len(run_ids)) as pool:
+            states = list(pool.map(wait, run_ids))
+        elapsed = time.monotonic() - start
+    assert states == ["FAILED", "COMPLETED"] * 3
+    assert elapsed < 15
+    (waiter,) = runner._WAITERS.values()
+    assert waiter.pending == {}
+    # one read per arriving wait at most, then: with the stream, a read when it announced ends (the 30 s interval
+    # never came); without, a read every 0.2 s for all six, not six reads every 0.2 s
+    if stream:
+        assert waiter.reads <= 2 * len(run_ids), waiter.reads
+    else:
+        assert waiter.reads <= len(run_ids) + elapsed / 0.2 + 1, (waiter.reads, elapsed)
 
 
 def test_capability_no_pool_offers_names_it_and_the_pools(tmp_path):
