@@ -143,8 +143,8 @@ def collect(segment: list[StepSpec], run_id: str | None, failure: str | None, st
 
 
 # What the caller in this process planned for a config just before starting its parent flow, used once by that
-# flow instead of planning again (a plan reads every source and asks the store about every step: under many
-# parents in one process, a third of a parent's Python).
+# flow instead of planning again (a plan reads every source and asks the store about every step: the second plan
+# was about an eighth of a parent's Python with many parents in one process).
 _HANDED_OVER: dict[bytes, tuple[Any, Any, Any]] = {}
 
 
