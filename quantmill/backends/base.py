@@ -96,13 +96,17 @@ class QuantizerDefaults:
 SHARD_SIZE_UNITS = ("GB", "MB", "KB", "GiB", "MiB", "KiB")
 
 
-def check_shard_size(name: str, value: Any) -> None:
-    """``max_shard_size`` as transformers and huggingface_hub read it: bytes, or digits and a unit ("1GB")."""
+def check_shard_size(name: str, params: Any) -> None:
+    """A recipe's ``max_shard_size``, if it sets one, as transformers and huggingface_hub read it: bytes, or digits
+    and a unit ("1GB")."""
     import re
 
+    if "max_shard_size" not in params:
+        return
+    value = params["max_shard_size"]
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return
-    if isinstance(value, str) and re.fullmatch(r"[1-9][0-9]*(GB|MB|KB|GiB|MiB|KiB)", value, re.IGNORECASE):
+    if isinstance(value, str) and re.fullmatch(rf"[1-9][0-9]*({'|'.join(SHARD_SIZE_UNITS)})", value, re.IGNORECASE):
         return
     raise PreflightError(f"recipe {name!r}: max_shard_size {value!r} is not a size; write bytes or digits and a unit "
                          f"({', '.join(SHARD_SIZE_UNITS)}), e.g. 1GB")

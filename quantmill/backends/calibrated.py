@@ -65,8 +65,7 @@ class CalibratedQuantizer(QuantizerDefaults):
         if unknown:
             raise PreflightError(f"recipe {name!r}: unknown params {unknown} for backend {self.key!r}; known: "
                                  f"{', '.join(self.params)}")
-        if "max_shard_size" in recipe.params:
-            check_shard_size(name, recipe.params["max_shard_size"])
+        check_shard_size(name, recipe.params)
         group = recipe.params.get("group_size")
         if group is not None and (not isinstance(group, int) or group < -1 or group == 0):
             raise PreflightError(f"recipe {name!r}: group_size {group!r} must be a positive integer (or -1: per "

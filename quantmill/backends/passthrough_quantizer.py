@@ -36,8 +36,7 @@ class PassthroughQuantizer(QuantizerDefaults):
         unknown = set(recipe.params) - {"max_shard_size"}
         if unknown:
             raise PreflightError(f"recipe {name!r}: unknown params {sorted(unknown)}; known: max_shard_size")
-        if "max_shard_size" in recipe.params:
-            check_shard_size(name, recipe.params["max_shard_size"])
+        check_shard_size(name, recipe.params)
 
     def estimate_bytes(self, recipe: RecipeConfig, f16_bytes: int) -> int:
         return f16_bytes * (2 if recipe.quant_type.upper() == "F32" else 1)
