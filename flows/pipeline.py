@@ -21,6 +21,7 @@ from quantmill.digest import canonical_json
 from quantmill.execute import read_result
 from quantmill.outcome import CACHED, FAILED, RAN, SKIPPED, Outcome
 from quantmill.planner import StepSpec, open_store, plan, resolve, step_key
+from quantmill.pools import next_segments
 from quantmill.store import ArtifactRef, LocalStore
 from tasks.steps import TASKS
 
@@ -83,8 +84,9 @@ def finish(cfg, store, outcomes: list[Outcome]):
 @task(name="dispatch", task_run_name="{pool}: {label}", cache_policy=NO_CACHE, persist_result=False, retries=3,
       retry_delay_seconds=3)
 def dispatch(pool: str, label: str, specs: list[dict[str, Any]], inputs: dict[str, dict[str, str]],
-             store: dict[str, Any], poll_seconds: float) -> str:
-    """Run a segment on ``pool`` as a run of its deployment (a subflow of this run); return that run's id."""
+             store: dict[str, Any], poll_seconds: float, run_key: str = "") -> str:
+    """Run a segment on ``pool`` as a run of its deployment (a subflow of this run); return that run's id.
+    ``run_key`` tells apart the configs of one parent (``pipelines_on_pools``), whose spec ids may be the same."""
     from prefect.deployments import run_deployment
     from prefect.runtime import flow_run
 
@@ -93,7 +95,7 @@ def dispatch(pool: str, label: str, specs: list[dict[str, Any]], inputs: dict[st
     # A retry (the server was busy) finds the step run made by the first attempt instead of making a second one.
     run = run_deployment(f"{C.STEP_FLOW}/{pool}", parameters={"specs": specs, "inputs": inputs, "store": store},
                          flow_run_name=label, timeout=0, tags=["quantmill", f"pool:{pool}"],
-                         idempotency_key=f"{flow_run.get_id()}:{specs[0]['id']}")
+                         idempotency_key=f"{flow_run.get_id()}:{run_key}{specs[0]['id']}")
     wait_for_run(str(run.id), poll_seconds=poll_seconds)
     return str(run.id)
 
@@ -159,52 +161,105 @@ def handed_over(config: dict[str, Any], store, the_plan, resolution) -> Iterator
         _HANDED_OVER.pop(key, None)  # not taken (the run was refused before it started): a retry plans again
 
 
-@flow(name=C.PIPELINE_FLOW, log_prints=False, validate_parameters=False)
-def pipeline_on_pools(config: dict[str, Any]):
-    """``pipeline`` for infra=prefect: cached steps are answered from the store; the rest go, segment by segment,
-    to the pools offering their capabilities, as soon as their inputs exist."""
-    from prefect.futures import as_completed
-
-    from quantmill.pools import next_segments
-
+def _planned(config: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """The config, store, plan and resolution of a run: those handed over by the caller, else made here."""
     cfg = to_config(config)
     handed = _HANDED_OVER.pop(canonical_json(config), None)
     if handed is not None:
-        store, the_plan, resolution = handed
-    else:
-        store = open_store(cfg)
-        the_plan = plan(cfg, store)
-        resolution = resolve(the_plan, store)
-    routes = the_plan.routes
-    specs = list(the_plan)
-    refs = dict(resolution.refs)
-    outcomes: dict[str, Outcome] = {
-        sid: Outcome(sid, s.step, s.recipe, CACHED, 0.0, refs[sid].key, refs[sid].digest, read_result(store, refs[sid]))
-        for sid, s in the_plan.specs.items() if sid in refs}
-    started: set[str] = set()
-    in_flight: dict[Any, list[StepSpec]] = {}
-    store_json = dataclasses.asdict(cfg.store)
-    while True:
-        for segment in next_segments(specs, routes, set(refs), started):
+        return (cfg, *handed)
+    store = open_store(cfg)
+    the_plan = plan(cfg, store)
+    return cfg, store, the_plan, resolve(the_plan, store)
+
+
+class _Driven:
+    """One config inside a parent flow: what is done, what was sent where, and each spec's outcome."""
+
+    def __init__(self, index: int, cfg, store, the_plan, resolution):
+        self.cfg, self.store, self.specs, self.routes = cfg, store, list(the_plan), the_plan.routes
+        self.run_key = f"{index}:" if index else ""
+        self.refs = dict(resolution.refs)
+        self.outcomes: dict[str, Outcome] = {
+            sid: Outcome(sid, s.step, s.recipe, CACHED, 0.0, self.refs[sid].key, self.refs[sid].digest,
+                         read_result(store, self.refs[sid]))
+            for sid, s in the_plan.specs.items() if sid in self.refs}
+        self.started: set[str] = set()
+        self.store_json = dataclasses.asdict(cfg.store)
+
+    def dispatch_ready(self) -> list[tuple[Any, list[StepSpec]]]:
+        """Send every segment whose inputs exist to its pool; the futures and their segments."""
+        sent = []
+        for segment in next_segments(self.specs, self.routes, set(self.refs), self.started):
             ids = {s.id for s in segment}
-            inputs = {sid: refs[sid].to_json() for s in segment for sid in s.inputs.values() if sid not in ids}
-            pool = routes[segment[0].id]
+            inputs = {sid: self.refs[sid].to_json() for s in segment for sid in s.inputs.values() if sid not in ids}
+            pool = self.routes[segment[0].id]
             label = segment[0].id + (f" +{len(segment) - 1}" if len(segment) > 1 else "")
-            future = dispatch.submit(pool, label, [dataclasses.asdict(s) for s in segment], inputs, store_json,
-                                     cfg.infra.poll_seconds)
-            in_flight[future] = segment
-            started |= ids
-        if not in_flight:
-            break
-        future = next(as_completed(list(in_flight)))
-        segment = in_flight.pop(future)
+            future = dispatch.submit(pool, label, [dataclasses.asdict(s) for s in segment], inputs, self.store_json,
+                                     self.cfg.infra.poll_seconds, self.run_key)
+            sent.append((future, segment))
+            self.started |= ids
+        return sent
+
+    def ended(self, future, segment: list[StepSpec]) -> None:
         run_id, failure = None, None
         try:
             run_id = future.result()
         except Exception as e:  # noqa: BLE001 - reported per spec of the segment
-            failure = f"dispatch to pool {routes[segment[0].id]} failed: {str(e).splitlines()[0] if str(e) else e!r}"
-        for outcome in collect(segment, run_id, failure, store, refs):
-            outcomes[outcome.spec_id] = outcome
-    for spec in specs:  # never dispatched: an input failed
-        outcomes.setdefault(spec.id, Outcome(spec.id, spec.step, spec.recipe, SKIPPED, error="an input failed"))
-    return finish(cfg, store, [outcomes[s.id] for s in specs])
+            failure = (f"dispatch to pool {self.routes[segment[0].id]} failed: "
+                       f"{str(e).splitlines()[0] if str(e) else repr(e)}")
+        for outcome in collect(segment, run_id, failure, self.store, self.refs):
+            self.outcomes[outcome.spec_id] = outcome
+
+    def finish(self):
+        for spec in self.specs:  # never dispatched: an input failed
+            self.outcomes.setdefault(spec.id, Outcome(spec.id, spec.step, spec.recipe, SKIPPED,
+                                                      error="an input failed"))
+        return finish(self.cfg, self.store, [self.outcomes[s.id] for s in self.specs])
+
+
+def _drive(configs: list[dict[str, Any]]) -> list:
+    """Run the configs' steps on their pools, each segment as soon as its inputs exist; each config's final state,
+    made (and logged, when several share the parent) as soon as its last segment has ended."""
+    from prefect import get_run_logger
+    from prefect.futures import as_completed
+
+    runs = [_Driven(i, *_planned(config)) for i, config in enumerate(configs)]
+    states: list[Any] = [None] * len(runs)
+    in_flight: dict[Any, tuple[int, list[StepSpec]]] = {}
+
+    def advance(i: int) -> None:
+        in_flight.update((future, (i, segment)) for future, segment in runs[i].dispatch_ready())
+        if not any(j == i for j, _ in in_flight.values()):
+            states[i] = runs[i].finish()
+            if len(runs) > 1:
+                get_run_logger().info("%s: %s", runs[i].cfg.model.name, states[i].message or "completed")
+
+    for i in range(len(runs)):
+        advance(i)
+    while in_flight:
+        future = next(as_completed(list(in_flight)))
+        i, segment = in_flight.pop(future)
+        runs[i].ended(future, segment)
+        advance(i)
+    return states
+
+
+@flow(name=C.PIPELINE_FLOW, log_prints=False, validate_parameters=False)
+def pipeline_on_pools(config: dict[str, Any]):
+    """``pipeline`` for infra=prefect: cached steps are answered from the store; the rest go, segment by segment,
+    to the pools offering their capabilities, as soon as their inputs exist."""
+    return _drive([config])[0]
+
+
+@flow(name=C.BATCH_FLOW, log_prints=False, validate_parameters=False)
+def pipelines_on_pools(configs: list[dict[str, Any]]):
+    """Several configs in one parent flow run (``quantmill batch`` on pools): one run to create and follow on the
+    server instead of one per config, their steps dispatched side by side. Returns each config's outcomes; the run
+    fails, after every config has ended, when a step of any of them failed."""
+    states = _drive(configs)
+    data = [state.data for state in states]
+    failed = [i for i, state in enumerate(states) if state.is_failed()]
+    if failed:
+        return Failed(message=f"{len(failed)} of {len(states)} runs had failed steps: "
+                              + "; ".join(states[i].message for i in failed), data=data)
+    return Completed(data=data)

@@ -12,7 +12,6 @@ import json
 import logging
 import sys
 import time
-from contextlib import nullcontext
 from typing import Any, Sequence
 
 from quantmill import __version__
@@ -88,11 +87,46 @@ def _torch_quantizers(cfg) -> list:
     return quantizers
 
 
-def _run_config(cfg, ahead, *, verbose: bool) -> list:
+def run_configs(cfgs: list, *, verbose: bool = False) -> list:
+    """Several composed configs: for each, its outcomes or the QuantmillError that stopped it before a step ran.
+
+    On pools (every config ``infra.mode=prefect``, one server) the configs that have steps to run go to the server
+    as one parent flow run, their steps side by side on the pools' workers; otherwise each runs in turn."""
+    from quantmill.errors import QuantmillError
+
+    servers = {(c.infra.mode, c.infra.api_url) for c in cfgs}
+    if len(cfgs) < 2 or len(servers) > 1 or cfgs[0].infra.mode != "prefect":
+        results: list = []
+        for cfg in cfgs:
+            try:
+                results.append(run_config(cfg, verbose=verbose))
+            except QuantmillError as e:
+                results.append(e)
+        return results
+    results = [None] * len(cfgs)
+    pending = []
+    for i, cfg in enumerate(cfgs):
+        try:
+            planned = _planned(cfg)
+        except QuantmillError as e:
+            results[i] = e
+            continue
+        if isinstance(planned, list):
+            results[i] = planned  # every step cached
+        else:
+            pending.append((i, planned))
+    if pending:
+        for (i, _), outcomes in zip(pending, _run_on_pools([p for _, p in pending], verbose=verbose)):
+            results[i] = outcomes
+    return results
+
+
+def _planned(cfg, ahead=None):
+    """Plan ``cfg`` and ask the store: the outcomes when every step is cached, else (cfg, store, plan,
+    resolution) for a run; preflight errors raise here, before anything runs."""
     from quantmill import constants as C
-    from quantmill import planner, progress, runner, ui
+    from quantmill import planner
     from quantmill.backends import QUANTIZERS
-    from quantmill.config import to_dict
     from quantmill.execute import read_result
     from quantmill.outcome import CACHED, Outcome
     from quantmill.store import LocalStore
@@ -100,8 +134,9 @@ def _run_config(cfg, ahead, *, verbose: bool) -> list:
     store = planner.open_store(cfg)
     the_plan = planner.plan(cfg, store)
     resolution = planner.resolve(the_plan, store)
-    ahead.expect(QUANTIZERS.get(s.backend) for s in the_plan
-                 if s.step == C.QUANTIZE and resolution.status[s.id] != planner.HIT)
+    if ahead is not None:
+        ahead.expect(QUANTIZERS.get(s.backend) for s in the_plan
+                     if s.step == C.QUANTIZE and resolution.status[s.id] != planner.HIT)
     if resolution.all_cached:
         from quantmill import report
 
@@ -112,8 +147,19 @@ def _run_config(cfg, ahead, *, verbose: bool) -> list:
             report.update_from_outcomes(store, cfg.model.name, outcomes)
         return outcomes
     planner.check_space(the_plan, resolution, store)
+    return cfg, store, the_plan, resolution
+
+
+def _run_config(cfg, ahead, *, verbose: bool) -> list:
+    from quantmill import progress, runner, ui
+    from quantmill.config import to_dict
+    from quantmill.outcome import Outcome
+
+    planned = _planned(cfg, ahead)
+    if isinstance(planned, list):
+        return planned
     if cfg.infra.mode == "prefect":
-        return _run_on_pools(cfg, the_plan, verbose=verbose, planned=(store, resolution))
+        return _run_on_pools([planned], verbose=verbose)[0]
     runner.configure_embedded(cfg.infra, verbose=verbose)
     from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -128,29 +174,37 @@ def _run_config(cfg, ahead, *, verbose: bool) -> list:
     return [Outcome.from_json(d) for d in data]
 
 
-def _run_on_pools(cfg, the_plan, *, verbose: bool, planned: tuple | None = None) -> list:
-    """infra=prefect: this process runs the parent flow against the server; workers of each pool run the steps."""
+def _run_on_pools(planned: list[tuple], *, verbose: bool) -> list[list]:
+    """infra=prefect: this process runs the parent flow against the server (one for all of ``planned``, each a
+    (cfg, store, plan, resolution)); workers of each pool run the steps. Each config's outcomes."""
+    from contextlib import ExitStack
+
     from quantmill import runner, ui
     from quantmill.config import to_dict
     from quantmill.outcome import Outcome
 
-    runner.connect(cfg.infra, verbose=verbose)
-    for warning in runner.check_deployments(sorted(set(the_plan.routes.values()))):
+    runner.connect(planned[0][0].infra, verbose=verbose)
+    for warning in runner.check_deployments(sorted({p for _, _, pl, _ in planned for p in pl.routes.values()})):
         ui.out.print(f"[yellow]{warning}[/]")
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.pipeline import handed_over, pipeline_on_pools
+    from flows.pipeline import handed_over, pipeline_on_pools, pipelines_on_pools
 
-    flow = pipeline_on_pools.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
-    config = to_dict(cfg)
+    single = len(planned) == 1
+    threads = sum(max(1, cfg.infra.max_parallel) for cfg, *_ in planned)  # a dispatch holds a thread while it waits
+    flow = (pipeline_on_pools if single else pipelines_on_pools).with_options(
+        task_runner=ThreadPoolTaskRunner(max_workers=threads))
+    configs = [to_dict(cfg) for cfg, *_ in planned]
     # A busy server (SQLite, many runs starting at once) may refuse to create the run; a retry re-plans, and steps
     # that finished in a refused attempt are answered from the store.
     for attempt in range(5):
         try:
-            # the first attempt's flow takes the plan made above instead of making it again
-            taken = handed_over(config, planned[0], the_plan, planned[1]) if planned and not attempt else nullcontext()
-            with taken, runner.without_run_heartbeats():
-                state = flow(config, return_state=True)
+            with ExitStack() as stack:
+                if not attempt:  # the first attempt's flow takes the plans made above instead of making them again
+                    for config, (_, store, the_plan, resolution) in zip(configs, planned):
+                        stack.enter_context(handed_over(config, store, the_plan, resolution))
+                stack.enter_context(runner.without_run_heartbeats())
+                state = flow(configs[0] if single else configs, return_state=True)
             break
         except Exception as e:  # noqa: BLE001 - only the server's "busy" answers are retried
             if attempt == 4 or not runner.transient(e):
@@ -159,7 +213,7 @@ def _run_on_pools(cfg, the_plan, *, verbose: bool, planned: tuple | None = None)
     data = state.result(raise_on_failure=False)
     if isinstance(data, BaseException):
         raise data
-    return [Outcome.from_json(d) for d in data]
+    return [[Outcome.from_json(d) for d in run] for run in ([data] if single else data)]
 
 
 def _run_and_report(cfg, args: argparse.Namespace) -> bool:

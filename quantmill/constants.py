@@ -20,6 +20,7 @@ CAPABILITIES = (CPU, CUDA, MLX, LLAMACPP)
 # Prefect names (infra=prefect): the flow every pool runs, one deployment per pool named after the pool.
 STEP_FLOW = "quantmill-step"
 PIPELINE_FLOW = "quantmill-pipeline"
+BATCH_FLOW = "quantmill-batch"  # several configs in one parent run on pools
 WATCH_FLOW = "quantmill-watch"
 
 # Local store layout: <root>/objects/<key>/{files/..., provenance.json}

@@ -32,28 +32,35 @@ class RunResult:
 
 def run_here(conf_dir: Path, runs: Iterable[Run], *, verbose: bool = False,
              extra: Iterable[str] = ()) -> list[RunResult]:
-    """Run each group of runs as one pipeline in this process; a failing group never stops the next."""
-    from quantmill.cli import run_config
+    """Run each group of runs as one pipeline from this process (on pools, every group in one parent flow run);
+    a failing group never stops the next."""
+    from quantmill.cli import run_configs
     from quantmill.errors import QuantmillError
     from quantmill.outcome import CACHED, RAN
 
-    results = []
+    slots: list[list[RunResult]] = []  # each group's results, in the groups' order
+    composed = []
     for overrides, members in groups(runs):
         recipes = list(dict.fromkeys(r.recipe for r in members))
         try:
             cfg = compose([*overrides, *extra, f"recipe=[{','.join(recipes)}]"], conf_dir=conf_dir)
-            outcomes = run_config(cfg, verbose=verbose)
         except QuantmillError as e:
-            results += [RunResult(r.id, False, error=str(e)) for r in members]
+            slots.append([RunResult(r.id, False, error=str(e)) for r in members])
+            continue
+        composed.append((len(slots), members, cfg))
+        slots.append([])
+    for (slot, members, _), outcomes in zip(composed, run_configs([cfg for *_, cfg in composed], verbose=verbose)):
+        if isinstance(outcomes, QuantmillError):
+            slots[slot] = [RunResult(r.id, False, error=str(outcomes)) for r in members]
             continue
         for run in members:
             mine = [o for o in outcomes if o.recipe in (None, run.recipe)]
             failed = [o for o in mine if not o.ok]
-            results.append(RunResult(
+            slots[slot].append(RunResult(
                 run.id, not failed, ran=sum(o.status == RAN for o in mine), cached=sum(o.status == CACHED for o in mine),
                 error="; ".join(f"{o.spec_id}: {o.error}" for o in failed) or None,
                 steps=[o.to_json() for o in mine]))
-    return results
+    return [r for slot in slots for r in slot]
 
 
 def submit(conf_dir: Path, runs: Iterable[Run], *, pool: str | None = None, verbose: bool = False,

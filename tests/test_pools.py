@@ -289,6 +289,51 @@ def test_an_object_altered_in_the_bucket_is_refused_by_the_worker_that_fetches_i
     assert "quantize:gguf_q4_0" not in cluster.where_steps_ran()
 
 
+def test_a_batch_on_pools_is_one_parent_run_for_all_its_models(cluster, monkeypatch, tmp_path):
+    """`quantmill batch` on pools: every model of the batch in one parent flow run, their steps side by side on the
+    workers; each model's result is its own, and the parent's log (at INFO) says when each ended."""
+    import shutil
+
+    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter,
+                                                FlowRunFilterParentTaskRunId, LogFilter, LogFilterFlowRunId)
+
+    _s3_env(monkeypatch)
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "batch" / "pair.yaml").write_text(
+        "recipes: [gguf_q8_0]\nmodels:\n"
+        "  - {model: tiny_llama, overrides: [model.name=batch-a]}\n"
+        "  - {model: tiny_llama, overrides: [model.name=batch-b]}\n")
+
+    def parents(name: str) -> list:
+        with cluster.client() as client:
+            return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
+
+    pipelines_before = len(parents("quantmill-pipeline"))
+    home = cluster.root / "batcher"
+    home.mkdir()
+    proc = subprocess.run(_cli("batch", "pair", "--config-dir", str(conf), "--json",
+                               *cluster.overrides(f"store.cache_dir={home / 'cache'}", "validate.enabled=false")),
+                          cwd=home, env={**cluster.env, "PREFECT_HOME": str(home / "prefect"), "PREFECT_LOGGING_LEVEL": "INFO"},
+                          capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)["results"]
+    assert len(results) == 2 and all(r["ok"] for r in results), results
+    assert all(r["ran"] + r["cached"] == 3 for r in results), results  # download, convert, quantize each
+
+    (parent,) = parents("quantmill-batch")
+    assert parent.state.is_completed() and len(parents("quantmill-pipeline")) == pipelines_before
+    with cluster.client() as client:
+        tasks = [t for t in client.read_task_runs() if t.flow_run_id == parent.id]
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[t.id for t in tasks])))
+        logs = [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[parent.id])))]
+    assert children and all(c.state.is_completed() and c.work_pool_name == "cpu" for c in children)
+    assert len(children) == sum(t.name.startswith("cpu: ") for t in tasks) == 2  # a dispatch per model
+    assert {"batch-a: completed", "batch-b: completed"} <= set(logs), logs
+
+
 # -- bad input, refused before anything runs -----------------------------------------------------------------
 def _compose(*extra: str):
     from quantmill.config import compose
