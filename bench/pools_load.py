@@ -22,6 +22,9 @@ steps) / runs, the throughput cost of the orchestration.
     python bench/pools_load.py N --serial     # the same runs one at a time (no queueing): bench/out/pools_serial.json
     python bench/pools_load.py N [--serial] --warm   # workers of pool type `warm` (quantmill.warm_worker): *_warm.json
     python bench/pools_load.py N --warm --database-url postgresql+asyncpg://USER@HOST:PORT/DB   # server on PostgreSQL
+    python bench/pools_load.py N [--warm] --batch   # the N runs as one batch (`quantmill batch` on pools: one
+                                                    # parent flow run for all): *_batch.json; a run ends when the
+                                                    # parent has its outcomes (its final state made)
 """
 
 from __future__ import annotations
@@ -44,14 +47,15 @@ OUT = REPO / "bench" / "out" / "pools_load.json"
 POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp]}}"
 
 
-def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: str | None = None) -> dict:
+def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: str | None = None,
+         batch: bool = False) -> dict:
     pools = POOLS.replace("llamacpp]", "llamacpp],type:warm") if warm else POOLS
     cluster = _cluster.start([("cpu", "w1", ["--limit", "1"]), ("cpu", "w2", ["--limit", "1"])], pools, bucket="load",
                              database_url=database_url)
     try:
         from prefect.client.orchestration import get_client
 
-        from quantmill.cli import run_config
+        from quantmill.cli import run_config, run_configs
         from quantmill.config import compose
 
         base = ["infra=prefect", pools, "infra.max_parallel=1", *cluster.store_overrides("parent-cache"),
@@ -71,13 +75,16 @@ def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: st
                     "steps_s": sum(o.seconds for o in outcomes if o.status == "ran")}
 
         t0 = time.time()
-        with ThreadPoolExecutor(max_workers=1 if serial else n) as pool:
-            runs = list(pool.map(one, range(n)))
+        if batch:
+            runs = one_batch(configs, run_configs)
+        else:
+            with ThreadPoolExecutor(max_workers=1 if serial else n) as pool:
+                runs = list(pool.map(one, range(n)))
         total = time.time() - t0
         step_runs = []
         with get_client(sync_client=True) as c:  # the API pages at 200
-            while batch := c.read_flow_runs(limit=200, offset=len(step_runs)):
-                step_runs += batch
+            while page := c.read_flow_runs(limit=200, offset=len(step_runs)):
+                step_runs += page
         step_runs = [r for r in step_runs if r.work_pool_name == "cpu"]
     finally:
         cluster.stop()
@@ -107,7 +114,8 @@ def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: st
     overheads = sorted(r["overhead_s"] for r in rows)
     p95 = overheads[min(len(overheads) - 1, int(round(0.95 * (len(overheads) - 1))))]
     result = {"date": datetime.now().strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "runs": n,
-              "mode": ("one at a time" if serial else "queued at once") + (", warm workers" if warm else "")
+              "mode": ("one at a time" if serial else "one batch" if batch else "queued at once")
+              + (", warm workers" if warm else "")
               + (", PostgreSQL server" if database_url else ""),
               "completed": sum(r["ok"] for r in rows), "total_s": total,
               "median_overhead_s": statistics.median(overheads), "p95_overhead_s": p95,
@@ -120,8 +128,34 @@ def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: st
     OUT.parent.mkdir(parents=True, exist_ok=True)
     out = OUT.with_name("pools_serial.json") if serial else OUT
     out = out.with_name(out.stem + "_warm.json") if warm else out
+    out = out.with_name(out.stem + "_batch.json") if batch else out
     (out.with_name(out.stem + "_postgres.json") if database_url else out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def one_batch(configs: list, run_configs) -> list[dict]:
+    """All configs in one ``run_configs`` call (one parent flow run); each run's end is when the parent made its
+    final state, read by wrapping the parent's ``_Driven.finish`` in this process."""
+    import flows.pipeline as parent
+
+    ends: dict[str, float] = {}
+    finish = parent._Driven.finish
+
+    def timed(self):
+        state = finish(self)
+        ends[self.cfg.model.name] = time.time()
+        return state
+
+    parent._Driven.finish = timed
+    t0 = time.time()
+    try:
+        results = run_configs(configs)
+    finally:
+        parent._Driven.finish = finish
+    return [{"run": i, "start": t0, "end": ends[cfg.model.name], "ok": all(o.ok for o in outcomes),
+             "ran": [o.spec_id for o in outcomes if o.status == "ran"],
+             "steps_s": sum(o.seconds for o in outcomes if o.status == "ran")}
+            for i, (cfg, outcomes) in enumerate(zip(configs, results))]
 
 
 def queued_seconds(spans: list[tuple[float, float, object]], created: float, started: float, workers: int) -> float:
@@ -147,4 +181,4 @@ if __name__ == "__main__":
     url = argv[argv.index("--database-url") + 1] if "--database-url" in argv else None
     args = [a for a in argv if not a.startswith("--") and a != url]
     print(markdown(main(int(args[0]) if args else 50, serial="--serial" in argv, warm="--warm" in argv,
-                        database_url=url)))
+                        database_url=url, batch="--batch" in argv)))
