@@ -57,7 +57,8 @@ def run_here(conf_dir: Path, runs: Iterable[Run], *, verbose: bool = False,
             mine = [o for o in outcomes if o.recipe in (None, run.recipe)]
             failed = [o for o in mine if not o.ok]
             slots[slot].append(RunResult(
-                run.id, not failed, ran=sum(o.status == RAN for o in mine), cached=sum(o.status == CACHED for o in mine),
+                run.id, not failed, ran=sum(o.status == RAN for o in mine),
+                cached=sum(o.status == CACHED for o in mine),
                 error="; ".join(f"{o.spec_id}: {o.error}" for o in failed) or None,
                 steps=[o.to_json() for o in mine]))
     return [r for slot in slots for r in slot]

@@ -314,8 +314,8 @@ def test_a_batch_on_pools_is_one_parent_run_for_all_its_models(cluster, monkeypa
     home.mkdir()
     proc = subprocess.run(_cli("batch", "pair", "--config-dir", str(conf), "--json",
                                *cluster.overrides(f"store.cache_dir={home / 'cache'}", "validate.enabled=false")),
-                          cwd=home, env={**cluster.env, "PREFECT_HOME": str(home / "prefect"), "PREFECT_LOGGING_LEVEL": "INFO"},
-                          capture_output=True,
+                          cwd=home, capture_output=True,
+                          env={**cluster.env, "PREFECT_HOME": str(home / "prefect"), "PREFECT_LOGGING_LEVEL": "INFO"},
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)["results"]
