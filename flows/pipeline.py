@@ -152,7 +152,8 @@ _HANDED_OVER: dict[bytes, tuple[Any, Any, Any]] = {}
 
 @contextmanager
 def handed_over(config: dict[str, Any], store, the_plan, resolution) -> Iterator[None]:
-    """While inside, a ``pipeline_on_pools`` run of ``config`` takes this plan (once) instead of planning."""
+    """While inside, a parent run (``pipeline_on_pools``, ``pipelines_on_pools``) of ``config`` takes this plan
+    (once) instead of planning."""
     key = canonical_json(config)
     _HANDED_OVER[key] = (store, the_plan, resolution)
     try:
