@@ -162,7 +162,7 @@ def handed_over(config: dict[str, Any], store, the_plan, resolution) -> Iterator
         _HANDED_OVER.pop(key, None)  # not taken (the run was refused before it started): a retry plans again
 
 
-def _planned(config: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+def _handed_over_or_planned(config: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     """The config, store, plan and resolution of a run: those handed over by the caller, else made here."""
     cfg = to_config(config)
     handed = _HANDED_OVER.pop(canonical_json(config), None)
@@ -224,7 +224,7 @@ def _drive(configs: list[dict[str, Any]]) -> list:
     from prefect import get_run_logger
     from prefect.futures import as_completed
 
-    runs = [_Driven(i, *_planned(config)) for i, config in enumerate(configs)]
+    runs = [_Driven(i, *_handed_over_or_planned(config)) for i, config in enumerate(configs)]
     states: list[Any] = [None] * len(runs)
     in_flight: dict[Any, tuple[int, list[StepSpec]]] = {}
 
