@@ -166,7 +166,8 @@ def _run_config(cfg, ahead, *, verbose: bool) -> list:
     from flows.pipeline import pipeline
 
     flow = pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
-    with ui.RichReporter() as reporter, progress.using(reporter), runner.without_run_heartbeats():
+    with ui.RichReporter() as reporter, progress.using(reporter), runner.without_run_heartbeats(), \
+            runner.temporary_server_errors(cfg.infra):
         state = flow(to_dict(cfg), return_state=True)
     data = state.result(raise_on_failure=False)
     if isinstance(data, BaseException):

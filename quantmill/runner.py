@@ -43,10 +43,39 @@ def configure_embedded(infra: InfraConfig, *, verbose: bool = False) -> None:
     _quiet(verbose)
 
 
+# Prefect waits 20 s for its temporary API server by default, counting only its own 0.1 s sleeps; on a fresh
+# PREFECT_HOME the server first migrates its SQLite database, and on a loaded 2-core machine (CI) that start took
+# longer than 20 s. A user's own setting wins.
+EPHEMERAL_STARTUP_TIMEOUT_S = "120"
+
+
+def prefect_defaults() -> None:
+    """Settings read once when Prefect is imported: set them before that (Prefect freezes them at import)."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
+
+
 def _quiet(verbose: bool) -> None:
+    prefect_defaults()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
+
+
+@contextmanager
+def temporary_server_errors(infra: InfraConfig) -> Iterator[None]:
+    """Prefect's temporary API server that does not start becomes one line that says what to do."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "ephemeral Prefect API server" not in str(e):
+            raise
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+        raise ServerError(
+            f"Prefect's temporary API server (PREFECT_HOME {Path(infra.prefect_home).expanduser().resolve()}) did not "
+            f"answer within {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s; raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start one with `quantmill server` and set "
+            "PREFECT_API_URL") from None
 
 
 @contextmanager

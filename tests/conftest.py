@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from quantmill import runner
 from quantmill.backends.local_source import BUNDLED_ROOT
 from quantmill.config import compose
 from quantmill.execute import run_step
 from quantmill.planner import open_store, plan
+
+runner.prefect_defaults()  # before any test module imports Prefect; CLI subprocesses inherit it
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"

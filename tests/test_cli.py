@@ -84,3 +84,23 @@ def test_multirun_sweeps_a_matrix(tmp_path, capsys):
     _, entries = _json(capsys, ["ls", "--json", *overrides_for(tmp_path)])
     assert sorted(e["name"] for e in entries) == ["tiny-llama-gguf_q4_0", "tiny-llama-gguf_q8_0"]
     assert all(e["validated"] is False for e in entries)
+
+
+def test_a_temporary_server_that_does_not_start_is_one_line(tmp_path):
+    """Prefect's temporary API server not answering in time is a one-line error naming the setting, and nothing
+    is stored (a wait of 0 s: Prefect gives up before its first health check)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "0"
+    argv = ["run", "recipe=[safetensors_bf16]", *overrides_for(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "quantmill.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert "temporary API server" in proc.stderr and "within 0 s" in proc.stderr
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in proc.stderr and "PREFECT_API_URL" in proc.stderr
+    objects = tmp_path / "store" / C.OBJECTS_DIR
+    assert not objects.exists() or not any(objects.iterdir())
