@@ -228,6 +228,49 @@ def test_out_of_gpu_memory_names_the_layer(tmp_path, monkeypatch):
     assert "lower calibration.num_samples or calibration.seq_len" in failed.error
 
 
+@pytest.mark.parametrize("scheme", ["W4A16", "FP8_DYNAMIC"])
+def test_compressing_each_module_after_its_probe_forward_saves_the_same_bytes(tmp_path, scheme):
+    """The probe compresses each quantized module right after its forward (on a GPU, while its weights are still
+    there); the compressed save then skips it. Every file saved so equals the one the save's own compression
+    writes, and the probe's logits are the same."""
+    from compressed_tensors.quantization import QuantizationStatus
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from quantmill.backends.calibrated import write_probe
+    from quantmill.backends.llmcompressor_quantizer import _probe_then_compress
+    from quantmill.backends.local_source import BUNDLED_ROOT
+
+    ids = [list(range(3, 67))]
+
+    def quantized():
+        model = AutoModelForCausalLM.from_pretrained(BUNDLED_ROOT / "tiny-llama", dtype="auto")
+        oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"]))
+        return model
+
+    saved_only, fused = tmp_path / "saved-only", tmp_path / "fused"
+    for out in (saved_only, fused):
+        out.mkdir()
+    model = quantized()
+    write_probe(model, saved_only, ids)
+    model.save_pretrained(saved_only, save_compressed=True)
+
+    model = quantized()
+    with _probe_then_compress(model):
+        write_probe(model, fused, ids)
+    layers = [m for m in model.modules() if getattr(m, "quantization_scheme", None) is not None]
+    assert len(layers) == 14 and {m.quantization_status for m in layers} == {QuantizationStatus.COMPRESSED}
+    model.save_pretrained(fused, save_compressed=True)
+
+    names = sorted(p.name for p in saved_only.iterdir())
+    assert names == sorted(p.name for p in fused.iterdir()) and "model.safetensors" in names
+    assert {n: (fused / n).read_bytes() == (saved_only / n).read_bytes() for n in names} == {n: True for n in names}
+    assert np.array_equal(load_file(str(fused / C.PROBE_FILE))["logits"],
+                          load_file(str(saved_only / C.PROBE_FILE))["logits"])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_probe_is_what_the_saved_checkpoint_computes(tmp_path):

@@ -95,9 +95,10 @@ def _no_pinning_without_accelerator() -> Iterator[None]:
 
 
 @contextmanager
-def _one_onload_per_module(model: Any) -> Iterator[None]:
-    """While inside, each quantized module's forward copies its offloaded weights to the GPU once and computes with
-    the fake-quantized copy.
+def _probe_then_compress(model: Any, *, compress: bool = True) -> Iterator[None]:
+    """While inside, each quantized module's forward copies its offloaded weights to the GPU once, computes with
+    the fake-quantized copy and then (``compress``) compresses the module from that copy, as the compressed save
+    would have.
 
     After ``oneshot`` on a GPU the weights stay offloaded to the CPU, and compressed-tensors copies a parameter to
     the GPU on every access. Its quantized forward reads the weight, fake-quantizes that copy, then runs the
@@ -106,21 +107,33 @@ def _one_onload_per_module(model: Any) -> Iterator[None]:
     unquantized model's logits, and weights crossed twice (bench/probe_onload.py, H200: 964 against 740 copies
     and 4.6-5.7 against 2.3-2.5 s at 8B). Inside ``disable_offloading`` the first copy is kept and reused, and it
     is dropped when the module returns, so at most one module's weights are on the GPU at a time.
+
+    The compressed save then copies every quantized weight to the GPU once more to compress it there
+    (``compress_model`` reads each module's parameters through the same offload cache). Compressing the module
+    while its probe copy is still on the GPU saves that crossing; the save skips modules already compressed
+    (``skip_compressed``) and compresses any the probe did not reach. A module the forward reaches twice (one
+    registered under two names) would be compressed before its second call, so such models compress at the save.
     """
+    from compressed_tensors.compressors.base import compress_module
     from compressed_tensors.offload import disable_offloading
     from compressed_tensors.offload.cache.base import OffloadCache
 
+    quantized = [m for _, m in model.named_modules(remove_duplicate=False) if getattr(m, "quantization_scheme", None)]
+    compress = compress and len({id(m) for m in quantized}) == len(quantized)
     contexts: dict[int, Any] = {}
 
     def enter(module, _args):
-        contexts[id(module)] = context = disable_offloading()
-        context.__enter__()
+        if isinstance(module._parameters, OffloadCache):
+            contexts[id(module)] = context = disable_offloading()
+            context.__enter__()
 
     def leave(module, _args, _output):
-        contexts.pop(id(module)).__exit__(None, None, None)
+        if compress:
+            compress_module(module)
+        if id(module) in contexts:
+            contexts.pop(id(module)).__exit__(None, None, None)
 
-    modules = [m for m in model.modules()
-               if getattr(m, "quantization_scheme", None) is not None and isinstance(m._parameters, OffloadCache)]
+    modules = list({id(m): m for m in quantized}.values())
     hooks = [h for m in modules for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
         yield
@@ -187,7 +200,7 @@ def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Pat
         model.to(source_dtype)
         model.config.dtype = source_dtype
     else:
-        with _one_onload_per_module(model):
+        with _probe_then_compress(model):
             write_probe(model, out, ids)
     PHASES.mark("probe")
     # Shards of max_shard_size (the recipes' 1GB) rather than llm-compressor's one 20 GB file: the step hashes
