@@ -4,15 +4,20 @@
 #
 # It expects a carry folder (default .gpu-carry, git-ignored) holding what the machine lacks and cannot download:
 #   whl/            wheels for Python 3.12 (Prefect, hydra, llm-compressor, moto, ...), installed into /tmp/site
-#   site/           pure-Python packages copied as they are (the llama_cpp bindings, without a library)
-#   llama-src.tgz   the llama.cpp tree vendored by the pinned llama-cpp-python sdist (scripts/build-llama-cpp.sh)
+#   site/           (optional) pure-Python packages copied as they are (the llama_cpp bindings, without a library)
+#   llama-src.tgz   (optional: without it no llama.cpp is built) the llama.cpp tree vendored by the pinned llama-cpp-python sdist (scripts/build-llama-cpp.sh)
 #   BUILD_INFO.json that build's pin, as scripts/build-llama-cpp.sh writes it
 # and builds llama.cpp there with the same flags as scripts/build-llama-cpp.sh, so converter, quantizer and the
 # bindings' library are one version. Exports PYTHONPATH and QUANTMILL_LLAMA_CPP.
 carry=${CARRY:-.gpu-carry}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   "$carry"/whl/*.whl || return 1
-cp -r "$carry"/site/* /tmp/site/
+[ -d "$carry/site" ] && cp -r "$carry"/site/* /tmp/site/
+if [ ! -f "$carry/llama-src.tgz" ]; then  # the calibrated-quantizer benchmark needs no llama.cpp
+  export PYTHONPATH=/tmp/site:$PWD
+  echo "gpu-setup: wheels in /tmp/site; no llama-src.tgz in $carry, so no llama.cpp (GGUF recipes will not run)"
+  return 0
+fi
 mkdir -p /tmp/llama/src/vendor
 tar xzf "$carry/llama-src.tgz" -C /tmp/llama/src/vendor
 cp "$carry/BUILD_INFO.json" /tmp/llama/
