@@ -133,3 +133,40 @@ def test_pipeline_runs_into_a_bucket_and_a_second_worker_reuses_it(endpoint, buc
     assert set(resolve(plan(cfg, store), store).status.values()) == {HIT}
     quant = store.files(store.lookup(results["quantize:gguf_q8_0"].ref.key))
     assert (quant / "model-q8_0.gguf").stat().st_size > 1 << 20
+
+
+def test_a_batch_plans_on_one_store_and_asks_the_bucket_once_for_what_its_runs_share(endpoint, bucket, tmp_path):
+    """The runs of a batch (three models from one source, so one shared download) are planned on one opened
+    store: the download's record is read from the bucket once, not once per run; each run's own lookup still goes
+    to the bucket. Opened apart, every run reads it again."""
+    from quantmill import cli
+    from quantmill.execute import run_step
+    from quantmill.planner import HIT, MISS, open_store, plan
+    from tests.conftest import compose_in
+
+    s3 = ("store.kind=s3", f"store.bucket={bucket}", f"store.endpoint_url={endpoint}", "publish.enabled=false",
+          "validate.enabled=false", "recipe=[gguf_q8_0]", f"store.cache_dir={tmp_path / 'cache'}")
+    cfgs = [compose_in(tmp_path, *s3, f"model.name=tiny-{i}") for i in range(3)]
+    store = open_store(cfgs[0])
+    download = plan(cfgs[0], store).specs["download"]
+    record = run_step(download, {}, store).ref.key
+
+    def planned_reading(stores):
+        import boto3
+
+        reads: list[str] = []
+        boto3.setup_default_session()  # every client made from here on (the stores' own) reports its GetObjects
+        boto3.DEFAULT_SESSION.events.register("before-parameter-build.s3.GetObject",
+                                              lambda params, **_: reads.append(params["Key"]))
+        opened = []
+        for cfg in cfgs:
+            _, store, _, resolution = cli._planned(cfg, stores=stores)
+            assert resolution.status[download.id] == HIT and resolution.status["convert:gguf-f16"] == MISS
+            opened += [store] if all(store is not s for s in opened) else []
+        boto3.setup_default_session()
+        return reads, opened
+
+    reads, opened = planned_reading({})
+    assert len(opened) == 1 and sum(record in key for key in reads) == 1 and len(reads) == 1 + 3
+    reads, opened = planned_reading(None)
+    assert len(opened) == 3 and sum(record in key for key in reads) == 3
