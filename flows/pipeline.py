@@ -84,9 +84,10 @@ def finish(cfg, store, outcomes: list[Outcome]):
 @task(name="dispatch", task_run_name="{pool}: {label}", cache_policy=NO_CACHE, persist_result=False, retries=3,
       retry_delay_seconds=3)
 def dispatch(pool: str, label: str, specs: list[dict[str, Any]], inputs: dict[str, dict[str, str]],
-             store: dict[str, Any], poll_seconds: float, run_key: str = "") -> str:
+             store: dict[str, Any], poll_seconds: float, run_key: str = "", claim: str = "") -> str:
     """Run a segment on ``pool`` as a run of its deployment (a subflow of this run); return that run's id.
-    ``run_key`` tells apart the configs of one parent (``pipelines_on_pools``), whose spec ids may be the same."""
+    ``run_key`` tells apart the configs of one parent (``pipelines_on_pools``), whose spec ids may be the same;
+    ``claim`` names the parent's callback for when a worker takes the run (``_CLAIMS``)."""
     from prefect.deployments import run_deployment
     from prefect.runtime import flow_run
 
@@ -96,8 +97,13 @@ def dispatch(pool: str, label: str, specs: list[dict[str, Any]], inputs: dict[st
     run = run_deployment(f"{C.STEP_FLOW}/{pool}", parameters={"specs": specs, "inputs": inputs, "store": store},
                          flow_run_name=label, timeout=0, tags=["quantmill", f"pool:{pool}"],
                          idempotency_key=f"{flow_run.get_id()}:{run_key}{specs[0]['id']}")
-    wait_for_run(str(run.id), poll_seconds=poll_seconds)
+    wait_for_run(str(run.id), poll_seconds=poll_seconds, on_start=_CLAIMS.get(claim))
     return str(run.id)
+
+
+# A parent's callbacks, by claim token, for when a worker takes one of its step runs: the dispatch tasks run in
+# threads of the parent's process (ThreadPoolTaskRunner), so the token travels as a task parameter.
+_CLAIMS: dict[str, Any] = {}
 
 
 def collect(segment: list[StepSpec], run_id: str | None, failure: str | None, store,
@@ -187,19 +193,20 @@ class _Driven:
         self.started: set[str] = set()
         self.store_json = dataclasses.asdict(cfg.store)
 
-    def dispatch_ready(self) -> list[tuple[Any, list[StepSpec]]]:
-        """Send every segment whose inputs exist to its pool; the futures and their segments."""
-        sent = []
-        for segment in next_segments(self.specs, self.routes, set(self.refs), self.started):
-            ids = {s.id for s in segment}
-            inputs = {sid: self.refs[sid].to_json() for s in segment for sid in s.inputs.values() if sid not in ids}
-            pool = self.routes[segment[0].id]
-            label = segment[0].id + (f" +{len(segment) - 1}" if len(segment) > 1 else "")
-            future = dispatch.submit(pool, label, [dataclasses.asdict(s) for s in segment], inputs, self.store_json,
-                                     self.cfg.infra.poll_seconds, self.run_key)
-            sent.append((future, segment))
-            self.started |= ids
-        return sent
+    def ready(self) -> list[tuple[str, list[StepSpec]]]:
+        """Every segment whose inputs now exist and that was not taken before, with its pool."""
+        segments = next_segments(self.specs, self.routes, set(self.refs), self.started)
+        for segment in segments:
+            self.started |= {s.id for s in segment}
+        return [(self.routes[segment[0].id], segment) for segment in segments]
+
+    def send(self, pool: str, segment: list[StepSpec], claim: str):
+        """Dispatch ``segment`` to ``pool``; the future of its dispatch task."""
+        ids = {s.id for s in segment}
+        inputs = {sid: self.refs[sid].to_json() for s in segment for sid in s.inputs.values() if sid not in ids}
+        label = segment[0].id + (f" +{len(segment) - 1}" if len(segment) > 1 else "")
+        return dispatch.submit(pool, label, [dataclasses.asdict(s) for s in segment], inputs, self.store_json,
+                               self.cfg.infra.poll_seconds, self.run_key, claim)
 
     def ended(self, future, segment: list[StepSpec]) -> None:
         run_id, failure = None, None
@@ -220,26 +227,70 @@ class _Driven:
 
 def _drive(configs: list[dict[str, Any]]) -> list:
     """Run the configs' steps on their pools, each segment as soon as its inputs exist; each config's final state,
-    made (and logged, when several share the parent) as soon as its last segment has ended."""
+    made (and logged, when several share the parent) as soon as its last segment has ended.
+
+    Per pool, at most ``infra.queue_ahead`` of this parent's step runs wait on the server for a worker (0: no
+    bound); the other ready segments wait here, first come first served, and each goes when a worker takes one
+    of those. Workers then always find the next run waiting, and the server creates a few runs at a time instead
+    of a batch's all at once (50 at once on SQLite were spread over three minutes of retried 'database is
+    locked' answers, bench/pools_load.py).
+    """
+    import queue
+    from collections import deque
+
     from prefect import get_run_logger
-    from prefect.futures import as_completed
+    from prefect.runtime import flow_run
 
     runs = [_Driven(i, *_handed_over_or_planned(config)) for i, config in enumerate(configs)]
+    ahead = runs[0].cfg.infra.queue_ahead if runs else 0
     states: list[Any] = [None] * len(runs)
-    in_flight: dict[Any, tuple[int, list[StepSpec]]] = {}
+    events: queue.Queue = queue.Queue()  # ("claimed" | "ended", token, future), from the waiter and the tasks
+    waiting: dict[str, deque] = {}  # pool -> (run index, segment) not yet sent
+    unclaimed: dict[str, int] = {}  # pool -> sent runs no worker has taken yet
+    in_flight: dict[str, tuple[int, str, list[StepSpec]]] = {}  # token -> (run index, pool, segment)
+    claimed: set[str] = set()
+    parent = flow_run.get_id() or ""
+
+    def release(pool: str) -> None:
+        while waiting.get(pool) and (not ahead or unclaimed.get(pool, 0) < ahead):
+            i, segment = waiting[pool].popleft()
+            token = f"{parent}:{i}:{segment[0].id}"
+            _CLAIMS[token] = lambda token=token: events.put(("claimed", token, None))
+            in_flight[token] = (i, pool, segment)
+            unclaimed[pool] = unclaimed.get(pool, 0) + 1
+            runs[i].send(pool, segment, token).add_done_callback(
+                lambda future, token=token: events.put(("ended", token, future)))
 
     def advance(i: int) -> None:
-        in_flight.update((future, (i, segment)) for future, segment in runs[i].dispatch_ready())
-        if not any(j == i for j, _ in in_flight.values()):
+        for pool, segment in runs[i].ready():
+            waiting.setdefault(pool, deque()).append((i, segment))
+            release(pool)
+        if not any(j == i for j, _, _ in in_flight.values()) and not any(
+                j == i for queued in waiting.values() for j, _ in queued):
             states[i] = runs[i].finish()
             if len(runs) > 1:
                 get_run_logger().info("%s: %s", runs[i].cfg.model.name, states[i].message or "completed")
 
+    def take(token: str, pool: str) -> None:  # a worker took it (or it ended untaken): the next may go
+        if token not in claimed:
+            claimed.add(token)
+            unclaimed[pool] -= 1
+            release(pool)
+
     for i in range(len(runs)):
         advance(i)
     while in_flight:
-        future = next(as_completed(list(in_flight)))
-        i, segment = in_flight.pop(future)
+        kind, token, future = events.get()
+        if token not in in_flight:
+            continue  # claimed after it ended
+        i, pool, segment = in_flight[token]
+        if kind == "claimed":
+            take(token, pool)
+            continue
+        del in_flight[token]
+        _CLAIMS.pop(token, None)
+        take(token, pool)
+        claimed.discard(token)
         runs[i].ended(future, segment)
         advance(i)
     return states

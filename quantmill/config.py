@@ -284,6 +284,9 @@ class InfraConfig:
         api_url: The Prefect server (prefect mode); unset: $PREFECT_API_URL.
         pools: Pool name -> its capabilities (prefect mode).
         poll_seconds: How often the parent polls a dispatched step's state.
+        queue_ahead: Per pool, how many of a parent's step runs may wait on the server for a worker (prefect
+            mode); the parent holds its other ready steps and sends one each time a worker takes one. 0: send
+            every ready step at once.
         pipeline_pool: The pool whose workers run whole submitted runs (``quantmill batch --submit``, the
             Prefect launcher, scheduled watches): the deployment ``quantmill-pipeline/<pool>``.
     """
@@ -295,6 +298,7 @@ class InfraConfig:
     api_url: Optional[str] = None
     pools: Dict[str, PoolConfig] = field(default_factory=dict)
     poll_seconds: float = 0.5
+    queue_ahead: int = 4
     pipeline_pool: str = "cpu"
 
 

@@ -203,6 +203,8 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
     """
     if cfg.infra.mode not in ("embedded", "prefect"):
         raise ConfigError(f"infra.mode {cfg.infra.mode!r} unknown; choose infra=embedded or infra=prefect")
+    if cfg.infra.queue_ahead < 0:
+        raise ConfigError(f"infra.queue_ahead {cfg.infra.queue_ahead} is negative; use 0 (no bound) or more")
     cfg, warnings = _apply_target(cfg)
     model = cfg.model
     source = SOURCES.get(model.source)

@@ -13,7 +13,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from quantmill import constants as C
 from quantmill.config import InfraConfig, PoolConfig, StoreConfig
@@ -377,10 +377,12 @@ def _id(value) -> str | None:
 STALE_HEARTBEATS = 3  # a worker silent for this many heartbeat intervals is taken as gone
 HEARTBEAT_CHECK_SECONDS = 5.0  # how often running runs' workers are checked
 API_PAGE = 200  # the most runs the API returns for one read
+RUNNING_EVENT = "prefect.flow-run.Running"
 
 
-def wait_for_run(flow_run_id: str, *, poll_seconds: float) -> str:
-    """Wait for a dispatched flow run to end; return its final state type.
+def wait_for_run(flow_run_id: str, *, poll_seconds: float, on_start: Callable[[], None] | None = None) -> str:
+    """Wait for a dispatched flow run to end; return its final state type. ``on_start`` is called once, from the
+    waiter's thread, when the run is seen taken by a worker (no longer scheduled or pending) or, at the latest, ended.
 
     Every wait of this process goes through one ``RunWaiter`` per server (see there): the end is heard as it
     happens from the server's event stream, and the API is read every ``poll_seconds`` for all runs at once, which
@@ -395,7 +397,7 @@ def wait_for_run(flow_run_id: str, *, poll_seconds: float) -> str:
         waiter = _WAITERS.get(url)
         if waiter is None or waiter.failed is not None:
             waiter = _WAITERS[url] = RunWaiter(url)
-    return waiter.wait(flow_run_id, poll_seconds)
+    return waiter.wait(flow_run_id, poll_seconds, on_start)
 
 
 class RunWaiter:
@@ -413,6 +415,7 @@ class RunWaiter:
         self.url = url
         self.lock = threading.Lock()
         self.pending: dict[str, list[tuple[Future, float]]] = {}
+        self.on_start: dict[str, list[Callable[[], None]]] = {}  # pending runs not yet seen taken by a worker
         self.loop = asyncio.new_event_loop()
         self.reads = 0  # API reads of the pending runs, for tests and benchmarks
         self.failed: BaseException | None = None  # set when the waiting thread stopped; a new waiter replaces it
@@ -422,7 +425,7 @@ class RunWaiter:
                                        name="quantmill-run-waiter", daemon=True)
         self.thread.start()
 
-    def wait(self, flow_run_id: str, poll_seconds: float) -> str:
+    def wait(self, flow_run_id: str, poll_seconds: float, on_start: Callable[[], None] | None = None) -> str:
         from concurrent.futures import Future
 
         done: Future = Future()
@@ -430,6 +433,8 @@ class RunWaiter:
             if self.failed is not None:
                 raise self.failed
             self.pending.setdefault(flow_run_id, []).append((done, poll_seconds))
+            if on_start is not None:
+                self.on_start.setdefault(flow_run_id, []).append(on_start)
         self.loop.call_soon_threadsafe(self._poke)
         return done.result()
 
@@ -437,7 +442,14 @@ class RunWaiter:
         if self._wake is not None:
             self._wake.set()
 
+    def _started(self, flow_run_id: str) -> None:
+        with self.lock:
+            calls = self.on_start.pop(flow_run_id, [])
+        for call in calls:
+            call()
+
     def _settle(self, flow_run_id: str, state: str | None = None, error: BaseException | None = None) -> None:
+        self._started(flow_run_id)  # ended before any read saw it running
         with self.lock:
             waits = self.pending.pop(flow_run_id, [])
             self.announced.discard(flow_run_id)
@@ -452,6 +464,7 @@ class RunWaiter:
                 self.failed = e if isinstance(e, Exception) else ServerError(f"waiting for runs stopped: {e!r}")
                 waits = [done for ws in self.pending.values() for done, _ in ws]
                 self.pending.clear()
+                self.on_start.clear()
             for done in waits:
                 done.set_exception(self.failed)
 
@@ -504,6 +517,8 @@ class RunWaiter:
             return
         running: list[Any] = []
         for run in runs:
+            if run.state and not (run.state.is_scheduled() or run.state.is_pending()):
+                self._started(str(run.id))
             if run.state and run.state.is_final():
                 self._settle(str(run.id), run.state.type.value)
             elif check_workers and run.work_pool_name and run.state and run.state.is_running():
@@ -527,14 +542,17 @@ class RunWaiter:
 
         final = [f"prefect.flow-run.{name}" for name in ("Completed", "Failed", "Crashed", "Cancelled")]
         try:
-            async with get_events_subscriber(filter=EventFilter(event=EventNameFilter(name=final)),
+            async with get_events_subscriber(filter=EventFilter(event=EventNameFilter(name=[*final, RUNNING_EVENT])),
                                              reconnection_attempts=2) as events:
                 async for event in events:
                     flow_run_id = event.resource.id.removeprefix("prefect.flow-run.")
                     with self.lock:
-                        mine = flow_run_id in self.pending
-                        if mine:
-                            self.announced.add(flow_run_id)
+                        if event.event == RUNNING_EVENT:  # taken by a worker: read now if someone asks
+                            mine = flow_run_id in self.on_start
+                        else:
+                            mine = flow_run_id in self.pending
+                            if mine:
+                                self.announced.add(flow_run_id)
                     if mine:
                         self._poke()
         except Exception:  # noqa: BLE001 - see the docstring

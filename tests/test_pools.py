@@ -339,6 +339,43 @@ def test_a_batch_on_pools_is_one_parent_run_for_all_its_models(cluster, monkeypa
     assert {"batch-a: completed", "batch-b: completed"} <= set(logs), logs
 
 
+def test_a_batch_parent_keeps_at_most_queue_ahead_step_runs_waiting_for_a_worker(cluster, monkeypatch, tmp_path):
+    """With infra.queue_ahead=1 the parent of a three-model batch sends a step run only when no other of its step
+    runs is still waiting for a worker: read back from the server, each step run was created after every earlier
+    one had started; all three complete."""
+    import shutil
+
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterParentTaskRunId
+
+    _s3_env(monkeypatch)
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "batch" / "three.yaml").write_text(
+        "recipes: [gguf_q8_0]\nmodels:\n" + "".join(
+            f"  - {{model: tiny_llama, overrides: [model.name=ahead-{x}]}}\n" for x in "abc"))
+    home = cluster.root / "ahead"
+    home.mkdir()
+    proc = subprocess.run(_cli("batch", "three", "--config-dir", str(conf), "--json",
+                               *cluster.overrides(f"store.cache_dir={home / 'cache'}", "validate.enabled=false",
+                                                  "infra.queue_ahead=1")),
+                          cwd=home, capture_output=True, env={**cluster.env, "PREFECT_HOME": str(home / "prefect")},
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["ok"] for r in json.loads(proc.stdout)["results"]] == [True] * 3
+
+    with cluster.client() as client:
+        batches = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["quantmill-batch"])))
+        (parent,) = [r for r in batches if r.parameters["configs"][0]["model"]["name"] == "ahead-a"]
+        tasks = [t for t in client.read_task_runs() if t.flow_run_id == parent.id]
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[t.id for t in tasks])))
+    assert len(children) == 3 and all(c.state.is_completed() for c in children)
+    children.sort(key=lambda c: c.created)
+    for later in children[1:]:
+        waiting = [c.name for c in children if c.created < later.created and c.start_time > later.created]
+        assert waiting == [], (later.name, waiting)
+
+
 # -- bad input, refused before anything runs -----------------------------------------------------------------
 def _compose(*extra: str):
     from quantmill.config import compose

@@ -162,3 +162,10 @@ def test_unknown_gate_lists_known_gates(tmp_path, tiny_model):
     with pytest.raises(ConfigError) as e:
         _plan(tmp_path, tiny_model, "+recipe.gguf_q8_0.gates.max_kld=0.1")
     assert "recipe 'gguf_q8_0': unknown gate(s) max_kld; known: max_mean_kld" in _one_line(e)
+
+
+def test_negative_queue_ahead_is_refused(tmp_path, tiny_model):
+    with pytest.raises(ConfigError) as e:
+        _plan(tmp_path, tiny_model, "infra.queue_ahead=-1")
+    assert _one_line(e) == "infra.queue_ahead -1 is negative; use 0 (no bound) or more"
+    assert _nothing_stored(tmp_path)
