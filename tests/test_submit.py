@@ -130,6 +130,21 @@ def test_deploy_schedules_a_watch_per_batch_with_its_cron(server):
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules] == \
         [("30 2 * * 1-5", "Europe/Paris", True)]
     assert deployment.parameters == {"batch": "pair"} and deployment.work_pool_name == "cpu"
+    # The server's scheduler makes the schedule's runs (it failed on SQLAlchemy 2.1: 'Can't evaluate bulk DML
+    # statement'): each at 02:30 in Paris on a weekday, for the worker to take then.
+    from zoneinfo import ZoneInfo
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    def scheduled():
+        with _client(server) as client:
+            return client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+
+    runs = wait(scheduled, 120, "the server's scheduler to schedule the watch's runs")
+    paris = [r.expected_start_time.astimezone(ZoneInfo("Europe/Paris")) for r in runs]
+    assert all((t.hour, t.minute) == (2, 30) and t.weekday() < 5 for t in paris), paris
+    assert all(r.state.is_scheduled() for r in runs)
     inspect = subprocess.run([*prefect, "deployment", "inspect", "quantmill-watch/pair"], env=server["env"],
                              capture_output=True, text=True, timeout=120)
     assert "'cron': '30 2 * * 1-5'" in inspect.stdout, inspect.stdout + inspect.stderr
