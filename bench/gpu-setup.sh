@@ -2,7 +2,8 @@
 #
 #     . bench/gpu-setup.sh
 #
-# It expects a carry folder (default .gpu-carry, git-ignored) holding what the machine lacks and cannot download:
+# It expects a carry folder (default .gpu-carry, git-ignored; bench/gpu_carry.py writes its whl/) holding what the
+# machine lacks and cannot download:
 #   whl/            wheels for Python 3.12 (Prefect, hydra, llm-compressor, moto, ...), installed into /tmp/site
 #   site/           (optional) pure-Python packages copied as they are (the llama_cpp bindings, without a library)
 #   llama-src.tgz   (optional: without it no llama.cpp is built) the llama.cpp tree vendored by the pinned llama-cpp-python sdist (scripts/build-llama-cpp.sh)
