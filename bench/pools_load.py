@@ -94,7 +94,7 @@ def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: st
         with get_client(sync_client=True) as c:  # the API pages at 200
             while page := c.read_flow_runs(limit=200, offset=len(step_runs)):
                 step_runs += page
-        step_runs = [r for r in step_runs if r.work_pool_name == "cpu"]
+        step_runs = [r for r in step_runs if "pool:cpu" in r.tags]  # not the watches' scheduled runs
     finally:
         cluster.stop()
 

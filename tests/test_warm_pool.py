@@ -56,7 +56,8 @@ def test_a_warm_pool_runs_steps_in_the_workers_process(tmp_path, s3_endpoint):
         steps = json.loads(proc.stdout)["steps"]
         assert {s["status"] for s in steps} == {"ran"} and all(s["result"].get("status") != "failed" for s in steps)
         with client() as c:
-            runs = [r for r in c.read_flow_runs() if r.work_pool_name == "cpu"]
+            # the step runs (tagged by dispatch), not the watch's scheduled runs the worker's deployments made
+            runs = [r for r in c.read_flow_runs() if "pool:cpu" in r.tags]
         assert runs and {r.state.type.value for r in runs} == {"COMPLETED"}
         assert {r.infrastructure_pid for r in runs} == {str(worker.pid)}  # no process was started for them
         assert all("worker:w-warm" in r.tags for r in runs)
