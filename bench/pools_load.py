@@ -103,14 +103,13 @@ def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: st
         worker = next((t.split(":", 1)[1] for t in r.tags if t.startswith("worker:")), "?")
         by_worker.setdefault(worker, []).append(r)
     spans = [(r.created.timestamp(), r.end_time.timestamp(), r.id) for r in step_runs]
-    owner = {r.id: next((int(s["config"]["model_name"].removeprefix("tiny-")) for s in r.parameters["specs"]
+    owner = {r.id: next((int(s["config"]["model_name"].removeprefix("tiny-")) for s in r.parameters.get("specs", [])
                          if s.get("config", {}).get("model_name", "").startswith("tiny-")), -1)
-             for r in step_runs if r.parameters}
+             for r in step_runs if r.parameters}  # step run -> the benchmark run it serves (-1: the warm-up's)
     handovers = _handovers(by_worker)
     rows = []
     for run in runs:
-        mine = [r for r in step_runs if r.parameters and any(
-            s.get("config", {}).get("model_name") == f"tiny-{run['run']:03d}" for s in r.parameters.get("specs", []))]
+        mine = [r for r in step_runs if owner.get(r.id) == run["run"]]
         since_created = [queued_seconds(spans, r.created.timestamp(), r.start_time.timestamp(), len(by_worker))
                          for r in mine]
         queued, from_creation = since_created, sum(since_created)
