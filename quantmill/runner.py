@@ -374,7 +374,8 @@ def _id(value) -> str | None:
 
 
 # -- waiting for dispatched step runs -------------------------------------------------------------------------
-STALE_HEARTBEATS = 3  # a worker silent for this many heartbeat intervals is taken as gone
+STALE_HEARTBEATS = 3  # a worker silent for this many heartbeat intervals is taken as gone ...
+STALE_FLOOR_SECONDS = 20.0  # ... and for at least this long: a starved machine delays heartbeats by seconds
 HEARTBEAT_CHECK_SECONDS = 5.0  # how often running runs' workers are checked
 API_PAGE = 200  # the most runs the API returns for one read
 RUNNING_EVENT = "prefect.flow-run.Running"
@@ -564,6 +565,7 @@ async def _crashed(client, run, workers: list[Any]) -> bool:
     True if so."""
     from datetime import datetime, timezone
 
+    from prefect.client.schemas.responses import SetStateStatus
     from prefect.states import Crashed
 
     worker = next((t.split(":", 1)[1] for t in run.tags if t.startswith("worker:")), None)
@@ -573,12 +575,13 @@ async def _crashed(client, run, workers: list[Any]) -> bool:
     if not found or not found[0].last_heartbeat_time:
         return False
     silent = (datetime.now(timezone.utc) - found[0].last_heartbeat_time).total_seconds()
-    if silent <= STALE_HEARTBEATS * (found[0].heartbeat_interval_seconds or 30):
+    if silent <= max(STALE_HEARTBEATS * (found[0].heartbeat_interval_seconds or 30), STALE_FLOOR_SECONDS):
         return False
     message = (f"worker {worker} of pool {run.work_pool_name} stopped (no heartbeat for {silent:.0f} s) while running "
                f"this step; finished steps are kept, re-run to resume")
-    await client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-    return True
+    # Proposed, not forced: a run that ended since it was read keeps its end (the server rejects the change).
+    result = await client.set_flow_run_state(run.id, Crashed(message=message))
+    return result.status == SetStateStatus.ACCEPT
 
 
 _WAITERS: dict[str, RunWaiter] = {}
