@@ -46,6 +46,10 @@ def explain_client_error(exc: Exception, bucket: str, endpoint: str | None, sett
     return StoreError(f"{where}: {type(exc).__name__}: {exc}")
 
 
+SMALL_FILE_BYTES = 64 << 10  # files read whole (results, cards) up to this size are kept in memory once verified
+SMALL_FILES_KEPT = 4096
+
+
 class S3Store(Store):
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, cache_dir: str | Path = ".quantmill/s3-cache"):
@@ -60,6 +64,7 @@ class S3Store(Store):
         self.cache = Path(cache_dir).expanduser().resolve()
         self._uploads: dict[str, str] = {}  # artifact key -> upload id of its committed files
         self._statements: dict[str, dict[str, Any]] = {}  # committed records never change: read each once
+        self._small: dict[tuple[str, str, str], bytes] = {}  # (key, path, sha256) -> verified bytes of a small file
         for sub in (C.OBJECTS_DIR, C.STAGING_DIR, C.STATE_DIR):
             (self.cache / sub).mkdir(parents=True, exist_ok=True)
 
@@ -144,9 +149,16 @@ class S3Store(Store):
         subject = next((s for s in provenance.subjects_of(stmt) if s.path == path), None)
         if subject is None:
             raise NotFound(f"artifact {ref.key} in {self.uri} has no file {path}")
+        kept = self._small.get((ref.key, path, subject.sha256))
+        if kept is not None:  # verified when read: a batch reads its shared download's result once, not per run
+            return kept
         body = self._call(self.client.get_object, Bucket=self.bucket, Key=self._file_key(ref.key, path))["Body"].read()
         if hashlib.sha256(body).hexdigest() != subject.sha256:
             raise IntegrityError(f"artifact {ref.key} in {self.uri}: {path} differs from its provenance; not used")
+        if len(body) <= SMALL_FILE_BYTES:
+            if len(self._small) >= SMALL_FILES_KEPT:
+                self._small.clear()
+            self._small[(ref.key, path, subject.sha256)] = body
         return body
 
     def verify(self, key: str) -> list[str]:

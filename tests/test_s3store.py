@@ -111,6 +111,24 @@ def test_altered_object_is_detected_on_download(endpoint, bucket, tmp_path):
     assert not (tmp_path / "b" / "objects" / KEY / "files" / "model.gguf").exists()
 
 
+def test_a_small_file_is_fetched_once_per_store_and_only_verified_bytes_are_kept(endpoint, bucket, tmp_path):
+    """``read_file`` (results, cards) keeps what it verified: a second read asks the bucket nothing; bytes altered
+    in the bucket afterwards are refused by a store that reads them, and never replace the kept ones."""
+    import boto3
+
+    ref = _commit(_worker(endpoint, bucket, tmp_path, "a"), b"original weights")
+    b = _worker(endpoint, bucket, tmp_path, "b")
+    reads: list[str] = []
+    b.client.meta.events.register("before-parameter-build.s3.GetObject", lambda params, **_: reads.append(params["Key"]))
+    assert b.read_file(ref, "model.gguf") == b.read_file(ref, "model.gguf") == b"original weights"
+    assert [k.rsplit("/", 1)[-1] for k in reads] == ["provenance.json", "model.gguf"]
+    boto3.client("s3", endpoint_url=endpoint).put_object(
+        Bucket=bucket, Key=_file_object(endpoint, bucket, "model.gguf"), Body=b"Original weights")
+    with pytest.raises(IntegrityError, match=r"model.gguf differs from its provenance; not used"):
+        _worker(endpoint, bucket, tmp_path, "c").read_file(ref, "model.gguf")
+    assert b.read_file(ref, "model.gguf") == b"original weights" and len(reads) == 2
+
+
 def test_missing_bucket_is_one_line(endpoint, bucket, tmp_path):
     store = S3Store("no-such-bucket", endpoint_url=endpoint, cache_dir=tmp_path / "c")
     with pytest.raises(StoreError) as e:
