@@ -54,12 +54,85 @@ class WarmWorker(BaseWorker[BaseJobConfiguration, BaseVariables, WarmWorkerResul
     _description = "Runs quantmill flow runs in the worker's own interpreter (no process start per run)."
     _display_name = "quantmill warm"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._reads: _RememberedReads | None = None
+
+    @property
+    def client(self):
+        """Prefect's client, with deployment and flow reads remembered for a while: claiming a run reads its
+        deployment twice and its flow once, the same few objects for every run of a pool."""
+        client = BaseWorker.client.fget(self)
+        if self._reads is None or self._reads.client is not client:
+            self._reads = _RememberedReads(client)
+        return self._reads
+
     async def run(self, flow_run, configuration: BaseJobConfiguration, task_status=None) -> WarmWorkerResult:
         deployment = await self.client.read_deployment(flow_run.deployment_id)
         if task_status is not None:
             task_status.started(os.getpid())
         code = await anyio.to_thread.run_sync(_execute, flow_run, deployment.entrypoint)
         return WarmWorkerResult(status_code=code, identifier=str(os.getpid()))
+
+    def _release_limit_slot(self, flow_run_id) -> None:
+        """A slot freed by a run that ended: ask for the next run now, not at the next poll (a worker with
+        ``--limit 1`` otherwise idles up to a poll interval between two queued runs)."""
+        super()._release_limit_slot(flow_run_id)
+        if self._runs_task_group is not None and flow_run_id not in self._submitting_flow_run_ids:
+            self._runs_task_group.start_soon(self._poll_now)
+
+    async def _poll_now(self) -> None:
+        try:
+            await self.get_and_submit_flow_runs()
+        except Exception:  # noqa: BLE001 - the regular poll asks again
+            self._logger.debug("an early poll failed; the next regular poll asks again", exc_info=True)
+
+    async def listen_for_runs(self) -> None:
+        """Poll as soon as the server announces a run scheduled on this pool, instead of at the next interval;
+        without an event stream (a proxy that refuses websockets) the regular polls find it."""
+        from prefect.events.clients import get_events_subscriber
+        from prefect.events.filters import EventFilter, EventNameFilter
+
+        scheduled = EventFilter(event=EventNameFilter(name=["prefect.flow-run.Scheduled"]))
+        try:
+            async with get_events_subscriber(filter=scheduled, reconnection_attempts=2) as events:
+                async for event in events:
+                    free = self._limiter is None or self._limiter.available_tokens > 0
+                    if free and any(r.role == "work-pool" and r.name == self._work_pool_name for r in event.related):
+                        await self._poll_now()
+        except Exception:  # noqa: BLE001 - see the docstring
+            self._logger.debug("no event stream; polling every interval only", exc_info=True)
+
+
+class _RememberedReads:
+    """A client whose ``read_deployment`` and ``read_flow`` answers are kept for ``REMEMBER_SECONDS``; everything
+    else goes to the client. A warm worker ignores job variables and imports each entrypoint once anyway."""
+
+    def __init__(self, client):
+        self.client = client
+        self._kept: dict[tuple[str, Any], tuple[float, Any]] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.client, name)
+
+    async def _remembered(self, what: str, key: Any):
+        import time
+
+        kept = self._kept.get((what, key))
+        if kept is not None and time.monotonic() - kept[0] < REMEMBER_SECONDS:
+            return kept[1]
+        value = await getattr(self.client, what)(key)
+        self._kept[(what, key)] = (time.monotonic(), value)
+        return value
+
+    async def read_deployment(self, deployment_id):
+        return await self._remembered("read_deployment", deployment_id)
+
+    async def read_flow(self, flow_id):
+        return await self._remembered("read_flow", flow_id)
+
+
+REMEMBER_SECONDS = 60.0
 
 
 def base_job_template() -> dict[str, Any]:
@@ -68,7 +141,10 @@ def base_job_template() -> dict[str, Any]:
 
 async def _serve(pool: str, name: str, limit: int | None) -> None:
     async with WarmWorker(work_pool_name=pool, name=name, limit=limit) as worker:
-        await worker.start()
+        async with anyio.create_task_group() as group:
+            group.start_soon(worker.listen_for_runs)
+            await worker.start()
+            group.cancel_scope.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:
