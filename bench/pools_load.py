@@ -81,6 +81,7 @@ def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: st
             outcomes = run_config(cfg)
             return {"run": i, "start": t0, "end": time.time(), "ok": all(o.ok for o in outcomes),
                     "ran": [o.spec_id for o in outcomes if o.status == "ran"],
+                    "errors": [f"{o.spec_id}: {o.error}" for o in outcomes if not o.ok],
                     "steps_s": sum(o.seconds for o in outcomes if o.status == "ran")}
 
         t0 = time.time()
@@ -178,6 +179,7 @@ def one_batch(configs: list, run_configs) -> list[dict]:
         parent._Driven.finish = finish
     return [{"run": i, "start": t0, "end": ends[cfg.model.name], "ok": all(o.ok for o in outcomes),
              "ran": [o.spec_id for o in outcomes if o.status == "ran"],
+             "errors": [f"{o.spec_id}: {o.error}" for o in outcomes if not o.ok],
              "steps_s": sum(o.seconds for o in outcomes if o.status == "ran")}
             for i, (cfg, outcomes) in enumerate(zip(configs, results))]
 

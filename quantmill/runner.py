@@ -561,8 +561,8 @@ class RunWaiter:
 
 
 async def _crashed(client, run, workers: list[Any]) -> bool:
-    """Mark ``run`` Crashed if the worker that took it (one of its pool's ``workers``) stopped sending heartbeats;
-    True if so."""
+    """Mark ``run`` Crashed if the worker that took it (one of its pool's ``workers``) stopped sending heartbeats
+    since it started the run; True if so."""
     from datetime import datetime, timezone
 
     from prefect.client.schemas.responses import SetStateStatus
@@ -574,7 +574,11 @@ async def _crashed(client, run, workers: list[Any]) -> bool:
     found = [w for w in workers if w.name == worker]
     if not found or not found[0].last_heartbeat_time:
         return False
-    silent = (datetime.now(timezone.utc) - found[0].last_heartbeat_time).total_seconds()
+    # The worker's heartbeat, or the run's own last change (its start) when later: a busy server that refuses
+    # heartbeats ('database is locked' on SQLite; the worker then backs off) does not make a worker that has just
+    # started this run look gone.
+    seen = max(found[0].last_heartbeat_time, run.state.timestamp or found[0].last_heartbeat_time)
+    silent = (datetime.now(timezone.utc) - seen).total_seconds()
     if silent <= max(STALE_HEARTBEATS * (found[0].heartbeat_interval_seconds or 30), STALE_FLOOR_SECONDS):
         return False
     message = (f"worker {worker} of pool {run.work_pool_name} stopped (no heartbeat for {silent:.0f} s) while running "
