@@ -358,11 +358,17 @@ def current_run() -> RunInfo:
 
 def tag_this_flow_run() -> None:
     """Record on this flow run which worker runs it (the API knows the pool, not the worker's name)."""
-    from prefect.client.orchestration import get_client
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+    from prefect.context import FlowRunContext
     from prefect.runtime import flow_run
 
     worker, run_id = os.environ.get(C.ENV_WORKER), flow_run.get_id()
     if not worker or not run_id:
+        return
+    context = FlowRunContext.get()
+    if context is not None and context.flow_run is not None and isinstance(context.client, SyncPrefectClient):
+        # the engine's own client and its copy of the run: one call, no client made
+        context.client.update_flow_run(context.flow_run.id, tags=sorted({*context.flow_run.tags, f"worker:{worker}"}))
         return
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run_id)
