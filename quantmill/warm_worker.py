@@ -57,6 +57,7 @@ class WarmWorker(BaseWorker[BaseJobConfiguration, BaseVariables, WarmWorkerResul
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._reads: _RememberedReads | None = None
+        self._early_poll = False  # a poll asked for by an event or a run's end is under way
 
     @property
     def client(self):
@@ -82,10 +83,15 @@ class WarmWorker(BaseWorker[BaseJobConfiguration, BaseVariables, WarmWorkerResul
             self._runs_task_group.start_soon(self._poll_now)
 
     async def _poll_now(self) -> None:
+        if self._early_poll:  # one at a time: on a busy SQLite server every poll is a write that may wait
+            return
+        self._early_poll = True
         try:
             await self.get_and_submit_flow_runs()
         except Exception:  # noqa: BLE001 - the regular poll asks again
             self._logger.debug("an early poll failed; the next regular poll asks again", exc_info=True)
+        finally:
+            self._early_poll = False
 
     async def listen_for_runs(self) -> None:
         """Poll as soon as the server announces a run scheduled on this pool, instead of at the next interval;
