@@ -134,11 +134,12 @@ CHECK_TTL_SECONDS = 10.0
 _CHECKED: dict[Any, tuple[float, Any]] = {}
 
 
-def _recent_check(key: Any) -> tuple[bool, Any]:
+def _recent_check(key: Any, ttl: float = CHECK_TTL_SECONDS) -> tuple[bool, Any]:
+    """(True, what was remembered) when ``key`` was remembered less than ``ttl`` seconds ago, else (False, None)."""
     import time
 
     hit = _CHECKED.get(key)
-    return (True, hit[1]) if hit and time.monotonic() - hit[0] < CHECK_TTL_SECONDS else (False, None)
+    return (True, hit[1]) if hit and time.monotonic() - hit[0] < ttl else (False, None)
 
 
 def _remember_check(key: Any, value: Any = None) -> None:
@@ -583,7 +584,7 @@ async def _crashed(client, run, workers: list[Any]) -> bool:
     # The worker's heartbeat, or the run's own last change (its start) when later: a busy server that refuses
     # heartbeats ('database is locked' on SQLite; the worker then backs off) does not make a worker that has just
     # started this run look gone.
-    seen = max(found[0].last_heartbeat_time, run.state.timestamp or found[0].last_heartbeat_time)
+    seen = max(found[0].last_heartbeat_time, run.state.timestamp)
     silent = (datetime.now(timezone.utc) - seen).total_seconds()
     if silent <= max(STALE_HEARTBEATS * (found[0].heartbeat_interval_seconds or 30), STALE_FLOOR_SECONDS):
         return False

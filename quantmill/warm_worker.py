@@ -111,24 +111,23 @@ class WarmWorker(BaseWorker[BaseJobConfiguration, BaseVariables, WarmWorkerResul
 
 
 class _RememberedReads:
-    """A client whose ``read_deployment`` and ``read_flow`` answers are kept for ``REMEMBER_SECONDS``; everything
-    else goes to the client. A warm worker ignores job variables and imports each entrypoint once anyway."""
+    """A client whose ``read_deployment`` and ``read_flow`` answers are kept for ``REMEMBER_SECONDS`` (in the
+    process's memory of checks, ``runner._recent_check``); everything else goes to the client. A warm worker
+    ignores job variables and imports each entrypoint once anyway."""
 
     def __init__(self, client):
         self.client = client
-        self._kept: dict[tuple[str, Any], tuple[float, Any]] = {}
 
     def __getattr__(self, name: str):
         return getattr(self.client, name)
 
     async def _remembered(self, what: str, key: Any):
-        import time
+        from quantmill.runner import _recent_check, _remember_check
 
-        kept = self._kept.get((what, key))
-        if kept is not None and time.monotonic() - kept[0] < REMEMBER_SECONDS:
-            return kept[1]
-        value = await getattr(self.client, what)(key)
-        self._kept[(what, key)] = (time.monotonic(), value)
+        hit, value = _recent_check(("worker", what, key), ttl=REMEMBER_SECONDS)
+        if not hit:
+            value = await getattr(self.client, what)(key)
+            _remember_check(("worker", what, key), value)
         return value
 
     async def read_deployment(self, deployment_id):
