@@ -206,7 +206,7 @@ def _run_on_pools(planned: list[tuple], *, verbose: bool) -> list[list]:
 
     runner.connect(planned[0][0].infra, verbose=verbose)
     for warning in runner.check_deployments(sorted({p for _, _, pl, _ in planned for p in pl.routes.values()})):
-        ui.out.print(f"[yellow]{warning}[/]")
+        ui.console.print(f"[yellow]{warning}[/]")  # stderr: stdout carries the report (`--json` must parse)
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.pipeline import handed_over, pipeline_on_pools, pipelines_on_pools

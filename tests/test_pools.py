@@ -237,10 +237,25 @@ def test_worker_killed_mid_step_leaves_nothing_partial_and_a_rerun_resumes(clust
     for key, names in cluster.bucket_objects().items():  # no partial artifact: every key is complete and verifies
         assert "provenance.json" in names and auditor.verify(key) == [], key
 
+    # The rerun is submitted while pool mac has no worker: it says so on stderr, waits, and finishes once one starts.
+    _wait(lambda: not cluster.worker_online("mac", "w-mac"), 120, "the server to see w-mac offline")
+    rerun = cluster.run(*extra, name="fault")
+
+    def step_waiting_on_mac():
+        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+                                                    WorkPoolFilter, WorkPoolFilterName)
+
+        scheduled = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"])))
+        with cluster.client() as client:
+            return client.read_flow_runs(flow_run_filter=scheduled,
+                                         work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=["mac"])))
+
+    _wait(lambda: step_waiting_on_mac() or rerun.poll() is not None, 300, "a step run waiting on pool mac")
     cluster.workers["mac"] = cluster.start_worker("mac", "w-mac")
-    code, report, err = cluster.run_to_end(*extra, name="fault")
-    assert code == 0, err
-    again = _steps(report)
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err
+    assert "pool 'mac' has no worker online" in err
+    again = _steps(json.loads(out))  # the warning is not in the report
     assert {sid for sid, s in again.items() if s["status"] == "cached"} == finished
     assert again["validate:mlx_4bit"]["status"] == "ran"
     assert again["validate:mlx_4bit"]["result"]["status"] == "passed"
