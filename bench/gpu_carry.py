@@ -22,7 +22,6 @@ from pathlib import Path
 # What the pipeline and the calibrated-quantizer benchmark import on the GPU machine (llama.cpp is optional there).
 ROOTS = ("prefect", "fastapi", "sqlalchemy", "hydra-core", "omegaconf", "boto3", "securesystemslib", "cryptography",
          "rich", "llmcompressor", "compressed-tensors", "datasets", "sentencepiece", "protobuf")
-SKIP = ("asyncpg",)  # PostgreSQL only: the benchmark's server runs on SQLite
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "linux_x86_64")
 
 
@@ -46,7 +45,7 @@ def needed(have: set[str]) -> list[str]:
             dist = md.distribution(n)
         except md.PackageNotFoundError:
             return
-        if n not in have and n not in SKIP:
+        if n not in have:  # asyncpg too: Prefect's server imports it even on SQLite
             out.append(f"{n}=={dist.version}")
         for line in dist.requires or []:
             req = Requirement(line)
