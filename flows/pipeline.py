@@ -152,28 +152,34 @@ def collect(segment: list[StepSpec], run_id: str | None, failure: str | None, st
 
 # What the caller in this process planned for a config just before starting its parent flow, used once by that
 # flow instead of planning again (a plan reads every source and asks the store about every step: the second plan
-# was about an eighth of a parent's Python with many parents in one process).
-_HANDED_OVER: dict[bytes, tuple[Any, Any, Any]] = {}
+# was about an eighth of a parent's Python with many parents in one process). Either (cfg, store, plan,
+# resolution), or a function the parent calls when it comes to the config: a batch's later configs are planned
+# while the first ones' steps already run. Such a function returns, instead, why a config is not the parent's to
+# run (all its steps cached, or refused in preflight); the caller keeps its outcomes or its error.
+_HANDED_OVER: dict[bytes, Any] = {}
 
 
 @contextmanager
-def handed_over(config: dict[str, Any], store, the_plan, resolution) -> Iterator[None]:
-    """While inside, a parent run (``pipeline_on_pools``, ``pipelines_on_pools``) of ``config`` takes this plan
+def handed_over(config: dict[str, Any], made) -> Iterator[None]:
+    """While inside, a parent run (``pipeline_on_pools``, ``pipelines_on_pools``) of ``config`` takes ``made``
     (once) instead of planning."""
     key = canonical_json(config)
-    _HANDED_OVER[key] = (store, the_plan, resolution)
+    _HANDED_OVER[key] = made
     try:
         yield
     finally:
         _HANDED_OVER.pop(key, None)  # not taken (the run was refused before it started): a retry plans again
 
 
-def _handed_over_or_planned(config: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-    """The config, store, plan and resolution of a run: those handed over by the caller, else made here."""
-    cfg = to_config(config)
+def _handed_over_or_planned(config: dict[str, Any]) -> tuple[Any, Any, Any, Any] | str:
+    """The config, store, plan and resolution of a run: those handed over by the caller, else made here; or why
+    the caller says the config is not this parent's to run."""
     handed = _HANDED_OVER.pop(canonical_json(config), None)
+    if callable(handed):
+        return handed()
     if handed is not None:
-        return (cfg, *handed)
+        return handed
+    cfg = to_config(config)
     store = open_store(cfg)
     the_plan = plan(cfg, store)
     return cfg, store, the_plan, resolve(the_plan, store)
@@ -241,9 +247,10 @@ def _drive(configs: list[dict[str, Any]]) -> list:
     from prefect import get_run_logger
     from prefect.runtime import flow_run
 
-    runs = [_Driven(i, *_handed_over_or_planned(config)) for i, config in enumerate(configs)]
-    ahead = runs[0].cfg.infra.queue_ahead if runs else 0
-    states: list[Any] = [None] * len(runs)
+    runs: list[_Driven | None] = [None] * len(configs)
+    unplanned = deque(range(len(configs)))  # planned one at a time, while nothing else is to be done
+    ahead: int | None = None  # the batch's infra.queue_ahead, from its first config planned
+    states: list[Any] = [None] * len(runs)  # None: not this parent's to run (see _HANDED_OVER)
     events: queue.Queue = queue.Queue()  # ("claimed" | "ended", token, future), from the waiter and the tasks
     waiting: dict[str, deque] = {}  # pool -> (run index, segment) not yet sent
     unclaimed: dict[str, int] = {}  # pool -> sent runs no worker has taken yet
@@ -277,10 +284,24 @@ def _drive(configs: list[dict[str, Any]]) -> list:
             unclaimed[pool] -= 1
             release(pool)
 
-    for i in range(len(runs)):
-        advance(i)
-    while in_flight:
-        kind, token, future = events.get()
+    def plan_next() -> None:
+        nonlocal ahead
+        i = unplanned.popleft()
+        made = _handed_over_or_planned(configs[i])
+        if isinstance(made, str):
+            if len(configs) > 1:
+                get_run_logger().info("%s: %s", configs[i]["model"]["name"], made)
+        else:
+            runs[i] = _Driven(i, *made)
+            ahead = runs[i].cfg.infra.queue_ahead if ahead is None else ahead
+            advance(i)
+
+    while in_flight or unplanned:  # a config is planned when no event waits: the first step runs go first
+        try:
+            kind, token, future = events.get_nowait() if unplanned else events.get()
+        except queue.Empty:
+            plan_next()
+            continue
         if token not in in_flight:
             continue  # claimed after it ended
         i, pool, segment = in_flight[token]
@@ -309,9 +330,9 @@ def pipelines_on_pools(configs: list[dict[str, Any]]):
     server instead of one per config, their steps dispatched side by side. Returns each config's outcomes; the run
     fails, after every config has ended, when a step of any of them failed."""
     states = _drive(configs)
-    data = [state.data for state in states]
-    failed = [i for i, state in enumerate(states) if state.is_failed()]
+    data = [None if state is None else state.data for state in states]  # None: a config not this run's
+    failed = [i for i, state in enumerate(states) if state is not None and state.is_failed()]
     if failed:
-        return Failed(message=f"{len(failed)} of {len(states)} runs had failed steps: "
+        return Failed(message=f"{len(failed)} of {sum(s is not None for s in states)} runs had failed steps: "
                               + "; ".join(states[i].message for i in failed), data=data)
     return Completed(data=data)

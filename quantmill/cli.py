@@ -91,7 +91,9 @@ def run_configs(cfgs: list, *, verbose: bool = False) -> list:
     """Several composed configs: for each, its outcomes or the QuantmillError that stopped it before a step ran.
 
     On pools (every config ``infra.mode=prefect``, one server) the configs that have steps to run go to the server
-    as one parent flow run, their steps side by side on the pools' workers; otherwise each runs in turn."""
+    as one parent flow run, their steps side by side on the pools' workers; otherwise each runs in turn. There the
+    configs are planned in order until one has steps to run; the parent starts with it and plans each later one
+    when nothing else waits, so the first step runs go out before the batch is planned (50 plans: 0.7 s)."""
     from quantmill.errors import QuantmillError
 
     servers = {(c.infra.mode, c.infra.api_url) for c in cfgs}
@@ -103,21 +105,50 @@ def run_configs(cfgs: list, *, verbose: bool = False) -> list:
             except QuantmillError as e:
                 results.append(e)
         return results
-    results = [None] * len(cfgs)
-    pending = []
+    from quantmill import runner, ui
+
+    results: list = [None] * len(cfgs)
     stores: dict[bytes, Any] = {}  # each distinct store opened once for the batch: one client, records read once
-    for i, cfg in enumerate(cfgs):
+
+    def made_for(i: int):
+        """Config i's (cfg, store, plan, resolution) for the parent; or, with its result kept here, why it is not
+        the parent's to run (every step cached, or refused in preflight)."""
         try:
-            planned = _planned(cfg, stores=stores)
+            planned = _planned(cfgs[i], stores=stores)
         except QuantmillError as e:
             results[i] = e
-            continue
+            return f"refused: {e}"
         if isinstance(planned, list):
-            results[i] = planned  # every step cached
-        else:
-            pending.append((i, planned))
-    if pending:
-        for (i, _), outcomes in zip(pending, _run_on_pools([p for _, p in pending], verbose=verbose)):
+            results[i] = planned
+            return "every step cached"
+        return planned
+
+    first, made = next(((i, m) for i in range(len(cfgs)) for m in [made_for(i)] if not isinstance(m, str)),
+                       (None, None))
+    if first is None:
+        return results
+    checked = set(made[2].routes.values())  # pools _run_on_pools checks before the parent starts
+
+    def later(i: int):
+        def made_later():  # called by the parent when it comes to config i, while earlier configs' steps run
+            m = made_for(i)
+            new = sorted(set(m[2].routes.values()) - checked) if not isinstance(m, str) else []
+            if new:
+                try:
+                    warnings = runner.check_deployments(new)
+                except QuantmillError as e:
+                    results[i] = e
+                    return f"refused: {e}"
+                checked.update(new)
+                for warning in warnings:
+                    ui.console.print(f"[yellow]{warning}[/]")
+            return m
+        return made_later
+
+    rest = range(first + 1, len(cfgs))
+    for i, outcomes in zip(range(first, len(cfgs)),
+                           _run_on_pools(cfgs[first:], [made, *map(later, rest)], verbose=verbose)):
+        if outcomes is not None:
             results[i] = outcomes
     return results
 
@@ -179,7 +210,7 @@ def _run_config(cfg, ahead, *, verbose: bool) -> list:
     if isinstance(planned, list):
         return planned
     if cfg.infra.mode == "prefect":
-        return _run_on_pools([planned], verbose=verbose)[0]
+        return _run_on_pools([cfg], [planned], verbose=verbose)[0]
     runner.configure_embedded(cfg.infra, verbose=verbose)
     from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -195,35 +226,37 @@ def _run_config(cfg, ahead, *, verbose: bool) -> list:
     return [Outcome.from_json(d) for d in data]
 
 
-def _run_on_pools(planned: list[tuple], *, verbose: bool) -> list[list]:
-    """infra=prefect: this process runs the parent flow against the server (one for all of ``planned``, each a
-    (cfg, store, plan, resolution)); workers of each pool run the steps. Each config's outcomes."""
+def _run_on_pools(cfgs: list, made: list, *, verbose: bool) -> list[list | None]:
+    """infra=prefect: this process runs the parent flow against the server (one for all of ``cfgs``); workers of
+    each pool run the steps. ``made``: for each config, its (cfg, store, plan, resolution), or a function the
+    parent calls when it comes to it (see ``flows.pipeline._HANDED_OVER``). Each config's outcomes, None for one
+    that such a function said was not the parent's to run."""
     from contextlib import ExitStack
 
     from quantmill import runner, ui
     from quantmill.config import to_dict
     from quantmill.outcome import Outcome
 
-    runner.connect(planned[0][0].infra, verbose=verbose)
-    for warning in runner.check_deployments(sorted({p for _, _, pl, _ in planned for p in pl.routes.values()})):
+    runner.connect(cfgs[0].infra, verbose=verbose)
+    for warning in runner.check_deployments(sorted({p for m in made if not callable(m) for p in m[2].routes.values()})):
         ui.console.print(f"[yellow]{warning}[/]")  # stderr: stdout carries the report (`--json` must parse)
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.pipeline import handed_over, pipeline_on_pools, pipelines_on_pools
 
-    single = len(planned) == 1
-    threads = sum(max(1, cfg.infra.max_parallel) for cfg, *_ in planned)  # a dispatch holds a thread while it waits
+    single = len(cfgs) == 1
+    threads = sum(max(1, cfg.infra.max_parallel) for cfg in cfgs)  # a dispatch holds a thread while it waits
     flow = (pipeline_on_pools if single else pipelines_on_pools).with_options(
         task_runner=ThreadPoolTaskRunner(max_workers=threads))
-    configs = [to_dict(cfg) for cfg, *_ in planned]
+    configs = [to_dict(cfg) for cfg in cfgs]
     # A busy server (SQLite, many runs starting at once) may refuse to create the run; a retry re-plans, and steps
     # that finished in a refused attempt are answered from the store.
     for attempt in range(5):
         try:
             with ExitStack() as stack:
-                if not attempt:  # the first attempt's flow takes the plans made above instead of making them again
-                    for config, (_, store, the_plan, resolution) in zip(configs, planned):
-                        stack.enter_context(handed_over(config, store, the_plan, resolution))
+                for config, m in zip(configs, made):
+                    if callable(m) or not attempt:  # a retry's parent plans again what was planned here
+                        stack.enter_context(handed_over(config, m))
                 stack.enter_context(runner.without_run_heartbeats())
                 state = flow(configs[0] if single else configs, return_state=True)
             break
@@ -234,7 +267,7 @@ def _run_on_pools(planned: list[tuple], *, verbose: bool) -> list[list]:
     data = state.result(raise_on_failure=False)
     if isinstance(data, BaseException):
         raise data
-    return [[Outcome.from_json(d) for d in run] for run in ([data] if single else data)]
+    return [None if run is None else [Outcome.from_json(d) for d in run] for run in ([data] if single else data)]
 
 
 def _run_and_report(cfg, args: argparse.Namespace) -> bool:
