@@ -395,6 +395,57 @@ def test_a_batch_parent_keeps_at_most_queue_ahead_step_runs_waiting_for_a_worker
         assert waiting == [], (later.name, waiting)
 
 
+def test_a_step_run_is_one_api_call_and_a_deployment_made_again_is_found(cluster):
+    """The parent makes each step run with one request (the deployment's id is the one its check read); when the
+    deployment was deleted and made again (a new id), the next step run goes to the new one."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from quantmill import runner
+
+    infra = _compose().infra  # deploy(names=["idle"]): a pool no worker serves, where runs stay Scheduled
+    sent: list[str] = []
+    send = httpx.Client.send
+
+    def counted(self, request, *args, **kwargs):
+        if request.url.path != "/api/csrf-token":  # a new client's first request (a dispatch task's client is not new)
+            sent.append(f"{request.method} {request.url.path}")
+        return send(self, request, *args, **kwargs)
+
+    with temporary_settings({PREFECT_API_URL: cluster.url}):
+        runner.deploy(infra, names=["idle"])
+        runner.check_deployments(["idle"])
+        with cluster.client() as client:
+            first_id = client.read_deployment_by_name("quantmill-step/idle").id
+
+        def make(name: str) -> str:
+            sent.clear()
+            httpx.Client.send = counted
+            try:
+                return runner.create_step_run("idle", parameters={"specs": [], "inputs": {}, "store": {}}, name=name,
+                                              tags=["quantmill", "pool:idle"], idempotency_key=name,
+                                              parent_task_run_id=None)
+            finally:
+                httpx.Client.send = send
+
+        one = make("one")
+        assert sent == [f"POST /api/deployments/{first_id}/create_flow_run"]
+        with cluster.client() as client:
+            runs = [client.read_flow_run(one)]
+            client.delete_deployment(first_id)  # and its runs
+        runner.deploy(infra, names=["idle"])
+        two = make("two")
+        with cluster.client() as client:
+            second_id = client.read_deployment_by_name("quantmill-step/idle").id
+            runs.append(client.read_flow_run(two))
+            client.delete_deployment(second_id)
+    assert second_id != first_id
+    assert sent == [f"POST /api/deployments/{first_id}/create_flow_run", "GET /api/deployments/name/quantmill-step/idle",
+                    f"POST /api/deployments/{second_id}/create_flow_run"]
+    assert [(r.name, r.deployment_id, r.work_pool_name, r.state_type.value) for r in runs] == [
+        ("one", first_id, "idle", "SCHEDULED"), ("two", second_id, "idle", "SCHEDULED")]
+
+
 # -- bad input, refused before anything runs -----------------------------------------------------------------
 def _compose(*extra: str):
     from quantmill.config import compose
