@@ -85,10 +85,9 @@ def finish(cfg, store, outcomes: list[Outcome]):
       retry_delay_seconds=3)
 def dispatch(pool: str, label: str, specs: list[dict[str, Any]], inputs: dict[str, dict[str, str]],
              store: dict[str, Any], poll_seconds: float, run_key: str = "", claim: str = "") -> str:
-    """Run a segment on ``pool`` as a run of its deployment (a subflow of this task run); return that run's id.
+    """Run a segment on ``pool`` as a run of its deployment (a subflow of this run); return that run's id.
     ``run_key`` tells apart the configs of one parent (``pipelines_on_pools``), whose spec ids may be the same;
     ``claim`` names the parent's callback for when a worker takes the run (``_CLAIMS``)."""
-    from prefect.context import TaskRunContext
     from prefect.runtime import flow_run
 
     from quantmill.runner import create_step_run, wait_for_run
@@ -96,8 +95,7 @@ def dispatch(pool: str, label: str, specs: list[dict[str, Any]], inputs: dict[st
     # A retry (the server was busy) finds the step run made by the first attempt instead of making a second one.
     run_id = create_step_run(pool, parameters={"specs": specs, "inputs": inputs, "store": store}, name=label,
                              tags=["quantmill", f"pool:{pool}"],
-                             idempotency_key=f"{flow_run.get_id()}:{run_key}{specs[0]['id']}",
-                             parent_task_run_id=TaskRunContext.get().task_run.id)
+                             idempotency_key=f"{flow_run.get_id()}:{run_key}{specs[0]['id']}")
     wait_for_run(run_id, poll_seconds=poll_seconds, on_start=_CLAIMS.get(claim))
     return run_id
 

@@ -286,13 +286,14 @@ def check_deployments(pools: list[str]) -> list[str]:
     return warnings
 
 
-def create_step_run(pool: str, *, parameters: dict[str, Any], name: str, tags: list[str], idempotency_key: str,
-                    parent_task_run_id: Any) -> str:
-    """A run of the deployment ``quantmill-step/<pool>``, a subflow of the task run dispatching it; its id.
+def create_step_run(pool: str, *, parameters: dict[str, Any], name: str, tags: list[str],
+                    idempotency_key: str) -> str:
+    """A run of the deployment ``quantmill-step/<pool>``; its id. Made from a flow run, it is a subflow of it, as
+    ``run_deployment`` makes one (under a task run standing for it, beneath the task run dispatching it).
 
-    One API call: ``run_deployment`` makes three for it (reading the deployment by name, and a task run of its own
-    to stand for the subflow), each about 0.1-0.3 s on a busy server when a batch starts. The deployment's id is
-    the one ``check_deployments`` read; one deployed again since (a new id) is read again."""
+    Two API calls where ``run_deployment`` makes three (it reads the deployment by name every time), each
+    0.1-0.3 s on a busy server when a batch starts. The deployment's id is the one ``check_deployments`` read;
+    one deployed again since (a new id) is read again."""
     import httpx
     from prefect.client.orchestration import get_client
     from prefect.settings import get_current_settings
@@ -300,10 +301,12 @@ def create_step_run(pool: str, *, parameters: dict[str, Any], name: str, tags: l
 
     key = ("step deployment", str(get_current_settings().api.url), pool)
     with get_client(sync_client=True) as client:
+        parent = _stand_in_task_run(client, f"{C.STEP_FLOW}/{pool}", idempotency_key)
+
         def create(deployment_id) -> str:
             return str(client.create_flow_run_from_deployment(
                 deployment_id, parameters=parameters, state=Scheduled(), name=name, tags=tags,
-                idempotency_key=idempotency_key, parent_task_run_id=parent_task_run_id).id)
+                idempotency_key=idempotency_key, parent_task_run_id=parent).id)
 
         seen, deployment_id = _recent_check(key, ttl=DEPLOYMENT_ID_SECONDS)
         if seen:
@@ -315,6 +318,24 @@ def create_step_run(pool: str, *, parameters: dict[str, Any], name: str, tags: l
         deployment_id = client.read_deployment_by_name(f"{C.STEP_FLOW}/{pool}").id
         _remember_check(key, deployment_id)
         return create(deployment_id)
+
+
+def _stand_in_task_run(client, deployment: str, key: str):
+    """In a flow run, a task run of it standing for a subflow run of ``deployment`` (beneath the task run calling,
+    if any); its id, else None. ``key`` tells apart the subflows of one flow run: a retry finds the same one."""
+    from prefect.client.schemas import TaskRunResult
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.states import Pending
+    from prefect.tasks import Task
+
+    flow_ctx, task_ctx = FlowRunContext.get(), TaskRunContext.get()
+    if flow_ctx is None or flow_ctx.flow_run is None:
+        return None
+    stand_in = Task(name=deployment, fn=lambda: None)
+    stand_in.task_key = f"quantmill.step-run.{deployment}"
+    inputs = {"__parents__": [TaskRunResult(id=task_ctx.task_run.id)]} if task_ctx else {}
+    return client.create_task_run(task=stand_in, flow_run_id=flow_ctx.flow_run.id, dynamic_key=key,
+                                  task_inputs=inputs, state=Pending()).id
 
 
 DEPLOYMENT_ID_SECONDS = 600.0

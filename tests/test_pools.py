@@ -396,8 +396,9 @@ def test_a_batch_parent_keeps_at_most_queue_ahead_step_runs_waiting_for_a_worker
 
 
 def test_a_step_run_is_one_api_call_and_a_deployment_made_again_is_found(cluster):
-    """The parent makes each step run with one request (the deployment's id is the one its check read); when the
-    deployment was deleted and made again (a new id), the next step run goes to the new one."""
+    """Outside a flow run a step run is one request (the deployment's id is the one the check read; in a flow run
+    a second makes the task run standing for it); when the deployment was deleted and made again (a new id), the
+    next step run goes to the new one."""
     import httpx
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -423,13 +424,12 @@ def test_a_step_run_is_one_api_call_and_a_deployment_made_again_is_found(cluster
             httpx.Client.send = counted
             try:
                 return runner.create_step_run("idle", parameters={"specs": [], "inputs": {}, "store": {}}, name=name,
-                                              tags=["quantmill", "pool:idle"], idempotency_key=name,
-                                              parent_task_run_id=None)
+                                              tags=["quantmill", "pool:idle"], idempotency_key=name)
             finally:
                 httpx.Client.send = send
 
         one = make("one")
-        assert sent == [f"POST /api/deployments/{first_id}/create_flow_run"]
+        assert sent == [f"POST /api/deployments/{first_id}/create_flow_run"]  # not in a flow run: no stand-in task run
         with cluster.client() as client:
             runs = [client.read_flow_run(one)]
             client.delete_deployment(first_id)  # and its runs
