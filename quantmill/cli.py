@@ -105,8 +105,6 @@ def run_configs(cfgs: list, *, verbose: bool = False) -> list:
             except QuantmillError as e:
                 results.append(e)
         return results
-    from quantmill import runner, ui
-
     results: list = [None] * len(cfgs)
     stores: dict[bytes, Any] = {}  # each distinct store opened once for the batch: one client, records read once
 
@@ -135,13 +133,11 @@ def run_configs(cfgs: list, *, verbose: bool = False) -> list:
             new = sorted(set(m[2].routes.values()) - checked) if not isinstance(m, str) else []
             if new:
                 try:
-                    warnings = runner.check_deployments(new)
+                    _check_pools(new)
                 except QuantmillError as e:
                     results[i] = e
                     return f"refused: {e}"
                 checked.update(new)
-                for warning in warnings:
-                    ui.console.print(f"[yellow]{warning}[/]")
             return m
         return made_later
 
@@ -233,13 +229,12 @@ def _run_on_pools(cfgs: list, made: list, *, verbose: bool) -> list[list | None]
     that such a function said was not the parent's to run."""
     from contextlib import ExitStack
 
-    from quantmill import runner, ui
+    from quantmill import runner
     from quantmill.config import to_dict
     from quantmill.outcome import Outcome
 
     runner.connect(cfgs[0].infra, verbose=verbose)
-    for warning in runner.check_deployments(sorted({p for m in made if not callable(m) for p in m[2].routes.values()})):
-        ui.console.print(f"[yellow]{warning}[/]")  # stderr: stdout carries the report (`--json` must parse)
+    _check_pools(sorted({p for m in made if not callable(m) for p in m[2].routes.values()}))
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.pipeline import handed_over, pipeline_on_pools, pipelines_on_pools
@@ -268,6 +263,15 @@ def _run_on_pools(cfgs: list, made: list, *, verbose: bool) -> list[list | None]
     if isinstance(data, BaseException):
         raise data
     return [None if run is None else [Outcome.from_json(d) for d in run] for run in ([data] if single else data)]
+
+
+def _check_pools(pools: list[str]) -> None:
+    """Refuse pools with no deployment on the server; warn, on stderr (stdout carries the report: `--json` must
+    parse), of those with no worker online."""
+    from quantmill import runner, ui
+
+    for warning in runner.check_deployments(pools):
+        ui.console.print(f"[yellow]{warning}[/]")
 
 
 def _run_and_report(cfg, args: argparse.Namespace) -> bool:

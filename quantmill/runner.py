@@ -273,11 +273,10 @@ def check_deployments(pools: list[str]) -> list[str]:
     with get_client(sync_client=True) as client:
         for pool in pools:
             try:
-                deployment = client.read_deployment_by_name(f"{C.STEP_FLOW}/{pool}")
+                _read_step_deployment_id(client, pool)
             except ObjectNotFound:
                 raise ServerError(f"the server has no deployment {C.STEP_FLOW}/{pool}; run `quantmill deploy "
                                   f"infra=prefect` (or start a worker for pool {pool!r}, which deploys it)") from None
-            _remember_check(("step deployment", key[1], pool), deployment.id)
             online = [w for w in client.read_workers_for_work_pool(pool) if str(w.status).upper().endswith("ONLINE")]
             if not online:
                 warnings.append(f"pool {pool!r} has no worker online; its steps wait until one starts "
@@ -296,10 +295,8 @@ def create_step_run(pool: str, *, parameters: dict[str, Any], name: str, tags: l
     one deployed again since (a new id) is read again."""
     import httpx
     from prefect.client.orchestration import get_client
-    from prefect.settings import get_current_settings
     from prefect.states import Scheduled
 
-    key = ("step deployment", str(get_current_settings().api.url), pool)
     with get_client(sync_client=True) as client:
         parent = _stand_in_task_run(client, f"{C.STEP_FLOW}/{pool}", idempotency_key)
 
@@ -308,16 +305,28 @@ def create_step_run(pool: str, *, parameters: dict[str, Any], name: str, tags: l
                 deployment_id, parameters=parameters, state=Scheduled(), name=name, tags=tags,
                 idempotency_key=idempotency_key, parent_task_run_id=parent).id)
 
-        seen, deployment_id = _recent_check(key, ttl=DEPLOYMENT_ID_SECONDS)
+        seen, deployment_id = _recent_check(_step_deployment_key(pool), ttl=DEPLOYMENT_ID_SECONDS)
         if seen:
             try:
                 return create(deployment_id)
             except httpx.HTTPStatusError as e:
                 if e.response.status_code != 404:  # no such deployment now: read its new id
                     raise
-        deployment_id = client.read_deployment_by_name(f"{C.STEP_FLOW}/{pool}").id
-        _remember_check(key, deployment_id)
-        return create(deployment_id)
+        return create(_read_step_deployment_id(client, pool))
+
+
+def _step_deployment_key(pool: str) -> tuple:
+    from prefect.settings import get_current_settings
+
+    return ("step deployment", str(get_current_settings().api.url), pool)
+
+
+def _read_step_deployment_id(client, pool: str):
+    """The id of ``quantmill-step/<pool>`` read from the server (ObjectNotFound if none), remembered for
+    ``create_step_run``."""
+    deployment_id = client.read_deployment_by_name(f"{C.STEP_FLOW}/{pool}").id
+    _remember_check(_step_deployment_key(pool), deployment_id)
+    return deployment_id
 
 
 def _stand_in_task_run(client, deployment: str, key: str):
