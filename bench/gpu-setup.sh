@@ -6,7 +6,8 @@
 # machine lacks and cannot download:
 #   whl/            wheels for Python 3.12 (Prefect, hydra, llm-compressor, moto, ...), installed into /tmp/site
 #   site/           (optional) pure-Python packages copied as they are (the llama_cpp bindings, without a library)
-#   llama-src.tgz   (optional: without it no llama.cpp is built) the llama.cpp tree vendored by the pinned llama-cpp-python sdist (scripts/build-llama-cpp.sh)
+#   llama-src.txz   (optional: without it no llama.cpp is built) the llama.cpp tree vendored by the pinned
+#                   llama-cpp-python sdist (scripts/build-llama-cpp.sh), as `bench/gpu_carry.py --pools` writes it
 #   BUILD_INFO.json that build's pin, as scripts/build-llama-cpp.sh writes it
 # and builds llama.cpp there with the same flags as scripts/build-llama-cpp.sh, so converter, quantizer and the
 # bindings' library are one version. Exports PYTHONPATH and QUANTMILL_LLAMA_CPP.
@@ -14,13 +15,14 @@ carry=${CARRY:-.gpu-carry}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   "$carry"/whl/*.whl || return 1
 [ -d "$carry/site" ] && cp -r "$carry"/site/* /tmp/site/
-if [ ! -f "$carry/llama-src.tgz" ]; then  # the calibrated-quantizer benchmark needs no llama.cpp
+tree=$(ls "$carry"/llama-src.t?z 2>/dev/null | head -1)
+if [ -z "$tree" ]; then  # the calibrated-quantizer benchmark needs no llama.cpp
   export PYTHONPATH=/tmp/site:$PWD
-  echo "gpu-setup: wheels in /tmp/site; no llama-src.tgz in $carry, so no llama.cpp (GGUF recipes will not run)"
+  echo "gpu-setup: wheels in /tmp/site; no llama-src.txz in $carry, so no llama.cpp (GGUF recipes will not run)"
   return 0
 fi
 mkdir -p /tmp/llama/src/vendor
-tar xzf "$carry/llama-src.tgz" -C /tmp/llama/src/vendor
+tar xf "$tree" -C /tmp/llama/src/vendor
 cp "$carry/BUILD_INFO.json" /tmp/llama/
 # The distribution's compiler: a toolchain that links libstdc++ statically into each library (the GPU image's
 # /opt/gcc, its $CXX) makes libllama crash inside the Python bindings (std::stringstream in print_info).

@@ -6,8 +6,13 @@ is the closure of this project's requirements as installed in .venv, at the vers
 without a wheel for the target (an sdist only, pure Python) are built into wheels here.
 
     python bench/gpu_carry.py --image-packages FILE [--out .gpu-carry] [--list]
+    python bench/gpu_carry.py --image-packages FILE --pools --out .gpu-carry-pools
 
 FILE holds the image's package names, comma- or line-separated. --list prints what would be carried and stops.
+--pools carries what the worker-pools benchmarks need instead (bench/pools_load.py, bench/gpu_pools.py): moto for
+the S3 endpoint, no llm-compressor, botocore with the S3 and STS models only, and the pinned llama.cpp tree (.llama.cpp, scripts/build-llama-cpp.sh) as
+llama-src.txz without what a CPU build never reads (other backends, models, docs, tests), so that everything fits
+the device tool's 64 MiB.
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ from pathlib import Path
 # What the pipeline and the calibrated-quantizer benchmark import on the GPU machine (llama.cpp is optional there).
 ROOTS = ("prefect", "fastapi", "sqlalchemy", "hydra-core", "omegaconf", "boto3", "securesystemslib", "cryptography",
          "rich", "llmcompressor", "compressed-tensors", "datasets", "sentencepiece", "protobuf")
+POOLS_ROOTS = (*(r for r in ROOTS if r not in ("llmcompressor", "compressed-tensors", "datasets")), "moto", "flask",
+               "flask-cors")  # moto[server]
+LLAMA_TREE = Path(".llama.cpp/src/vendor/llama.cpp")
+LLAMA_SKIPPED = ("models", "docs", "benches", "media", "tests", "examples", "pocs", "tools/server/public",
+                 "tools/server/webui", *(f"ggml/src/ggml-{b}" for b in (
+                     "cuda", "vulkan", "sycl", "metal", "opencl", "cann", "musa", "hip", "webgpu", "hexagon", "et",
+                     "openvino", "virtgpu", "zdnn", "zendnn")))
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "linux_x86_64")
 
 
@@ -29,7 +41,7 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def needed(have: set[str]) -> list[str]:
+def needed(have: set[str], roots: tuple[str, ...] = ROOTS) -> list[str]:
     """``name==version`` of every installed requirement of ROOTS (recursively) that ``have`` lacks."""
     from packaging.requirements import Requirement
 
@@ -52,7 +64,7 @@ def needed(have: set[str]) -> list[str]:
             if req.marker is None or req.marker.evaluate({"extra": ""}):
                 walk(req.name)
 
-    for root in ROOTS:
+    for root in roots:
         walk(root)
     return sorted(out)
 
@@ -62,9 +74,10 @@ def main() -> int:
     parser.add_argument("--image-packages", required=True, type=Path)
     parser.add_argument("--out", default=".gpu-carry", type=Path)
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--pools", action="store_true")
     args = parser.parse_args()
     have = {_norm(n.strip()) for n in re.split(r"[,\n]", args.image_packages.read_text()) if n.strip()}
-    wanted = needed(have)
+    wanted = needed(have, POOLS_ROOTS if args.pools else ROOTS)
     if args.list:
         print("\n".join(wanted))
         return 0
@@ -80,7 +93,45 @@ def main() -> int:
                            check=True)
     size = sum(p.stat().st_size for p in wheels.glob("*.whl"))
     print(f"{len(list(wheels.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB in {wheels}")
+    if args.pools:
+        for wheel in wheels.glob("botocore-*.whl"):
+            slim_botocore(wheel)
+        llama_tree(args.out)
     return 0
+
+
+def slim_botocore(wheel: Path, services: tuple[str, ...] = ("s3", "sts")) -> None:
+    """Rewrite botocore's wheel with the service models of ``services`` only (16 MiB of its 16.5 are the models
+    of every AWS service; the pools benchmarks talk to S3 alone)."""
+    import zipfile
+
+    slim = wheel.with_suffix(".slim")
+    with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            parts = info.filename.split("/")
+            if parts[:2] == ["botocore", "data"] and len(parts) > 3 and parts[2] not in services:
+                continue
+            zout.writestr(info, zin.read(info.filename))
+    slim.replace(wheel)
+
+
+def llama_tree(out: Path) -> None:
+    """The pinned llama.cpp tree as llama-src.txz, and its BUILD_INFO.json, for gpu-setup.sh to build."""
+    import shutil
+    import tarfile
+
+    if not LLAMA_TREE.is_dir():
+        sys.exit(f"no llama.cpp tree at {LLAMA_TREE}: run `make setup` first (scripts/build-llama-cpp.sh)")
+    skipped = {f"llama.cpp/{s}" for s in LLAMA_SKIPPED}
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        name = info.name
+        return None if any(name == s or name.startswith(s) for s in skipped) or "/.git" in name else info
+
+    with tarfile.open(out / "llama-src.txz", "w:xz") as tar:
+        tar.add(LLAMA_TREE, arcname="llama.cpp", filter=keep)
+    shutil.copyfile(LLAMA_TREE.parents[2] / "BUILD_INFO.json", out / "BUILD_INFO.json")
+    print(f"llama.cpp tree: {(out / 'llama-src.txz').stat().st_size / 2**20:.1f} MiB in {out / 'llama-src.txz'}")
 
 
 if __name__ == "__main__":
