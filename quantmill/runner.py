@@ -395,7 +395,8 @@ def worker_plan(pools: Mapping[str, PoolConfig], pool: str, *, name: str, cache_
            "PREFECT_WORKER_QUERY_SECONDS": f"{poll_seconds:g}", "PREFECT_WORKER_HEARTBEAT_SECONDS": f"{heartbeat_seconds:g}",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     if prefect_pool_type(config.type) == WARM_TYPE:
-        command = [sys.executable, "-m", "quantmill.warm_worker", "--pool", pool, "--name", name]
+        command = [sys.executable, "-m", "quantmill.warm_worker", "--pool", pool, "--name", name,
+                   *(["--keep-quantizers"] if config.keep_quantizers else [])]
     else:
         command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
                    "--type", config.type]
