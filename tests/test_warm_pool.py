@@ -18,35 +18,46 @@ pytestmark = pytest.mark.slow
 POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp],type:warm}}"
 
 
-def test_a_warm_pool_runs_steps_in_the_workers_process(tmp_path, s3_endpoint):
-    """... and takes each run as it is scheduled, not at its next poll."""
+def _warm_worker(tmp_path: Path, s3_endpoint: str, name: str, *args: str):
+    """A server, a bucket called ``name`` on moto and a warm worker ``name`` on pool ``cpu``, online: (server, url,
+    env, worker, client factory)."""
     import boto3
 
     server, url, env = start_server(tmp_path, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                                     AWS_DEFAULT_REGION="us-east-1")
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="warm")
-    home = tmp_path / "w-warm"
+                 aws_secret_access_key="testing").create_bucket(Bucket=name)
+    home = tmp_path / f"w-{name}"
     home.mkdir()
-    worker = subprocess.Popen(cli("worker", "--pool", "cpu", "--name", "w-warm", "--cache-dir", str(home / "cache"),
-                                  "--poll-seconds", "30", POOLS), cwd=home,
-                              env={**env, "PREFECT_HOME": str(home / "prefect")}, stdout=open(home / "log", "w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen(cli("worker", "--pool", "cpu", "--name", f"w-{name}", "--cache-dir", str(home / "cache"),
+                                  *args, POOLS), cwd=home, env={**env, "PREFECT_HOME": str(home / "prefect")},
+                              stdout=open(home / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    from prefect.client.orchestration import get_client
+
+    def client():
+        return get_client(sync_client=True, httpx_settings={"base_url": url})
+
+    def online():
+        try:
+            with client() as c:
+                return any(w.name == f"w-{name}" for w in c.read_workers_for_work_pool("cpu"))
+        except Exception:  # noqa: BLE001 - the pool appears when the worker starts
+            return False
+
     try:
-        from prefect.client.orchestration import get_client
-
-        def client():
-            return get_client(sync_client=True, httpx_settings={"base_url": url})
-
-        def online():
-            try:
-                with client() as c:
-                    return any(w.name == "w-warm" for w in c.read_workers_for_work_pool("cpu"))
-            except Exception:  # noqa: BLE001 - the pool appears when the worker starts
-                return False
-
         wait(lambda: online() or worker.poll() is not None, 90, f"the warm worker (log {home / 'log'})")
         assert worker.poll() is None, (home / "log").read_text()
+    except BaseException:
+        killpg(worker)
+        killpg(server)
+        raise
+    return server, url, env, worker, client
+
+
+def test_a_warm_pool_runs_steps_in_the_workers_process(tmp_path, s3_endpoint):
+    """... and takes each run as it is scheduled, not at its next poll."""
+    server, url, env, worker, client = _warm_worker(tmp_path, s3_endpoint, "warm", "--poll-seconds", "30")
+    try:
         with client() as c:
             assert c.read_work_pool("cpu").type == "quantmill-warm"
         parent = tmp_path / "parent"
@@ -103,30 +114,9 @@ def test_a_warm_pool_keeps_the_next_quantizer_process_imported(tmp_path, s3_endp
     the pool's next quantization hands its request to a process that had imported torch and llm-compressor
     before it was asked. Stopping the worker ends the waiting process."""
     pytest.importorskip("llmcompressor")
-    import boto3
-
-    server, url, env = start_server(tmp_path, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                                    AWS_DEFAULT_REGION="us-east-1")
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="kept")
-    home = tmp_path / "w-kept"
-    home.mkdir()
-    worker = subprocess.Popen(cli("worker", "--pool", "cpu", "--name", "w-kept", "--cache-dir", str(home / "cache"),
-                                  POOLS), cwd=home, env={**env, "PREFECT_HOME": str(home / "prefect")},
-                              stdout=open(home / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    server, url, env, worker, _ = _warm_worker(tmp_path, s3_endpoint, "kept")
     kept: dict[int, str] = {}
     try:
-        from prefect.client.orchestration import get_client
-
-        def online():
-            try:
-                with get_client(sync_client=True, httpx_settings={"base_url": url}) as c:
-                    return any(w.name == "w-kept" for w in c.read_workers_for_work_pool("cpu"))
-            except Exception:  # noqa: BLE001 - the pool appears when the worker starts
-                return False
-
-        wait(lambda: online() or worker.poll() is not None, 90, f"the warm worker (log {home / 'log'})")
-        assert worker.poll() is None, (home / "log").read_text()
         assert _waiting_children(worker.pid) == {}  # nothing is kept before a quantization ran here
 
         def quantize(seed: int) -> dict:  # another calibration seed: another calibration set, so a new quantize key
