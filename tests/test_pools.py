@@ -409,9 +409,12 @@ def test_a_step_run_is_one_api_call_and_a_deployment_made_again_is_found(cluster
     send = httpx.Client.send
 
     def counted(self, request, *args, **kwargs):
-        if request.url.path != "/api/csrf-token":  # a new client's first request (a dispatch task's client is not new)
+        response = send(self, request, *args, **kwargs)  # raising (a timeout): Prefect's client sends it again
+        # Not counted: a new client's first request (a dispatch task's client is not new), and answers Prefect's
+        # client itself retries (a busy server's 503 or 408; seen in CI: the same create sent four times)
+        if request.url.path != "/api/csrf-token" and response.status_code not in (408, 429, 502, 503):
             sent.append(f"{request.method} {request.url.path}")
-        return send(self, request, *args, **kwargs)
+        return response
 
     with temporary_settings({PREFECT_API_URL: cluster.url}):
         runner.deploy(infra, names=["idle"])
