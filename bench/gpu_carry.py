@@ -29,7 +29,8 @@ ROOTS = ("prefect", "fastapi", "sqlalchemy", "hydra-core", "omegaconf", "boto3",
          "rich", "llmcompressor", "compressed-tensors", "datasets", "sentencepiece", "protobuf")
 POOLS_ROOTS = (*(r for r in ROOTS if r not in ("llmcompressor", "compressed-tensors", "datasets")), "moto", "flask",
                "flask-cors")  # moto[server]
-LLAMA_TREE = Path(".llama.cpp/src/vendor/llama.cpp")
+LLAMA_BUILD = Path(__file__).resolve().parent.parent / ".llama.cpp"  # scripts/build-llama-cpp.sh writes it
+LLAMA_TREE = LLAMA_BUILD / "src" / "vendor" / "llama.cpp"
 LLAMA_SKIPPED = ("models", "docs", "benches", "media", "tests", "examples", "pocs", "tools/server/public",
                  "tools/server/webui", *(f"ggml/src/ggml-{b}" for b in (
                      "cuda", "vulkan", "sycl", "metal", "opencl", "cann", "musa", "hip", "webgpu", "hexagon", "et",
@@ -126,11 +127,11 @@ def llama_tree(out: Path) -> None:
 
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         name = info.name
-        return None if any(name == s or name.startswith(s) for s in skipped) or "/.git" in name else info
+        return None if any(name == s or name.startswith(s + "/") for s in skipped) or "/.git" in name else info
 
     with tarfile.open(out / "llama-src.txz", "w:xz") as tar:
         tar.add(LLAMA_TREE, arcname="llama.cpp", filter=keep)
-    shutil.copyfile(LLAMA_TREE.parents[2] / "BUILD_INFO.json", out / "BUILD_INFO.json")
+    shutil.copyfile(LLAMA_BUILD / "BUILD_INFO.json", out / "BUILD_INFO.json")
     print(f"llama.cpp tree: {(out / 'llama-src.txz').stat().st_size / 2**20:.1f} MiB in {out / 'llama-src.txz'}")
 
 
