@@ -7,12 +7,14 @@ without a wheel for the target (an sdist only, pure Python) are built into wheel
 
     python bench/gpu_carry.py --image-packages FILE [--out .gpu-carry] [--list]
     python bench/gpu_carry.py --image-packages FILE --pools --out .gpu-carry-pools
+    python bench/gpu_carry.py --image-packages FILE --warm-pool --out .gpu-carry-warm
 
 FILE holds the image's package names, comma- or line-separated. --list prints what would be carried and stops.
 --pools carries what the worker-pools benchmarks need instead (bench/pools_load.py, bench/gpu_pools.py): moto for
 the S3 endpoint, no llm-compressor, botocore with the S3 and STS models only, and the pinned llama.cpp tree (.llama.cpp, scripts/build-llama-cpp.sh) as
 llama-src.txz without what a CPU build never reads (other backends, models, docs, tests), so that everything fits
-the device tool's 64 MiB.
+the device tool's 64 MiB. --warm-pool carries what bench/gpu_warm_pool.py needs: llm-compressor and moto, botocore
+slimmed as for --pools, no llama.cpp.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from pathlib import Path
 # What the pipeline and the calibrated-quantizer benchmark import on the GPU machine (llama.cpp is optional there).
 ROOTS = ("prefect", "fastapi", "sqlalchemy", "hydra-core", "omegaconf", "boto3", "securesystemslib", "cryptography",
          "rich", "llmcompressor", "compressed-tensors", "datasets", "sentencepiece", "protobuf")
-POOLS_ROOTS = (*(r for r in ROOTS if r not in ("llmcompressor", "compressed-tensors", "datasets")), "moto", "flask",
-               "flask-cors")  # moto[server]
+SERVER_ROOTS = ("moto", "flask", "flask-cors")  # moto[server]
+POOLS_ROOTS = (*(r for r in ROOTS if r not in ("llmcompressor", "compressed-tensors", "datasets")), *SERVER_ROOTS)
 LLAMA_BUILD = Path(__file__).resolve().parent.parent / ".llama.cpp"  # scripts/build-llama-cpp.sh writes it
 LLAMA_TREE = LLAMA_BUILD / "src" / "vendor" / "llama.cpp"
 LLAMA_SKIPPED = ("models", "docs", "benches", "media", "tests", "examples", "pocs", "tools/server/public",
@@ -76,9 +78,10 @@ def main() -> int:
     parser.add_argument("--out", default=".gpu-carry", type=Path)
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--pools", action="store_true")
+    parser.add_argument("--warm-pool", action="store_true")
     args = parser.parse_args()
     have = {_norm(n.strip()) for n in re.split(r"[,\n]", args.image_packages.read_text()) if n.strip()}
-    wanted = needed(have, POOLS_ROOTS if args.pools else ROOTS)
+    wanted = needed(have, POOLS_ROOTS if args.pools else (*ROOTS, *SERVER_ROOTS) if args.warm_pool else ROOTS)
     if args.list:
         print("\n".join(wanted))
         return 0
@@ -94,9 +97,10 @@ def main() -> int:
                            check=True)
     size = sum(p.stat().st_size for p in wheels.glob("*.whl"))
     print(f"{len(list(wheels.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB in {wheels}")
-    if args.pools:
+    if args.pools or args.warm_pool:
         for wheel in wheels.glob("botocore-*.whl"):
             slim_botocore(wheel)
+    if args.pools:
         llama_tree(args.out)
     return 0
 
