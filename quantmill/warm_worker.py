@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import time
+from datetime import datetime, timezone
 from typing import Any
 
 import anyio
@@ -63,6 +65,9 @@ class WarmWorker(BaseWorker[BaseJobConfiguration, BaseVariables, WarmWorkerResul
         super().__init__(*args, **kwargs)
         self._reads: _RememberedReads | None = None
         self._early_poll = False  # a poll asked for by an event or a run's end is under way
+        self._asked = 0.0  # when this worker last asked the server for scheduled runs (time.monotonic)
+        self._retried = 0.0  # when it last asked again at once after a run it claimed went to another worker
+        self._listening = False  # subscribed to the server's events (runs scheduled on the pool are announced)
 
     @property
     def client(self):
@@ -80,19 +85,45 @@ class WarmWorker(BaseWorker[BaseJobConfiguration, BaseVariables, WarmWorkerResul
         code = await anyio.to_thread.run_sync(_execute, flow_run, deployment.entrypoint)
         return WarmWorkerResult(status_code=code, identifier=str(os.getpid()))
 
+    async def get_and_submit_flow_runs(self):
+        """The regular poll, every ``--poll-seconds``: it asks the server for scheduled runs only where nothing
+        else will. A worker busy at its ``--limit`` asks every ``BUSY_ASK_SECONDS`` (which keeps the pool's queue
+        marked as polled): a freed slot asks at once anyway (``_release_limit_slot``). An idle worker hearing the
+        event stream asks every ``LISTENING_ASK_SECONDS``: each run scheduled on the pool makes it ask at once,
+        and the regular ask remains for runs scheduled ahead of their time and for a missed event. Two workers
+        asking every 0.5 s, for runs they could not take or that no event had announced, were a steady share of
+        a small server's work (bench/pools_load.py)."""
+        since = time.monotonic() - self._asked
+        busy = self._limiter is not None and self._limiter.available_tokens == 0
+        if since < (BUSY_ASK_SECONDS if busy else LISTENING_ASK_SECONDS if self._listening else 0.0):
+            self._last_polled_time = datetime.now(timezone.utc)  # alive (the worker's health check reads it)
+            return []
+        return await self._ask()
+
+    async def _ask(self):
+        self._asked = time.monotonic()
+        return await super().get_and_submit_flow_runs()
+
     def _release_limit_slot(self, flow_run_id) -> None:
-        """A slot freed by a run that ended: ask for the next run now, not at the next poll (a worker with
-        ``--limit 1`` otherwise idles up to a poll interval between two queued runs)."""
+        """A slot freed: ask for the next run now, not at the next poll (a worker with ``--limit 1`` otherwise
+        idles up to a poll interval between two queued runs). Freed by a run another worker claimed first (two
+        idle workers told of one scheduled run both try to take it), ask again at once too, at most once a second,
+        so that a run the server keeps refusing is not asked for in a loop."""
         super()._release_limit_slot(flow_run_id)
-        if self._runs_task_group is not None and flow_run_id not in self._submitting_flow_run_ids:
-            self._runs_task_group.start_soon(self._poll_now)
+        if self._runs_task_group is None:
+            return
+        if flow_run_id in self._submitting_flow_run_ids:  # not started: another worker had claimed it
+            if time.monotonic() - self._retried < 1.0:
+                return
+            self._retried = time.monotonic()
+        self._runs_task_group.start_soon(self._poll_now)
 
     async def _poll_now(self) -> None:
         if self._early_poll:  # one at a time: on a busy SQLite server every poll is a write that may wait
             return
         self._early_poll = True
         try:
-            await self.get_and_submit_flow_runs()
+            await self._ask()
         except Exception:  # noqa: BLE001 - the regular poll asks again
             self._logger.debug("an early poll failed; the next regular poll asks again", exc_info=True)
         finally:
@@ -107,12 +138,15 @@ class WarmWorker(BaseWorker[BaseJobConfiguration, BaseVariables, WarmWorkerResul
         scheduled = EventFilter(event=EventNameFilter(name=["prefect.flow-run.Scheduled"]))
         try:
             async with get_events_subscriber(filter=scheduled, reconnection_attempts=2) as events:
+                self._listening = True
                 async for event in events:
                     free = self._limiter is None or self._limiter.available_tokens > 0
                     if free and any(r.role == "work-pool" and r.name == self._work_pool_name for r in event.related):
                         await self._poll_now()
         except Exception:  # noqa: BLE001 - see the docstring
             self._logger.debug("no event stream; polling every interval only", exc_info=True)
+        finally:
+            self._listening = False
 
 
 class _RememberedReads:
@@ -143,6 +177,8 @@ class _RememberedReads:
 
 
 REMEMBER_SECONDS = 60.0
+BUSY_ASK_SECONDS = 30.0
+LISTENING_ASK_SECONDS = 5.0
 
 
 def base_job_template() -> dict[str, Any]:

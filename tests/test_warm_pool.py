@@ -18,9 +18,9 @@ pytestmark = pytest.mark.slow
 POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp],type:warm}}"
 
 
-def _warm_worker(tmp_path: Path, s3_endpoint: str, name: str, *args: str):
-    """A server, a bucket called ``name`` on moto and a warm worker ``name`` on pool ``cpu``, online: (server, url,
-    env, worker, client factory)."""
+def _warm_worker(tmp_path: Path, s3_endpoint: str, name: str, *args: str, **worker_env: str):
+    """A server, a bucket called ``name`` on moto and a warm worker ``name`` on pool ``cpu`` (``worker_env`` added to
+    its environment), online: (server, url, env, worker, client factory)."""
     import boto3
 
     server, url, env = start_server(tmp_path, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
@@ -30,7 +30,7 @@ def _warm_worker(tmp_path: Path, s3_endpoint: str, name: str, *args: str):
     home = tmp_path / f"w-{name}"
     home.mkdir()
     worker = subprocess.Popen(cli("worker", "--pool", "cpu", "--name", f"w-{name}", "--cache-dir", str(home / "cache"),
-                                  *args, POOLS), cwd=home, env={**env, "PREFECT_HOME": str(home / "prefect")},
+                                  *args, POOLS), cwd=home, env={**env, "PREFECT_HOME": str(home / "prefect"), **worker_env},
                               stdout=open(home / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     from prefect.client.orchestration import get_client
 
@@ -54,21 +54,26 @@ def _warm_worker(tmp_path: Path, s3_endpoint: str, name: str, *args: str):
     return server, url, env, worker, client
 
 
+def _run(parent: Path, env: dict[str, str], s3_endpoint: str, bucket: str, *overrides: str) -> dict:
+    """`quantmill run --json` on the warm pool from its own directory ``parent`` (store: ``bucket`` on moto);
+    its report."""
+    parent.mkdir()
+    proc = subprocess.run(cli("run", "--json", "infra=prefect", POOLS, "store=s3", f"store.bucket={bucket}",
+                              f"store.endpoint_url={s3_endpoint}", f"store.cache_dir={parent / 'cache'}",
+                              "publish.enabled=false", *QUICK, *overrides),
+                          cwd=parent, env={**env, "PREFECT_HOME": str(parent / "prefect")}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
 def test_a_warm_pool_runs_steps_in_the_workers_process(tmp_path, s3_endpoint):
     """... and takes each run as it is scheduled, not at its next poll."""
     server, url, env, worker, client = _warm_worker(tmp_path, s3_endpoint, "warm", "--poll-seconds", "30")
     try:
         with client() as c:
             assert c.read_work_pool("cpu").type == "quantmill-warm"
-        parent = tmp_path / "parent"
-        parent.mkdir()
-        proc = subprocess.run(cli("run", "--json", "infra=prefect", POOLS, "store=s3", "store.bucket=warm",
-                                  f"store.endpoint_url={s3_endpoint}", f"store.cache_dir={parent / 'cache'}",
-                                  "publish.enabled=false", "recipe=[gguf_q8_0]", *QUICK),
-                              cwd=parent, env={**env, "PREFECT_HOME": str(parent / "prefect")}, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        steps = json.loads(proc.stdout)["steps"]
+        steps = _run(tmp_path / "parent", env, s3_endpoint, "warm", "recipe=[gguf_q8_0]")["steps"]
         assert {s["status"] for s in steps} == {"ran"} and all(s["result"].get("status") != "failed" for s in steps)
         with client() as c:
             # the step runs (tagged by dispatch), not the watch's scheduled runs the worker's deployments made
@@ -83,6 +88,35 @@ def test_a_warm_pool_runs_steps_in_the_workers_process(tmp_path, s3_endpoint):
     finally:
         killpg(worker)
         killpg(server)
+
+
+def test_a_busy_warm_worker_does_not_ask_for_runs_it_cannot_take(tmp_path, s3_endpoint):
+    """At its ``--limit`` the worker stops asking the server for scheduled runs (every poll is work for the
+    server), though it polls every 0.5 s, and asks again as soon as its run ends. Its own debug log, one line per
+    ask, against the step runs' times read back from the API."""
+    import re
+    from datetime import datetime
+
+    server, url, env, worker, client = _warm_worker(tmp_path, s3_endpoint, "busy", "--poll-seconds", "0.5",
+                                                    "--limit", "1", PREFECT_LOGGING_LEVEL="DEBUG")
+    log = tmp_path / "w-busy" / "log"
+    try:
+        _run(tmp_path / "parent", env, s3_endpoint, "busy", "recipe=[gguf_q8_0]")
+        time.sleep(2)  # idle again
+        with client() as c:
+            runs = [r for r in c.read_flow_runs() if "pool:cpu" in r.tags]
+    finally:
+        killpg(worker)
+        killpg(server)
+    day = datetime.now().astimezone()
+    asks = [day.replace(hour=int(h), minute=int(m), second=int(sec), microsecond=int(ms) * 1000).timestamp()
+            for h, m, sec, ms in re.findall(r"^(\d\d):(\d\d):(\d\d)\.(\d{3}) .*Querying for flow runs",
+                                            log.read_text(), re.M)]
+    busy = [(r.start_time.timestamp() + 0.5, r.end_time.timestamp() - 0.5) for r in runs]
+    assert busy and sum(b - a for a, b in busy) > 2, busy  # long enough for several polls of 0.5 s
+    assert [t for t in asks if any(a < t < b for a, b in busy)] == [], (asks, busy)
+    for run in runs:  # each run's end freed the slot, and the worker asked at once
+        assert [t for t in asks if run.end_time.timestamp() - 0.5 < t < run.end_time.timestamp() + 2], (asks, busy)
 
 
 def _waiting_children(pid: int) -> dict[int, str]:
@@ -120,16 +154,9 @@ def test_a_warm_pool_keeps_the_next_quantizer_process_imported(tmp_path, s3_endp
         assert _waiting_children(worker.pid) == {}  # nothing is kept before a quantization ran here
 
         def quantize(seed: int) -> dict:  # another calibration seed: another calibration set, so a new quantize key
-            parent = tmp_path / f"seed-{seed}"
-            parent.mkdir()
-            proc = subprocess.run(cli("run", "--json", "infra=prefect", POOLS, "store=s3", "store.bucket=kept",
-                                      f"store.endpoint_url={s3_endpoint}", f"store.cache_dir={parent / 'cache'}",
-                                      "publish.enabled=false", "validate.enabled=false", "recipe=[gptq_w4a16]",
-                                      *QUICK, f"calibration.seed={seed}"),
-                                  cwd=parent, env={**env, "PREFECT_HOME": str(parent / "prefect")},
-                                  capture_output=True, text=True, timeout=600)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            step = {s["spec_id"]: s for s in json.loads(proc.stdout)["steps"]}["quantize:gptq_w4a16"]
+            report = _run(tmp_path / f"seed-{seed}", env, s3_endpoint, "kept", "validate.enabled=false",
+                          "recipe=[gptq_w4a16]", f"calibration.seed={seed}")
+            step = {s["spec_id"]: s for s in report["steps"]}["quantize:gptq_w4a16"]
             assert step["status"] == "ran", step
             return step["result"]["phases_s"]
 
