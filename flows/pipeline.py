@@ -96,6 +96,8 @@ def dispatch(pool: str, label: str, specs: list[dict[str, Any]], inputs: dict[st
     run_id = create_step_run(pool, parameters={"specs": specs, "inputs": inputs, "store": store}, name=label,
                              tags=["quantmill", f"pool:{pool}"],
                              idempotency_key=f"{flow_run.get_id()}:{run_key}{specs[0]['id']}")
+    if made := _CREATED.get(claim):
+        made()
     wait_for_run(run_id, poll_seconds=poll_seconds, on_start=_CLAIMS.get(claim))
     return run_id
 
@@ -103,6 +105,7 @@ def dispatch(pool: str, label: str, specs: list[dict[str, Any]], inputs: dict[st
 # A parent's callbacks, by claim token, for when a worker takes one of its step runs: the dispatch tasks run in
 # threads of the parent's process (ThreadPoolTaskRunner), so the token travels as a task parameter.
 _CLAIMS: dict[str, Any] = {}
+_CREATED: dict[str, Any] = {}  # the same, for when the server has made the step run
 
 
 def collect(segment: list[StepSpec], run_id: str | None, failure: str | None, store,
@@ -239,6 +242,11 @@ def _drive(configs: list[dict[str, Any]]) -> list:
     of those. Workers then always find the next run waiting, and the server creates a few runs at a time instead
     of a batch's all at once (50 at once on SQLite were spread over three minutes of retried 'database is
     locked' answers, bench/pools_load.py).
+
+    A batch's configs are planned one at a time when nothing else is to be done, and not while a step run is
+    being made on the server with a planned segment already waiting for a place: the first step runs of a batch
+    are made while this process leaves the CPU to the server (on a small machine the two share it), and each
+    later one, when a worker takes an earlier one, finds a planned segment ready.
     """
     import queue
     from collections import deque
@@ -255,6 +263,7 @@ def _drive(configs: list[dict[str, Any]]) -> list:
     unclaimed: dict[str, int] = {}  # pool -> sent runs no worker has taken yet
     in_flight: dict[str, tuple[int, str, list[StepSpec]]] = {}  # token -> (run index, pool, segment)
     claimed: set[str] = set()
+    creating: set[str] = set()  # sent, the server not yet done making their step runs
     parent = flow_run.get_id() or ""
 
     def release(pool: str) -> None:
@@ -262,6 +271,8 @@ def _drive(configs: list[dict[str, Any]]) -> list:
             i, segment = waiting[pool].popleft()
             token = f"{parent}:{i}:{segment[0].id}"
             _CLAIMS[token] = lambda token=token: events.put(("claimed", token, None))
+            _CREATED[token] = lambda token=token: events.put(("created", token, None))
+            creating.add(token)
             in_flight[token] = (i, pool, segment)
             unclaimed[pool] = unclaimed.get(pool, 0) + 1
             runs[i].send(pool, segment, token).add_done_callback(
@@ -296,10 +307,15 @@ def _drive(configs: list[dict[str, Any]]) -> list:
             advance(i)
 
     while in_flight or unplanned:  # a config is planned when no event waits: the first step runs go first
+        may_plan = unplanned and not (creating and any(waiting.values()))
         try:
-            kind, token, future = events.get_nowait() if unplanned else events.get()
+            kind, token, future = events.get_nowait() if may_plan else events.get()
         except queue.Empty:
             plan_next()
+            continue
+        if kind == "created":
+            creating.discard(token)
+            _CREATED.pop(token, None)
             continue
         if token not in in_flight:
             continue  # claimed after it ended
@@ -309,6 +325,8 @@ def _drive(configs: list[dict[str, Any]]) -> list:
             continue
         del in_flight[token]
         _CLAIMS.pop(token, None)
+        _CREATED.pop(token, None)
+        creating.discard(token)  # a dispatch that failed before its step run was made
         take(token, pool)
         claimed.discard(token)
         runs[i].ended(future, segment)

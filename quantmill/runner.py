@@ -297,7 +297,7 @@ def create_step_run(pool: str, *, parameters: dict[str, Any], name: str, tags: l
     from prefect.client.orchestration import get_client
     from prefect.states import Scheduled
 
-    with get_client(sync_client=True) as client:
+    with _CREATING, get_client(sync_client=True) as client:
         parent = _stand_in_task_run(client, f"{C.STEP_FLOW}/{pool}", idempotency_key)
 
         def create(deployment_id) -> str:
@@ -313,6 +313,12 @@ def create_step_run(pool: str, *, parameters: dict[str, Any], name: str, tags: l
                 if e.response.status_code != 404:  # no such deployment now: read its new id
                     raise
         return create(_read_step_deployment_id(client, pool))
+
+
+# At most two step runs of this process in creation at once. A batch starts by sending its first queue_ahead runs
+# together; on a server of few cores four creations at once took as long each as four in a row (0.4-0.8 s against
+# 0.26-0.44 s alone), so the two that workers take first waited for the other two.
+_CREATING = threading.BoundedSemaphore(2)
 
 
 def _step_deployment_key(pool: str) -> tuple:
