@@ -87,25 +87,27 @@ def dispatch(pool: str, label: str, specs: list[dict[str, Any]], inputs: dict[st
              store: dict[str, Any], poll_seconds: float, run_key: str = "", claim: str = "") -> str:
     """Run a segment on ``pool`` as a run of its deployment (a subflow of this run); return that run's id.
     ``run_key`` tells apart the configs of one parent (``pipelines_on_pools``), whose spec ids may be the same;
-    ``claim`` names the parent's callback for when a worker takes the run (``_CLAIMS``)."""
+    ``claim`` names the parent's callback (``_CLAIMS``), told when the server has made the run and when a worker
+    takes it."""
     from prefect.runtime import flow_run
 
     from quantmill.runner import create_step_run, wait_for_run
 
     # A retry (the server was busy) finds the step run made by the first attempt instead of making a second one.
+    notify = _CLAIMS.get(claim)
     run_id = create_step_run(pool, parameters={"specs": specs, "inputs": inputs, "store": store}, name=label,
                              tags=["quantmill", f"pool:{pool}"],
                              idempotency_key=f"{flow_run.get_id()}:{run_key}{specs[0]['id']}")
-    if made := _CREATED.get(claim):
-        made()
-    wait_for_run(run_id, poll_seconds=poll_seconds, on_start=_CLAIMS.get(claim))
+    if notify:
+        notify("created")
+    wait_for_run(run_id, poll_seconds=poll_seconds, on_start=(lambda: notify("claimed")) if notify else None)
     return run_id
 
 
-# A parent's callbacks, by claim token, for when a worker takes one of its step runs: the dispatch tasks run in
-# threads of the parent's process (ThreadPoolTaskRunner), so the token travels as a task parameter.
+# A parent's callbacks, by claim token, told "created" when the server has made one of its step runs and "claimed"
+# when a worker takes it: the dispatch tasks run in threads of the parent's process (ThreadPoolTaskRunner), so the
+# token travels as a task parameter.
 _CLAIMS: dict[str, Any] = {}
-_CREATED: dict[str, Any] = {}  # the same, for when the server has made the step run
 
 
 def collect(segment: list[StepSpec], run_id: str | None, failure: str | None, store,
@@ -270,8 +272,7 @@ def _drive(configs: list[dict[str, Any]]) -> list:
         while waiting.get(pool) and (not ahead or unclaimed.get(pool, 0) < ahead):
             i, segment = waiting[pool].popleft()
             token = f"{parent}:{i}:{segment[0].id}"
-            _CLAIMS[token] = lambda token=token: events.put(("claimed", token, None))
-            _CREATED[token] = lambda token=token: events.put(("created", token, None))
+            _CLAIMS[token] = lambda kind, token=token: events.put((kind, token, None))
             creating.add(token)
             in_flight[token] = (i, pool, segment)
             unclaimed[pool] = unclaimed.get(pool, 0) + 1
@@ -315,7 +316,6 @@ def _drive(configs: list[dict[str, Any]]) -> list:
             continue
         if kind == "created":
             creating.discard(token)
-            _CREATED.pop(token, None)
             continue
         if token not in in_flight:
             continue  # claimed after it ended
@@ -325,7 +325,6 @@ def _drive(configs: list[dict[str, Any]]) -> list:
             continue
         del in_flight[token]
         _CLAIMS.pop(token, None)
-        _CREATED.pop(token, None)
         creating.discard(token)  # a dispatch that failed before its step run was made
         take(token, pool)
         claimed.discard(token)
