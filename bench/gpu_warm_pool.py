@@ -12,7 +12,12 @@ next quantizer process has imported (so it takes no CPU from the bare side), the
 calibration token ids.
 
     python bench/gpu_warm_pool.py --shape llama-1.1b --dtype bfloat16 --recipes fp8_dynamic,nvfp4 --models DIR \
-        [--out bench/out] [--samples 128 --seq-len 512]
+        [--warmup fp8_dynamic] [--work DIR] [--out bench/out] [--samples 128 --seq-len 512]
+
+``--warmup RECIPE``: the untimed first run quantizes with RECIPE instead of the first of ``--recipes`` (a data-free
+FP8 run at 8B takes 40 s where GPTQ takes 150 s; the kept process serves every recipe of its backend). ``--work
+DIR``: the store and calibration text there, kept across calls (a second call on the same machine finds the
+download and the calibration set made).
 
 On a machine without CUDA (trying it out): `--shape llama-tiny --recipes gptq_w4a16 --samples 16 --seq-len 128`
 (the pool then offers `cpu` only). Rows go to OUT/gpu_warm_pool.jsonl.
@@ -76,6 +81,8 @@ def main() -> None:
     parser.add_argument("--recipes", default="fp8_dynamic,nvfp4,gptq_w4a16")
     parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
     parser.add_argument("--models", default=None, help="where synthetic checkpoints are written (kept across calls)")
+    parser.add_argument("--warmup", default=None, help="the untimed first run's recipe (default: the first)")
+    parser.add_argument("--work", default=None, help="store and calibration text, kept across calls")
     parser.add_argument("--out", default="bench/out")
     parser.add_argument("--samples", type=int, default=gq.SAMPLES)
     parser.add_argument("--seq-len", type=int, default=gq.SEQ_LEN)
@@ -88,7 +95,8 @@ def main() -> None:
     pools = f"infra.pools={{cpu:{{capabilities:[cpu{',cuda' if cuda else ''}],type:warm}}}}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="qm-warm-pool-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="qm-warm-pool-"))
+    work.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.dtype == "float16" else "-bf16"
     model = synthetic.make(args.shape, Path(args.models or work) / (args.shape + suffix), dtype=args.dtype)
     text = gq.calibration_text(work)
@@ -109,7 +117,7 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
 
     try:
-        first = recipes[0]
+        first = args.warmup or recipes[0]
         seconds, _ = gq.timed(command(first), env)  # download, calibration set, a quantizer imported on request
         record({"shape": args.shape, "recipe": first, "warmup": True, "pipeline_s": round(seconds, 1),
                 "steps_s": gq.step_seconds(store)})
