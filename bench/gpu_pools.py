@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _cluster  # noqa: E402
 
+from quantmill.runner import worker_of  # noqa: E402
+
 OUT = _cluster.REPO / "bench" / "out" / "gpu_pools.json"
 POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp]},cuda:{capabilities:[cuda],min_gpu_memory_gb:16}}"
 
@@ -54,7 +56,7 @@ def main(recipe: str = "awq_w4a16", extra: list[str] | None = None) -> dict:
                 api = runs.get(run.get("prefect_flow_run_id", ""))
                 row.update(pool=run.get("pool"), worker=run.get("worker"), gpu=run.get("gpu"),
                            api_pool=api.work_pool_name if api else None,
-                           api_worker=next((t[7:] for t in api.tags if t.startswith("worker:")), None) if api else None)
+                           api_worker=worker_of(api) if api else None)
             steps.append(row)
         result = {"date": datetime.now().strftime("%Y-%m-%d"), "device": gpu_details(), "recipe": recipe,
                   "wall_s": wall, "ok": all(o.ok for o in outcomes), "steps": steps}

@@ -50,6 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _cluster  # noqa: E402
 
+from quantmill.runner import worker_of  # noqa: E402
+
 REPO = _cluster.REPO
 OUT = REPO / "bench" / "out" / "pools_load.json"
 POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp]}}"
@@ -101,7 +103,7 @@ def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: st
 
     by_worker: dict[str, list] = {}
     for r in step_runs:
-        worker = next((t.split(":", 1)[1] for t in r.tags if t.startswith("worker:")), "?")
+        worker = worker_of(r) or "?"
         by_worker.setdefault(worker, []).append(r)
     spans = [(r.created.timestamp(), r.end_time.timestamp(), r.id) for r in step_runs]
     owner = {r.id: next((int(s["config"]["model_name"].removeprefix("tiny-")) for s in r.parameters.get("specs", [])

@@ -15,7 +15,6 @@ from quantmill import constants as C
 from quantmill.config import StoreConfig
 from quantmill.execute import StepResult
 from quantmill.planner import StepSpec
-from quantmill.runner import tag_this_flow_run
 from quantmill.store import ArtifactRef
 from tasks.steps import TASKS
 
@@ -26,7 +25,6 @@ def step(specs: list[dict[str, Any]], inputs: dict[str, dict[str, str]], store: 
 
     Each task commits its artifact to the store; the parent reads results from there, not from this flow.
     """
-    tag_this_flow_run()
     store_config = StoreConfig(**store)
     made_elsewhere = {sid: StepResult(sid, ArtifactRef(**ref), cached=True, seconds=0.0) for sid, ref in inputs.items()}
     futures: dict[str, Any] = {}

@@ -429,23 +429,10 @@ def current_run() -> RunInfo:
                    pool=pool, worker=os.environ.get(C.ENV_WORKER))
 
 
-def tag_this_flow_run() -> None:
-    """Record on this flow run which worker runs it (the API knows the pool, not the worker's name)."""
-    from prefect.client.orchestration import SyncPrefectClient, get_client
-    from prefect.context import FlowRunContext
-    from prefect.runtime import flow_run
-
-    worker, run_id = os.environ.get(C.ENV_WORKER), flow_run.get_id()
-    if not worker or not run_id:
-        return
-    context = FlowRunContext.get()
-    if context is not None and context.flow_run is not None and isinstance(context.client, SyncPrefectClient):
-        # the engine's own client and its copy of the run: one call, no client made
-        context.client.update_flow_run(context.flow_run.id, tags=sorted({*context.flow_run.tags, f"worker:{worker}"}))
-        return
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(run_id)
-        client.update_flow_run(run.id, tags=sorted({*run.tags, f"worker:{worker}"}))
+def worker_of(run) -> str | None:
+    """The name of the worker that took ``run`` (a flow run read from the API), from the label every Prefect worker
+    gives the runs it takes before starting them; None while no worker has."""
+    return (run.labels or {}).get(C.WORKER_LABEL)
 
 
 def _id(value) -> str | None:
@@ -647,7 +634,7 @@ async def _crashed(client, run, workers: list[Any]) -> bool:
     from prefect.client.schemas.responses import SetStateStatus
     from prefect.states import Crashed
 
-    worker = next((t.split(":", 1)[1] for t in run.tags if t.startswith("worker:")), None)
+    worker = worker_of(run)
     if not worker:
         return False
     found = [w for w in workers if w.name == worker]
@@ -681,7 +668,7 @@ def transient(exc: Exception) -> bool:
 
 # -- reading back what ran where -----------------------------------------------------------------------------
 def flow_run_report(flow_run_id: str, *, wait_for: list[str] = (), wait_seconds: float = 15.0) -> dict[str, Any]:
-    """A dispatched flow run as the API has it: state, pool, worker tag, and each task run's state by name.
+    """A dispatched flow run as the API has it: state, pool, the worker that took it, and each task run's state by name.
 
     Task run states reach the API as events, after the flow run's own final state: ``wait_for`` names task runs
     to wait (up to ``wait_seconds``) to see in a final state.
@@ -700,7 +687,7 @@ def flow_run_report(flow_run_id: str, *, wait_for: list[str] = (), wait_seconds:
             if set(wait_for) <= final or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-    worker = next((t.split(":", 1)[1] for t in run.tags if t.startswith("worker:")), None)
+    worker = worker_of(run)
     return {
         "id": str(run.id), "name": run.name, "state": run.state.type.value if run.state else None,
         "message": run.state.message if run.state else None, "pool": run.work_pool_name, "worker": worker,

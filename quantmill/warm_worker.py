@@ -85,6 +85,28 @@ class WarmWorker(BaseWorker[BaseJobConfiguration, BaseVariables, WarmWorkerResul
         code = await anyio.to_thread.run_sync(_execute, flow_run, deployment.entrypoint)
         return WarmWorkerResult(status_code=code, identifier=str(os.getpid()))
 
+    async def _propose_submitting_state(self, flow_run) -> None:
+        """Nothing: a run goes from Pending straight to Running. Prefect's Submitting state stands for the time a
+        worker hands a run to its infrastructure; here the run starts in this process, and the transition was one
+        more round trip to the server between a worker's claim and the run's start (the hand-over between two
+        queued runs, bench/pools_load.py)."""
+
+    async def _give_worker_labels_to_flow_run(self, flow_run_id) -> None:
+        """Label the run with this worker (``runner.worker_of`` reads it) alongside its start instead of before it:
+        the parent reads the label only to check a running run's worker, every few seconds."""
+        label = super()._give_worker_labels_to_flow_run
+
+        async def give() -> None:
+            try:
+                await label(flow_run_id)
+            except Exception:  # noqa: BLE001 - the run goes on; its worker is then unknown to the parent's check
+                self._logger.warning("could not label flow run %s with this worker", flow_run_id, exc_info=True)
+
+        if self._runs_task_group is None:  # stopping: no group to run it beside the start
+            await give()
+        else:
+            self._runs_task_group.start_soon(give)
+
     async def get_and_submit_flow_runs(self):
         """The regular poll, every ``--poll-seconds``: it asks the server for scheduled runs only where nothing
         else will. A worker busy at its ``--limit`` asks every ``BUSY_ASK_SECONDS`` (which keeps the pool's queue
@@ -190,12 +212,15 @@ async def _serve(pool: str, name: str, limit: int | None, keep_quantizers: bool 
 
     if keep_quantizers:
         calibrated.keep_quantizers()
+    # ``start`` sets the worker up and tears it down itself: entered here as well, its client and its runs' task
+    # group were made twice, and Ctrl-C ended the worker with a traceback and exit code 1 (the outer task group's
+    # scope exited from inside this one). Events heard before the set-up ask nothing: the first poll finds the runs.
+    worker = WarmWorker(work_pool_name=pool, name=name, limit=limit)
     try:
-        async with WarmWorker(work_pool_name=pool, name=name, limit=limit) as worker:
-            async with anyio.create_task_group() as group:
-                group.start_soon(worker.listen_for_runs)
-                await worker.start()
-                group.cancel_scope.cancel()
+        async with anyio.create_task_group() as group:
+            group.start_soon(worker.listen_for_runs)
+            await worker.start()
+            group.cancel_scope.cancel()
     finally:
         calibrated.stop_kept()
 
@@ -211,7 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     import flows.pipeline  # noqa: F401
     import flows.step  # noqa: F401 - imported before the first run, not during it
 
-    anyio.run(_serve, args.pool, args.name, args.limit, args.keep_quantizers)
+    try:
+        anyio.run(_serve, args.pool, args.name, args.limit, args.keep_quantizers)
+    except KeyboardInterrupt:  # Ctrl-C (SIGINT) is how a worker is stopped: torn down by then, a clean exit
+        pass
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from quantmill.runner import worker_of
 from tests.conftest import CONF
 from tests.prefect_cluster import cli as _cli, free_port as _free_port, killpg as _killpg, start_server, wait as _wait
 
@@ -137,8 +138,7 @@ class Cluster:
         for t in tasks:
             run = runs.get(t.flow_run_id)
             if run is not None and t.state and t.state.is_completed():
-                worker = next(tag.split(":", 1)[1] for tag in run.tags if tag.startswith("worker:"))
-                where.setdefault(t.name, []).append((run.work_pool_name, worker))
+                where.setdefault(t.name, []).append((run.work_pool_name, worker_of(run)))
         return where
 
     def bucket_objects(self) -> dict[str, list[str]]:
@@ -195,7 +195,7 @@ def test_one_run_sends_gguf_steps_to_cpu_pool_and_mlx_steps_to_mac_pool(cluster,
     assert record["predicate"]["runDetails"]["builder"]["id"].endswith("/prefect-pool")
     with cluster.client() as client:
         flow_run = client.read_flow_run(run["prefect_flow_run_id"])
-    assert flow_run.work_pool_name == "mac" and "worker:w-mac" in flow_run.tags
+    assert flow_run.work_pool_name == "mac" and worker_of(flow_run) == "w-mac"
     # No shared filesystem: the mac worker fetched the download from S3 into its own cache, never a GGUF.
     mac_cache = cluster.root / "w-mac" / "cache" / "objects"
     assert steps["download"]["key"] in {p.name for p in mac_cache.iterdir()}

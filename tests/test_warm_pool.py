@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from quantmill.runner import worker_of
 from tests.conftest import QUICK
 from tests.prefect_cluster import cli, killpg, start_server, wait
 
@@ -68,7 +69,8 @@ def _run(parent: Path, env: dict[str, str], s3_endpoint: str, bucket: str, *over
 
 
 def test_a_warm_pool_runs_steps_in_the_workers_process(tmp_path, s3_endpoint):
-    """... and takes each run as it is scheduled, not at its next poll."""
+    """... and takes each run as it is scheduled, not at its next poll, straight from Pending to Running; Ctrl-C
+    stops it cleanly."""
     server, url, env, worker, client = _warm_worker(tmp_path, s3_endpoint, "warm", "--poll-seconds", "30")
     try:
         with client() as c:
@@ -80,11 +82,20 @@ def test_a_warm_pool_runs_steps_in_the_workers_process(tmp_path, s3_endpoint):
             runs = [r for r in c.read_flow_runs() if "pool:cpu" in r.tags]
         assert runs and {r.state.type.value for r in runs} == {"COMPLETED"}
         assert {r.infrastructure_pid for r in runs} == {str(worker.pid)}  # no process was started for them
-        assert all("worker:w-warm" in r.tags for r in runs)
+        # Labelled with the worker (runner.worker_of: the parent's check of a running run's worker reads it), and
+        # from Pending straight to Running: no Submitting round trip between the claim and the start.
+        assert {worker_of(r) for r in runs} == {"w-warm"}
+        with client() as c:
+            histories = {tuple(state.name for state in c.read_flow_run_states(r.id)) for r in runs}
+        assert histories == {("Scheduled", "Pending", "Running", "Completed")}, histories
         # Polled every 30 s, yet each step run was taken within seconds: the worker polls when the server
         # announces a run scheduled on its pool, and when a run of its own ends.
         pickups = sorted((r.start_time - r.created).total_seconds() for r in runs)
         assert pickups[-1] < 10, pickups
+        # Ctrl-C (SIGINT) is how a worker is stopped: a clean exit, no traceback in its log.
+        killpg(worker)
+        log = (tmp_path / "w-warm" / "log").read_text()
+        assert worker.returncode == 0 and "Traceback" not in log, log[-3000:]
     finally:
         killpg(worker)
         killpg(server)
