@@ -188,3 +188,47 @@ def test_a_batch_plans_on_one_store_and_asks_the_bucket_once_for_what_its_runs_s
     assert len(opened) == 1 and sum(record in key for key in reads) == 1 and len(reads) == 1 + 3
     reads, opened = planned_reading(None)
     assert len(opened) == 3 and sum(record in key for key in reads) == 3
+
+
+def test_refused_credentials_are_one_line_without_the_secret(tmp_path):
+    """A run into a bucket whose endpoint refuses the keys (moto's server checking them against its IAM, where none
+    exist): the command ends with one line naming the refusal and the variables to fix; no traceback, and the
+    secret appears nowhere in its output."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import QUICK
+    from tests.prefect_cluster import cli, free_port, killpg, wait
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    secret = "wJalrXUtnFEMI-not-a-key-moto-knows"
+    try:
+        wait(lambda: _answers(endpoint), 60, "moto's server")
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIAQMNOTKNOWN", "AWS_SECRET_ACCESS_KEY": secret,
+               "AWS_DEFAULT_REGION": "us-east-1", "PREFECT_HOME": str(tmp_path / "prefect")}
+        done = subprocess.run(cli("run", "store=s3", "store.bucket=team", f"store.endpoint_url={endpoint}",
+                                  f"store.cache_dir={tmp_path / 'cache'}", "publish.enabled=false", "recipe=[gguf_q8_0]",
+                                  *QUICK),
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        killpg(server)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "Traceback" not in output, output[-3000:]
+    lines = [line for line in done.stderr.splitlines() if "credentials refused" in line]
+    assert len(lines) == 1 and "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in lines[0], done.stderr[-3000:]
+    assert secret not in output
+
+
+def _answers(endpoint: str) -> bool:
+    import httpx
+
+    try:
+        httpx.get(endpoint, timeout=2)
+        return True
+    except httpx.TransportError:
+        return False
