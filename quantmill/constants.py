@@ -22,6 +22,7 @@ STEP_FLOW = "quantmill-step"
 PIPELINE_FLOW = "quantmill-pipeline"
 BATCH_FLOW = "quantmill-batch"  # several configs in one parent run on pools
 WATCH_FLOW = "quantmill-watch"
+WORKER_LABEL = "prefect.worker.name"  # given by every Prefect worker to the runs it takes: who ran one
 
 # Local store layout: <root>/objects/<key>/{files/..., provenance.json}
 OBJECTS_DIR = "objects"
@@ -60,9 +61,6 @@ PROBE_FILE = "quantmill-probe.safetensors"  # a quantized checkpoint's logits on
 # Environment variables.
 ENV_LLAMA_CPP = "QUANTMILL_LLAMA_CPP"
 ENV_CONF_DIR = "QUANTMILL_CONF"
-# The label a Prefect worker gives each flow run it takes (BaseWorker._give_worker_labels_to_flow_run): which
-# worker ran a step run, as the API has it.
-WORKER_LABEL = "prefect.worker.name"
 ENV_WORKER = "QUANTMILL_WORKER"  # set by `quantmill worker`: the worker's name, its pool and its local cache
 ENV_POOL = "QUANTMILL_POOL"
 ENV_CACHE_DIR = "QUANTMILL_CACHE_DIR"
