@@ -24,10 +24,10 @@ def main(n: int = 50, rounds: int = 5) -> dict:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from quantmill import cli
+    from quantmill.cli.commands import commands as cli
     from quantmill.config import compose
     from quantmill.execute import run_step
-    from quantmill.planner import open_store, plan
+    from quantmill.plan.planner import open_store, plan
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)

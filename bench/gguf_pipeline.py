@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from quantmill.llamacpp import locate
+from quantmill.toolchain.llamacpp import locate
 
 HERE = Path(__file__).resolve().parent
 

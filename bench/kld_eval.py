@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from quantmill import anchors
+from quantmill.evaluation import anchors
 from quantmill.backends.llamacpp_runtime import LlamaCppRuntime
 from quantmill.backends.local_source import BUNDLED_ROOT
-from quantmill.llamacpp import locate
+from quantmill.toolchain.llamacpp import locate
 from quantmill.steps import validate
 
 HERE = Path(__file__).resolve().parent

@@ -27,7 +27,7 @@ steps) / runs, the throughput cost of the orchestration.
 
     python bench/pools_load.py [N]            # writes bench/out/pools_load.json
     python bench/pools_load.py N --serial     # the same runs one at a time (no queueing): bench/out/pools_serial.json
-    python bench/pools_load.py N [--serial] --warm   # workers of pool type `warm` (quantmill.warm_worker): *_warm.json
+    python bench/pools_load.py N [--serial] --warm   # workers of pool type `warm` (quantmill.prefect.warm_worker): *_warm.json
     python bench/pools_load.py N --warm --database-url postgresql+asyncpg://USER@HOST:PORT/DB   # server on PostgreSQL
     python bench/pools_load.py N [--warm] --batch [--queue-ahead K]   # K: infra.queue_ahead (0: no bound)
     python bench/pools_load.py N [--warm] --batch   # the N runs as one batch (`quantmill batch` on pools: one
@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _cluster  # noqa: E402
 
-from quantmill.runner import worker_of  # noqa: E402
+from quantmill.prefect.runner import worker_of  # noqa: E402
 
 REPO = _cluster.REPO
 OUT = REPO / "bench" / "out" / "pools_load.json"
@@ -65,7 +65,7 @@ def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: st
     try:
         from prefect.client.orchestration import get_client
 
-        from quantmill.cli import run_config, run_configs
+        from quantmill.cli.commands import run_config, run_configs
         from quantmill.config import compose
 
         base = ["infra=prefect", pools, "infra.max_parallel=1", *cluster.store_overrides("parent-cache"),

@@ -32,12 +32,12 @@ def main(size_mib: int = 512, reps: int = 3) -> dict:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from quantmill import provenance, signing
-    from quantmill.artifact_registry import ArtifactRegistry, S3Location, copy_artifact
+    from quantmill.store import provenance, signing
+    from quantmill.registry.entries import ArtifactRegistry, S3Location, copy_artifact
     from quantmill.backends.local_publisher import record_bytes
-    from quantmill.registry_ops import pull
-    from quantmill.s3store import S3Store
-    from quantmill.store import LocalStore
+    from quantmill.registry.operations import pull
+    from quantmill.store.s3 import S3Store
+    from quantmill.store.local import LocalStore
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)

@@ -14,15 +14,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
 from quantmill import constants as C
-from quantmill import provenance
-from quantmill import report as report_mod
+from quantmill.store import provenance
+from quantmill.evaluation import report as report_mod
 from quantmill.config import to_config
 from quantmill.digest import canonical_json
 from quantmill.execute import read_result
 from quantmill.outcome import CACHED, FAILED, RAN, SKIPPED, Outcome
-from quantmill.planner import StepSpec, open_store, plan, resolve, step_key
-from quantmill.pools import next_segments
-from quantmill.store import ArtifactRef, LocalStore
+from quantmill.plan.planner import StepSpec, open_store, plan, resolve, step_key
+from quantmill.plan.routing import next_segments
+from quantmill.store.local import ArtifactRef, LocalStore
 from tasks.steps import TASKS
 
 
@@ -91,7 +91,7 @@ def dispatch(pool: str, label: str, specs: list[dict[str, Any]], inputs: dict[st
     takes it."""
     from prefect.runtime import flow_run
 
-    from quantmill.runner import create_step_run, wait_for_run
+    from quantmill.prefect.runner import create_step_run, wait_for_run
 
     # A retry (the server was busy) finds the step run made by the first attempt instead of making a second one.
     notify = _CLAIMS.get(claim)
@@ -114,7 +114,7 @@ def collect(segment: list[StepSpec], run_id: str | None, failure: str | None, st
             refs: dict[str, ArtifactRef]) -> list[Outcome]:
     """Each spec's outcome: from the store when its artifact is there (ran, or made first by a concurrent run),
     otherwise from the API (its task run's error, or how the step run ended)."""
-    from quantmill.runner import flow_run_report
+    from quantmill.prefect.runner import flow_run_report
 
     outcomes, missing = [], []
     for spec in segment:  # plan order: inputs inside the segment are resolved first

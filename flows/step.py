@@ -14,8 +14,8 @@ from prefect.states import Completed, Failed
 from quantmill import constants as C
 from quantmill.config import StoreConfig
 from quantmill.execute import StepResult
-from quantmill.planner import StepSpec
-from quantmill.store import ArtifactRef
+from quantmill.plan.planner import StepSpec
+from quantmill.store.local import ArtifactRef
 from tasks.steps import TASKS
 
 

@@ -259,7 +259,7 @@ class PoolConfig:
         type: ``process`` (Prefect's process worker: each step run starts fresh interpreters on the worker's
             machine) or ``warm`` (quantmill's warm worker: each step run runs in the worker's own interpreter,
             about 3 s less per step run; a run's job_variables cannot change its environment, see
-            ``quantmill.warm_worker``).
+            ``quantmill.prefect.warm_worker``).
         min_gpu_memory_gb: For ``cuda`` pools: ``quantmill worker`` refuses a machine with less.
         keep_quantizers: ``warm`` pools: after a calibrated quantization (AWQ, GPTQ, FP8, ...) the worker starts
             that backend's next process at once and keeps it waiting, torch and the library imported (10-20 s

@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from quantmill import constants as C
-from quantmill import provenance
+from quantmill.store import provenance
 from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOURCES, gguf_quantizer
 from quantmill.backends.base import SourceInfo
 from quantmill.config import CalibrationConfig, ModelConfig
 from quantmill.digest import HashAhead
 from quantmill.errors import PreflightError, ToolError
 from quantmill.estimate import Shape
-from quantmill.planner import StepSpec, step_key
+from quantmill.plan.planner import StepSpec, step_key
 from quantmill.steps import calibrate, convert, download, merge, publish, quantize, validate
-from quantmill.store import ArtifactRef, LocalStore, Store
+from quantmill.store.local import ArtifactRef, LocalStore, Store
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def local_texts(spec: StepSpec) -> list[Path]:
     """The spec's text files on this machine: the planned path, else quantmill's bundled copy (a worker's
     installation differs from the planner's); either must have the sha256 the key was computed from."""
     from quantmill.digest import sha256_file
-    from quantmill.planner import BUNDLED_TEXT
+    from quantmill.plan.planner import BUNDLED_TEXT
 
     paths = []
     for planned, text in zip(spec.context["files"], spec.config["texts"]):
@@ -175,7 +175,7 @@ def run_step(spec: StepSpec, inputs: Mapping[str, ArtifactRef], store: Store,
         return StepResult(spec.id, found, cached=True, seconds=0.0, result=read_result(store, found))
 
     if run.pool is not None:  # a worker makes only the bytes its key promises: the planned tool versions
-        from quantmill.versions import check_tools
+        from quantmill.toolchain.versions import check_tools
 
         problems = check_tools(dict(spec.tools), pool=run.pool)
         if problems:
@@ -202,9 +202,9 @@ def run_step(spec: StepSpec, inputs: Mapping[str, ArtifactRef], store: Store,
             if spec.step == C.DOWNLOAD:
                 info = SourceInfo.from_json(spec.context["source_info"])
                 if spec.context.get("role") == "adapter":
-                    from quantmill import adapters
+                    from quantmill.plan import lora
 
-                    dependencies.append(adapters.dependency(info))
+                    dependencies.append(lora.dependency(info))
                 else:
                     dependencies.append(SOURCES.get(spec.backend).dependency(info))
             return provenance.statement(

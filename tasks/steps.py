@@ -15,8 +15,8 @@ from prefect.cache_policies import NO_CACHE
 from quantmill import constants as C
 from quantmill.config import StoreConfig
 from quantmill.execute import StepResult, run_step
-from quantmill.planner import StepSpec, open_store_config
-from quantmill.runner import current_run, worker_store
+from quantmill.plan.planner import StepSpec, open_store_config
+from quantmill.prefect.runner import current_run, worker_store
 
 
 def _run(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from quantmill import runner
+from quantmill.prefect import runner
 from quantmill.backends.local_source import BUNDLED_ROOT
 from quantmill.config import compose
 from quantmill.execute import run_step
-from quantmill.planner import open_store, plan
+from quantmill.plan.planner import open_store, plan
 
 runner.prefect_defaults()  # before any test module imports Prefect; CLI subprocesses inherit it
 
@@ -50,7 +50,7 @@ def run_inline(cfg):
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
     """The default pipeline run once through the real embedded Prefect flow, shared by read-only tests."""
-    from quantmill.cli import run_config
+    from quantmill.cli.commands import run_config
 
     root = tmp_path_factory.mktemp("default-run")
     cfg = compose_in(root)
@@ -61,7 +61,7 @@ def default_run(tmp_path_factory):
 def plant(store, key: str, directory: Path) -> None:
     """Replace the committed artifact under ``key`` with the files of ``directory`` (a planted artifact)."""
     from quantmill import constants as C
-    from quantmill import provenance
+    from quantmill.store import provenance
 
     shutil.rmtree(store.root / C.OBJECTS_DIR / key)
     with store.stage(key) as staging:

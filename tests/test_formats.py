@@ -10,10 +10,10 @@ import pytest
 from quantmill import constants as C
 from quantmill.backends.local_publisher import LocalRegistry
 from quantmill.backends.local_source import BUNDLED_ROOT
-from quantmill.cli import run_config
+from quantmill.cli.commands import run_config
 from quantmill.errors import PreflightError
 from quantmill.outcome import RAN
-from quantmill.planner import open_store, plan
+from quantmill.plan.planner import open_store, plan
 from tests.conftest import compose_in, run_inline
 
 pytestmark = pytest.mark.slow

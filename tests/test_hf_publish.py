@@ -23,7 +23,7 @@ TOKEN = "hf_standin_secret_0123456789"
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    from quantmill import signing
+    from quantmill.store import signing
 
     server, state, url = serve()
     root = tmp_path_factory.mktemp("hf")
@@ -37,14 +37,14 @@ def hub(tmp_path_factory):
 
 def run(hub, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     root = hub["root"]
-    return subprocess.run([sys.executable, "-m", "quantmill.cli", "run", "--json", f"store.root={root / 'store'}",
+    return subprocess.run([sys.executable, "-m", "quantmill.cli.commands", "run", "--json", f"store.root={root / 'store'}",
                            f"infra.prefect_home={root / 'prefect'}", "publish=hf", *QUICK, *overrides],
                           cwd=root, env=env or hub["env"], capture_output=True, text=True, timeout=900)
 
 
 def tensors(*paths: Path) -> dict[str, tuple[str, str]]:
     """Tensor name -> (ggml type, sha256 of its bytes), over one GGUF or all parts of a split one."""
-    from quantmill.llamacpp import locate
+    from quantmill.toolchain.llamacpp import locate
 
     sys.path.insert(0, str(locate().gguf_py))
     from gguf import GGUFReader
@@ -95,7 +95,7 @@ def test_publish_folder_layout_with_split_ggufs_and_signed_records(hub):
         record = json.loads(commit["files"][f"{recipe}/provenance.json"])
         assert record["predicate"]["runDetails"]["byproducts"][0]["digest"]["sha256"] == \
             quantized["digest"].removeprefix("sha256:")
-        from quantmill import signing
+        from quantmill.store import signing
 
         signing.verify(commit["files"][f"{recipe}/provenance.json"], commit["files"][f"{recipe}/provenance.sig.json"],
                        signing.load_public_keys([hub["pub"]]), what=recipe)
@@ -127,7 +127,7 @@ def test_branch_layout_puts_each_recipe_on_its_branch(hub):
 def test_missing_token_is_one_line_before_any_work(hub, tmp_path):
     env = {**hub["env"], "HF_HOME": str(tmp_path / "empty-hf-home")}
     env.pop("HF_TOKEN")
-    proc = subprocess.run([sys.executable, "-m", "quantmill.cli", "run", f"store.root={tmp_path / 'store'}",
+    proc = subprocess.run([sys.executable, "-m", "quantmill.cli.commands", "run", f"store.root={tmp_path / 'store'}",
                            "publish=hf", "recipe=[gguf_q8_0]"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2

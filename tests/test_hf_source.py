@@ -13,7 +13,7 @@ import pytest
 
 from quantmill.backends.local_source import BUNDLED_ROOT
 from quantmill.errors import ModelSourceError, PreflightError
-from quantmill.planner import open_store, plan
+from quantmill.plan.planner import open_store, plan
 from tests.conftest import compose_in, run_inline
 
 SHA = "0123456789abcdef0123456789abcdef01234567"

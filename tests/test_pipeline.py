@@ -9,10 +9,10 @@ import pytest
 from quantmill import constants as C
 from quantmill.backends.llamacpp_runtime import LlamaCppRuntime
 from quantmill.backends.local_publisher import LocalRegistry
-from quantmill.cli import run_config
+from quantmill.cli.commands import run_config
 from quantmill.outcome import CACHED, RAN
-from quantmill.planner import HIT, MISS, PENDING, open_store, plan, resolve
-from quantmill.store import ArtifactRef
+from quantmill.plan.planner import HIT, MISS, PENDING, open_store, plan, resolve
+from quantmill.store.local import ArtifactRef
 from tests.conftest import compose_in, plant, run_inline
 
 pytestmark = pytest.mark.slow

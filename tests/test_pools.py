@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from quantmill.runner import worker_of
+from quantmill.prefect.runner import worker_of
 from tests.conftest import CONF
 from tests.prefect_cluster import cli as _cli, free_port as _free_port, killpg as _killpg, start_server, wait as _wait
 
@@ -156,7 +156,7 @@ class Cluster:
 
     def auditor(self, name: str = "auditor"):
         """A third machine's view of the bucket, with its own empty cache."""
-        from quantmill.s3store import S3Store
+        from quantmill.store.s3 import S3Store
 
         return S3Store("team-artifacts", "quantmill", endpoint_url=self.s3, cache_dir=self.root / name)
 
@@ -402,7 +402,7 @@ def test_a_step_run_is_one_api_call_and_a_deployment_made_again_is_found(cluster
     import httpx
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from quantmill import runner
+    from quantmill.prefect import runner
 
     infra = _compose().infra  # deploy(names=["idle"]): a pool no worker serves, where runs stay Scheduled
     sent: list[str] = []
@@ -470,7 +470,7 @@ def test_parents_hear_their_step_runs_end_through_one_waiter(cluster, monkeypatc
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Completed, Failed
 
-    from quantmill import runner
+    from quantmill.prefect import runner
 
     @flow(name="quantmill-test-ends-later")
     def ends_later():
@@ -516,7 +516,7 @@ def test_parents_hear_their_step_runs_end_through_one_waiter(cluster, monkeypatc
 
 def test_capability_no_pool_offers_names_it_and_the_pools(tmp_path):
     from quantmill.errors import PreflightError
-    from quantmill.planner import open_store, plan
+    from quantmill.plan.planner import open_store, plan
 
     cfg = _compose("recipe=[mlx_4bit]", "~infra.pools.mac", f"store.root={tmp_path / 'store'}")
     with pytest.raises(PreflightError) as e:
@@ -526,8 +526,8 @@ def test_capability_no_pool_offers_names_it_and_the_pools(tmp_path):
 
 
 def test_unreachable_server_says_how_to_run_embedded(tmp_path):
-    from quantmill.cli import run_config
-    from quantmill.runner import ServerError
+    from quantmill.cli.commands import run_config
+    from quantmill.prefect.runner import ServerError
 
     cfg = _compose("recipe=[gguf_q8_0]", f"infra.api_url=http://127.0.0.1:{_free_port()}/api",
                    f"store.root={tmp_path / 'store'}")
@@ -538,7 +538,7 @@ def test_unreachable_server_says_how_to_run_embedded(tmp_path):
 
 
 def test_missing_bucket_is_one_line_before_any_server_call(tmp_path, s3, monkeypatch):
-    from quantmill.cli import run_config
+    from quantmill.cli.commands import run_config
     from quantmill.errors import StoreError
 
     _s3_env(monkeypatch)
@@ -550,7 +550,7 @@ def test_missing_bucket_is_one_line_before_any_server_call(tmp_path, s3, monkeyp
 
 
 def test_worker_refuses_a_pool_this_machine_cannot_serve(tmp_path):
-    from quantmill.hardware import cuda_gpus
+    from quantmill.toolchain.hardware import cuda_gpus
 
     if cuda_gpus():
         pytest.skip("this machine has CUDA; the refusal needs one without")
@@ -566,7 +566,7 @@ def test_worker_refuses_a_pool_this_machine_cannot_serve(tmp_path):
 
 
 def test_worker_with_other_tool_versions_refuses_the_spec():
-    from quantmill.versions import check_tools, package_version
+    from quantmill.toolchain.versions import check_tools, package_version
 
     assert check_tools({"numpy": package_version("numpy")}) == []
     assert check_tools({"numpy": "1.0.0", "machine": "pool cpu"}, pool="gpu") == [

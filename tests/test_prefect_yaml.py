@@ -6,9 +6,9 @@ from __future__ import annotations
 import yaml
 
 from quantmill import constants as C
-from quantmill.batch import batch_names, load_batch
+from quantmill.batches.batch import batch_names, load_batch
 from quantmill.config import compose
-from quantmill.runner import PIPELINE_ENTRYPOINT, STEP_ENTRYPOINT, WATCH_ENTRYPOINT
+from quantmill.prefect.runner import PIPELINE_ENTRYPOINT, STEP_ENTRYPOINT, WATCH_ENTRYPOINT
 from tests.conftest import CONF, REPO
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from quantmill import constants as C
 from quantmill.errors import ConfigError, ModelSourceError, PreflightError, StoreFullError
-from quantmill.planner import check_space, open_store, plan, resolve
+from quantmill.plan.planner import check_space, open_store, plan, resolve
 from tests.conftest import compose_in
 
 
@@ -142,7 +142,7 @@ def test_context_beyond_the_models_maximum(tmp_path, tiny_model):
 
 
 def test_runtime_not_installed_names_package_and_pool(tmp_path, tiny_model, monkeypatch):
-    from quantmill import llamacpp
+    from quantmill.toolchain import llamacpp
 
     monkeypatch.setenv("QUANTMILL_LLAMA_CPP", str(tmp_path / "no-build"))
     monkeypatch.chdir(tmp_path)

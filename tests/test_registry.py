@@ -12,7 +12,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from quantmill.cli import run_config
+from quantmill.cli.commands import run_config
 from quantmill.config import compose
 from tests.conftest import CONF, QUICK
 
@@ -26,7 +26,7 @@ def team(s3_endpoint, tmp_path_factory):
     bucket; carol has only the bucket and both public keys."""
     import os
 
-    from quantmill import signing
+    from quantmill.store import signing
 
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     root = tmp_path_factory.mktemp("team")
@@ -56,7 +56,7 @@ def team(s3_endpoint, tmp_path_factory):
 def quantmill(team, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, "-m", "quantmill.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "quantmill.cli.commands", *args], capture_output=True, text=True,
                           timeout=300, cwd=cwd or team["root"], env={**os.environ, "QUANTMILL_CONF": str(CONF)})
 
 
@@ -140,7 +140,7 @@ def test_a_flipped_byte_in_the_bucket_fails_pull_and_verify_naming_the_file(team
 
 @pytest.mark.parametrize("tamper", ["record", "signature", "other-key"])
 def test_tampered_records_and_foreign_signatures_fail(team, tamper):
-    from quantmill import signing
+    from quantmill.store import signing
 
     client = boto3.client("s3", endpoint_url=team["endpoint"])
     record_key = next(k for k in _objects(team, "tiny-llama-gguf_q4_k_m/v1/") if k.endswith("/provenance.json"))
@@ -292,7 +292,7 @@ def test_the_catalogue_page_opened_from_disk(default_run):
 def test_gc_dry_run_lists_exactly_the_unreferenced_objects(tmp_path, capsys):
     """Two versions of one name (the second made from a BF16 intermediate) and an unpublished recipe: what only the
     old version and the unpublished run made is unreferenced; a tag keeps the old version's."""
-    from quantmill.cli import main
+    from quantmill.cli.commands import main
     from tests.conftest import overrides_for
 
     base = [*overrides_for(tmp_path), *QUICK]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from quantmill import provenance
+from quantmill.store import provenance
 from quantmill.errors import IntegrityError, StoreError
-from quantmill.s3store import S3Store
+from quantmill.store.s3 import S3Store
 
 KEY = "cd" * 32
 
@@ -139,7 +139,7 @@ def test_missing_bucket_is_one_line(endpoint, bucket, tmp_path):
 
 def test_pipeline_runs_into_a_bucket_and_a_second_worker_reuses_it(endpoint, bucket, tmp_path):
     """The whole GGUF path with store.kind=s3; a second worker (own cache) plans every step as cached."""
-    from quantmill.planner import HIT, open_store, plan, resolve
+    from quantmill.plan.planner import HIT, open_store, plan, resolve
     from tests.conftest import compose_in, run_inline
 
     s3 = ("store.kind=s3", f"store.bucket={bucket}", f"store.endpoint_url={endpoint}", "publish.enabled=false",
@@ -157,9 +157,9 @@ def test_a_batch_plans_on_one_store_and_asks_the_bucket_once_for_what_its_runs_s
     """The runs of a batch (three models from one source, so one shared download) are planned on one opened
     store: the download's record is read from the bucket once, not once per run; each run's own lookup still goes
     to the bucket. Opened apart, every run reads it again."""
-    from quantmill import cli
+    from quantmill.cli.commands import commands as cli
     from quantmill.execute import run_step
-    from quantmill.planner import HIT, MISS, open_store, plan
+    from quantmill.plan.planner import HIT, MISS, open_store, plan
     from tests.conftest import compose_in
 
     s3 = ("store.kind=s3", f"store.bucket={bucket}", f"store.endpoint_url={endpoint}", "publish.enabled=false",

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from quantmill.cli import main
+from quantmill.cli.commands import main
 from quantmill.config import compose
 from quantmill.errors import PreflightError
 from quantmill.estimate import Shape, weights_bytes
-from quantmill.planner import open_store, plan
+from quantmill.plan.planner import open_store, plan
 from tests.conftest import CONF, compose_in, overrides_for, run_inline
 
 LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,

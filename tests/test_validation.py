@@ -8,13 +8,15 @@ import shutil
 import numpy as np
 import pytest
 
-from quantmill import anchors, constants as C
+from quantmill.evaluation import anchors
+
+from quantmill import constants as C
 from quantmill.backends.llamacpp_runtime import LlamaCppRuntime
 from quantmill.backends.local_publisher import LocalRegistry
 from quantmill.backends.local_source import BUNDLED_ROOT
-from quantmill.cli import main, run_config
+from quantmill.cli.commands import main, run_config
 from quantmill.outcome import RAN
-from quantmill.planner import open_store, plan
+from quantmill.plan.planner import open_store, plan
 from quantmill.steps import validate
 from tests.conftest import compose_in, overrides_for, plant, run_inline
 
@@ -101,7 +103,7 @@ def test_agreement_with_llama_perplexity(three_quants, tmp_path):
         assert abs(ours["mean_kld"] - theirs["mean_kld"]) <= max(0.01 * theirs["mean_kld"], 5e-7), recipe
 
     # Same base log-probs as llama.cpp (its 16-bit base file, its -16 cutoff): the arithmetic is identical.
-    from quantmill import metrics
+    from quantmill.evaluation import metrics
 
     _, _, tokens = anchors.read_base_tokens(base)
     base_logp = anchors.read_base_logprobs(base)
@@ -176,7 +178,7 @@ def test_planted_broken_quant_fails_its_gate_and_is_not_published(tmp_path, dama
     report = json.loads((tmp_path / "store" / "reports" / "tiny-llama" / "report.json").read_text())
     assert [r["status"] for r in report["artifacts"]] == [C.FAILED]
     if gate == "max_mean_kld":  # forced: published, marked unvalidated everywhere it shows
-        from quantmill.cli import main
+        from quantmill.cli.commands import main
 
         assert main(["run", "--force", f"recipe=[{recipe}]", *overrides_for(tmp_path)]) == 1  # a gate still failed
         entry = LocalRegistry(tmp_path / "store" / C.REGISTRY_DIR).get(f"tiny-llama-{recipe}")

@@ -1,4 +1,4 @@
-"""A pool of type `warm`: its worker runs each step run in its own interpreter (quantmill.warm_worker), against a
+"""A pool of type `warm`: its worker runs each step run in its own interpreter (quantmill.prefect.warm_worker), against a
 real server and moto's S3; the API shows the run on the worker's own process id, and the result is the same. It
 also keeps the next quantizer process of each calibrated backend it ran waiting, its libraries imported."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from quantmill.runner import worker_of
+from quantmill.prefect.runner import worker_of
 from tests.conftest import QUICK
 from tests.prefect_cluster import cli, killpg, start_server, wait
 

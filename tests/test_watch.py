@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from quantmill.watch import check, watch_once
+from quantmill.batches.watch import check, watch_once
 from tests.conftest import QUICK, project, second_model
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def test_watch_an_s3_folder_by_its_objects_etags(tmp_path, s3_endpoint, monkeypa
     assert changed["triggered"] == 1 and changed["models"][0]["results"][0]["ok"]
     assert changed["models"][0]["results"][0]["ran"] >= 4
     # what was built is the replaced object: the download's record names the ETags it fetched
-    from quantmill.store import LocalStore
+    from quantmill.store.local import LocalStore
 
     store = LocalStore(tmp_path / "store")
     downloads = [store.statement(k) for k in store.keys()

@@ -2,7 +2,7 @@
 
 Hydra's sweeper expands the overrides into jobs; this launcher composes each job's config exactly as an
 in-process job would get it and submits it as a flow run of ``quantmill-pipeline/<pool>`` (the pipeline pool's
-workers run it; see ``quantmill.runner.submit_pipeline``). By default it returns once every job is submitted;
+workers run it; see ``quantmill.prefect.runner.submit_pipeline``). By default it returns once every job is submitted;
 with ``hydra.launcher.wait=true`` it waits, and a job whose flow run did not complete fails the sweep.
 """
 
@@ -40,7 +40,7 @@ class PrefectLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from quantmill import runner
+        from quantmill.prefect import runner
         from quantmill.config import to_config
 
         submitted = []

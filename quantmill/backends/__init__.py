@@ -1,13 +1,13 @@
-"""Backends, one registry per kind. Importing this package registers every built-in backend; each backend
+"""Backends, one table per kind (sources, converters, quantizers, runtimes, publishers). Importing this package registers every built-in backend; each backend
 module is light (heavy libraries are imported inside its functions), so this import stays fast."""
 
-from quantmill.registry import Registry
+from quantmill.backends.table import BackendTable
 
-SOURCES: Registry = Registry("model source")
-CONVERTERS: Registry = Registry("converter")
-QUANTIZERS: Registry = Registry("quantizer")
-RUNTIMES: Registry = Registry("runtime")
-PUBLISHERS: Registry = Registry("publisher")
+SOURCES: BackendTable = BackendTable("model source")
+CONVERTERS: BackendTable = BackendTable("converter")
+QUANTIZERS: BackendTable = BackendTable("quantizer")
+RUNTIMES: BackendTable = BackendTable("runtime")
+PUBLISHERS: BackendTable = BackendTable("publisher")
 
 # Registration happens in these modules; the order does not matter.
 from quantmill.backends import (  # noqa: E402,F401

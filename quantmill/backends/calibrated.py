@@ -91,7 +91,7 @@ class CalibratedQuantizer(QuantizerDefaults):
         return int(f16_bytes * (scheme_bits(recipe.quant_type or "") + 0.5) / 16)
 
     def tools(self) -> dict[str, str]:
-        from quantmill.versions import package_versions
+        from quantmill.toolchain.versions import package_versions
 
         return package_versions(*self.packages)
 
@@ -109,7 +109,7 @@ class CalibratedQuantizer(QuantizerDefaults):
 
     def quantize(self, model: Path, out: Path, config: Mapping[str, Any], *, imatrix: Path | None, threads: int,
                  label: str, calibration: Path | None = None) -> dict[str, Any]:
-        from quantmill.tools import follow_tool, run_tool
+        from quantmill.toolchain.tools import follow_tool, run_tool
 
         with tempfile.TemporaryDirectory(prefix="quantmill-quantize-") as tmp:
             work = Path(tmp)
@@ -171,7 +171,7 @@ class _Waiting:
 
     def start(self, quantizer: CalibratedQuantizer) -> None:
         """Start ``quantizer``'s waiting child unless one waits already (called with the lock held)."""
-        from quantmill.tools import start_tool
+        from quantmill.toolchain.tools import start_tool
 
         command = quantizer.waiting_command()
         if command is None or quantizer.key in self.children:
@@ -271,7 +271,7 @@ def carry_files(model: Path, out: Path) -> None:
 
 def bits_per_source_weight(model: Path, out: Path) -> float:
     """Bits the output's safetensors take per parameter of the source model (packing-agnostic)."""
-    from quantmill.model_files import safetensors_tensors
+    from quantmill.toolchain.model_files import safetensors_tensors
 
     params = sum(t[2] for t in safetensors_tensors(model))
     stored = sum(t[3] for t in safetensors_tensors(out))

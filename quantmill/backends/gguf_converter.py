@@ -11,9 +11,9 @@ from quantmill import constants as C
 from quantmill.backends import CONVERTERS
 from quantmill.backends.base import SourceInfo
 from quantmill.errors import PreflightError
-from quantmill.llamacpp import locate
-from quantmill.tools import run_tool
-from quantmill.versions import package_versions
+from quantmill.toolchain.llamacpp import locate
+from quantmill.toolchain.tools import run_tool
+from quantmill.toolchain.versions import package_versions
 
 _WRITING = re.compile(r"Writing:\s+(?P<done>\d+)%")
 OUTTYPES = ("f16", "bf16", "f32")

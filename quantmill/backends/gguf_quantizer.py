@@ -12,9 +12,9 @@ from quantmill.backends import QUANTIZERS
 from quantmill.backends.base import QuantizerDefaults
 from quantmill.config import RecipeConfig
 from quantmill.errors import PreflightError
-from quantmill.gguf_info import bits_per_weight
-from quantmill.llamacpp import locate
-from quantmill.tools import run_tool
+from quantmill.toolchain.gguf_info import bits_per_weight
+from quantmill.toolchain.llamacpp import locate
+from quantmill.toolchain.tools import run_tool
 
 _TENSOR = re.compile(r"\[\s*(?P<done>\d+)/\s*(?P<total>\d+)\]")
 _CHUNK = re.compile(r"\[(?P<done>\d+)\]")

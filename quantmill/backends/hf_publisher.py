@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from quantmill import constants as C
 from quantmill.backends import PUBLISHERS
 from quantmill.errors import PreflightError, PublishRefused
-from quantmill.store import ArtifactRef, Store
+from quantmill.store.local import ArtifactRef, Store
 
 LAYOUTS = ("repo", "branch", "folder")
 
@@ -35,8 +35,8 @@ def git_blob_id(data: bytes) -> str:
 
 def split_gguf(path: Path, max_gb: float, out: Path) -> list[Path]:
     """``path`` as is, or its parts by ``llama-gguf-split`` when larger than ``max_gb`` (GiB, in whole MiB)."""
-    from quantmill.llamacpp import locate
-    from quantmill.tools import run_tool
+    from quantmill.toolchain.llamacpp import locate
+    from quantmill.toolchain.tools import run_tool
 
     max_mib = max(1, int(max_gb * 1024))
     if path.stat().st_size <= max_mib * 2**20:
@@ -84,7 +84,7 @@ class HfPublisher:
         from huggingface_hub import CommitOperationAdd, HfApi
         from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 
-        from quantmill import provenance, signing
+        from quantmill.store import provenance, signing
         from quantmill.backends.local_publisher import record_bytes
         from quantmill.execute import read_result
 

@@ -17,7 +17,7 @@ from quantmill.backends.local_source import link_or_copy
 from quantmill.config import ModelConfig
 from quantmill.digest import DigestCache, FileDigest
 from quantmill.errors import ModelSourceError
-from quantmill.model_files import check_config, check_safetensors, read_config, select_files
+from quantmill.toolchain.model_files import check_config, check_safetensors, read_config, select_files
 
 
 def _offline() -> bool:

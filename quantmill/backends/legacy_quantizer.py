@@ -58,7 +58,7 @@ class LegacyQuantizer(CalibratedQuantizer):
             raise PreflightError(f"recipe {name!r}: {python} has no {self.library}; create the environment with "
                                  f"`scripts/make-legacy-env.sh {self.key}`")
         if self.needs_cuda_reason:
-            from quantmill.hardware import cuda_gpus
+            from quantmill.toolchain.hardware import cuda_gpus
 
             if not cuda_gpus():
                 raise PreflightError(f"recipe {name!r}: backend {self.key!r} cannot run here: {self.needs_cuda_reason}; "

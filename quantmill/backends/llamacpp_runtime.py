@@ -10,8 +10,8 @@ from typing import Any, Iterator, Sequence
 from quantmill import constants as C
 from quantmill.backends import RUNTIMES
 from quantmill.errors import PreflightError
-from quantmill.llamacpp import import_llama_cpp, locate
-from quantmill.versions import package_version
+from quantmill.toolchain.llamacpp import import_llama_cpp, locate
+from quantmill.toolchain.versions import package_version
 
 
 FLASH_ATTENTION = True
@@ -114,7 +114,7 @@ class LlamaCppRuntime:
         return model.metadata.get("tokenizer.chat_template")
 
     def bits_per_weight(self, artifact: Path) -> float:
-        from quantmill.gguf_info import bits_per_weight
+        from quantmill.toolchain.gguf_info import bits_per_weight
 
         return bits_per_weight(self.model_file(artifact))
 

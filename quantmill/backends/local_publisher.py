@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from quantmill import constants as C
-from quantmill.artifact_registry import ArtifactRegistry, LocalLocation, S3Location, check_name, copy_artifact, lineage
+from quantmill.registry.entries import ArtifactRegistry, LocalLocation, S3Location, check_name, copy_artifact, lineage
 from quantmill.backends import PUBLISHERS
 from quantmill.errors import PreflightError
-from quantmill.store import ArtifactRef, LocalStore, Store
+from quantmill.store.local import ArtifactRef, LocalStore, Store
 
 __all__ = ["check_name", "LocalRegistry", "LocalPublisher", "S3Publisher", "record_bytes"]
 
@@ -45,8 +45,8 @@ class RegistryPublisher:
         """Preflight: what this publisher needs from the config and the store (one line each)."""
 
     def publish(self, spec, store: Store, ref: ArtifactRef) -> dict[str, Any]:
-        from quantmill import signing
-        from quantmill.catalogue import write_catalogue
+        from quantmill.store import signing
+        from quantmill.registry.catalogue import write_catalogue
         from quantmill.execute import read_result
 
         settings = spec.context["publish"]
@@ -79,7 +79,7 @@ class RegistryPublisher:
 
 
 def _now() -> str:
-    from quantmill import provenance
+    from quantmill.store import provenance
 
     return provenance.now()
 
@@ -108,7 +108,7 @@ class S3Publisher(RegistryPublisher):
         return f"s3://{_get(publish, 'bucket')}/{_get(publish, 'prefix').strip('/')}"
 
     def registry(self, publish: Mapping[str, Any], store: Store | None = None) -> ArtifactRegistry:
-        from quantmill.s3store import S3Store
+        from quantmill.store.s3 import S3Store
 
         target = S3Store(publish["bucket"], publish["prefix"], endpoint_url=publish.get("endpoint_url"),
                          region=publish.get("region"), cache_dir=publish.get("cache_dir") or ".quantmill/s3-cache")

@@ -11,7 +11,7 @@ from quantmill.backends.base import SourceInfo
 from quantmill.config import ModelConfig
 from quantmill.digest import DigestCache, digest_tree, manifest_digest
 from quantmill.errors import ModelSourceError
-from quantmill.model_files import check_config, check_safetensors, read_config, select_files
+from quantmill.toolchain.model_files import check_config, check_safetensors, read_config, select_files
 
 BUNDLED_ROOT = Path(__file__).resolve().parent.parent / "bundled"
 

@@ -13,7 +13,7 @@ from quantmill import constants as C
 from quantmill.backends import CONVERTERS
 from quantmill.backends.base import SourceInfo
 from quantmill.errors import PreflightError
-from quantmill.versions import package_versions
+from quantmill.toolchain.versions import package_versions
 
 MLX_DTYPES = ("float16", "bfloat16", "float32")
 

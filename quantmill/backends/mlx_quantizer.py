@@ -12,8 +12,8 @@ from quantmill.backends.base import QuantizerDefaults
 from quantmill.backends.mlx_converter import mlx_convert
 from quantmill.config import RecipeConfig
 from quantmill.errors import PreflightError
-from quantmill.model_files import safetensors_tensors
-from quantmill.versions import package_versions
+from quantmill.toolchain.model_files import safetensors_tensors
+from quantmill.toolchain.versions import package_versions
 
 BITS = (2, 3, 4, 6, 8)
 GROUP_SIZES = (32, 64, 128)

@@ -11,7 +11,7 @@ from quantmill import constants as C
 from quantmill.backends import RUNTIMES
 from quantmill.backends.base import HfTokenizerMethods
 from quantmill.backends.mlx_converter import require_mlx
-from quantmill.versions import package_versions
+from quantmill.toolchain.versions import package_versions
 
 
 class MlxRuntime(HfTokenizerMethods):

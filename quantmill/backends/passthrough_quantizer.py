@@ -16,8 +16,8 @@ from quantmill.backends import QUANTIZERS
 from quantmill.backends.base import QuantizerDefaults, check_shard_size
 from quantmill.config import RecipeConfig
 from quantmill.errors import PreflightError
-from quantmill.model_files import safetensors_bits
-from quantmill.versions import package_versions
+from quantmill.toolchain.model_files import safetensors_bits
+from quantmill.toolchain.versions import package_versions
 
 DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 DEFAULT_SHARD = "5GB"

@@ -17,7 +17,7 @@ from quantmill.backends.base import SourceInfo
 from quantmill.config import ModelConfig
 from quantmill.digest import DigestCache, FileDigest, canonical_json, sha256_bytes
 from quantmill.errors import ModelSourceError
-from quantmill.model_files import check_config, check_safetensors, select_files
+from quantmill.toolchain.model_files import check_config, check_safetensors, select_files
 
 
 def _split(cfg: ModelConfig) -> tuple[str, str]:

@@ -11,7 +11,7 @@ from quantmill import constants as C
 from quantmill.backends import RUNTIMES
 from quantmill.backends.base import HfTokenizerMethods
 from quantmill.errors import PreflightError
-from quantmill.versions import package_versions
+from quantmill.toolchain.versions import package_versions
 
 
 def execution_mode(artifact: Path, device: str) -> str:
@@ -102,7 +102,7 @@ class TransformersRuntime(HfTokenizerMethods):
         import json
 
         from quantmill.estimate import Shape
-        from quantmill.model_files import safetensors_bits, safetensors_tensors
+        from quantmill.toolchain.model_files import safetensors_bits, safetensors_tensors
 
         config = json.loads((artifact / "config.json").read_text())
         if "quantization_config" not in config:

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from quantmill import constants as C
 from quantmill.config import CalibrationConfig
 from quantmill.errors import PreflightError
-from quantmill.tokenizer import SourceTokenizer
+from quantmill.evaluation.tokenizer import SourceTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from typing import Any, Sequence
 
 from quantmill import constants as C
 from quantmill.errors import PreflightError, ToolError
-from quantmill.evaluate import EVALSET_META, EVALSET_TOKENS
-from quantmill.metrics import check_gates
-from quantmill.provenance import machine_info
-from quantmill.tokenizer import SourceTokenizer
-from quantmill.tools import run_tool
+from quantmill.evaluation.evaluate import EVALSET_META, EVALSET_TOKENS
+from quantmill.evaluation.metrics import check_gates
+from quantmill.store.provenance import machine_info
+from quantmill.evaluation.tokenizer import SourceTokenizer
+from quantmill.toolchain.tools import run_tool
 
 
 def make_evalset(model_dir: Path, files: Sequence[Path], out: Path, *, n_ctx: int, n_chunks: int, prompt: str,
@@ -59,14 +59,14 @@ def make_evalset(model_dir: Path, files: Sequence[Path], out: Path, *, n_ctx: in
 
 def _evaluate(mode: str, runtime: str, artifact: Path, evalset: Path, reference: Path | None,
               reference_out: Path | None, *, threads: int, max_tokens: int, label: str) -> tuple[dict, int]:
-    """Run ``quantmill.evaluate`` in a subprocess; return its result and the subprocess's peak RSS."""
+    """Run ``quantmill.evaluation.evaluate`` in a subprocess; return its result and the subprocess's peak RSS."""
     with tempfile.TemporaryDirectory(prefix="quantmill-eval-") as tmp:
         request = {"mode": mode, "runtime": runtime, "artifact": str(artifact), "evalset": str(evalset),
                    "reference": str(reference) if reference else None,
                    "reference_out": str(reference_out) if reference_out else None,
                    "result_path": str(Path(tmp) / "result.json"), "threads": threads, "max_tokens": max_tokens}
         (Path(tmp) / "request.json").write_text(json.dumps(request))
-        run = run_tool([sys.executable, "-m", "quantmill.evaluate", Path(tmp) / "request.json"],
+        run = run_tool([sys.executable, "-m", "quantmill.evaluation.evaluate", Path(tmp) / "request.json"],
                        name=f"evaluation in runtime {runtime!r}", label=label)
         return json.loads((Path(tmp) / "result.json").read_text()), run.max_rss_bytes
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantmill import constants as C
-from quantmill import provenance
+from quantmill.store import provenance
 from quantmill.digest import FileDigest, digest_tree, manifest_digest, sha256_file
 from quantmill.errors import IntegrityError, NotFound, StoreError
-from quantmill.store import ArtifactRef, Staging, Store
+from quantmill.store.local import ArtifactRef, Staging, Store
 
 
 def explain_client_error(exc: Exception, bucket: str, endpoint: str | None, setting: str = "store") -> StoreError:

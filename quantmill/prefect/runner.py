@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Mapping
 from quantmill import constants as C
 from quantmill.config import InfraConfig, PoolConfig, StoreConfig
 from quantmill.errors import PreflightError, QuantmillError
-from quantmill.provenance import RunInfo
+from quantmill.store.provenance import RunInfo
 
 STEP_ENTRYPOINT = "flows.step.step"  # module paths: workers import the installed package, no code pull
 PIPELINE_ENTRYPOINT = "flows.pipeline.pipeline"
@@ -210,7 +210,7 @@ def _deployment(client, flow: str, name: str, pool_name: str, entrypoint: str, p
     prefect_type = prefect_pool_type(pool_type)
     template = {}
     if prefect_type == WARM_TYPE:
-        from quantmill.warm_worker import base_job_template
+        from quantmill.prefect.warm_worker import base_job_template
 
         template = {"base_job_template": base_job_template()}
     try:
@@ -357,13 +357,13 @@ DEPLOYMENT_ID_SECONDS = 600.0
 
 
 # -- workers -------------------------------------------------------------------------------------------------
-WARM_TYPE = "quantmill-warm"  # the Prefect pool type of `type: warm` (quantmill.warm_worker)
+WARM_TYPE = "quantmill-warm"  # the Prefect pool type of `type: warm` (quantmill.prefect.warm_worker)
 POOL_TYPES = {"process": "process", "warm": WARM_TYPE}
 
 
 def prefect_pool_type(pool_type: str) -> str:
     """The Prefect work-pool type of a configured pool type: ``process`` (a fresh process per step run) or ``warm``
-    (runs in the worker's own interpreter, see ``quantmill.warm_worker``)."""
+    (runs in the worker's own interpreter, see ``quantmill.prefect.warm_worker``)."""
     if pool_type not in POOL_TYPES:
         raise PreflightError(f"pool type {pool_type!r} unknown; choose one of {', '.join(POOL_TYPES)} "
                              f"(infra.pools.NAME.type)")
@@ -384,8 +384,8 @@ def worker_plan(pools: Mapping[str, PoolConfig], pool: str, *, name: str, cache_
     Raises:
         PreflightError: unknown pool, or a capability this machine lacks (one line, naming both).
     """
-    from quantmill.hardware import check_capability
-    from quantmill.pools import describe_pools
+    from quantmill.toolchain.hardware import check_capability
+    from quantmill.plan.routing import describe_pools
 
     if pool not in pools:
         raise PreflightError(f"pool {pool!r} is not configured; configured: {describe_pools(pools)} "
@@ -401,7 +401,7 @@ def worker_plan(pools: Mapping[str, PoolConfig], pool: str, *, name: str, cache_
            "PREFECT_WORKER_QUERY_SECONDS": f"{poll_seconds:g}", "PREFECT_WORKER_HEARTBEAT_SECONDS": f"{heartbeat_seconds:g}",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     if prefect_pool_type(config.type) == WARM_TYPE:
-        command = [sys.executable, "-m", "quantmill.warm_worker", "--pool", pool, "--name", name,
+        command = [sys.executable, "-m", "quantmill.prefect.warm_worker", "--pool", pool, "--name", name,
                    *(["--keep-quantizers"] if config.keep_quantizers else [])]
     else:
         command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,

@@ -77,7 +77,7 @@ class LlamaCpp:
 
 def _candidates() -> list[Path]:
     env = os.environ.get(C.ENV_LLAMA_CPP)
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]  # the checkout holding the quantmill package
     return [Path(p) for p in (env, Path.cwd() / ".llama.cpp", here / ".llama.cpp") if p]
 
 

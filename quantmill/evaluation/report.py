@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from quantmill import constants as C
-from quantmill.store import LocalStore
+from quantmill.store.local import LocalStore
 
 REPORTS_DIR = "reports"
 

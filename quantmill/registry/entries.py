@@ -27,8 +27,8 @@ from typing import Any, Iterable
 
 from quantmill import constants as C
 from quantmill.errors import IntegrityError, NotFound, PublishRefused, QuantmillError
-from quantmill.s3store import explain_client_error
-from quantmill.store import ArtifactRef, Store
+from quantmill.store.s3 import explain_client_error
+from quantmill.store.local import ArtifactRef, Store
 
 ENTRY, CARD, PROVENANCE, SIGNATURE, LINEAGE, TAGS = (C.REGISTRY_ENTRY_FILE, C.MODEL_CARD_FILE, "provenance.json",
                                                      "provenance.sig.json", "lineage.json", "tags.json")
@@ -336,8 +336,8 @@ class ArtifactRegistry:
     def signed_record(self, name: str, version: int, keys: list | None, *, require: bool) -> tuple[dict, bytes,
                                                                                                    str | None]:
         """(statement, its exact bytes, signing key id or None), the signature checked against ``keys``."""
-        from quantmill import provenance as prov
-        from quantmill import signing
+        from quantmill.store import provenance as prov
+        from quantmill.store import signing
 
         entry = self.get(name, version)
         what = f"{name}:v{version}"
@@ -367,7 +367,7 @@ def _closest(name: str, names: list[str]) -> str | None:
 
 def copy_artifact(source: Store, target: Store, ref: ArtifactRef) -> ArtifactRef:
     """Put ``ref`` (files and provenance record) into ``target`` unless it holds it; checked by digest."""
-    from quantmill import provenance as prov
+    from quantmill.store import provenance as prov
 
     existing = target.lookup(ref.key)
     if existing is not None:
@@ -392,7 +392,7 @@ def copy_artifact(source: Store, target: Store, ref: ArtifactRef) -> ArtifactRef
 
 def lineage(store: Store, key: str) -> list[dict[str, Any]]:
     """Every artifact ``key`` was made from, nearest first: key, step, spec, digest, inputs (name -> key)."""
-    from quantmill import provenance as prov
+    from quantmill.store import provenance as prov
 
     out, seen, todo = [], set(), [key]
     while todo:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
-from quantmill.batch import Run, all_runs, changed_paths
+from quantmill.batches.batch import Run, all_runs, changed_paths
 from quantmill.errors import ConfigError, QuantmillError
 
 

@@ -34,9 +34,9 @@ def _plan_rows(the_plan, resolution) -> list[dict[str, Any]]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """The target's fit (from config.json alone), then the steps with their keys and cache state."""
-    from quantmill import ui
+    from quantmill.cli import ui
     from quantmill.errors import ModelSourceError
-    from quantmill.planner import open_store, plan, resolve, target_fit
+    from quantmill.plan.planner import open_store, plan, resolve, target_fit
 
     cfg = _compose(args)
     fit = [f.to_json() for f in target_fit(cfg)]
@@ -154,11 +154,11 @@ def _planned(cfg, ahead=None, stores: dict[bytes, Any] | None = None):
     resolution) for a run; preflight errors raise here, before anything runs. ``stores``: stores already open,
     by their config, shared by the configs of one batch."""
     from quantmill import constants as C
-    from quantmill import planner
+    from quantmill.plan import planner
     from quantmill.backends import QUANTIZERS
     from quantmill.execute import read_result
     from quantmill.outcome import CACHED, Outcome
-    from quantmill.store import LocalStore
+    from quantmill.store.local import LocalStore
 
     store = _open_store(cfg, stores)
     the_plan = planner.plan(cfg, store)
@@ -167,7 +167,7 @@ def _planned(cfg, ahead=None, stores: dict[bytes, Any] | None = None):
         ahead.expect(QUANTIZERS.get(s.backend) for s in the_plan
                      if s.step == C.QUANTIZE and resolution.status[s.id] != planner.HIT)
     if resolution.all_cached:
-        from quantmill import report
+        from quantmill.evaluation import report
 
         outcomes = [Outcome(s.id, s.step, s.recipe, CACHED, 0.0, resolution.keys[s.id],
                             resolution.refs[s.id].digest, read_result(store, resolution.refs[s.id]))
@@ -186,7 +186,7 @@ def _open_store(cfg, stores: dict[bytes, Any] | None):
     runs of a batch that share a store and its artifacts (the model's download) ask the bucket for them once."""
     import dataclasses
 
-    from quantmill import planner
+    from quantmill.plan import planner
     from quantmill.digest import canonical_json
 
     if stores is None:
@@ -198,7 +198,9 @@ def _open_store(cfg, stores: dict[bytes, Any] | None):
 
 
 def _run_config(cfg, ahead, *, verbose: bool) -> list:
-    from quantmill import progress, runner, ui
+    from quantmill import progress
+    from quantmill.prefect import runner
+    from quantmill.cli import ui
     from quantmill.config import to_dict
     from quantmill.outcome import Outcome
 
@@ -229,7 +231,7 @@ def _run_on_pools(cfgs: list, made: list, *, verbose: bool) -> list[list | None]
     that such a function said was not the parent's to run."""
     from contextlib import ExitStack
 
-    from quantmill import runner
+    from quantmill.prefect import runner
     from quantmill.config import to_dict
     from quantmill.outcome import Outcome
 
@@ -268,14 +270,15 @@ def _run_on_pools(cfgs: list, made: list, *, verbose: bool) -> list[list | None]
 def _check_pools(pools: list[str]) -> None:
     """Refuse pools with no deployment on the server; warn, on stderr (stdout carries the report: `--json` must
     parse), of those with no worker online."""
-    from quantmill import runner, ui
+    from quantmill.prefect import runner
 
+    from quantmill.cli import ui
     for warning in runner.check_deployments(pools):
         ui.console.print(f"[yellow]{warning}[/]")
 
 
 def _run_and_report(cfg, args: argparse.Namespace) -> bool:
-    from quantmill import ui
+    from quantmill.cli import ui
 
     start = time.perf_counter()
     outcomes = run_config(cfg, verbose=args.verbose)
@@ -334,7 +337,7 @@ def _registry(args: argparse.Namespace):
 
     from quantmill.backends import PUBLISHERS
     from quantmill.errors import ConfigError
-    from quantmill.planner import open_store
+    from quantmill.plan.planner import open_store
 
     cfg = _compose(args)
     args.publish_config = cfg.publish
@@ -355,7 +358,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _print_entries(args: argparse.Namespace, entries: list) -> int:
-    from quantmill import ui
+    from quantmill.cli import ui
 
     if args.json:
         print(json.dumps(entries, indent=1))
@@ -365,7 +368,7 @@ def _print_entries(args: argparse.Namespace, entries: list) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from quantmill import ui
+    from quantmill.cli import ui
 
     store, registry = _registry(args)
     entry = registry.get(args.name, args.version)
@@ -387,15 +390,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _artifact_ref(entry: dict[str, Any]):
     """The artifact a registry entry names."""
-    from quantmill.store import ArtifactRef
+    from quantmill.store.local import ArtifactRef
 
     return ArtifactRef(entry["artifact"]["key"], entry["artifact"]["digest"], "")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from quantmill import report, ui
+    from quantmill.evaluation import report
+    from quantmill.cli import ui
     from quantmill.errors import NotFound
-    from quantmill.planner import open_store
+    from quantmill.plan.planner import open_store
 
     cfg = _compose(args)
     store = open_store(cfg)
@@ -439,7 +443,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import os
     import socket
 
-    from quantmill import runner
+    from quantmill.prefect import runner
 
     infra = _infra(args)
     name = args.name or f"{args.pool}-{socket.gethostname()}-{os.getpid()}"
@@ -460,7 +464,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from quantmill import runner
+    from quantmill.prefect import runner
 
     infra = _infra(args)
     home = Path(args.home or infra.prefect_home).expanduser().resolve()
@@ -474,7 +478,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Create or update every configured pool and its step-flow deployment on the server."""
-    from quantmill import runner
+    from quantmill.prefect import runner
 
     infra = _infra(args)
     runner.connect(infra, verbose=args.verbose)
@@ -485,7 +489,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def _watches(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
     """batch -> (cron, timezone) for every batch file with a ``watch.cron``."""
-    from quantmill.batch import batch_names, load_batch
+    from quantmill.batches.batch import batch_names, load_batch
     from quantmill.config import find_conf_dir
 
     conf_dir = find_conf_dir(args.config_dir)
@@ -496,14 +500,15 @@ def _watches(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
 # -- batches, watches, triggers --------------------------------------------------------------------------------
 def _carry_out(args: argparse.Namespace, conf_dir, runs, *, tags=()) -> list:
     """Run ``runs`` here, or submit them to the server with --submit; print each result."""
-    from quantmill import jobs, ui
+    from quantmill.prefect import launch
 
+    from quantmill.cli import ui
     if getattr(args, "submit", False):
-        results = jobs.submit(conf_dir, runs, pool=args.pool, verbose=args.verbose, extra=args.overrides, tags=tags)
+        results = launch.submit(conf_dir, runs, pool=args.pool, verbose=args.verbose, extra=args.overrides, tags=tags)
         for r in results:
             ui.out.print(f"submitted {r.id}: flow run {r.flow_run_id}") if not args.json else None
         return results
-    results = jobs.run_here(conf_dir, runs, verbose=args.verbose, extra=args.overrides)
+    results = launch.run_here(conf_dir, runs, verbose=args.verbose, extra=args.overrides)
     if not args.json:
         for r in results:
             status = "[green]ok[/]" if r.ok else f"[red]failed[/]: {r.error}"
@@ -513,7 +518,7 @@ def _carry_out(args: argparse.Namespace, conf_dir, runs, *, tags=()) -> list:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """Every run of conf/batch/NAME.yaml, here (cached steps are not re-run) or submitted to the server."""
-    from quantmill.batch import batch_runs, load_batch
+    from quantmill.batches.batch import batch_runs, load_batch
     from quantmill.config import find_conf_dir
 
     conf_dir = find_conf_dir(args.config_dir)
@@ -538,7 +543,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     """Build the models of a batch whose upstream revision changed: once, or every --interval seconds."""
     from quantmill.config import find_conf_dir
-    from quantmill.watch import watch_once
+    from quantmill.batches.watch import watch_once
 
     conf_dir = find_conf_dir(args.config_dir)
     while True:
@@ -564,7 +569,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     """The runs a range of commits calls for: composed at both revisions, compared by resolved config."""
     from pathlib import Path
 
-    from quantmill import trigger
+    from quantmill.batches import trigger
     from quantmill.config import find_conf_dir
 
     repo = Path(args.repo).resolve()
@@ -599,13 +604,13 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> list:
-    from quantmill.registry_ops import keys_for
+    from quantmill.registry.operations import keys_for
 
     return keys_for(args.publish_config, list(getattr(args, "key", None) or []))
 
 
 def reg_ls(args: argparse.Namespace) -> int:
-    from quantmill.registry_ops import Filters, search
+    from quantmill.registry.operations import Filters, search
 
     _, registry = _registry(args)
     target = None
@@ -619,8 +624,8 @@ def reg_ls(args: argparse.Namespace) -> int:
 
 
 def reg_show(args: argparse.Namespace) -> int:
-    from quantmill import ui
-    from quantmill.artifact_registry import PROVENANCE
+    from quantmill.cli import ui
+    from quantmill.registry.entries import PROVENANCE
 
     _, registry = _registry(args)
     name, v = registry.resolve(args.name)
@@ -644,7 +649,7 @@ def reg_show(args: argparse.Namespace) -> int:
 
 
 def reg_lineage(args: argparse.Namespace) -> int:
-    from quantmill.registry_ops import lineage_of
+    from quantmill.registry.operations import lineage_of
 
     _, registry = _registry(args)
     hops = lineage_of(registry, args.name)
@@ -661,7 +666,7 @@ def reg_lineage(args: argparse.Namespace) -> int:
 def reg_pull(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from quantmill.registry_ops import pull
+    from quantmill.registry.operations import pull
 
     _, registry = _registry(args)
     name, _ = registry.resolve(args.name)
@@ -677,7 +682,7 @@ def reg_pull(args: argparse.Namespace) -> int:
 def reg_verify(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from quantmill.registry_ops import verify_name, verify_path
+    from quantmill.registry.operations import verify_name, verify_path
 
     path = Path(args.target)
     if path.is_dir():
@@ -701,7 +706,7 @@ def reg_promote(args: argparse.Namespace) -> int:
 
 
 def reg_gc(args: argparse.Namespace) -> int:
-    from quantmill.registry_ops import gc_apply, gc_plan
+    from quantmill.registry.operations import gc_apply, gc_plan
 
     _, registry = _registry(args)
     plan = gc_plan(registry, args.keep_days)
@@ -721,7 +726,7 @@ def reg_gc(args: argparse.Namespace) -> int:
 def reg_keygen(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from quantmill import signing
+    from quantmill.store import signing
 
     private, public = signing.generate(Path(args.out), args.name)
     print(f"private key {private} (keep it secret: publish.signing_key or $QUANTMILL_SIGNING_KEY)\n"
@@ -730,7 +735,7 @@ def reg_keygen(args: argparse.Namespace) -> int:
 
 
 def reg_catalogue(args: argparse.Namespace) -> int:
-    from quantmill.catalogue import write_catalogue
+    from quantmill.registry.catalogue import write_catalogue
 
     _, registry = _registry(args)
     print(write_catalogue(registry))

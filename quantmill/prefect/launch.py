@@ -1,4 +1,4 @@
-"""Carrying out runs (see ``quantmill.batch``): here, embedded, or as flow runs submitted to the Prefect server.
+"""Carrying out runs (see ``quantmill.batches.batch``): here, embedded, or as flow runs submitted to the Prefect server.
 
 Embedded, the runs of one model entry go through one pipeline (their download, calibration and F16 are shared
 steps anyway); submitted, each run is its own flow run of the ``quantmill-pipeline/<pool>`` deployment, named
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from quantmill.batch import Run, groups
+from quantmill.batches.batch import Run, groups
 from quantmill.config import compose
 
 
@@ -34,7 +34,7 @@ def run_here(conf_dir: Path, runs: Iterable[Run], *, verbose: bool = False,
              extra: Iterable[str] = ()) -> list[RunResult]:
     """Run each group of runs as one pipeline from this process (on pools, every group in one parent flow run);
     a failing group never stops the next."""
-    from quantmill.cli import run_configs
+    from quantmill.cli.commands import run_configs
     from quantmill.errors import QuantmillError
     from quantmill.outcome import CACHED, RAN
 
@@ -67,7 +67,7 @@ def run_here(conf_dir: Path, runs: Iterable[Run], *, verbose: bool = False,
 def submit(conf_dir: Path, runs: Iterable[Run], *, pool: str | None = None, verbose: bool = False,
            extra: Iterable[str] = (), tags: Iterable[str] = ()) -> list[RunResult]:
     """Submit each run as a flow run of its pipeline deployment; returns at once with the flow run ids."""
-    from quantmill import runner
+    from quantmill.prefect import runner
 
     results = []
     connected = False

@@ -72,7 +72,7 @@ def machine_info() -> dict[str, str]:
 
 def host_info() -> dict[str, str]:
     """machine_info plus the host name and GPU (model, driver, CUDA), for provenance run details."""
-    from quantmill.hardware import gpu_details
+    from quantmill.toolchain.hardware import gpu_details
 
     return {"hostname": socket.gethostname(), **machine_info(), **gpu_details()}
 

@@ -257,7 +257,7 @@ def _check_unique(runs: list[Run]) -> None:
 
 def fingerprint(cfg: QuantmillConfig, recipe: str) -> dict[str, Any]:
     """The resolved config that decides what one recipe's run makes and publishes (see the module doc)."""
-    from quantmill.planner import _resolve_recipe, effective_gates
+    from quantmill.plan.planner import _resolve_recipe, effective_gates
 
     data = to_dict(cfg)
     resolved, quantizer = _resolve_recipe(recipe, cfg.recipe[recipe])

@@ -1,4 +1,4 @@
-"""Evaluate one artifact in its runtime, in a process of its own: ``python -m quantmill.evaluate REQUEST.json``.
+"""Evaluate one artifact in its runtime, in a process of its own: ``python -m quantmill.evaluation.evaluate REQUEST.json``.
 
 A separate process gives each artifact its own peak-memory figure (the parent reads it with ``os.wait4``) and
 keeps a runtime crash on a malformed artifact from taking the pipeline down with it.
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from quantmill import metrics
+from quantmill.evaluation import metrics
 
 EVALSET_TOKENS = "eval.safetensors"
 EVALSET_META = "evalset.json"

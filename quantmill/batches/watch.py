@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from quantmill.batch import Run, batch_runs, groups, load_batch
+from quantmill.batches.batch import Run, batch_runs, groups, load_batch
 from quantmill.config import compose
 
 
@@ -41,9 +41,9 @@ def revision_of(cfg, store) -> tuple[str, list[str]]:
     identity = dict(info.identity)
     pin = [f"model.revision={identity['commit']}"] if cfg.model.source == "hf" else []
     if cfg.model.adapter:
-        from quantmill import adapters
+        from quantmill.plan import lora
 
-        identity["adapter"] = json.dumps(adapters.describe(cfg.model, store.digest_cache()).identity, sort_keys=True)
+        identity["adapter"] = json.dumps(lora.describe(cfg.model, store.digest_cache()).identity, sort_keys=True)
     return json.dumps(identity, sort_keys=True), pin
 
 
@@ -53,7 +53,7 @@ def _state_path(store, batch: str) -> Path:
 
 def check(conf_dir: Path, batch_name: str) -> tuple[list[Upstream], Path]:
     """Each model group of the batch with its revision now and the last one built."""
-    from quantmill.planner import open_store
+    from quantmill.plan.planner import open_store
 
     batch = load_batch(conf_dir, batch_name)
     out, state_path = [], None
@@ -88,7 +88,7 @@ def record(state_path: Path, upstream: Upstream) -> None:
 
 def watch_once(conf_dir: Path, batch_name: str, *, verbose: bool = False) -> dict[str, Any]:
     """One pass: run the runs of every model whose upstream changed, here; return what was seen and done."""
-    from quantmill import jobs
+    from quantmill.prefect import launch
 
     start = time.perf_counter()
     upstreams, state_path = check(conf_dir, batch_name)
@@ -97,7 +97,7 @@ def watch_once(conf_dir: Path, batch_name: str, *, verbose: bool = False) -> dic
         item = {"model": up.name, "revision": up.revision, "previous": up.previous, "changed": up.changed,
                 "runs": [r.id for r in up.runs] if up.changed else [], "results": []}
         if up.changed:
-            results = jobs.run_here(conf_dir, up.runs, verbose=verbose, extra=up.pin)
+            results = launch.run_here(conf_dir, up.runs, verbose=verbose, extra=up.pin)
             item["results"] = [r.to_json() for r in results]
             if all(r.ok for r in results):  # a failed model is tried again next pass (its finished steps cached)
                 record(state_path, up)

@@ -13,7 +13,7 @@ A warm worker also keeps, per calibrated backend it has run, the next quantizer 
 the library imported (``infra.pools.NAME.keep_quantizers``, on by default): a GPU pool's second and later AWQ,
 GPTQ or FP8 quantizations skip the 10-20 s of imports that a fresh process pays.
 
-    python -m quantmill.warm_worker --pool cpu --name w1 [--limit N] [--keep-quantizers]
+    python -m quantmill.prefect.warm_worker --pool cpu --name w1 [--limit N] [--keep-quantizers]
         (``quantmill worker`` starts it)
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 
-from quantmill.runner import WARM_TYPE
+from quantmill.prefect.runner import WARM_TYPE
 
 
 class WarmWorkerResult(BaseWorkerResult):
@@ -47,7 +47,7 @@ def _flow(entrypoint: str):
 def _execute(flow_run, entrypoint: str) -> int:
     from prefect.flow_engine import run_flow
 
-    from quantmill.runner import without_run_heartbeats
+    from quantmill.prefect.runner import without_run_heartbeats
 
     with without_run_heartbeats():  # the parent watches this worker's heartbeat instead
         state = run_flow(_flow(entrypoint), flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
@@ -183,7 +183,7 @@ class _RememberedReads:
         return getattr(self.client, name)
 
     async def _remembered(self, what: str, key: Any):
-        from quantmill.runner import _recent_check, _remember_check
+        from quantmill.prefect.runner import _recent_check, _remember_check
 
         hit, value = _recent_check(("worker", what, key), ttl=REMEMBER_SECONDS)
         if not hit:
@@ -226,7 +226,7 @@ async def _serve(pool: str, name: str, limit: int | None, keep_quantizers: bool 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m quantmill.warm_worker")
+    parser = argparse.ArgumentParser(prog="python -m quantmill.prefect.warm_worker")
     parser.add_argument("--pool", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--limit", type=int, default=None)

@@ -94,7 +94,7 @@ def check_capability(capability: str, *, min_gpu_memory_gb: float | None = None)
             raise PreflightError(f"capability 'mlx': mlx is not importable ({e}); pip install 'quantmill[mlx]'") from None
         return f"mlx {getattr(mx, '__version__', '?')} on {mx.default_device()}"
     if capability == C.LLAMACPP:
-        from quantmill.llamacpp import locate
+        from quantmill.toolchain.llamacpp import locate
 
         build = locate()
         for tool in ("llama-quantize", "llama-imatrix", "llama-perplexity"):

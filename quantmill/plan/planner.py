@@ -13,21 +13,21 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from quantmill import constants as C
-from quantmill import signing
-from quantmill.artifact_registry import check_name
+from quantmill.store import signing
+from quantmill.registry.entries import check_name
 from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOURCES
 from quantmill.backends.base import SourceInfo
 from quantmill.config import QuantmillConfig, StoreConfig
 from quantmill.digest import canonical_json, sha256_bytes
 from quantmill.errors import ConfigError, PreflightError, StoreFullError
-from quantmill.provenance import machine_class
-from quantmill.store import ArtifactRef, LocalStore, Store
-from quantmill.versions import package_versions
+from quantmill.store.provenance import machine_class
+from quantmill.store.local import ArtifactRef, LocalStore, Store
+from quantmill.toolchain.versions import package_versions
 
 # Bump a step's version when its output bytes change for the same inputs and config.
 IMPLEMENTATION_VERSIONS = {C.DOWNLOAD: "2", C.MERGE: "1", C.CALIBRATE: "2", C.CONVERT: "1", C.QUANTIZE: "1",
                            C.VALIDATE: "2", C.PUBLISH: "2"}
-BUNDLED_TEXT = Path(__file__).resolve().parent / "bundled" / "text"
+BUNDLED_TEXT = Path(__file__).resolve().parents[1] / "bundled" / "text"
 HIT, MISS, PENDING = "hit", "miss", "pending"
 
 
@@ -38,7 +38,7 @@ class StepSpec:
     Attributes:
         id: Unique in the plan, e.g. ``quantize:gguf_q4_k_m``.
         step: The pipeline verb (download, calibrate, convert, quantize, validate, publish).
-        backend: Registry key of the backend that does it.
+        backend: the key of the backend that does it, in its kind's table.
         capability: What the machine running it must offer (cpu, cuda, mlx, llamacpp), from its backend.
         inputs: Input name -> id of the spec that produces it.
         config: The resolved settings that determine the output: hashed into the key.
@@ -107,7 +107,7 @@ def open_store_config(store: StoreConfig) -> Store:
         if not store.bucket:
             raise PreflightError("store.kind=s3 needs store.bucket (and store.endpoint_url for MinIO, R2 or a "
                                  "local S3 server)")
-        from quantmill.s3store import S3Store
+        from quantmill.store.s3 import S3Store
 
         return S3Store(store.bucket, store.prefix, endpoint_url=store.endpoint_url, region=store.region,
                        cache_dir=store.cache_dir)
@@ -215,7 +215,7 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
         quantizer.check(name, recipe)
         recipes[name] = (recipe, quantizer, CONVERTERS.get(recipe.format))
     if cfg.infra.mode == "embedded":
-        from quantmill.hardware import check_here
+        from quantmill.toolchain.hardware import check_here
 
         for name, (recipe, _, _) in recipes.items():
             check_here(name, recipe.requires)
@@ -239,10 +239,10 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
     cache = store.digest_cache()
     adapter_info = None
     if model.adapter:  # before the base: a wrong adapter is refused before anything is fetched
-        from quantmill import adapters
+        from quantmill.plan import lora
 
-        adapter_info = adapters.describe(model, cache)
-        adapters.check_base(model, adapter_info)
+        adapter_info = lora.describe(model, cache)
+        lora.check_base(model, adapter_info)
     info = source.describe(model, cache)
     for name, (recipe, quantizer, converter) in recipes.items():
         converter.check(info, model.name)
@@ -377,7 +377,7 @@ def plan(cfg: QuantmillConfig, store: Store) -> Plan:
                          "publish": {**dataclasses.asdict(cfg.publish), "cache_dir": cfg.store.cache_dir}}))
     routes = {}
     if cfg.infra.mode == "prefect":
-        from quantmill.pools import route
+        from quantmill.plan.routing import route
 
         routes = route(specs.values(), cfg.infra.pools)
     return Plan(cfg, info, specs, warnings, routes)
@@ -387,7 +387,7 @@ def measured_on(cfg: QuantmillConfig, capability: str) -> str:
     """What a validation's speed and memory figures are attributable to, part of its key: this machine's class
     when embedded, the pool's name with pools (a pool is one class of hardware)."""
     if cfg.infra.mode == "prefect":
-        from quantmill.pools import pool_for
+        from quantmill.plan.routing import pool_for
 
         return f"pool {pool_for(capability, cfg.infra.pools)}"
     return machine_class()

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from quantmill.evaluate import EVALSET_META, EVALSET_TOKENS
-from quantmill.llamacpp import locate
-from quantmill.tools import run_tool
+from quantmill.evaluation.evaluate import EVALSET_META, EVALSET_TOKENS
+from quantmill.toolchain.llamacpp import locate
+from quantmill.toolchain.tools import run_tool
 
 _PATTERNS = {
     "ppl": r"Mean PPL\(Q\)\s*:\s*(-?[\d.]+)",

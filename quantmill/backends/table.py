@@ -1,4 +1,4 @@
-"""One registry per kind of backend; backends register under the same key as their config files."""
+"""One table per kind of backend; each backend registers under the same key as its config file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from quantmill.errors import ConfigError
 T = TypeVar("T")
 
 
-class Registry(Generic[T]):
+class BackendTable(Generic[T]):
     """Name -> backend. Duplicate keys are refused; unknown keys fail with the list of known ones."""
 
     def __init__(self, kind: str):

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from quantmill import constants as C
-from quantmill import provenance as prov
-from quantmill.artifact_registry import LINEAGE, PROVENANCE, SIGNATURE, ArtifactRegistry
+from quantmill.store import provenance as prov
+from quantmill.registry.entries import LINEAGE, PROVENANCE, SIGNATURE, ArtifactRegistry
 from quantmill.digest import sha256_file
 from quantmill.errors import IntegrityError, NotFound, QuantmillError
 
@@ -162,7 +162,7 @@ def verify_name(registry: ArtifactRegistry, name: str, keys: list, *, require_si
 
 def verify_path(path: Path, keys: list, *, require_signature: bool) -> list[str]:
     """Problems with a pulled directory: its signature (if keys), then each listed file re-hashed."""
-    from quantmill import signing
+    from quantmill.store import signing
 
     record_path = path / PROVENANCE
     if not record_path.is_file():
@@ -188,7 +188,7 @@ def gc_plan(registry: ArtifactRegistry, keep_days: float) -> dict[str, list[str]
     """What ``gc`` deletes: objects that no name's latest version, no tag and no run within ``keep_days``
     references (directly, or as something a referenced artifact was made from), and the old untagged registry
     versions whose artifact goes with them."""
-    from quantmill.artifact_registry import lineage
+    from quantmill.registry.entries import lineage
 
     store = registry.store
     keep_versions = []
@@ -225,7 +225,7 @@ def gc_apply(registry: ArtifactRegistry, plan: dict[str, list[str]]) -> None:
 
 
 def keys_for(publish, extra: list[str]) -> list:
-    from quantmill import signing
+    from quantmill.store import signing
 
     return signing.load_public_keys([*publish.trusted_keys, *extra])
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantmill import constants as C
-from quantmill import provenance
+from quantmill.store import provenance
 from quantmill.digest import DigestCache, FileDigest, digest_tree, manifest_digest
 from quantmill.errors import IntegrityError, NotFound, StoreError, StoreFullError
 
