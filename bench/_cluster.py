@@ -17,7 +17,7 @@ CREDS = dict(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAU
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "quantmill.cli.commands", *args]
+    return [sys.executable, "-m", "quantmill.cli", *args]
 
 
 def wait(check, seconds: float, what: str) -> None:

@@ -32,7 +32,7 @@ BATCH = "recipes: [gguf_q8_0, gguf_q4_k_m, safetensors_f16]\noverrides: [{quick}
 
 def timed(args: list[str], cwd: Path) -> tuple[float, dict]:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "quantmill.cli.commands", *args, "--json"], cwd=cwd, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "quantmill.cli", *args, "--json"], cwd=cwd, capture_output=True,
                           text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     seconds = time.perf_counter() - start
     if proc.returncode:

@@ -24,7 +24,7 @@ def main(n: int = 50, rounds: int = 5) -> dict:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from quantmill.cli.commands import commands as cli
+    from quantmill.prefect import launch
     from quantmill.config import compose
     from quantmill.execute import run_step
     from quantmill.plan.planner import open_store, plan
@@ -49,7 +49,7 @@ def main(n: int = 50, rounds: int = 5) -> dict:
                 stores = {} if way == "one store for the batch" else None
                 t0 = time.perf_counter()
                 for cfg in cfgs:
-                    cli._planned(cfg, stores=stores)
+                    launch.planned(cfg, stores=stores)
                 ms[way].append((time.perf_counter() - t0) / n * 1000)
     finally:
         server.stop()

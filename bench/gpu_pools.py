@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _cluster  # noqa: E402
 
-from quantmill.prefect.runner import worker_of  # noqa: E402
+from quantmill.prefect.workers import worker_of  # noqa: E402
 
 OUT = _cluster.REPO / "bench" / "out" / "gpu_pools.json"
 POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp]},cuda:{capabilities:[cuda],min_gpu_memory_gb:16}}"
@@ -32,7 +32,7 @@ def main(recipe: str = "awq_w4a16", extra: list[str] | None = None) -> dict:
         from prefect.client.orchestration import get_client
 
         from quantmill.store import provenance
-        from quantmill.cli.commands import run_config
+        from quantmill.prefect.launch import run_config
         from quantmill.config import compose
         from quantmill.toolchain.hardware import gpu_details
         from quantmill.plan.planner import open_store

@@ -170,7 +170,7 @@ def bench_one(shape: str, model: Path, recipe: str, work: Path, text: Path, env:
               shared: Path | None = None) -> dict:
     method = RECIPES[recipe][0]
     store = shared or work / f"store-{recipe}"
-    command = [sys.executable, "-m", "quantmill.cli.commands", "run", *pipeline_overrides(shape, model, [recipe], store, work, text)]
+    command = [sys.executable, "-m", "quantmill.cli", "run", *pipeline_overrides(shape, model, [recipe], store, work, text)]
     if warmup:  # the first processes on a fresh machine pay one-time costs (kernel caches): neither side is timed
         timed(command, env)
         if not pipeline_only:
@@ -209,7 +209,7 @@ def bench_one(shape: str, model: Path, recipe: str, work: Path, text: Path, env:
 def bench_together(shape: str, model: Path, recipes: list[str], work: Path, text: Path, env: dict[str, str]) -> dict:
     """All recipes in one pipeline run (download and calibration once) against the bare scripts in a row."""
     store = work / "store-together"
-    pipeline_s, _ = timed([sys.executable, "-m", "quantmill.cli.commands", "run",
+    pipeline_s, _ = timed([sys.executable, "-m", "quantmill.cli", "run",
                            *pipeline_overrides(shape, model, recipes, store, work, text)], env)
     bare_s = 0.0
     for recipe in recipes:
@@ -231,7 +231,7 @@ def start_server(work: Path) -> tuple[subprocess.Popen, dict[str, str]]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "quantmill.cli.commands", "server", "--port", str(port), "--home",
+    proc = subprocess.Popen([sys.executable, "-m", "quantmill.cli", "server", "--port", str(port), "--home",
                              str(work / "server")], stdout=open(work / "server.log", "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 120

@@ -108,7 +108,7 @@ def main() -> None:
     def command(recipe: str) -> list[str]:
         overrides = [o if not o.startswith("calibration.min_samples=") else f"calibration.min_samples={args.samples}"
                      for o in gq.pipeline_overrides(args.shape, model, [recipe], store, work, text)]
-        return [sys.executable, "-m", "quantmill.cli.commands", "run", "infra=prefect", pools, *overrides]
+        return [sys.executable, "-m", "quantmill.cli", "run", "infra=prefect", pools, *overrides]
 
     def record(row: dict) -> None:
         row = {**row, "dtype": args.dtype, "pool": "warm"}

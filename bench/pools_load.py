@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _cluster  # noqa: E402
 
-from quantmill.prefect.runner import worker_of  # noqa: E402
+from quantmill.prefect.workers import worker_of  # noqa: E402
 
 REPO = _cluster.REPO
 OUT = REPO / "bench" / "out" / "pools_load.json"
@@ -65,7 +65,7 @@ def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: st
     try:
         from prefect.client.orchestration import get_client
 
-        from quantmill.cli.commands import run_config, run_configs
+        from quantmill.prefect.launch import run_config, run_configs
         from quantmill.config import compose
 
         base = ["infra=prefect", pools, "infra.max_parallel=1", *cluster.store_overrides("parent-cache"),
@@ -163,7 +163,7 @@ def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: st
 def one_batch(configs: list, run_configs) -> list[dict]:
     """All configs in one ``run_configs`` call (one parent flow run); each run's end is when the parent made its
     final state, read by wrapping the parent's ``_Driven.finish`` in this process."""
-    import flows.pipeline as parent
+    from quantmill.prefect import scheduler as parent
 
     ends: dict[str, float] = {}
     finish = parent._Driven.finish

@@ -17,9 +17,10 @@ from quantmill import constants as C
 
 @flow(name=C.WATCH_FLOW, log_prints=False, validate_parameters=False)
 def watch(batch: str, conf_dir: str | None = None) -> dict[str, Any]:
-    from quantmill.config import find_conf_dir
     from quantmill.batches.watch import watch_once
+    from quantmill.config import find_conf_dir
+    from quantmill.prefect.launch import run_here
 
     directory = find_conf_dir(conf_dir)
     os.chdir(directory.parent)
-    return watch_once(directory, batch)
+    return watch_once(directory, batch, run_here)

@@ -22,6 +22,14 @@ STEP_FLOW = "quantmill-step"
 PIPELINE_FLOW = "quantmill-pipeline"
 BATCH_FLOW = "quantmill-batch"  # several configs in one parent run on pools
 WATCH_FLOW = "quantmill-watch"
+# The flows by entrypoint string (module path and function): workers import the installed package (no code pull),
+# and the library loads flows by these names, never by importing flows/.
+STEP_ENTRYPOINT = "flows.step.step"
+PIPELINE_ENTRYPOINT = "flows.pipeline.pipeline"
+POOLS_ENTRYPOINT = "flows.pipeline.pipeline_on_pools"
+BATCH_ENTRYPOINT = "flows.pipeline.pipelines_on_pools"
+WATCH_ENTRYPOINT = "flows.watch.watch"
+WARM_POOL_TYPE = "quantmill-warm"  # the Prefect work-pool type of pools with `type: warm`
 WORKER_LABEL = "prefect.worker.name"  # given by every Prefect worker to the runs it takes: who ran one
 
 # Local store layout: <root>/objects/<key>/{files/..., provenance.json}

@@ -40,10 +40,6 @@ class StepResult:
     result: Mapping[str, Any] = field(default_factory=dict)
 
 
-def read_result(store: Store, ref: ArtifactRef) -> dict[str, Any]:
-    return json.loads(store.read_file(ref, C.RESULT_FILE))
-
-
 def local_texts(spec: StepSpec) -> list[Path]:
     """The spec's text files on this machine: the planned path, else quantmill's bundled copy (a worker's
     installation differs from the planner's); either must have the sha256 the key was computed from."""
@@ -172,7 +168,7 @@ def run_step(spec: StepSpec, inputs: Mapping[str, ArtifactRef], store: Store,
     if found is not None:
         if spec.step == C.PUBLISH:
             register(spec, store, found)
-        return StepResult(spec.id, found, cached=True, seconds=0.0, result=read_result(store, found))
+        return StepResult(spec.id, found, cached=True, seconds=0.0, result=store.read_result(found))
 
     if run.pool is not None:  # a worker makes only the bytes its key promises: the planned tool versions
         from quantmill.toolchain.versions import check_tools

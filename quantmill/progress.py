@@ -1,8 +1,11 @@
-"""Progress reporting without a UI dependency: steps ask ``reporter()`` for bars; the CLI installs a rich one."""
+"""Progress reporting without a UI dependency: steps ask ``reporter()`` for bars, runs show them while steps run
+(``reporting()``) and pass warnings on (``warn``); the CLI installs a rich reporter, the default one prints
+warnings to stderr and draws nothing."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import sys
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Iterator, Protocol
 
 
@@ -14,6 +17,8 @@ class Bar(Protocol):
 
 class Reporter(Protocol):
     def bar(self, label: str, total: float | None = None, unit: str = "") -> Bar: ...
+    def warn(self, message: str) -> None: ...
+    def showing(self) -> AbstractContextManager[None]: ...
 
 
 class _NullBar:
@@ -31,12 +36,28 @@ class NullReporter:
     def bar(self, label: str, total: float | None = None, unit: str = "") -> Bar:
         return _NullBar()
 
+    def warn(self, message: str) -> None:
+        print(message, file=sys.stderr)
+
+    def showing(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
 
 _current: Reporter = NullReporter()
 
 
 def reporter() -> Reporter:
     return _current
+
+
+def reporting() -> AbstractContextManager[None]:
+    """While inside, the installed reporter shows progress (steps are running)."""
+    return _current.showing()
+
+
+def warn(message: str) -> None:
+    """A warning for the person running the command (stderr: stdout carries reports that must parse)."""
+    _current.warn(message)
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from quantmill import constants as C
 from quantmill.config import StoreConfig
 from quantmill.execute import StepResult, run_step
 from quantmill.plan.planner import StepSpec, open_store_config
-from quantmill.prefect.runner import current_run, worker_store
+from quantmill.prefect.workers import current_run, worker_store
 
 
 def _run(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from quantmill.prefect import runner
+from quantmill.prefect import settings
 from quantmill.backends.local_source import BUNDLED_ROOT
 from quantmill.config import compose
 from quantmill.execute import run_step
 from quantmill.plan.planner import open_store, plan
 
-runner.prefect_defaults()  # before any test module imports Prefect; CLI subprocesses inherit it
+settings.prefect_defaults()  # before any test module imports Prefect; CLI subprocesses inherit it
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -50,7 +50,7 @@ def run_inline(cfg):
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
     """The default pipeline run once through the real embedded Prefect flow, shared by read-only tests."""
-    from quantmill.cli.commands import run_config
+    from quantmill.prefect.launch import run_config
 
     root = tmp_path_factory.mktemp("default-run")
     cfg = compose_in(root)

@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "quantmill.cli.commands", *args]
+    return [sys.executable, "-m", "quantmill.cli", *args]
 
 
 def healthy(url: str) -> bool:

@@ -79,7 +79,7 @@ def test_unknown_batch_lists_the_known_ones(tmp_path):
 def test_batch_runs_once_then_is_all_cached(tmp_path):
     """`quantmill batch pair`: six runs pass; the second time no step runs (every step answered from the store)."""
     conf = _pair(tmp_path)
-    cmd = [sys.executable, "-m", "quantmill.cli.commands", "batch", "pair", "--json", "--config-dir", str(conf)]
+    cmd = [sys.executable, "-m", "quantmill.cli", "batch", "pair", "--json", "--config-dir", str(conf)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     results = json.loads(first.stdout)["results"]

@@ -31,7 +31,7 @@ PUBLISHED = {  # registry name -> (backend, format written)
 @pytest.fixture(scope="module")
 def calibrated_runs(tmp_path_factory):
     """Two pipeline runs into one store: the llm-compressor recipes, then the same recipes on GPTQModel."""
-    from quantmill.cli.commands import run_config
+    from quantmill.prefect.launch import run_config
 
     pytest.importorskip("gptqmodel")
     root = tmp_path_factory.mktemp("calibrated")
@@ -130,7 +130,7 @@ def test_children_started_ahead_and_not_needed_are_stopped(tmp_path):
 
 @pytest.mark.slow
 def test_bitsandbytes_nf4_runs_on_cpu(tmp_path):
-    from quantmill.cli.commands import run_config
+    from quantmill.prefect.launch import run_config
 
     pytest.importorskip("bitsandbytes")
     outcomes = run_config(compose_in(tmp_path, "recipe=[bnb_nf4]", "validate.n_chunks=2", "publish.enabled=false"))
@@ -218,7 +218,7 @@ def test_fewer_calibration_samples_than_requested_warns_with_the_numbers(tmp_pat
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 def test_out_of_gpu_memory_names_the_layer(tmp_path, monkeypatch):
     """A real CUDA OOM: the quantizer process may use so little of the GPU that calibration cannot fit."""
-    from quantmill.cli.commands import run_config
+    from quantmill.prefect.launch import run_config
 
     monkeypatch.setenv("QUANTMILL_CUDA_MEMORY_FRACTION", "0.00002")
     outcomes = run_config(compose_in(tmp_path, "recipe=[gptq_w4a16]", "publish.enabled=false",
@@ -283,7 +283,7 @@ def test_on_cuda_the_probe_is_what_the_saved_checkpoint_computes(tmp_path):
 
     from quantmill.backends import RUNTIMES
     from quantmill.backends.local_source import BUNDLED_ROOT
-    from quantmill.cli.commands import run_config
+    from quantmill.prefect.launch import run_config
 
     cfg = compose_in(tmp_path, "recipe=[fp8_dynamic]", "publish.enabled=false", "validate.enabled=false")
     outcomes = run_config(cfg)
@@ -317,7 +317,7 @@ def test_autoawq_runs_in_its_own_environment_and_records_it(tmp_path):
     """AutoAWQ (archived, transformers 4.x) quantizes in its environment; the main one (transformers 5) validates."""
     import transformers
 
-    from quantmill.cli.commands import run_config
+    from quantmill.prefect.launch import run_config
 
     _legacy_python()
     outcomes = run_config(compose_in(tmp_path, "recipe=[awq_w4a16]", "recipe.awq_w4a16.backend=autoawq",

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from quantmill import constants as C
-from quantmill.cli.commands import main
+from quantmill.cli import main
 from tests.conftest import overrides_for, run_inline, compose_in
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def test_a_temporary_server_that_does_not_start_is_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "0"
     argv = ["run", "recipe=[safetensors_bf16]", *overrides_for(tmp_path)]
-    proc = subprocess.run([sys.executable, "-m", "quantmill.cli.commands", *argv], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "quantmill.cli", *argv], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("\n") == 1, proc.stderr[-2000:]

@@ -106,7 +106,7 @@ def test_a_config_crosses_to_a_flow_parameter_and_back_unchanged_and_unshared():
 def test_runs_started_without_heartbeats_leave_the_settings_as_they_were():
     from prefect.settings import get_current_settings
 
-    from quantmill.prefect.runner import without_run_heartbeats
+    from quantmill.prefect.settings import without_run_heartbeats
 
     before = get_current_settings().flows.heartbeat_frequency
     for _ in range(2):  # the second time from the settings copy made the first time

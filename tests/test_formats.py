@@ -10,7 +10,7 @@ import pytest
 from quantmill import constants as C
 from quantmill.backends.local_publisher import LocalRegistry
 from quantmill.backends.local_source import BUNDLED_ROOT
-from quantmill.cli.commands import run_config
+from quantmill.prefect.launch import run_config
 from quantmill.errors import PreflightError
 from quantmill.outcome import RAN
 from quantmill.plan.planner import open_store, plan

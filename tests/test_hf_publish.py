@@ -37,7 +37,7 @@ def hub(tmp_path_factory):
 
 def run(hub, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     root = hub["root"]
-    return subprocess.run([sys.executable, "-m", "quantmill.cli.commands", "run", "--json", f"store.root={root / 'store'}",
+    return subprocess.run([sys.executable, "-m", "quantmill.cli", "run", "--json", f"store.root={root / 'store'}",
                            f"infra.prefect_home={root / 'prefect'}", "publish=hf", *QUICK, *overrides],
                           cwd=root, env=env or hub["env"], capture_output=True, text=True, timeout=900)
 
@@ -127,7 +127,7 @@ def test_branch_layout_puts_each_recipe_on_its_branch(hub):
 def test_missing_token_is_one_line_before_any_work(hub, tmp_path):
     env = {**hub["env"], "HF_HOME": str(tmp_path / "empty-hf-home")}
     env.pop("HF_TOKEN")
-    proc = subprocess.run([sys.executable, "-m", "quantmill.cli.commands", "run", f"store.root={tmp_path / 'store'}",
+    proc = subprocess.run([sys.executable, "-m", "quantmill.cli", "run", f"store.root={tmp_path / 'store'}",
                            "publish=hf", "recipe=[gguf_q8_0]"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2

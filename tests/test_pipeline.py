@@ -9,7 +9,7 @@ import pytest
 from quantmill import constants as C
 from quantmill.backends.llamacpp_runtime import LlamaCppRuntime
 from quantmill.backends.local_publisher import LocalRegistry
-from quantmill.cli.commands import run_config
+from quantmill.prefect.launch import run_config
 from quantmill.outcome import CACHED, RAN
 from quantmill.plan.planner import HIT, MISS, PENDING, open_store, plan, resolve
 from quantmill.store.local import ArtifactRef

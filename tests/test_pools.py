@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from quantmill.prefect.runner import worker_of
+from quantmill.prefect.workers import worker_of
 from tests.conftest import CONF
 from tests.prefect_cluster import cli as _cli, free_port as _free_port, killpg as _killpg, start_server, wait as _wait
 
@@ -402,8 +402,7 @@ def test_a_step_run_is_one_api_call_and_a_deployment_made_again_is_found(cluster
     import httpx
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from quantmill.prefect import runner
-
+    from quantmill.prefect import deploy, waiting
     infra = _compose().infra  # deploy(names=["idle"]): a pool no worker serves, where runs stay Scheduled
     sent: list[str] = []
     send = httpx.Client.send
@@ -417,8 +416,8 @@ def test_a_step_run_is_one_api_call_and_a_deployment_made_again_is_found(cluster
         return response
 
     with temporary_settings({PREFECT_API_URL: cluster.url}):
-        runner.deploy(infra, names=["idle"])
-        runner.check_deployments(["idle"])
+        deploy.deploy(infra, names=["idle"])
+        deploy.check_deployments(["idle"])
         with cluster.client() as client:
             first_id = client.read_deployment_by_name("quantmill-step/idle").id
 
@@ -426,7 +425,7 @@ def test_a_step_run_is_one_api_call_and_a_deployment_made_again_is_found(cluster
             sent.clear()
             httpx.Client.send = counted
             try:
-                return runner.create_step_run("idle", parameters={"specs": [], "inputs": {}, "store": {}}, name=name,
+                return deploy.create_step_run("idle", parameters={"specs": [], "inputs": {}, "store": {}}, name=name,
                                               tags=["quantmill", "pool:idle"], idempotency_key=name)
             finally:
                 httpx.Client.send = send
@@ -436,7 +435,7 @@ def test_a_step_run_is_one_api_call_and_a_deployment_made_again_is_found(cluster
         with cluster.client() as client:
             runs = [client.read_flow_run(one)]
             client.delete_deployment(first_id)  # and its runs
-        runner.deploy(infra, names=["idle"])
+        deploy.deploy(infra, names=["idle"])
         two = make("two")
         with cluster.client() as client:
             second_id = client.read_deployment_by_name("quantmill-step/idle").id
@@ -470,7 +469,7 @@ def test_parents_hear_their_step_runs_end_through_one_waiter(cluster, monkeypatc
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Completed, Failed
 
-    from quantmill.prefect import runner
+    from quantmill.prefect import waiting
 
     @flow(name="quantmill-test-ends-later")
     def ends_later():
@@ -481,7 +480,7 @@ def test_parents_hear_their_step_runs_end_through_one_waiter(cluster, monkeypatc
             raise OSError("websocket refused")
 
         monkeypatch.setattr(prefect.events.clients, "get_events_subscriber", refused)
-    monkeypatch.setattr(runner, "_WAITERS", {})  # a waiter of its own, started with or without the stream
+    monkeypatch.setattr(waiting.RunWaiter, "_by_server", {})  # a waiter of its own, started with or without the stream
     with temporary_settings(updates={PREFECT_API_URL: cluster.url}):
         with get_client(sync_client=True) as client:
             run_ids = [str(client.create_flow_run(ends_later).id) for _ in range(6)]
@@ -497,14 +496,14 @@ def test_parents_hear_their_step_runs_end_through_one_waiter(cluster, monkeypatc
         def wait(run_id):
             with temporary_settings(updates={PREFECT_API_URL: cluster.url}):
                 # with the stream, no read of the API after the first would come within 30 s
-                return runner.wait_for_run(run_id, poll_seconds=30.0 if stream else 0.2)
+                return waiting.wait_for_run(run_id, poll_seconds=30.0 if stream else 0.2)
 
         with ThreadPoolExecutor(len(run_ids)) as pool:
             states = list(pool.map(wait, run_ids))
         elapsed = time.monotonic() - start
     assert states == ["FAILED", "COMPLETED"] * 3
     assert elapsed < 15
-    (waiter,) = runner._WAITERS.values()
+    (waiter,) = waiting.RunWaiter._by_server.values()
     assert waiter.pending == {}
     # one read per arriving wait at most, then: with the stream, a read when it announced ends (the 30 s interval
     # never came); without, a read every 0.2 s for all six, not six reads every 0.2 s
@@ -526,8 +525,8 @@ def test_capability_no_pool_offers_names_it_and_the_pools(tmp_path):
 
 
 def test_unreachable_server_says_how_to_run_embedded(tmp_path):
-    from quantmill.cli.commands import run_config
-    from quantmill.prefect.runner import ServerError
+    from quantmill.prefect.launch import run_config
+    from quantmill.prefect.settings import ServerError
 
     cfg = _compose("recipe=[gguf_q8_0]", f"infra.api_url=http://127.0.0.1:{_free_port()}/api",
                    f"store.root={tmp_path / 'store'}")
@@ -538,7 +537,7 @@ def test_unreachable_server_says_how_to_run_embedded(tmp_path):
 
 
 def test_missing_bucket_is_one_line_before_any_server_call(tmp_path, s3, monkeypatch):
-    from quantmill.cli.commands import run_config
+    from quantmill.prefect.launch import run_config
     from quantmill.errors import StoreError
 
     _s3_env(monkeypatch)

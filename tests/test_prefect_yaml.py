@@ -8,7 +8,6 @@ import yaml
 from quantmill import constants as C
 from quantmill.batches.batch import batch_names, load_batch
 from quantmill.config import compose
-from quantmill.prefect.runner import PIPELINE_ENTRYPOINT, STEP_ENTRYPOINT, WATCH_ENTRYPOINT
 from tests.conftest import CONF, REPO
 
 
@@ -22,13 +21,13 @@ def _deployments() -> dict[str, list[dict]]:
 def test_prefect_yaml_deploys_the_step_flow_on_every_configured_pool():
     from prefect.flows import load_flow_from_entrypoint
 
-    steps = _deployments()[STEP_ENTRYPOINT]
+    steps = _deployments()[C.STEP_ENTRYPOINT]
     pools = compose(["infra=prefect"], conf_dir=CONF).infra.pools
     assert [d["work_pool"]["name"] for d in steps] == list(pools)
     for d in steps:
         assert d["name"] == d["work_pool"]["name"]
         assert d["tags"] == ["quantmill", *pools[d["name"]].capabilities]
-    assert load_flow_from_entrypoint(STEP_ENTRYPOINT).name == C.STEP_FLOW
+    assert load_flow_from_entrypoint(C.STEP_ENTRYPOINT).name == C.STEP_FLOW
 
 
 def test_prefect_yaml_has_the_pipeline_and_a_scheduled_watch_per_batch():
@@ -36,14 +35,14 @@ def test_prefect_yaml_has_the_pipeline_and_a_scheduled_watch_per_batch():
 
     infra = compose(["infra=prefect"], conf_dir=CONF).infra
     deployments = _deployments()
-    assert [(d["name"], d["work_pool"]["name"]) for d in deployments[PIPELINE_ENTRYPOINT]] == \
+    assert [(d["name"], d["work_pool"]["name"]) for d in deployments[C.PIPELINE_ENTRYPOINT]] == \
         [(infra.pipeline_pool, infra.pipeline_pool)]
     batches = [load_batch(CONF, name) for name in batch_names(CONF)]
-    watches = {d["name"]: d for d in deployments[WATCH_ENTRYPOINT]}
+    watches = {d["name"]: d for d in deployments[C.WATCH_ENTRYPOINT]}
     assert sorted(watches) == sorted(b.name for b in batches if b.cron)
     for b in batches:
         d = watches[b.name]
         assert d["parameters"] == {"batch": b.name} and d["work_pool"]["name"] == infra.pipeline_pool
         assert d["schedules"] == [{"cron": b.cron, "timezone": b.timezone}]
-    assert load_flow_from_entrypoint(PIPELINE_ENTRYPOINT).name == C.PIPELINE_FLOW
-    assert load_flow_from_entrypoint(WATCH_ENTRYPOINT).name == C.WATCH_FLOW
+    assert load_flow_from_entrypoint(C.PIPELINE_ENTRYPOINT).name == C.PIPELINE_FLOW
+    assert load_flow_from_entrypoint(C.WATCH_ENTRYPOINT).name == C.WATCH_FLOW

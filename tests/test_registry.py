@@ -12,7 +12,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from quantmill.cli.commands import run_config
+from quantmill.prefect.launch import run_config
 from quantmill.config import compose
 from tests.conftest import CONF, QUICK
 
@@ -56,7 +56,7 @@ def team(s3_endpoint, tmp_path_factory):
 def quantmill(team, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, "-m", "quantmill.cli.commands", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "quantmill.cli", *args], capture_output=True, text=True,
                           timeout=300, cwd=cwd or team["root"], env={**os.environ, "QUANTMILL_CONF": str(CONF)})
 
 
@@ -292,7 +292,7 @@ def test_the_catalogue_page_opened_from_disk(default_run):
 def test_gc_dry_run_lists_exactly_the_unreferenced_objects(tmp_path, capsys):
     """Two versions of one name (the second made from a BF16 intermediate) and an unpublished recipe: what only the
     old version and the unpublished run made is unreferenced; a tag keeps the old version's."""
-    from quantmill.cli.commands import main
+    from quantmill.cli import main
     from tests.conftest import overrides_for
 
     base = [*overrides_for(tmp_path), *QUICK]

@@ -157,7 +157,7 @@ def test_a_batch_plans_on_one_store_and_asks_the_bucket_once_for_what_its_runs_s
     """The runs of a batch (three models from one source, so one shared download) are planned on one opened
     store: the download's record is read from the bucket once, not once per run; each run's own lookup still goes
     to the bucket. Opened apart, every run reads it again."""
-    from quantmill.cli.commands import commands as cli
+    from quantmill.prefect import launch
     from quantmill.execute import run_step
     from quantmill.plan.planner import HIT, MISS, open_store, plan
     from tests.conftest import compose_in
@@ -178,7 +178,7 @@ def test_a_batch_plans_on_one_store_and_asks_the_bucket_once_for_what_its_runs_s
                                               lambda params, **_: reads.append(params["Key"]))
         opened = []
         for cfg in cfgs:
-            _, store, _, resolution = cli._planned(cfg, stores=stores)
+            _, store, _, resolution = launch.planned(cfg, stores=stores)
             assert resolution.status[download.id] == HIT and resolution.status["convert:gguf-f16"] == MISS
             opened += [store] if all(store is not s for s in opened) else []
         boto3.setup_default_session()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from quantmill.cli.commands import main
+from quantmill.cli import main
 from quantmill.config import compose
 from quantmill.errors import PreflightError
 from quantmill.estimate import Shape, weights_bytes

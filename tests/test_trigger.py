@@ -111,7 +111,7 @@ def test_e_deleting_a_recipe_triggers_nothing_and_reports_it(repo):
 
 
 def _cli(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "quantmill.cli.commands", "trigger", *args], cwd=repo, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "quantmill.cli", "trigger", *args], cwd=repo, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -14,7 +14,8 @@ from quantmill import constants as C
 from quantmill.backends.llamacpp_runtime import LlamaCppRuntime
 from quantmill.backends.local_publisher import LocalRegistry
 from quantmill.backends.local_source import BUNDLED_ROOT
-from quantmill.cli.commands import main, run_config
+from quantmill.cli import main
+from quantmill.prefect.launch import run_config
 from quantmill.outcome import RAN
 from quantmill.plan.planner import open_store, plan
 from quantmill.steps import validate
@@ -178,7 +179,7 @@ def test_planted_broken_quant_fails_its_gate_and_is_not_published(tmp_path, dama
     report = json.loads((tmp_path / "store" / "reports" / "tiny-llama" / "report.json").read_text())
     assert [r["status"] for r in report["artifacts"]] == [C.FAILED]
     if gate == "max_mean_kld":  # forced: published, marked unvalidated everywhere it shows
-        from quantmill.cli.commands import main
+        from quantmill.cli import main
 
         assert main(["run", "--force", f"recipe=[{recipe}]", *overrides_for(tmp_path)]) == 1  # a gate still failed
         entry = LocalRegistry(tmp_path / "store" / C.REGISTRY_DIR).get(f"tiny-llama-{recipe}")

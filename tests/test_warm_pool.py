@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from quantmill.prefect.runner import worker_of
+from quantmill.prefect.workers import worker_of
 from tests.conftest import QUICK
 from tests.prefect_cluster import cli, killpg, start_server, wait
 
@@ -82,7 +82,7 @@ def test_a_warm_pool_runs_steps_in_the_workers_process(tmp_path, s3_endpoint):
             runs = [r for r in c.read_flow_runs() if "pool:cpu" in r.tags]
         assert runs and {r.state.type.value for r in runs} == {"COMPLETED"}
         assert {r.infrastructure_pid for r in runs} == {str(worker.pid)}  # no process was started for them
-        # Labelled with the worker (runner.worker_of: the parent's check of a running run's worker reads it), and
+        # Labelled with the worker (workers.worker_of: the parent's check of a running run's worker reads it), and
         # from Pending straight to Running: no Submitting round trip between the claim and the start.
         assert {worker_of(r) for r in runs} == {"w-warm"}
         with client() as c:

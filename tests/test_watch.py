@@ -7,6 +7,7 @@ import json
 import pytest
 
 from quantmill.batches.watch import check, watch_once
+from quantmill.prefect.launch import run_here
 from tests.conftest import QUICK, project, second_model
 
 pytestmark = pytest.mark.slow
@@ -15,12 +16,12 @@ pytestmark = pytest.mark.slow
 def test_watch_runs_only_where_upstream_changed(tmp_path):
     conf = project(tmp_path, batch=f"recipes: [gguf_q8_0]\noverrides: [{', '.join(QUICK)}]\n"
                                    f"models: [tiny_llama, tiny_b]\n")
-    first = watch_once(conf, "pair")
+    first = watch_once(conf, "pair", run_here)
     assert [(m["model"], m["previous"], m["runs"]) for m in first["models"]] == [
         ("pair/tiny-llama", None, ["pair/tiny-llama/gguf_q8_0"]), ("pair/tiny-b", None, ["pair/tiny-b/gguf_q8_0"])]
     assert all(r["ok"] and r["ran"] > 0 for m in first["models"] for r in m["results"])
 
-    unchanged = watch_once(conf, "pair")
+    unchanged = watch_once(conf, "pair", run_here)
     assert unchanged["triggered"] == 0 and [m["changed"] for m in unchanged["models"]] == [False, False]
     print(f"unchanged pass: {unchanged['seconds']} s")
 
@@ -30,7 +31,7 @@ def test_watch_runs_only_where_upstream_changed(tmp_path):
     replacement = second_model(tmp_path / "replacement", scale=1.02)
     (model / "model.safetensors").write_bytes((replacement / "model.safetensors").read_bytes())
     assert (model / "model.safetensors").read_bytes() != before
-    changed = watch_once(conf, "pair")
+    changed = watch_once(conf, "pair", run_here)
     assert changed["triggered"] == 1
     (llama, tiny_b) = changed["models"]
     assert not llama["changed"] and tiny_b["changed"] and tiny_b["previous"] == unchanged["models"][1]["revision"]
@@ -59,12 +60,12 @@ def test_watch_an_s3_folder_by_its_objects_etags(tmp_path, s3_endpoint, monkeypa
     conf = project(tmp_path, batch=f"recipes: [gguf_q8_0]\noverrides: [{', '.join(QUICK)}]\nmodels:\n"
                                    f"  - model: s3\n    overrides: [model.path=s3://upstream-models/tiny, "
                                    f"model.name=tiny-s3]\n")
-    first = watch_once(conf, "pair")
+    first = watch_once(conf, "pair", run_here)
     assert first["triggered"] == 1 and first["models"][0]["results"][0]["ok"]
-    assert watch_once(conf, "pair")["triggered"] == 0
+    assert watch_once(conf, "pair", run_here)["triggered"] == 0
     replacement = second_model(tmp_path / "replacement", scale=0.98)
     client.upload_file(str(replacement / "model.safetensors"), "upstream-models", "tiny/model.safetensors")
-    changed = watch_once(conf, "pair")
+    changed = watch_once(conf, "pair", run_here)
     assert changed["triggered"] == 1 and changed["models"][0]["results"][0]["ok"]
     assert changed["models"][0]["results"][0]["ran"] >= 4
     # what was built is the replaced object: the download's record names the ETags it fetched

@@ -2,7 +2,7 @@
 
 Hydra's sweeper expands the overrides into jobs; this launcher composes each job's config exactly as an
 in-process job would get it and submits it as a flow run of ``quantmill-pipeline/<pool>`` (the pipeline pool's
-workers run it; see ``quantmill.prefect.runner.submit_pipeline``). By default it returns once every job is submitted;
+workers run it; see ``quantmill.prefect.deploy.submit_pipeline``). By default it returns once every job is submitted;
 with ``hydra.launcher.wait=true`` it waits, and a job whose flow run did not complete fails the sweep.
 """
 
@@ -15,8 +15,6 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
-
-SUBMITTED: list[dict[str, Any]] = []  # what this process submitted: {job, overrides, name, flow_run_id, state}
 
 
 @dataclass
@@ -40,8 +38,9 @@ class PrefectLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from quantmill.prefect import runner
         from quantmill.config import to_config
+        from quantmill.prefect import deploy, server, waiting
+        from quantmill.prefect.launch import SWEEP_SUBMISSIONS
 
         submitted = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
@@ -51,20 +50,20 @@ class PrefectLauncher(Launcher):
                 del sweep_config["hydra"]
             cfg = to_config(sweep_config)
             if not submitted:
-                runner.connect(cfg.infra)
+                server.connect(cfg.infra)
             name = f"sweep/{cfg.model.name}/{'+'.join(cfg.recipe)}#{idx}"
-            flow_run_id = runner.submit_pipeline(cfg, name=name, pool=self.pool or cfg.infra.pipeline_pool,
+            flow_run_id = deploy.submit_pipeline(cfg, name=name, pool=self.pool or cfg.infra.pipeline_pool,
                                                  tags=["origin:sweep"])
             record = {"job": idx, "overrides": list(overrides), "name": name, "flow_run_id": flow_run_id,
                       "state": None}
-            SUBMITTED.append(record)
+            SWEEP_SUBMISSIONS.append(record)
             ret = JobReturn(overrides=list(overrides), cfg=sweep_config, hydra_cfg=OmegaConf.create({"hydra": hydra_cfg}),
                             task_name=name, status=JobStatus.COMPLETED)
             ret.return_value = flow_run_id
             submitted.append((ret, record))
         if self.wait:
             for ret, record in submitted:
-                record["state"] = runner.wait_for_run(record["flow_run_id"], poll_seconds=self.poll_seconds)
+                record["state"] = waiting.wait_for_run(record["flow_run_id"], poll_seconds=self.poll_seconds)
                 if record["state"] != "COMPLETED":
                     ret.status = JobStatus.FAILED
                     ret.return_value = RuntimeError(f"{record['name']}: flow run {record['flow_run_id']} ended "

@@ -86,10 +86,9 @@ class HfPublisher:
 
         from quantmill.store import provenance, signing
         from quantmill.backends.local_publisher import record_bytes
-        from quantmill.execute import read_result
 
         settings = spec.context["publish"]
-        result = read_result(store, ref)
+        result = store.read_result(ref)
         repo, revision, prefix = self.repo_and_place(settings, result)
         artifact = ArtifactRef(result["artifact"]["key"], result["artifact"]["digest"], "")
         record = record_bytes(store.statement(artifact.key))

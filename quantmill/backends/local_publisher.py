@@ -47,11 +47,10 @@ class RegistryPublisher:
     def publish(self, spec, store: Store, ref: ArtifactRef) -> dict[str, Any]:
         from quantmill.store import signing
         from quantmill.registry.catalogue import write_catalogue
-        from quantmill.execute import read_result
 
         settings = spec.context["publish"]
         registry = self.registry(settings, store)
-        result = read_result(store, ref)
+        result = store.read_result(ref)
         artifact = ArtifactRef(result["artifact"]["key"], result["artifact"]["digest"], "")
         existing = registry.find(result["name"], artifact.digest, ref.key)
         if existing:
@@ -71,9 +70,8 @@ class RegistryPublisher:
         return published
 
     def is_published(self, spec, store: Store, ref: ArtifactRef) -> bool:
-        from quantmill.execute import read_result
 
-        record = read_result(store, ref)
+        record = store.read_result(ref)
         return self.registry(spec.context["publish"], store).find(record["name"], record["artifact"]["digest"],
                                                                   ref.key) is not None
 

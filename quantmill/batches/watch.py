@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from quantmill.batches.batch import Run, batch_runs, groups, load_batch
 from quantmill.config import compose
@@ -86,10 +86,10 @@ def record(state_path: Path, upstream: Upstream) -> None:
     tmp.replace(state_path)
 
 
-def watch_once(conf_dir: Path, batch_name: str, *, verbose: bool = False) -> dict[str, Any]:
-    """One pass: run the runs of every model whose upstream changed, here; return what was seen and done."""
-    from quantmill.prefect import launch
-
+def watch_once(conf_dir: Path, batch_name: str, run_here: Callable[..., list], *,
+               verbose: bool = False) -> dict[str, Any]:
+    """One pass: run the runs of every model whose upstream changed with ``run_here`` (``launch.run_here``: the
+    launcher sits above this layer); return what was seen and done."""
     start = time.perf_counter()
     upstreams, state_path = check(conf_dir, batch_name)
     report = []
@@ -97,7 +97,7 @@ def watch_once(conf_dir: Path, batch_name: str, *, verbose: bool = False) -> dic
         item = {"model": up.name, "revision": up.revision, "previous": up.previous, "changed": up.changed,
                 "runs": [r.id for r in up.runs] if up.changed else [], "results": []}
         if up.changed:
-            results = launch.run_here(conf_dir, up.runs, verbose=verbose, extra=up.pin)
+            results = run_here(conf_dir, up.runs, verbose=verbose, extra=up.pin)
             item["results"] = [r.to_json() for r in results]
             if all(r.ok for r in results):  # a failed model is tried again next pass (its finished steps cached)
                 record(state_path, up)

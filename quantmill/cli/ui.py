@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -42,12 +43,16 @@ class RichReporter:
                                  disable=not sys.stderr.isatty())
         self._lock = threading.Lock()
 
-    def __enter__(self) -> "RichReporter":
+    @contextmanager
+    def showing(self) -> Iterator[None]:
         self.progress.start()
-        return self
+        try:
+            yield
+        finally:
+            self.progress.stop()
 
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
+    def warn(self, message: str) -> None:
+        console.print(f"[yellow]{message}[/]")
 
     def bar(self, label: str, total: float | None = None, unit: str = "") -> RichBar:
         with self._lock:

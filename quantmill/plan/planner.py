@@ -20,7 +20,7 @@ from quantmill.backends.base import SourceInfo
 from quantmill.config import QuantmillConfig, StoreConfig
 from quantmill.digest import canonical_json, sha256_bytes
 from quantmill.errors import ConfigError, PreflightError, StoreFullError
-from quantmill.store.provenance import machine_class
+from quantmill.toolchain.hardware import machine_class
 from quantmill.store.local import ArtifactRef, LocalStore, Store
 from quantmill.toolchain.versions import package_versions
 

@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 
-from quantmill.prefect.runner import WARM_TYPE
+from quantmill import constants as C
 
 
 class WarmWorkerResult(BaseWorkerResult):
@@ -47,7 +47,7 @@ def _flow(entrypoint: str):
 def _execute(flow_run, entrypoint: str) -> int:
     from prefect.flow_engine import run_flow
 
-    from quantmill.prefect.runner import without_run_heartbeats
+    from quantmill.prefect.settings import without_run_heartbeats
 
     with without_run_heartbeats():  # the parent watches this worker's heartbeat instead
         state = run_flow(_flow(entrypoint), flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
@@ -55,7 +55,7 @@ def _execute(flow_run, entrypoint: str) -> int:
 
 
 class WarmWorker(BaseWorker[BaseJobConfiguration, BaseVariables, WarmWorkerResult]):
-    type = WARM_TYPE
+    type = C.WARM_POOL_TYPE
     job_configuration = BaseJobConfiguration
     job_configuration_variables = BaseVariables
     _description = "Runs quantmill flow runs in the worker's own interpreter (no process start per run)."
@@ -92,7 +92,7 @@ class WarmWorker(BaseWorker[BaseJobConfiguration, BaseVariables, WarmWorkerResul
         queued runs, bench/pools_load.py)."""
 
     async def _give_worker_labels_to_flow_run(self, flow_run_id) -> None:
-        """Label the run with this worker (``runner.worker_of`` reads it) alongside its start instead of before it:
+        """Label the run with this worker (``workers.worker_of`` reads it) alongside its start instead of before it:
         the parent reads the label only to check a running run's worker, every few seconds."""
         label = super()._give_worker_labels_to_flow_run
 
@@ -173,7 +173,7 @@ class WarmWorker(BaseWorker[BaseJobConfiguration, BaseVariables, WarmWorkerResul
 
 class _RememberedReads:
     """A client whose ``read_deployment`` and ``read_flow`` answers are kept for ``REMEMBER_SECONDS`` (in the
-    process's memory of checks, ``runner._recent_check``); everything else goes to the client. A warm worker
+    process's memory of checks, ``server.CHECKS``); everything else goes to the client. A warm worker
     ignores job variables and imports each entrypoint once anyway."""
 
     def __init__(self, client):
@@ -183,12 +183,12 @@ class _RememberedReads:
         return getattr(self.client, name)
 
     async def _remembered(self, what: str, key: Any):
-        from quantmill.prefect.runner import _recent_check, _remember_check
+        from quantmill.prefect.server import CHECKS
 
-        hit, value = _recent_check(("worker", what, key), ttl=REMEMBER_SECONDS)
+        hit, value = CHECKS.recent(("worker", what, key), ttl=REMEMBER_SECONDS)
         if not hit:
             value = await getattr(self.client, what)(key)
-            _remember_check(("worker", what, key), value)
+            CHECKS.remember(("worker", what, key), value)
         return value
 
     async def read_deployment(self, deployment_id):
@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-quantizers", action="store_true",
                         help="keep each calibrated backend's next process imported (infra.pools.NAME.keep_quantizers)")
     args = parser.parse_args(argv)
-    import flows.pipeline  # noqa: F401
-    import flows.step  # noqa: F401 - imported before the first run, not during it
+    for entrypoint in (C.PIPELINE_ENTRYPOINT, C.STEP_ENTRYPOINT):  # imported before the first run, not during it
+        _flow(entrypoint)
 
     try:
         anyio.run(_serve, args.pool, args.name, args.limit, args.keep_quantizers)

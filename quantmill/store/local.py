@@ -81,6 +81,10 @@ class Store(ABC):
         """One small file of an artifact, checked against its provenance (without fetching the rest)."""
         return (self.files(ref) / path).read_bytes()
 
+    def read_result(self, ref: ArtifactRef) -> dict[str, Any]:
+        """The small JSON result its step wrote beside the artifact's files."""
+        return json.loads(self.read_file(ref, C.RESULT_FILE))
+
     def fetch_file(self, key: str, path: str, dst: Path) -> None:
         """Copy one committed file of ``key`` to ``dst`` from the store itself (never a cache); unchecked."""
         raise NotImplementedError

@@ -6,10 +6,7 @@ external parameters, inputs and tools as resolved dependencies, and where, when 
 
 from __future__ import annotations
 
-import os
-import platform
 import re
-import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +14,7 @@ from typing import Any, Mapping
 
 from quantmill import __version__, constants as C
 from quantmill.digest import FileDigest, sha256_files
+from quantmill.toolchain import hardware
 
 _SECRET = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key|access[_-]?key|private[_-]?key)", re.I)
 REDACTED = "<redacted>"
@@ -43,40 +41,6 @@ def redact(value: Any) -> Any:
     return value
 
 
-def cpu_model() -> str:
-    """The CPU's model name (what a speed measurement is attributable to)."""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_class() -> str:
-    """What measurements depend on: architecture, CPU model and core count (not the host name)."""
-    return f"{platform.machine()} {cpu_model()} x{os.cpu_count()}"
-
-
-def machine_info() -> dict[str, str]:
-    """What a measurement ran on (no host name: records that hold it travel between machines)."""
-    return {
-        "os": f"{platform.system()} {platform.release()}",
-        "machine": platform.machine(),
-        "cpu": cpu_model(),
-        "cpus": str(os.cpu_count()),
-        "python": platform.python_version(),
-    }
-
-
-def host_info() -> dict[str, str]:
-    """machine_info plus the host name and GPU (model, driver, CUDA), for provenance run details."""
-    from quantmill.toolchain.hardware import gpu_details
-
-    return {"hostname": socket.gethostname(), **machine_info(), **gpu_details()}
-
-
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -93,7 +57,7 @@ def statement(*, subjects: list[FileDigest], artifact_digest: str, key: str, ste
     ]
     resolved += [dict(d) for d in dependencies]
     resolved += [{"name": f"tool:{name}", "annotations": {"version": version}} for name, version in sorted(tools.items())]
-    run_annotations = {**host_info(), **{k: v for k, v in {
+    run_annotations = {**hardware.host_info(), **{k: v for k, v in {
         "prefect_flow_run_id": run.flow_run_id, "prefect_task_run_id": run.task_run_id,
         "pool": run.pool, "worker": run.worker}.items() if v}, **dict(run.extra)}
     return {

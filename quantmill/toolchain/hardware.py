@@ -1,9 +1,13 @@
-"""What this machine offers, and the preflight check of a recipe's hardware needs against it."""
+"""What this machine is and offers (the class its measurements are attributed to, its GPUs), and the preflight
+check of a recipe's hardware needs against it."""
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
@@ -125,3 +129,35 @@ def gpu_details() -> dict[str, str]:
     cuda = found.group(1) if found else ""
     return {"gpu": f"{name} x{len(rows)}" if len(rows) > 1 else name, "gpu_memory": memory, "gpu_driver": driver,
             **({"cuda": cuda} if cuda else {})}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (what a speed measurement is attributable to)."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_class() -> str:
+    """What measurements depend on: architecture, CPU model and core count (not the host name)."""
+    return f"{platform.machine()} {cpu_model()} x{os.cpu_count()}"
+
+
+def machine_info() -> dict[str, str]:
+    """What a measurement ran on (no host name: records that hold it travel between machines)."""
+    return {
+        "os": f"{platform.system()} {platform.release()}",
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cpus": str(os.cpu_count()),
+        "python": platform.python_version(),
+    }
+
+
+def host_info() -> dict[str, str]:
+    """machine_info plus the host name and GPU (model, driver, CUDA), for provenance run details."""
+    return {"hostname": socket.gethostname(), **machine_info(), **gpu_details()}

@@ -24,7 +24,7 @@ def check_tools(tools: dict[str, str], *, pool: str | None = None) -> list[str]:
     A worker runs a spec only if it would make the bytes the key promises, so the parent's plan and every worker
     must run the same versions. Entries this machine cannot check (a legacy environment's) are skipped.
     """
-    from quantmill.store.provenance import machine_class
+    from quantmill.toolchain.hardware import machine_class
 
     problems = []
     for name, expected in sorted(tools.items()):

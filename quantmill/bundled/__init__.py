@@ -1,0 +1,1 @@
+"""What quantmill ships for offline use: the tiny Llama, its training text and the evaluation texts."""

@@ -1,0 +1,84 @@
+"""The Prefect server: where it is, whether it answers, and the command that starts one."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from quantmill.config import InfraConfig
+from quantmill.prefect.settings import ServerError, quiet
+
+def api_url(infra: InfraConfig) -> str:
+    url = infra.api_url or os.environ.get("PREFECT_API_URL")
+    if not url:
+        raise ServerError("infra.mode=prefect needs a Prefect server: set infra.api_url or PREFECT_API_URL (start one "
+                          "with `quantmill server`), or run embedded with infra=embedded")
+    return url.rstrip("/")
+
+
+def check_server(url: str) -> None:
+    """One line if the server does not answer, naming it and the way to run without one."""
+    import httpx
+
+    try:
+        httpx.get(f"{url}/health", timeout=5).raise_for_status()
+    except httpx.HTTPError as e:
+        reason = type(e).__name__ if not str(e) else str(e).splitlines()[0]
+        raise ServerError(f"Prefect server at {url} is unreachable ({reason}); start it with `quantmill server`, fix "
+                          f"infra.api_url / PREFECT_API_URL, or run embedded with infra=embedded") from None
+
+
+# A process that starts many runs (a batch, the Hydra launcher, parents in threads) checks the server and its
+# deployments once per this many seconds, not once per run (each check is a new HTTP client and a request).
+
+
+class Checks:
+    """What this process checked on the server lately (the server answers, a pool's deployment and workers): a
+    process that starts many runs (a batch, the Hydra launcher, parents in threads) checks each once per
+    ``ttl`` seconds, not once per run (each check is a new HTTP client and a request)."""
+
+    TTL_SECONDS = 10.0
+
+    def __init__(self) -> None:
+        self._seen: dict[Any, tuple[float, Any]] = {}
+
+    def recent(self, key: Any, ttl: float = TTL_SECONDS) -> tuple[bool, Any]:
+        """(True, what was remembered) when ``key`` was remembered less than ``ttl`` seconds ago, else (False, None)."""
+        hit = self._seen.get(key)
+        return (True, hit[1]) if hit and time.monotonic() - hit[0] < ttl else (False, None)
+
+    def remember(self, key: Any, value: Any = None) -> None:
+        self._seen[key] = (time.monotonic(), value)
+
+
+CHECKS = Checks()
+
+
+def connect(infra: InfraConfig, *, verbose: bool = False) -> str:
+    """Point this process's Prefect client at the configured server (before Prefect is imported) and check it."""
+    url = api_url(infra)
+    if not CHECKS.recent(("server", url))[0]:
+        check_server(url)
+        CHECKS.remember(("server", url))
+    os.environ["PREFECT_API_URL"] = url
+    quiet(verbose)
+    return url
+
+
+def server_command(*, host: str, port: int, database_url: str | None) -> tuple[list[str], dict[str, str]]:
+    """``prefect server start`` with SQLite under PREFECT_HOME by default, PostgreSQL (or any URL) if given."""
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED",
+                                                                                                "true")}
+    if database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)], env
+
+
+
+def client():
+    """A synchronous client of the server this process points at."""
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
