@@ -24,10 +24,11 @@ def main(n: int = 50, rounds: int = 5) -> dict:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from quantmill.prefect import launch
     from quantmill.config import compose
     from quantmill.execute import run_step
-    from quantmill.plan.planner import open_store, plan
+    from quantmill.plan.build import plan
+    from quantmill.prefect import launch
+    from quantmill.store import open_store
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
@@ -41,7 +42,7 @@ def main(n: int = 50, rounds: int = 5) -> dict:
                 f"store.cache_dir={root / 'cache'}", f"infra.prefect_home={root / 'prefect'}",
                 "publish.enabled=false", "validate.enabled=false", "recipe=[gguf_q8_0]"]
         cfgs = [compose([*base, f"model.name=tiny-{i:03d}"], conf_dir=REPO / "conf") for i in range(n)]
-        store = open_store(cfgs[0])
+        store = open_store(cfgs[0].store)
         run_step(plan(cfgs[0], store).specs["download"], {}, store)
         ms: dict[str, list[float]] = {"own store per run": [], "one store for the batch": []}
         for r in range(rounds):

@@ -31,11 +31,10 @@ def main(recipe: str = "awq_w4a16", extra: list[str] | None = None) -> dict:
     try:
         from prefect.client.orchestration import get_client
 
-        from quantmill.store import provenance
-        from quantmill.prefect.launch import run_config
         from quantmill.config import compose
+        from quantmill.prefect.launch import run_config
+        from quantmill.store import open_store, provenance
         from quantmill.toolchain.hardware import gpu_details
-        from quantmill.plan.planner import open_store
 
         cfg = compose(["infra=prefect", POOLS, "infra.max_parallel=4", *cluster.store_overrides("parent-cache"),
                        "publish.enabled=false", f"recipe=[{recipe},gguf_q8_0,gguf_q4_k_m]",
@@ -43,7 +42,7 @@ def main(recipe: str = "awq_w4a16", extra: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         outcomes = run_config(cfg)
         wall = time.perf_counter() - t0
-        store = open_store(cfg)
+        store = open_store(cfg.store)
         with get_client(sync_client=True) as c:
             runs = {str(r.id): r for r in c.read_flow_runs(limit=200)}
         steps = []

@@ -39,7 +39,7 @@ import _cluster  # noqa: E402
 import gpu_quantizers as gq  # noqa: E402
 import synthetic  # noqa: E402
 
-KEPT = "quantmill.backends.calibrated --wait"
+KEPT = "quantmill.backends.quantizer_process --wait"
 
 
 def kept_children() -> dict[int, float]:

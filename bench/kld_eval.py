@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from quantmill.evaluation import anchors
 from quantmill.backends.llamacpp_runtime import LlamaCppRuntime
 from quantmill.backends.local_source import BUNDLED_ROOT
-from quantmill.toolchain.llamacpp import locate
+from quantmill.evaluation import anchors
 from quantmill.steps import validate
+from quantmill.toolchain.llamacpp import locate
 
 HERE = Path(__file__).resolve().parent
 EVAL_TEXT = BUNDLED_ROOT / "text" / "eval.txt"

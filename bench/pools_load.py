@@ -65,8 +65,8 @@ def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: st
     try:
         from prefect.client.orchestration import get_client
 
-        from quantmill.prefect.launch import run_config, run_configs
         from quantmill.config import compose
+        from quantmill.prefect.launch import run_config, run_configs
 
         base = ["infra=prefect", pools, "infra.max_parallel=1", *cluster.store_overrides("parent-cache"),
                 "publish.enabled=false", "validate.enabled=false", "recipe=[gguf_q8_0]",

@@ -9,8 +9,12 @@ output's digest (equal in both) and the peak GPU memory. FP8 dynamic (data-free)
 
 Measured and rejected (docs/benchmarks.md, session 7): the GPU saves 1-2 s and costs the whole model in GPU memory.
 """
-import hashlib, json, sys, time
+import hashlib
+import json
+import sys
+import time
 from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic
 import torch

@@ -32,12 +32,13 @@ def main(size_mib: int = 512, reps: int = 3) -> dict:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from quantmill.store import provenance, signing
-    from quantmill.registry.entries import ArtifactRegistry, S3Location, copy_artifact
     from quantmill.backends.local_publisher import record_bytes
+    from quantmill.registry.entries import ArtifactRegistry, copy_artifact
+    from quantmill.registry.locations import S3Location
     from quantmill.registry.operations import pull
-    from quantmill.store.s3 import S3Store
+    from quantmill.store import provenance, signing
     from quantmill.store.local import LocalStore
+    from quantmill.store.s3 import S3Store
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)

@@ -12,7 +12,6 @@ from typing import Any
 from prefect import flow
 
 from quantmill import constants as C
-from quantmill.config import to_config
 from quantmill.prefect import scheduler
 from tasks.dispatch import dispatch
 from tasks.steps import TASKS
@@ -26,7 +25,7 @@ def pipeline(config: dict[str, Any], planned: scheduler.Planned | None = None):
     step failed. This is also the flow of the ``quantmill-pipeline`` deployments that run submitted runs on a
     worker; a config with ``infra.mode=prefect`` then dispatches its steps to the pools.
     """
-    if to_config(config).infra.mode == "prefect":  # a submitted run of a pools config: this run is the parent
+    if config["infra"]["mode"] == "prefect":  # a submitted run of a pools config: this run is the parent
         return scheduler.drive([config], [planned], dispatch)[0]
     return scheduler.run_embedded(config, planned, TASKS)
 

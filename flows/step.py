@@ -14,7 +14,7 @@ from prefect.states import Completed, Failed
 from quantmill import constants as C
 from quantmill.config import StoreConfig
 from quantmill.execute import StepResult
-from quantmill.plan.planner import StepSpec
+from quantmill.plan.spec import StepSpec
 from quantmill.store.local import ArtifactRef
 from tasks.steps import TASKS
 

@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from quantmill import constants as C
-from quantmill.store import provenance
 from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOURCES, gguf_quantizer
 from quantmill.backends.base import SourceInfo
 from quantmill.config import CalibrationConfig, ModelConfig
 from quantmill.digest import HashAhead
 from quantmill.errors import PreflightError, ToolError
 from quantmill.estimate import Shape
-from quantmill.plan.planner import StepSpec, step_key
+from quantmill.plan.spec import StepSpec, step_key
 from quantmill.steps import calibrate, convert, download, merge, publish, quantize, validate
+from quantmill.store import provenance
 from quantmill.store.local import ArtifactRef, LocalStore, Store
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def local_texts(spec: StepSpec) -> list[Path]:
     """The spec's text files on this machine: the planned path, else quantmill's bundled copy (a worker's
     installation differs from the planner's); either must have the sha256 the key was computed from."""
     from quantmill.digest import sha256_file
-    from quantmill.plan.planner import BUNDLED_TEXT
+    from quantmill.plan.preflight import BUNDLED_TEXT
 
     paths = []
     for planned, text in zip(spec.context["files"], spec.config["texts"]):

@@ -15,13 +15,14 @@ from prefect.cache_policies import NO_CACHE
 from quantmill import constants as C
 from quantmill.config import StoreConfig
 from quantmill.execute import StepResult, run_step
-from quantmill.plan.planner import StepSpec, open_store_config
+from quantmill.plan.spec import StepSpec
 from quantmill.prefect.workers import current_run, worker_store
+from quantmill.store import open_store
 
 
 def _run(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
     inputs = {name: result.ref for name, result in upstream.items()}
-    return run_step(spec, inputs, open_store_config(worker_store(store)), current_run())
+    return run_step(spec, inputs, open_store(worker_store(store)), current_run())
 
 
 _common = dict(cache_policy=NO_CACHE, task_run_name="{spec.id}", persist_result=False)

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from quantmill.prefect import settings
 from quantmill.backends.local_source import BUNDLED_ROOT
 from quantmill.config import compose
 from quantmill.execute import run_step
-from quantmill.plan.planner import open_store, plan
+from quantmill.plan.build import plan
+from quantmill.prefect import settings
+from quantmill.store import open_store
 
 settings.prefect_defaults()  # before any test module imports Prefect; CLI subprocesses inherit it
 
@@ -38,7 +39,7 @@ def compose_in(root: Path, *extra: str):
 
 def run_inline(cfg):
     """Walk the plan with the plain step executor, no Prefect: what every task does, in order."""
-    store = open_store(cfg)
+    store = open_store(cfg.store)
     the_plan = plan(cfg, store)
     refs, results = {}, {}
     for spec in the_plan:

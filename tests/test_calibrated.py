@@ -15,7 +15,8 @@ import pytest
 
 from quantmill import constants as C
 from quantmill.errors import PreflightError
-from quantmill.plan.planner import open_store, plan
+from quantmill.plan.build import plan
+from quantmill.store import open_store
 from tests.conftest import compose_in
 
 pytest.importorskip("llmcompressor")
@@ -76,7 +77,7 @@ def test_outputs_reproduce_the_logits_recorded_right_after_quantization(calibrat
     from quantmill.backends import RUNTIMES
 
     root, first, second = calibrated_runs
-    store = open_store(compose_in(root, "recipe=[gptq_w4a16]"))
+    store = open_store(compose_in(root, "recipe=[gptq_w4a16]").store)
     runtime = RUNTIMES.get("transformers")
     checked = 0
     for o in (*first, *second):
@@ -116,16 +117,16 @@ def test_quantizer_processes_import_their_libraries_ahead_of_their_steps(calibra
 
 def test_children_started_ahead_and_not_needed_are_stopped(tmp_path):
     from quantmill.backends import QUANTIZERS
-    from quantmill.backends.calibrated import _WAITING, prestarted
+    from quantmill.backends.calibrated import prestarted
 
     bnb, llmc = QUANTIZERS.get("bitsandbytes"), QUANTIZERS.get("llmcompressor")
     with prestarted([bnb, llmc, QUANTIZERS.get("gguf")]) as ahead:  # gguf has no child to start
-        children = dict(_WAITING.children)
+        children = dict(ahead.children)
         assert sorted(children) == ["bitsandbytes", "llmcompressor"]
         assert all(c.poll() is None for c in children.values())
         ahead.expect([bnb])  # the plan: only the bitsandbytes recipe has a step to run
         assert children["llmcompressor"].poll() is not None and children["bitsandbytes"].poll() is None
-    assert children["bitsandbytes"].poll() is not None and _WAITING.children == {} and _WAITING.expected == {}
+    assert children["bitsandbytes"].poll() is not None and ahead.children == {} and ahead.expected == {}
 
 
 @pytest.mark.slow
@@ -142,7 +143,7 @@ def test_bitsandbytes_nf4_runs_on_cpu(tmp_path):
 
 def test_one_calibration_set_serves_gguf_and_torch_recipes(tmp_path):
     cfg = compose_in(tmp_path, "recipe=[gguf_q4_k_m,gptq_w4a16,awq_w4a16]")
-    specs = plan(cfg, open_store(cfg)).specs
+    specs = plan(cfg, open_store(cfg.store)).specs
     assert [s for s in specs if s.startswith("calibrate:dataset")] == ["calibrate:dataset"]
     assert specs["quantize:gptq_w4a16"].inputs["calibration"] == "calibrate:dataset"
     assert specs["quantize:awq_w4a16"].inputs["calibration"] == "calibrate:dataset"
@@ -154,7 +155,7 @@ def test_one_calibration_set_serves_gguf_and_torch_recipes(tmp_path):
 def _preflight(tmp_path, *overrides):
     cfg = compose_in(tmp_path, *overrides)
     with pytest.raises(PreflightError) as e:
-        plan(cfg, open_store(cfg))
+        plan(cfg, open_store(cfg.store))
     message = str(e.value)
     assert "\n" not in message
     assert not (tmp_path / "store" / C.OBJECTS_DIR).exists() or not any((tmp_path / "store" / C.OBJECTS_DIR).iterdir())
@@ -196,9 +197,9 @@ def test_cuda_recipe_on_a_machine_without_cuda_stops_in_preflight(tmp_path):
 
 
 def test_fewer_calibration_samples_than_requested_warns_with_the_numbers(tmp_path, caplog):
-    from quantmill.config import CalibrationConfig
     from quantmill.backends.local_source import BUNDLED_ROOT
-    from quantmill.plan.planner import BUNDLED_TEXT
+    from quantmill.config import CalibrationConfig
+    from quantmill.plan.preflight import BUNDLED_TEXT
     from quantmill.steps.calibrate import calibrate_dataset
 
     files = [BUNDLED_TEXT / "calibration.txt"]
@@ -239,9 +240,9 @@ def test_compressing_each_module_after_its_probe_forward_saves_the_same_bytes(tm
     from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM
 
-    from quantmill.backends.calibrated import write_probe
     from quantmill.backends.llmcompressor_quantizer import _probe_then_compress
     from quantmill.backends.local_source import BUNDLED_ROOT
+    from quantmill.backends.quantizer_process import write_probe
 
     ids = [list(range(3, 67))]
 
@@ -288,7 +289,7 @@ def test_on_cuda_the_probe_is_what_the_saved_checkpoint_computes(tmp_path):
     cfg = compose_in(tmp_path, "recipe=[fp8_dynamic]", "publish.enabled=false", "validate.enabled=false")
     outcomes = run_config(cfg)
     assert all(o.ok for o in outcomes), [(o.spec_id, o.error) for o in outcomes if not o.ok]
-    store, runtime = open_store(cfg), RUNTIMES.get("transformers")
+    store, runtime = open_store(cfg.store), RUNTIMES.get("transformers")
     quantized = next(o for o in outcomes if o.step == C.QUANTIZE)
     files = store.files(store.lookup(quantized.key))
     probe = load_file(str(files / C.PROBE_FILE))
@@ -324,7 +325,7 @@ def test_autoawq_runs_in_its_own_environment_and_records_it(tmp_path):
                                      "validate.n_chunks=2", "publish.enabled=false"))
     by_id = {o.spec_id: o for o in outcomes}
     assert by_id["validate:awq_w4a16"].result["status"] == "passed", by_id["validate:awq_w4a16"].result
-    store = open_store(compose_in(tmp_path, "recipe=[awq_w4a16]"))
+    store = open_store(compose_in(tmp_path, "recipe=[awq_w4a16]").store)
     statement = json.loads((store.root / C.OBJECTS_DIR / by_id["quantize:awq_w4a16"].key /
                             C.PROVENANCE_FILE).read_text())
     tools = {d["name"].removeprefix("tool:"): d["annotations"]["version"]

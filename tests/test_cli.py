@@ -8,7 +8,7 @@ import pytest
 
 from quantmill import constants as C
 from quantmill.cli import main
-from tests.conftest import overrides_for, run_inline, compose_in
+from tests.conftest import compose_in, overrides_for, run_inline
 
 pytestmark = pytest.mark.slow
 

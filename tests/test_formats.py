@@ -10,10 +10,11 @@ import pytest
 from quantmill import constants as C
 from quantmill.backends.local_publisher import LocalRegistry
 from quantmill.backends.local_source import BUNDLED_ROOT
-from quantmill.prefect.launch import run_config
 from quantmill.errors import PreflightError
 from quantmill.outcome import RAN
-from quantmill.plan.planner import open_store, plan
+from quantmill.plan.build import plan
+from quantmill.prefect.launch import run_config
+from quantmill.store import open_store
 from tests.conftest import compose_in, run_inline
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ def test_mlx_4bit_and_8bit_are_validated_and_published(tmp_path):
     kld4, kld8 = (outcomes[f"validate:mlx_{b}bit"].result["mean_kld"] for b in (4, 8))
     assert 0 < kld8 < 0.005 < kld4 < 0.15
     assert outcomes["validate:mlx_4bit"].result["bits_per_weight"] == pytest.approx(4.5, abs=0.05)
-    store = open_store(compose_in(tmp_path))
+    store = open_store(compose_in(tmp_path).store)
     artifact = store.files(store.lookup(outcomes["quantize:mlx_4bit"].key))
     config = json.loads((artifact / "config.json").read_text())
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 64
@@ -64,7 +65,7 @@ def test_mlx_recipe_for_an_architecture_mlx_lm_lacks_is_refused_before_download(
     (tiny_model / "config.json").write_text(json.dumps(config))
     cfg = compose_in(tmp_path, "model=local", f"model.path={tiny_model}", "model.name=odd", "recipe=[mlx_4bit]")
     with pytest.raises(PreflightError, match=r"model 'odd' has model_type 'quantmill_nonexistent' .* which mlx-lm"):
-        plan(cfg, open_store(cfg))
+        plan(cfg, open_store(cfg.store))
     assert not any((tmp_path / "store" / C.OBJECTS_DIR).iterdir())
 
 
@@ -72,7 +73,7 @@ def test_passthrough_casts_reshards_and_keeps_the_tokenizer(tmp_path):
     outcomes = {o.spec_id: o for o in run_config(compose_in(
         tmp_path, "recipe=[safetensors_bf16,safetensors_f16]", "recipe.safetensors_bf16.params.max_shard_size=1MB"))}
     assert all(o.ok for o in outcomes.values()), [(o.spec_id, o.error) for o in outcomes.values()]
-    store = open_store(compose_in(tmp_path))
+    store = open_store(compose_in(tmp_path).store)
     bf16 = store.files(store.lookup(outcomes["quantize:safetensors_bf16"].key))
     assert json.loads((bf16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
     shards = sorted(p.name for p in bf16.glob("*.safetensors"))

@@ -13,7 +13,8 @@ import pytest
 
 from quantmill.backends.local_source import BUNDLED_ROOT
 from quantmill.errors import ModelSourceError, PreflightError
-from quantmill.plan.planner import open_store, plan
+from quantmill.plan.build import plan
+from quantmill.store import open_store
 from tests.conftest import compose_in, run_inline
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -42,7 +43,7 @@ def _cfg(tmp_path, *extra):
 
 def test_revision_resolves_to_commit_sha_and_keys_on_it(tmp_path, hf_cache):
     cfg = _cfg(tmp_path)
-    the_plan = plan(cfg, open_store(cfg))
+    the_plan = plan(cfg, open_store(cfg.store))
     assert the_plan.source.identity == {"repo_id": "acme/tiny-llama", "commit": SHA}
     assert the_plan.source.uri == f"hf://acme/tiny-llama@{SHA}"
     files = the_plan.specs["download"].config["files"]
@@ -64,7 +65,7 @@ def test_download_and_convert_from_the_hf_cache(tmp_path, hf_cache):
 def test_unknown_revision_offline(tmp_path, hf_cache):
     with pytest.raises(ModelSourceError, match=r"acme/tiny-llama'@v9 is not in the local HF cache"):
         cfg = _cfg(tmp_path, "model.revision=v9")
-        plan(cfg, open_store(cfg))
+        plan(cfg, open_store(cfg.store))
 
 
 def test_unsupported_architecture_is_refused_before_weights_are_fetched(tmp_path, hf_cache):
@@ -73,5 +74,5 @@ def test_unsupported_architecture_is_refused_before_weights_are_fetched(tmp_path
     (hf_cache / "config.json").write_text(json.dumps(config))
     cfg = _cfg(tmp_path)
     with pytest.raises(PreflightError, match="which llama.cpp's converter"):
-        plan(cfg, open_store(cfg))
+        plan(cfg, open_store(cfg.store))
     assert not any((tmp_path / "store" / "objects").iterdir())

@@ -9,9 +9,10 @@ import pytest
 
 from quantmill import constants as C
 from quantmill.backends.local_source import BUNDLED_ROOT
-from quantmill.prefect.launch import run_config
 from quantmill.errors import PreflightError
-from quantmill.plan.planner import open_store, plan
+from quantmill.plan.build import plan
+from quantmill.prefect.launch import run_config
+from quantmill.store import open_store
 from tests.conftest import compose_in, run_inline
 
 pytestmark = pytest.mark.slow
@@ -85,7 +86,7 @@ def test_gguf_and_mlx_recipes_run_on_the_merged_model(tmp_path, adapter):
         tmp_path, f"model.adapter={adapter}", "recipe=[gguf_q8_0,mlx_8bit]", "validate.n_chunks=2", "validate.n_ctx=128"))}
     assert all(o.ok for o in outcomes.values()), [(o.spec_id, o.error) for o in outcomes.values() if not o.ok]
     the_plan = plan(compose_in(tmp_path, f"model.adapter={adapter}", "recipe=[gguf_q8_0,mlx_8bit]"),
-                    open_store(compose_in(tmp_path)))
+                    open_store(compose_in(tmp_path).store))
     assert the_plan.specs["convert:gguf-f16"].inputs == {"model": "merge"}
     assert the_plan.specs["quantize:mlx_8bit"].inputs == {"model": "merge"}
     from quantmill.backends.local_publisher import LocalRegistry
@@ -104,7 +105,7 @@ def test_adapter_of_another_base_is_refused_naming_both(tmp_path, adapter):
     (other / "adapter_config.json").write_text(json.dumps(config))
     cfg = compose_in(tmp_path, f"model.adapter={other}")
     with pytest.raises(PreflightError) as e:
-        plan(cfg, open_store(cfg))
+        plan(cfg, open_store(cfg.store))
     assert (f"adapter '{other}' was trained on base 'meta-llama/Llama-2-7b-hf', but the configured base model is "
             f"'tiny-llama'") in str(e.value)
     assert not (tmp_path / "store" / C.OBJECTS_DIR).exists() or not any((tmp_path / "store" / C.OBJECTS_DIR).iterdir())

@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from quantmill.evaluation.metrics import Accumulator, check_gates, first_scored, log_softmax, scored_logprobs, targets, window_input
+from quantmill.evaluation.metrics import (
+    Accumulator,
+    check_gates,
+    first_scored,
+    log_softmax,
+    scored_logprobs,
+    targets,
+    window_input,
+)
 
 
 def test_identical_distributions_have_zero_divergence():

@@ -9,9 +9,11 @@ import pytest
 from quantmill import constants as C
 from quantmill.backends.llamacpp_runtime import LlamaCppRuntime
 from quantmill.backends.local_publisher import LocalRegistry
-from quantmill.prefect.launch import run_config
 from quantmill.outcome import CACHED, RAN
-from quantmill.plan.planner import HIT, MISS, PENDING, open_store, plan, resolve
+from quantmill.plan.build import plan
+from quantmill.plan.spec import HIT, MISS, PENDING, resolve
+from quantmill.prefect.launch import run_config
+from quantmill.store import open_store
 from quantmill.store.local import ArtifactRef
 from tests.conftest import compose_in, plant, run_inline
 
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def _statuses(cfg):
-    store = open_store(cfg)
+    store = open_store(cfg.store)
     return resolve(plan(cfg, store), store).status
 
 
@@ -40,7 +42,7 @@ def test_default_run_publishes_q8_0_and_q4_k_m(default_run):
 
 def test_published_ggufs_load_in_pinned_llama_cpp_and_generate(default_run):
     root, _, _ = default_run
-    store = open_store(compose_in(root))
+    store = open_store(compose_in(root).store)
     from tokenizers import Tokenizer
 
     from quantmill.backends.local_source import BUNDLED_ROOT
@@ -61,7 +63,7 @@ def test_published_ggufs_load_in_pinned_llama_cpp_and_generate(default_run):
 
 def test_every_artifact_verifies_against_its_provenance(default_run):
     root, _, outcomes = default_run
-    store = open_store(compose_in(root))
+    store = open_store(compose_in(root).store)
     for o in outcomes:
         assert store.verify(o.key) == [], o.spec_id
         stmt = store.statement(o.key)
@@ -76,7 +78,7 @@ def test_task_runs_are_recorded_in_prefect_and_in_provenance(default_run):
     from prefect.client.orchestration import get_client
 
     root, _, outcomes = default_run
-    store = open_store(compose_in(root))
+    store = open_store(compose_in(root).store)
     run = next(b for b in store.statement(outcomes[-1].key)["predicate"]["runDetails"]["byproducts"]
                if b["name"] == "run")["annotations"]
     with get_client(sync_client=True) as client:

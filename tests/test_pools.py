@@ -18,7 +18,11 @@ import pytest
 
 from quantmill.prefect.workers import worker_of
 from tests.conftest import CONF
-from tests.prefect_cluster import cli as _cli, free_port as _free_port, killpg as _killpg, start_server, wait as _wait
+from tests.prefect_cluster import cli as _cli
+from tests.prefect_cluster import free_port as _free_port
+from tests.prefect_cluster import killpg as _killpg
+from tests.prefect_cluster import start_server
+from tests.prefect_cluster import wait as _wait
 
 pytestmark = pytest.mark.slow
 
@@ -242,8 +246,13 @@ def test_worker_killed_mid_step_leaves_nothing_partial_and_a_rerun_resumes(clust
     rerun = cluster.run(*extra, name="fault")
 
     def step_waiting_on_mac():
-        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
-                                                    WorkPoolFilter, WorkPoolFilterName)
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+            WorkPoolFilter,
+            WorkPoolFilterName,
+        )
 
         scheduled = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"])))
         with cluster.client() as client:
@@ -282,8 +291,9 @@ def test_two_identical_runs_at_once_make_one_artifact_per_key(cluster, monkeypat
 
 
 def test_an_object_altered_in_the_bucket_is_refused_by_the_worker_that_fetches_it(cluster, monkeypatch):
-    import boto3
     import shutil
+
+    import boto3
 
     _s3_env(monkeypatch)
     code, report, err = cluster.run_to_end("recipe=[gguf_q8_0]", "validate.enabled=false")
@@ -311,8 +321,14 @@ def test_a_batch_on_pools_is_one_parent_run_for_all_its_models(cluster, monkeypa
     the first one's steps run: the one that cannot start is among its parameters and its log says why."""
     import shutil
 
-    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter,
-                                                FlowRunFilterParentTaskRunId, LogFilter, LogFilterFlowRunId)
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterParentTaskRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
     _s3_env(monkeypatch)
     conf = tmp_path / "conf"
@@ -402,7 +418,8 @@ def test_a_step_run_is_one_api_call_and_a_deployment_made_again_is_found(cluster
     import httpx
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from quantmill.prefect import deploy, waiting
+    from quantmill.prefect import deploy
+
     infra = _compose().infra  # deploy(names=["idle"]): a pool no worker serves, where runs stay Scheduled
     sent: list[str] = []
     send = httpx.Client.send
@@ -515,11 +532,12 @@ def test_parents_hear_their_step_runs_end_through_one_waiter(cluster, monkeypatc
 
 def test_capability_no_pool_offers_names_it_and_the_pools(tmp_path):
     from quantmill.errors import PreflightError
-    from quantmill.plan.planner import open_store, plan
+    from quantmill.plan.build import plan
+    from quantmill.store import open_store
 
     cfg = _compose("recipe=[mlx_4bit]", "~infra.pools.mac", f"store.root={tmp_path / 'store'}")
     with pytest.raises(PreflightError) as e:
-        plan(cfg, open_store(cfg))
+        plan(cfg, open_store(cfg.store))
     assert str(e.value) == ("step convert:mlx-float16 needs capability 'mlx', which no pool offers (configured: cpu "
                             "[cpu, llamacpp]; cuda [cuda]); add a pool offering it to conf/infra/, or run embedded")
 
@@ -537,8 +555,8 @@ def test_unreachable_server_says_how_to_run_embedded(tmp_path):
 
 
 def test_missing_bucket_is_one_line_before_any_server_call(tmp_path, s3, monkeypatch):
-    from quantmill.prefect.launch import run_config
     from quantmill.errors import StoreError
+    from quantmill.prefect.launch import run_config
 
     _s3_env(monkeypatch)
     cfg = _compose("recipe=[gguf_q8_0]", "store=s3", "store.bucket=no-such-bucket", f"store.endpoint_url={s3}",

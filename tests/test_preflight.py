@@ -9,13 +9,15 @@ import pytest
 
 from quantmill import constants as C
 from quantmill.errors import ConfigError, ModelSourceError, PreflightError, StoreFullError
-from quantmill.plan.planner import check_space, open_store, plan, resolve
+from quantmill.plan.build import plan
+from quantmill.plan.spec import check_space, resolve
+from quantmill.store import open_store
 from tests.conftest import compose_in
 
 
 def _plan(tmp_path: Path, model_dir: Path, *extra: str):
     cfg = compose_in(tmp_path, "model=local", f"model.path={model_dir}", "model.name=damaged", *extra)
-    store = open_store(cfg)
+    store = open_store(cfg.store)
     return plan(cfg, store), store
 
 

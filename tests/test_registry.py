@@ -12,8 +12,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from quantmill.prefect.launch import run_config
 from quantmill.config import compose
+from quantmill.prefect.launch import run_config
 from tests.conftest import CONF, QUICK
 
 pytestmark = pytest.mark.slow

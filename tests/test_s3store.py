@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from quantmill.store import provenance
 from quantmill.errors import IntegrityError, StoreError
+from quantmill.store import provenance
 from quantmill.store.s3 import S3Store
 
 KEY = "cd" * 32
@@ -139,7 +139,9 @@ def test_missing_bucket_is_one_line(endpoint, bucket, tmp_path):
 
 def test_pipeline_runs_into_a_bucket_and_a_second_worker_reuses_it(endpoint, bucket, tmp_path):
     """The whole GGUF path with store.kind=s3; a second worker (own cache) plans every step as cached."""
-    from quantmill.plan.planner import HIT, open_store, plan, resolve
+    from quantmill.plan.build import plan
+    from quantmill.plan.spec import HIT, resolve
+    from quantmill.store import open_store
     from tests.conftest import compose_in, run_inline
 
     s3 = ("store.kind=s3", f"store.bucket={bucket}", f"store.endpoint_url={endpoint}", "publish.enabled=false",
@@ -147,7 +149,7 @@ def test_pipeline_runs_into_a_bucket_and_a_second_worker_reuses_it(endpoint, buc
     _, _, results = run_inline(compose_in(tmp_path / "w1", *s3, f"store.cache_dir={tmp_path / 'w1-cache'}"))
     assert results["validate:gguf_q8_0"].result["status"] == "passed"
     cfg = compose_in(tmp_path / "w2", *s3, f"store.cache_dir={tmp_path / 'w2-cache'}")
-    store = open_store(cfg)
+    store = open_store(cfg.store)
     assert set(resolve(plan(cfg, store), store).status.values()) == {HIT}
     quant = store.files(store.lookup(results["quantize:gguf_q8_0"].ref.key))
     assert (quant / "model-q8_0.gguf").stat().st_size > 1 << 20
@@ -157,15 +159,17 @@ def test_a_batch_plans_on_one_store_and_asks_the_bucket_once_for_what_its_runs_s
     """The runs of a batch (three models from one source, so one shared download) are planned on one opened
     store: the download's record is read from the bucket once, not once per run; each run's own lookup still goes
     to the bucket. Opened apart, every run reads it again."""
-    from quantmill.prefect import launch
     from quantmill.execute import run_step
-    from quantmill.plan.planner import HIT, MISS, open_store, plan
+    from quantmill.plan.build import plan
+    from quantmill.plan.spec import HIT, MISS
+    from quantmill.prefect import launch
+    from quantmill.store import open_store
     from tests.conftest import compose_in
 
     s3 = ("store.kind=s3", f"store.bucket={bucket}", f"store.endpoint_url={endpoint}", "publish.enabled=false",
           "validate.enabled=false", "recipe=[gguf_q8_0]", f"store.cache_dir={tmp_path / 'cache'}")
     cfgs = [compose_in(tmp_path, *s3, f"model.name=tiny-{i}") for i in range(3)]
-    store = open_store(cfgs[0])
+    store = open_store(cfgs[0].store)
     download = plan(cfgs[0], store).specs["download"]
     record = run_step(download, {}, store).ref.key
 

@@ -10,9 +10,9 @@ import threading
 import pytest
 
 from quantmill import constants as C
-from quantmill.store import provenance
 from quantmill.digest import sha256_file
 from quantmill.errors import StoreFullError
+from quantmill.store import provenance
 from quantmill.store.local import LocalStore
 
 KEY = "ab" * 32

@@ -10,7 +10,8 @@ from quantmill.cli import main
 from quantmill.config import compose
 from quantmill.errors import PreflightError
 from quantmill.estimate import Shape, weights_bytes
-from quantmill.plan.planner import open_store, plan
+from quantmill.plan.build import plan
+from quantmill.store import open_store
 from tests.conftest import CONF, compose_in, overrides_for, run_inline
 
 LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -75,7 +76,7 @@ def test_recipes_that_do_not_fit_are_dropped(tmp_path):
     # A budget of 1.5 MiB: the bundled model's Q4_K_M (~1.0 MiB) and Q5_K_M fit, its Q8_0 (~1.8 MiB) does not.
     cfg = compose_in(tmp_path, "target=cpu_32gb", "target.memory_gb=0.0015", "target.overhead_gb=0",
                      "target.context=64")
-    the_plan = plan(cfg, open_store(cfg))
+    the_plan = plan(cfg, open_store(cfg.store))
     assert {s.recipe for s in the_plan if s.recipe} == {"gguf_q4_k_m", "gguf_q5_k_m"}
     assert len(the_plan.warnings) == 1 and the_plan.warnings[0].startswith("target cpu_32gb: dropped gguf_q8_0")
 
@@ -83,10 +84,10 @@ def test_recipes_that_do_not_fit_are_dropped(tmp_path):
 def test_target_too_small_for_every_recipe_says_what_would_fit(config_only_7b, tmp_path):
     cfg = compose_in(tmp_path, "target=phone_8gb", "model=local", f"model.path={config_only_7b}", "model.name=l7")
     with pytest.raises(PreflightError) as e:
-        plan(cfg, open_store(cfg))
+        plan(cfg, open_store(cfg.store))
     assert "target phone_8gb (3.0 GiB) is too small for every recipe it recommends for model 'l7'" in str(e.value)
     assert "no context fits: gguf_q2_k's weights alone need 2.6 GiB" in str(e.value)
     roomy = compose_in(tmp_path, "target=phone_8gb", "target.memory_gb=3.5", "model=local",
                        f"model.path={config_only_7b}", "model.name=l7")
     with pytest.raises(PreflightError, match=r"gguf_q2_k would fit with target.context=\d+ or less"):
-        plan(roomy, open_store(roomy))
+        plan(roomy, open_store(roomy.store))

@@ -8,17 +8,17 @@ import shutil
 import numpy as np
 import pytest
 
-from quantmill.evaluation import anchors
-
 from quantmill import constants as C
 from quantmill.backends.llamacpp_runtime import LlamaCppRuntime
 from quantmill.backends.local_publisher import LocalRegistry
 from quantmill.backends.local_source import BUNDLED_ROOT
 from quantmill.cli import main
-from quantmill.prefect.launch import run_config
+from quantmill.evaluation import anchors
 from quantmill.outcome import RAN
-from quantmill.plan.planner import open_store, plan
+from quantmill.plan.build import plan
+from quantmill.prefect.launch import run_config
 from quantmill.steps import validate
+from quantmill.store import open_store
 from tests.conftest import compose_in, overrides_for, plant, run_inline
 
 pytestmark = pytest.mark.slow
@@ -35,19 +35,19 @@ def three_quants(tmp_path_factory):
 
 
 def _files(root, outcome):
-    store = open_store(compose_in(root))
+    store = open_store(compose_in(root).store)
     return store, store.files(store.lookup(outcome.key))
 
 
 def test_reference_is_computed_once_for_three_quants(three_quants):
     root, cfg, outcomes = three_quants
-    the_plan = plan(cfg, open_store(cfg))
+    the_plan = plan(cfg, open_store(cfg.store))
     references = [s for s in the_plan if s.step == C.VALIDATE and s.config.get("kind") == "reference"]
     assert [s.id for s in references] == ["validate:reference-gguf"]
     for recipe in ("gguf_q8_0", "gguf_q6_k", "gguf_q4_k_m"):
         assert the_plan.specs[f"validate:{recipe}"].inputs["reference"] == "validate:reference-gguf"
     assert outcomes["validate:reference-gguf"].status == RAN
-    store = open_store(cfg)
+    store = open_store(cfg.store)
     made = [json.loads((d / C.PROVENANCE_FILE).read_text()) for d in (store.root / C.OBJECTS_DIR).iterdir()]
     specs = [s["predicate"]["buildDefinition"]["externalParameters"]["spec"] for s in made]
     assert specs.count("validate:reference-gguf") == 1 and specs.count("validate:gguf_q4_k_m") == 1
@@ -77,7 +77,7 @@ def test_metrics_are_measured_ordered_and_gated(three_quants):
 def test_agreement_with_llama_perplexity(three_quants, tmp_path):
     """Same text, context length and base (the F16 GGUF): quantmill's numbers within 1 % of llama.cpp's."""
     root, _, outcomes = three_quants
-    store = open_store(compose_in(root))
+    store = open_store(compose_in(root).store)
     f16 = store.files(store.lookup(outcomes["convert:gguf-f16"].key))
     base = tmp_path / "base.dat"
     anchors.write_base(f16 / C.GGUF_F16_FILE, EVAL_TEXT, base, n_ctx=256, chunks=8)

@@ -131,7 +131,7 @@ def test_a_busy_warm_worker_does_not_ask_for_runs_it_cannot_take(tmp_path, s3_en
 
 
 def _waiting_children(pid: int) -> dict[int, str]:
-    """Child processes of ``pid`` that wait for a quantization request (``calibrated --wait``), with their
+    """Child processes of ``pid`` that wait for a quantization request (``quantizer_process --wait``), with their
     command lines, from /proc."""
     found = {}
     for proc in Path("/proc").iterdir():
@@ -142,7 +142,7 @@ def _waiting_children(pid: int) -> dict[int, str]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, IndexError, ValueError):
             continue  # ended meanwhile
-        if ppid == pid and "quantmill.backends.calibrated --wait" in cmdline:
+        if ppid == pid and "quantmill.backends.quantizer_process --wait" in cmdline:
             found[int(proc.name)] = cmdline
     return found
 

@@ -8,7 +8,7 @@ with ``hydra.launcher.wait=true`` it waits, and a job whose flow run did not com
 
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.backends import QUANTIZERS
-from quantmill.backends.calibrated import CalibratedQuantizer, write_probe
+from quantmill.backends.calibrated import CalibratedQuantizer
+from quantmill.backends.quantizer_process import write_probe
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 

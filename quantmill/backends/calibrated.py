@@ -2,7 +2,7 @@
 
 Each recipe names a ``method`` (gptq, awq, fp8, nvfp4, smoothquant, bnb) and a ``quant_type`` (the scheme, e.g.
 ``W4A16``); the backend checks both, and the model's shape, in preflight. Quantization runs in a child process
-(``python -m quantmill.backends.calibrated REQUEST.json``): its GPU memory is returned when it ends, its peak is its
+(``python -m quantmill.backends.quantizer_process REQUEST.json``): its GPU memory is returned when it ends, its peak is its
 own, two recipes never share a library's global state, and an out-of-memory error names the layer it hit.
 """
 
@@ -16,13 +16,13 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from quantmill import constants as C
 from quantmill.backends.base import QuantizerDefaults, SourceInfo, check_shard_size
+from quantmill.backends.quantizer_process import ERROR_FILE, REQUEST_FILE, RESULT_FILE
 from quantmill.config import RecipeConfig
 from quantmill.errors import PreflightError, ToolError
 
@@ -30,12 +30,6 @@ from quantmill.errors import PreflightError, ToolError
 # differently; the tokenizer-fidelity gate wants the source's).
 CARRIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                  "chat_template.jinja", "generation_config.json")
-ERROR_FILE = "error.json"
-PROBE_TOKENS, PROBE_POSITIONS = 32, 4
-# Caps the quantizer process's share of the GPU (workers sharing one GPU); a tiny share provokes a real OOM in tests.
-ENV_CUDA_MEMORY_FRACTION = "QUANTMILL_CUDA_MEMORY_FRACTION"
-REQUEST_FILE = "request.json"
-RESULT_FILE = "result.json"
 
 
 class CalibratedQuantizer(QuantizerDefaults):
@@ -100,12 +94,12 @@ class CalibratedQuantizer(QuantizerDefaults):
         return sys.executable
 
     def child_command(self, request_file: Path) -> list[str]:
-        return [self.python(), "-m", "quantmill.backends.calibrated", str(request_file)]
+        return [self.python(), "-m", "quantmill.backends.quantizer_process", str(request_file)]
 
     def waiting_command(self) -> list[str] | None:
         """A child that imports its libraries now and reads its request file's path from stdin later (see
         ``prestarted``); None where the child is another program (the legacy backends' scripts)."""
-        return [self.python(), "-m", "quantmill.backends.calibrated", "--wait", self.module]
+        return [self.python(), "-m", "quantmill.backends.quantizer_process", "--wait", self.module]
 
     def quantize(self, model: Path, out: Path, config: Mapping[str, Any], *, imatrix: Path | None, threads: int,
                  label: str, calibration: Path | None = None) -> dict[str, Any]:
@@ -119,7 +113,7 @@ class CalibratedQuantizer(QuantizerDefaults):
             (work / REQUEST_FILE).write_text(json.dumps(request))
             name = f"{self.key} {config['method']}"
             try:
-                waiting = _WAITING.take(self)
+                waiting = WAITING.take(self)
                 if waiting is not None:  # already imported: hand it the request
                     try:
                         waiting.stdin.write(f"{work / REQUEST_FILE}\n".encode())
@@ -136,7 +130,7 @@ class CalibratedQuantizer(QuantizerDefaults):
                     raise ToolError(f"{label}: {json.loads(error.read_text())['error']}") from None
                 raise ToolError(f"{label}: {e}") from None
             finally:
-                _WAITING.replace(self)
+                WAITING.replace(self)
             result = json.loads((work / RESULT_FILE).read_text())
         t0 = time.perf_counter()
         carry_files(model, out)
@@ -152,7 +146,7 @@ def _child_env() -> dict[str, str]:
     return {"PYTHONPATH": str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-class _Waiting:
+class WaitingChildren:
     """Children started ahead of their quantize steps, one per backend at a time, with how many more of that
     backend's quantizations the run expects (a taken child is replaced while more are to come)."""
 
@@ -212,23 +206,23 @@ def _stop(children: Iterable[subprocess.Popen]) -> None:
         child.wait()
 
 
-_WAITING = _Waiting()
+WAITING = WaitingChildren()
 
 
 @contextmanager
-def prestarted(quantizers: Iterable[Any]) -> Iterator[_Waiting]:
+def prestarted(quantizers: Iterable[Any]) -> Iterator[WaitingChildren]:
     """Start the child processes of the torch quantizations a run may do, so that importing torch and the
     quantization library (10-15 s on a GPU machine: as long as an FP8 quantization itself) overlaps the run's
     planning and earlier steps instead of following them; the run then says which it needs (``expect``).
     Children still waiting at the end are stopped."""
-    with _WAITING.lock:
+    with WAITING.lock:
         for q in quantizers:
             if isinstance(q, CalibratedQuantizer):
-                _WAITING.start(q)
+                WAITING.start(q)
     try:
-        yield _WAITING
+        yield WAITING
     finally:
-        _WAITING.stop_all()
+        WAITING.stop_all()
 
 
 def keep_quantizers() -> None:
@@ -236,12 +230,12 @@ def keep_quantizers() -> None:
     quantized here: its next quantization then starts at once instead of importing torch and its library first
     (10-20 s on a GPU machine, longer than an FP8 quantization). Each kept child holds its imports' memory (about
     1 GB) and no GPU memory; ``stop_kept`` ends them, and a child whose parent died ends at its stdin's close."""
-    _WAITING.kept = True
+    WAITING.kept = True
 
 
 def stop_kept() -> None:
-    _WAITING.kept = False
-    _WAITING.stop_all()
+    WAITING.kept = False
+    WAITING.stop_all()
 
 
 def scheme_bits(scheme: str) -> float:
@@ -279,139 +273,3 @@ def bits_per_source_weight(model: Path, out: Path) -> float:
 
 
 # -- the child process ---------------------------------------------------------------------------------------
-class LayerTracker:
-    """Remembers which decoder layer ran last, so an out-of-memory error can name it."""
-
-    def __init__(self, model: Any):
-        self.current = "the embedding or first layer"
-        self.handles = []
-        layers = getattr(getattr(model, "model", model), "layers", None) or []
-        for i, layer in enumerate(layers):
-            self.handles.append(layer.register_forward_pre_hook(self._hook(f"model.layers.{i}")))
-
-    def _hook(self, name: str):
-        def hook(module, args):
-            self.current = name
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-@contextmanager
-def oom_names_layer(tracker: LayerTracker, config: Mapping[str, Any], samples: int, seq_len: int) -> Iterator[None]:
-    """Turn a CUDA out-of-memory error into one line naming the layer and what to lower."""
-    import torch
-
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        layer = tracker.current
-        raise UserFacing(f"out of GPU memory in {layer} during {config['method']} calibration with {samples} "
-                         f"samples x {seq_len} tokens; lower calibration.num_samples or calibration.seq_len "
-                         f"(or use a GPU with more memory)") from None
-
-
-class Phases:
-    """Seconds the child spends in each phase (``mark`` closes the current one), reported in the step's result:
-    where a quantization's time went, next to a bare script's (bench/gpu_quantizers.py)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def reset(self) -> None:
-        self.seconds.clear()
-        self._last = time.perf_counter()
-
-    def mark(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self._last, 2)
-        self._last = now
-
-
-PHASES = Phases()  # one quantization per child process
-
-
-class UserFacing(Exception):
-    """An error the parent shows as is (one line)."""
-
-
-def probe_ids(ids: list[list[int]]) -> list[int]:
-    """Fixed token ids the quantized model is probed with: the first calibration window's start, else a range."""
-    return list(ids[0][:PROBE_TOKENS]) if ids else list(range(3, 3 + PROBE_TOKENS))
-
-
-def write_probe(model: Any, out: Path, ids: list[list[int]]) -> None:
-    """Record the quantized model's logits on the probe ids (last positions), as it is right after quantization:
-    a loader elsewhere must reproduce them (tests/test_calibrated.py)."""
-    import numpy as np
-    import torch
-    from safetensors.numpy import save_file
-
-    probe = probe_ids(ids)
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([probe], device=device)).logits[0, -PROBE_POSITIONS:]
-    save_file({"input_ids": np.asarray(probe, dtype=np.int32), "logits": logits.float().cpu().numpy()},
-              str(out / C.PROBE_FILE))
-
-
-def calibration_ids(calibration: Path | None) -> list[list[int]]:
-    if calibration is None:
-        return []
-    from safetensors.numpy import load_file
-
-    return load_file(str(calibration / C.CALIBRATION_TOKENS_FILE))["input_ids"].tolist()
-
-
-def main(argv: list[str]) -> int:
-    import importlib
-
-    preloaded = None
-    if argv[0] == "--wait":  # started ahead (``prestarted``): import now, then wait for the request
-        t0 = time.perf_counter()
-        getattr(importlib.import_module(argv[1]), "preload", lambda: None)()
-        preloaded = round(time.perf_counter() - t0, 2)
-        argv = [sys.stdin.readline().strip()]
-        if not argv[0]:
-            return 0  # not needed after all
-        PHASES.reset()
-    request = json.loads(Path(argv[0]).read_text())
-    work = Path(request["work"])
-    os.chdir(work)  # libraries' log files stay in work
-    PHASES.seconds["start"] = round(time.time() - request.get("requested_at", time.time()), 2)  # interpreter start
-    PHASES.mark("imports")  # this module's
-    if preloaded is not None:
-        PHASES.seconds["imported_ahead"] = preloaded  # before the step: overlapped with the run's earlier work
-    try:
-        if os.environ.get(ENV_CUDA_MEMORY_FRACTION):
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.set_per_process_memory_fraction(float(os.environ[ENV_CUDA_MEMORY_FRACTION]))
-        backend = importlib.import_module(request["module"])
-        result = backend.run(request, Path(request["model"]), calibration_ids(
-            Path(request["calibration"]) if request["calibration"] else None), Path(request["out"]))
-    except UserFacing as e:
-        (work / ERROR_FILE).write_text(json.dumps({"error": str(e)}))
-        return 3
-    except Exception as e:  # noqa: BLE001 - the parent reports the first line; the traceback is in the log
-        traceback.print_exc()
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        (work / ERROR_FILE).write_text(json.dumps({"error": f"{type(e).__name__}: {first}"}))
-        return 1
-    PHASES.mark("finish")
-    (work / RESULT_FILE).write_text(json.dumps({**result, "phases_s": PHASES.seconds}))
-    return 0
-
-
-if __name__ == "__main__":  # run as the importable module, so the backends mark this module's PHASES
-    from quantmill.backends.calibrated import main as module_main
-
-    code = module_main(sys.argv[1:])
-    # Everything is written and closed: skip the interpreter's teardown of torch and CUDA (about a second).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

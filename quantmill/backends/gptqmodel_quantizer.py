@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.backends import QUANTIZERS
-from quantmill.backends.calibrated import (PHASES, CalibratedQuantizer, LayerTracker, UserFacing, oom_names_layer,
-                                           write_probe)
+from quantmill.backends.calibrated import CalibratedQuantizer
+from quantmill.backends.quantizer_process import PHASES, LayerTracker, UserFacing, oom_names_layer, write_probe
 from quantmill.config import RecipeConfig
 
 BITS = {"W2A16": 2, "W3A16": 3, "W4A16": 4, "W8A16": 8}

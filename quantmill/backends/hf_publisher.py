@@ -84,8 +84,8 @@ class HfPublisher:
         from huggingface_hub import CommitOperationAdd, HfApi
         from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 
-        from quantmill.store import provenance, signing
         from quantmill.backends.local_publisher import record_bytes
+        from quantmill.store import provenance, signing
 
         settings = spec.context["publish"]
         result = store.read_result(ref)

@@ -35,8 +35,12 @@ class HfSource:
 
     def describe(self, cfg: ModelConfig, cache: DigestCache) -> SourceInfo:
         from huggingface_hub import HfApi, hf_hub_download
-        from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError,
-                                            RepositoryNotFoundError, RevisionNotFoundError)
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
         if not cfg.repo_id:
             raise ModelSourceError(f"model {cfg.name!r}: source 'hf' needs model.repo_id")

@@ -13,7 +13,6 @@ from quantmill.errors import PreflightError
 from quantmill.toolchain.llamacpp import import_llama_cpp, locate
 from quantmill.toolchain.versions import package_version
 
-
 FLASH_ATTENTION = True
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from quantmill.backends import QUANTIZERS
-from quantmill.backends.calibrated import PHASES, CalibratedQuantizer, LayerTracker, oom_names_layer, write_probe
+from quantmill.backends.calibrated import CalibratedQuantizer
+from quantmill.backends.quantizer_process import PHASES, LayerTracker, oom_names_layer, write_probe
 from quantmill.config import RecipeConfig
 
 DATA_FREE = ("FP8_DYNAMIC", "FP8_BLOCK", "NVFP4A16")

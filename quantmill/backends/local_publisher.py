@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from quantmill import constants as C
-from quantmill.registry.entries import ArtifactRegistry, LocalLocation, S3Location, check_name, copy_artifact, lineage
 from quantmill.backends import PUBLISHERS
 from quantmill.errors import PreflightError
+from quantmill.registry.entries import ArtifactRegistry, copy_artifact, lineage
+from quantmill.registry.locations import LocalLocation, S3Location
+from quantmill.registry.names import check_name
 from quantmill.store.local import ArtifactRef, LocalStore, Store
 
 __all__ = ["check_name", "LocalRegistry", "LocalPublisher", "S3Publisher", "record_bytes"]
@@ -45,8 +47,8 @@ class RegistryPublisher:
         """Preflight: what this publisher needs from the config and the store (one line each)."""
 
     def publish(self, spec, store: Store, ref: ArtifactRef) -> dict[str, Any]:
-        from quantmill.store import signing
         from quantmill.registry.catalogue import write_catalogue
+        from quantmill.store import signing
 
         settings = spec.context["publish"]
         registry = self.registry(settings, store)

@@ -257,10 +257,10 @@ def _check_unique(runs: list[Run]) -> None:
 
 def fingerprint(cfg: QuantmillConfig, recipe: str) -> dict[str, Any]:
     """The resolved config that decides what one recipe's run makes and publishes (see the module doc)."""
-    from quantmill.plan.planner import _resolve_recipe, effective_gates
+    from quantmill.plan.preflight import effective_gates, resolve_recipe
 
     data = to_dict(cfg)
-    resolved, quantizer = _resolve_recipe(recipe, cfg.recipe[recipe])
+    resolved, quantizer = resolve_recipe(recipe, cfg.recipe[recipe])
     out = {"model": data["model"], "recipe": data["recipe"][recipe], "format": resolved.format,
            "validate": {**data["validate"], "gates": effective_gates(cfg, recipe, cfg.recipe[recipe])},
            "publish": data["publish"], "store": data["store"], "target": data["target"]}

@@ -53,13 +53,13 @@ def _state_path(store, batch: str) -> Path:
 
 def check(conf_dir: Path, batch_name: str) -> tuple[list[Upstream], Path]:
     """Each model group of the batch with its revision now and the last one built."""
-    from quantmill.plan.planner import open_store
+    from quantmill.store import open_store
 
     batch = load_batch(conf_dir, batch_name)
     out, state_path = [], None
     for overrides, members in groups(batch_runs(conf_dir, batch)):
         cfg = compose([*overrides, f"recipe=[{members[0].recipe}]"], conf_dir=conf_dir)
-        store = open_store(cfg)
+        store = open_store(cfg.store)
         state_path = state_path or _state_path(store, batch_name)
         state = _read(state_path)
         name = f"{members[0].origin}/{members[0].model}" + (f"@{members[0].target}" if members[0].target else "")

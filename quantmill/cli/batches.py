@@ -82,9 +82,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     """Build the models of a batch whose upstream revision changed: once, or every --interval seconds."""
-    from quantmill.config import find_conf_dir
     from quantmill.batches.watch import watch_once
-
+    from quantmill.config import find_conf_dir
     from quantmill.prefect.launch import run_here
 
     conf_dir = find_conf_dir(args.config_dir)

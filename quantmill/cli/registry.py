@@ -42,7 +42,7 @@ def _registry(args: argparse.Namespace):
 
     from quantmill.backends import PUBLISHERS
     from quantmill.errors import ConfigError
-    from quantmill.plan.planner import open_store
+    from quantmill.store import open_store
 
     cfg = compose(args)
     args.publish_config = cfg.publish
@@ -50,7 +50,7 @@ def _registry(args: argparse.Namespace):
     if not hasattr(publisher, "registry"):  # only registry publishers keep the versioned layout listed here
         raise ConfigError(f"publish.publisher={cfg.publish.publisher!r} cannot be listed; the team registry is "
                           f"publish=local or publish=s3")
-    store = open_store(cfg) if cfg.publish.publisher == "local" else None  # a bucket registry needs no local store
+    store = open_store(cfg.store) if cfg.publish.publisher == "local" else None  # a bucket registry needs no local store
     if store is None:
         publisher.check(cfg.publish, store)
     registry = publisher.registry({**dataclasses.asdict(cfg.publish), "cache_dir": cfg.store.cache_dir}, store)
@@ -101,13 +101,13 @@ def _artifact_ref(entry: dict[str, Any]):
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from quantmill.evaluation import report
     from quantmill.cli import ui
     from quantmill.errors import NotFound
-    from quantmill.plan.planner import open_store
+    from quantmill.evaluation import report
+    from quantmill.store import open_store
 
     cfg = compose(args)
-    store = open_store(cfg)
+    store = open_store(cfg.store)
     model = args.model or cfg.model.name
     data = report.load(store, model)
     if data is None:
@@ -159,7 +159,7 @@ def reg_ls(args: argparse.Namespace) -> int:
 
 def reg_show(args: argparse.Namespace) -> int:
     from quantmill.cli import ui
-    from quantmill.registry.entries import PROVENANCE
+    from quantmill.registry.names import PROVENANCE
 
     _, registry = _registry(args)
     name, v = registry.resolve(args.name)

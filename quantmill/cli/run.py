@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from quantmill.cli.common import add_command, compose, print_json
+from quantmill.cli.common import add_command, compose
 
 RUN_EXAMPLES = """examples:
   quantmill run                                            the default pipeline (conf/config.yaml)
@@ -50,14 +50,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """The target's fit (from config.json alone), then the steps with their keys and cache state."""
     from quantmill.cli import ui
     from quantmill.errors import ModelSourceError
-    from quantmill.plan.planner import open_store, plan, resolve, target_fit
+    from quantmill.plan.build import plan
+    from quantmill.plan.preflight import target_fit
+    from quantmill.plan.spec import resolve
+    from quantmill.store import open_store
 
     cfg = compose(args)
     fit = [f.to_json() for f in target_fit(cfg)]
     out: dict[str, Any] = {"model": cfg.model.name, "target": cfg.target.name if fit else None, "fit": fit}
     if fit and not args.json:
         ui.out.print(ui.fit_table(cfg.target, fit))
-    store = open_store(cfg)
+    store = open_store(cfg.store)
     try:
         the_plan = plan(cfg, store)
     except ModelSourceError as e:

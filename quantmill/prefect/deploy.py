@@ -13,8 +13,10 @@ from typing import Any, Mapping
 from quantmill import constants as C
 from quantmill.config import InfraConfig, PoolConfig
 from quantmill.errors import PreflightError
-from quantmill.prefect.server import CHECKS, client as _client
+from quantmill.prefect.server import CHECKS
+from quantmill.prefect.server import client as _client
 from quantmill.prefect.settings import ServerError
+
 
 @functools.cache
 def flow_at(entrypoint: str):

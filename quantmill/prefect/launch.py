@@ -72,14 +72,14 @@ def run_configs(cfgs: list, *, verbose: bool = False) -> list:
         """Config i's (cfg, store, plan, resolution) for the parent; or, with its result kept here, why it is not
         the parent's to run (every step cached, or refused in preflight)."""
         try:
-            planned = planned(cfgs[i], stores=stores)
+            outcome = planned(cfgs[i], stores=stores)
         except QuantmillError as e:
             results[i] = e
             return f"refused: {e}"
-        if isinstance(planned, list):
-            results[i] = planned
+        if isinstance(outcome, list):
+            results[i] = outcome
             return "every step cached"
-        return planned
+        return outcome
 
     first, made = next(((i, m) for i in range(len(cfgs)) for m in [made_for(i)] if not isinstance(m, str)),
                        (None, None))
@@ -113,17 +113,18 @@ def planned(cfg, ahead=None, stores: dict[bytes, Any] | None = None):
     """Plan ``cfg`` and ask the store: the outcomes when every step is cached, else (cfg, store, plan,
     resolution) for a run; preflight errors raise here, before anything runs. ``stores``: stores already open,
     by their config, shared by the configs of one batch."""
-    from quantmill.plan import planner
     from quantmill.backends import QUANTIZERS
     from quantmill.outcome import CACHED, Outcome
-    from quantmill.store.local import LocalStore
+    from quantmill.plan.build import plan
+    from quantmill.plan.spec import HIT, check_space, resolve
+    from quantmill.store import LocalStore
 
     store = _open_store(cfg, stores)
-    the_plan = planner.plan(cfg, store)
-    resolution = planner.resolve(the_plan, store)
+    the_plan = plan(cfg, store)
+    resolution = resolve(the_plan, store)
     if ahead is not None:
         ahead.expect(QUANTIZERS.get(s.backend) for s in the_plan
-                     if s.step == C.QUANTIZE and resolution.status[s.id] != planner.HIT)
+                     if s.step == C.QUANTIZE and resolution.status[s.id] != HIT)
     if resolution.all_cached:
         from quantmill.evaluation import report
 
@@ -133,7 +134,7 @@ def planned(cfg, ahead=None, stores: dict[bytes, Any] | None = None):
         if isinstance(store, LocalStore):
             report.update_from_outcomes(store, cfg.model.name, outcomes)
         return outcomes
-    planner.check_space(the_plan, resolution, store)
+    check_space(the_plan, resolution, store)
     return cfg, store, the_plan, resolution
 
 
@@ -144,14 +145,14 @@ def _open_store(cfg, stores: dict[bytes, Any] | None):
     runs of a batch that share a store and its artifacts (the model's download) ask the bucket for them once."""
     import dataclasses
 
-    from quantmill.plan import planner
     from quantmill.digest import canonical_json
+    from quantmill.store import open_store
 
     if stores is None:
-        return planner.open_store(cfg)
+        return open_store(cfg.store)
     key = canonical_json(dataclasses.asdict(cfg.store))
     if key not in stores:
-        stores[key] = planner.open_store(cfg)
+        stores[key] = open_store(cfg.store)
     return stores[key]
 
 

@@ -16,9 +16,10 @@ from prefect.states import Completed, Failed
 from quantmill.config import to_config
 from quantmill.evaluation import report as report_mod
 from quantmill.outcome import CACHED, FAILED, RAN, SKIPPED, Outcome
-from quantmill.plan.planner import StepSpec, open_store, plan, resolve, step_key
+from quantmill.plan.build import plan
 from quantmill.plan.routing import next_segments
-from quantmill.store import provenance
+from quantmill.plan.spec import StepSpec, resolve, step_key
+from quantmill.store import open_store, provenance
 from quantmill.store.local import ArtifactRef, LocalStore
 
 
@@ -44,7 +45,7 @@ def planned_or_plan(config: dict[str, Any], planned: Planned | None) -> tuple[An
     if planned is not None:
         return planned.made() if callable(planned.made) else planned.made
     cfg = to_config(config)
-    store = open_store(cfg)
+    store = open_store(cfg.store)
     the_plan = plan(cfg, store)
     return cfg, store, the_plan, resolve(the_plan, store)
 

@@ -10,6 +10,7 @@ from typing import Any
 from quantmill.config import InfraConfig
 from quantmill.prefect.settings import ServerError, quiet
 
+
 def api_url(infra: InfraConfig) -> str:
     url = infra.api_url or os.environ.get("PREFECT_API_URL")
     if not url:

@@ -29,8 +29,8 @@ def worker_plan(pools: Mapping[str, PoolConfig], pool: str, *, name: str, cache_
     Raises:
         PreflightError: unknown pool, or a capability this machine lacks (one line, naming both).
     """
-    from quantmill.toolchain.hardware import check_capability
     from quantmill.plan.routing import describe_pools
+    from quantmill.toolchain.hardware import check_capability
 
     if pool not in pools:
         raise PreflightError(f"pool {pool!r} is not configured; configured: {describe_pools(pools)} "

@@ -11,7 +11,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from quantmill.registry.entries import CATALOGUE, PROVENANCE, ArtifactRegistry
+from quantmill.registry.entries import ArtifactRegistry
+from quantmill.registry.names import CATALOGUE, PROVENANCE
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2rem;color:#1d1d1f}

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from quantmill import constants as C
-from quantmill.store import provenance as prov
-from quantmill.registry.entries import LINEAGE, PROVENANCE, SIGNATURE, ArtifactRegistry
 from quantmill.digest import sha256_file
 from quantmill.errors import IntegrityError, NotFound, QuantmillError
+from quantmill.registry.entries import ArtifactRegistry
+from quantmill.registry.names import LINEAGE, PROVENANCE, SIGNATURE
+from quantmill.store import provenance as prov
 
 
 # -- search --------------------------------------------------------------------------------------------------

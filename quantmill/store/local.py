@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantmill import constants as C
-from quantmill.store import provenance
 from quantmill.digest import DigestCache, FileDigest, digest_tree, manifest_digest
 from quantmill.errors import IntegrityError, NotFound, StoreError, StoreFullError
+from quantmill.store import provenance
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 

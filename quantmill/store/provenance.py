@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
-from quantmill import __version__, constants as C
+from quantmill import __version__
+from quantmill import constants as C
 from quantmill.digest import FileDigest, sha256_files
 from quantmill.toolchain import hardware
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantmill import constants as C
-from quantmill.store import provenance
 from quantmill.digest import FileDigest, digest_tree, manifest_digest, sha256_file
 from quantmill.errors import IntegrityError, NotFound, StoreError
+from quantmill.store import provenance
 from quantmill.store.local import ArtifactRef, Staging, Store
 
 

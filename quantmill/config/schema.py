@@ -1,21 +1,15 @@
-"""Typed config schemas, registered in Hydra's ConfigStore, and composition into a validated config.
+"""Typed config schemas, one dataclass per group of ``conf/``, registered in Hydra's ConfigStore.
 
-Every group in ``conf/`` has a dataclass here. Composition merges the YAML files into these schemas, so an
-unknown key or a missing required value fails while composing, before any planning or download.
+Composition merges the YAML files into these schemas, so an unknown key or a missing required value fails while
+composing, before any planning or download.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING, OmegaConf
-
-from quantmill import constants as C
-from quantmill.errors import ConfigError
+from omegaconf import MISSING
 
 
 @dataclass
@@ -346,7 +340,7 @@ class QuantmillConfig:
 
 
 SCHEMA_NAME = "quantmill_schema"
-_GROUP_SCHEMAS = {"model": ModelConfig, "convert": ConvertConfig, "calibration": CalibrationConfig, "validate": ValidateConfig,
+GROUP_SCHEMAS = {"model": ModelConfig, "convert": ConvertConfig, "calibration": CalibrationConfig, "validate": ValidateConfig,
                   "publish": PublishConfig, "store": StoreConfig, "infra": InfraConfig, "target": TargetConfig}
 
 
@@ -356,208 +350,7 @@ def register_schemas() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name=SCHEMA_NAME, node=QuantmillConfig)
-    for group, schema in _GROUP_SCHEMAS.items():
+    for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema)
 
 
-def find_conf_dir(explicit: str | Path | None = None) -> Path:
-    """The conf/ directory: explicit argument, $QUANTMILL_CONF, ./conf, or the one beside this package."""
-    candidates = [explicit, os.environ.get(C.ENV_CONF_DIR), Path.cwd() / "conf",
-                  Path(__file__).resolve().parent.parent / "conf"]
-    for c in candidates:
-        if c and (Path(c) / "config.yaml").is_file():
-            return Path(c).resolve()
-    raise ConfigError(f"no conf/config.yaml found (looked in: {', '.join(str(c) for c in candidates if c)}); "
-                      f"run from a quantmill project or set {C.ENV_CONF_DIR}")
-
-
-def known_options(conf_dir: Path, group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
-
-
-_HYDRA_MISSING = re.compile(r"Could not (?:find|load) '([\w/]+)/([^']+)'")
-_HYDRA_OVERRIDE = re.compile(r"Could not override '([^']+)'")
-_NOT_IN = re.compile(r"Key '([^']+)' not in '(\w+)'")
-
-
-def _explain(exc: Exception, conf_dir: Path) -> ConfigError:
-    """Turn Hydra/OmegaConf's multi-line errors into one line naming the thing, the value and the fix."""
-    text = str(exc)
-    if m := _HYDRA_MISSING.search(text):
-        group, name = m.group(1), m.group(2)
-        known = ", ".join(known_options(conf_dir, group))
-        return ConfigError(f"unknown {group} {name!r}; known: {known} (files in {conf_dir / group})")
-    if m := _NOT_IN.search(text):
-        key, schema = m.group(1), m.group(2)
-        full = getattr(exc, "full_key", None) or key
-        fields = _schema_fields(schema)
-        hint = f"; {schema} has: {', '.join(fields)}" if fields else ""
-        return ConfigError(f"unknown config key {full!r}{hint}")
-    if m := _HYDRA_OVERRIDE.search(text):
-        key = m.group(1)
-        group, _, leaf = key.rpartition(".")
-        return ConfigError(f"unknown config key {key!r}; {group or 'the root config'} has no {leaf!r} "
-                           f"(check the spelling, or see conf/{group.split('.')[0]}/)")
-    cause = exc.__cause__ or exc
-    first = str(cause).splitlines()[0].strip()
-    where = getattr(cause, "full_key", None)
-    return ConfigError(f"invalid config{f' at {where!r}' if where else ''}: {first}")
-
-
-def _schema_fields(name: str) -> list[str]:
-    import dataclasses
-
-    schema = {cls.__name__: cls for cls in (*_GROUP_SCHEMAS.values(), RecipeConfig, RequiresConfig, GateConfig, PoolConfig,
-                                            QuantmillConfig)}.get(name)
-    return [f.name for f in dataclasses.fields(schema)] if schema else []
-
-
-def compose(overrides: Sequence[str] = (), conf_dir: str | Path | None = None) -> QuantmillConfig:
-    """Compose ``conf/`` with Hydra override strings into a validated ``QuantmillConfig``.
-
-    Raises:
-        ConfigError: unknown group option, unknown key, wrong type or missing value; one line.
-    """
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    directory = find_conf_dir(conf_dir)
-    register_schemas()
-    overrides = list(overrides)
-    try:
-        with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=overrides)
-            target = cfg.target
-            if target.name != "none" and not any(o.split("=")[0].lstrip("+~") == "recipe" for o in overrides):
-                # The target's decision table picks the recipes (those this build has); the planner then drops
-                # the ones whose estimated footprint exceeds the target.
-                available = [r for r in target.recipes if (directory / "recipe" / f"{r}.yaml").is_file()]
-                if not available:
-                    raise ConfigError(f"target {target.name!r} recommends {', '.join(target.recipes)}, none of which "
-                                      f"has a recipe file in {directory / 'recipe'}")
-                cfg = hydra_compose(config_name="config", overrides=[*overrides, f"recipe=[{','.join(available)}]"])
-        return to_config(cfg)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise _explain(e, directory) from e
-
-
-def to_config(cfg: Any) -> QuantmillConfig:
-    """A DictConfig (or plain dict) to the typed config, failing on missing values; also the inverse of to_dict."""
-    from omegaconf.errors import MissingMandatoryValue
-
-    if isinstance(cfg, dict) and (known := _MADE.get(cfg)) is not None:
-        return known
-    _check_keys(OmegaConf.to_container(cfg, resolve=False) if not isinstance(cfg, dict) else cfg,
-                QuantmillConfig, "")
-    node = OmegaConf.merge(OmegaConf.structured(QuantmillConfig), cfg)
-    try:
-        obj = OmegaConf.to_object(node)
-    except MissingMandatoryValue as e:
-        raise ConfigError(f"missing required config value {e.full_key!r}; set it in conf/ or as an "
-                          f"override ({e.full_key}=...)") from e
-    if not obj.recipe:
-        raise ConfigError("no recipes selected; choose some, e.g. recipe=[gguf_q8_0,gguf_q4_k_m]")
-    return obj
-
-
-def _check_keys(node: Any, schema: type, path: str) -> None:
-    """Refuse keys a schema does not declare, wherever they came from (Hydra's ``+key=`` opens structs)."""
-    import dataclasses
-    import typing
-
-    if not isinstance(node, dict):
-        return
-    hints = typing.get_type_hints(schema)
-    names = [f.name for f in dataclasses.fields(schema)]
-    for key, value in node.items():
-        if key == "hydra" and not path:
-            continue
-        where = f"{path}.{key}" if path else str(key)
-        if key not in hints:
-            raise ConfigError(f"unknown config key {where!r}; {schema.__name__} has: {', '.join(names)}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            _check_keys(value, hint, where)
-        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
-            for name, item in (value or {}).items():
-                _check_keys(item, typing.get_args(hint)[1], f"{where}.{name}")
-
-
-def absolute_paths(cfg: QuantmillConfig, base: Path | None = None) -> QuantmillConfig:
-    """The config with its relative paths made absolute against ``base`` (default: the working directory), for a
-    run that another process executes in another directory (a worker of the pipeline pool)."""
-    import dataclasses
-
-    base = Path(base or Path.cwd())
-
-    def absolute(value: Optional[str]) -> Optional[str]:
-        return value if not value or Path(value).expanduser().is_absolute() else str((base / value).resolve())
-
-    def texts(names: List[str]) -> List[str]:
-        return [n if n.startswith("bundled:") else absolute(n) for n in names]
-
-    model = cfg.model
-    if model.source == "local":
-        model = dataclasses.replace(model, path=absolute(model.path))
-    if model.adapter and (base / model.adapter).exists():
-        model = dataclasses.replace(model, adapter=absolute(model.adapter))
-    return dataclasses.replace(
-        cfg, model=model,
-        store=dataclasses.replace(cfg.store, root=absolute(cfg.store.root), cache_dir=absolute(cfg.store.cache_dir)),
-        infra=dataclasses.replace(cfg.infra, prefect_home=absolute(cfg.infra.prefect_home)),
-        calibration=dataclasses.replace(cfg.calibration, files=texts(list(cfg.calibration.files))),
-        validate=dataclasses.replace(cfg.validate, eval_files=texts(list(cfg.validate.eval_files))))
-
-
-def to_dict(cfg: QuantmillConfig) -> dict[str, Any]:
-    """Plain JSON-able dict (what a flow takes as its parameter). The config is typed and resolved already, so
-    ``dataclasses.asdict`` gives what OmegaConf would, 100x faster; the pair is remembered, so this process's
-    ``to_config`` of the same dict (the flow this process starts) does not validate it again through OmegaConf."""
-    import dataclasses
-
-    data = dataclasses.asdict(cfg)
-    _MADE.remember(data, cfg)
-    return data
-
-
-class _Made:
-    """The typed configs behind the last dicts ``to_dict`` made in this process, by content (copies both ways, so
-    neither side's later changes reach the other). Each parent run on pools converted its config twice through
-    OmegaConf: 60 ms of Python, in turn with every other parent of the process."""
-
-    SIZE = 64
-
-    def __init__(self) -> None:
-        import threading
-
-        self._lock = threading.Lock()
-        self._by_content: dict[bytes, QuantmillConfig] = {}
-
-    def remember(self, data: dict[str, Any], cfg: QuantmillConfig) -> None:
-        import copy
-
-        from quantmill.digest import canonical_json
-
-        key, kept = canonical_json(data), copy.deepcopy(cfg)
-        with self._lock:
-            self._by_content.pop(key, None)
-            self._by_content[key] = kept
-            while len(self._by_content) > self.SIZE:
-                self._by_content.pop(next(iter(self._by_content)))
-
-    def get(self, data: dict[str, Any]) -> QuantmillConfig | None:
-        import copy
-
-        from quantmill.digest import canonical_json
-
-        try:
-            key = canonical_json(data)
-        except (TypeError, ValueError):  # not JSON: never made by to_dict; validated the long way
-            return None
-        with self._lock:
-            cfg = self._by_content.get(key)
-        return copy.deepcopy(cfg) if cfg is not None else None
-
-
-_MADE = _Made()

@@ -1,0 +1,216 @@
+"""Preflight: every check that can run before heavy work, once, with one line per problem (the thing, the value,
+the fix). Reads only model metadata (config.json, the file list, headers), never weights.
+
+``preflight(cfg, store)`` returns what the checks resolved (``Checked``): the recipes with their backends, the
+runtimes and gates, the publisher, the source's description. ``quantmill.plan.build`` turns that into the DAG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOURCES
+from quantmill.backends.base import SourceInfo
+from quantmill.config import QuantmillConfig
+from quantmill.errors import ConfigError, PreflightError
+from quantmill.registry.names import check_name
+from quantmill.store import signing
+from quantmill.store.local import Store
+
+BUNDLED_TEXT = Path(__file__).resolve().parents[1] / "bundled" / "text"
+
+
+@dataclass
+class Checked:
+    """A config that passed preflight, with what the checks resolved along the way.
+
+    Attributes:
+        cfg: The config, less the recipes a target cannot hold.
+        warnings: One line per recipe the target dropped.
+        recipes: recipe name -> (recipe with its format filled in, quantizer, converter).
+        info: The model source's description (metadata only).
+        adapter_info: The LoRA adapter's description, if ``model.adapter`` is set.
+        publisher, signer: The publisher (None when publishing is off) and the signing key, if any.
+        names: recipe name -> the registry name it publishes under.
+        runtimes, gates: recipe name -> its validation runtime and effective gates (validation on).
+        eval_files: The evaluation texts (validation on).
+    """
+
+    cfg: QuantmillConfig
+    warnings: list[str]
+    recipes: dict[str, tuple[Any, Any, Any]]
+    info: SourceInfo
+    adapter_info: SourceInfo | None = None
+    publisher: Any = None
+    signer: Any = None
+    names: dict[str, str] = field(default_factory=dict)
+    runtimes: dict[str, Any] = field(default_factory=dict)
+    gates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval_files: list[Path] = field(default_factory=list)
+
+
+def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
+    """Every check of ``cfg`` against the backends, this machine, the store and the model's metadata.
+
+    Raises:
+        ConfigError / PreflightError / ModelSourceError: one line naming the problem and the fix.
+    """
+    if cfg.infra.mode not in ("embedded", "prefect"):
+        raise ConfigError(f"infra.mode {cfg.infra.mode!r} unknown; choose infra=embedded or infra=prefect")
+    if cfg.infra.queue_ahead < 0:
+        raise ConfigError(f"infra.queue_ahead {cfg.infra.queue_ahead} is negative; use 0 (no bound) or more")
+    cfg, warnings = _apply_target(cfg)
+    model = cfg.model
+    source = SOURCES.get(model.source)
+    # Backend and recipe checks first: they need nothing from the model, so a typo fails before any download.
+    recipes = {}
+    for name, recipe in cfg.recipe.items():
+        recipe, quantizer = resolve_recipe(name, recipe)
+        quantizer.check(name, recipe)
+        recipes[name] = (recipe, quantizer, CONVERTERS.get(recipe.format))
+    if cfg.infra.mode == "embedded":
+        from quantmill.toolchain.hardware import check_here
+
+        for name, (recipe, _, _) in recipes.items():
+            check_here(name, recipe.requires)
+    publisher = PUBLISHERS.get(cfg.publish.publisher) if cfg.publish.enabled else None
+    signer = None
+    if publisher is not None:
+        publisher.check(cfg.publish, store)
+        signer = signing.signer_from(cfg.publish.signing_key)  # a bad key path fails here, before any work
+    if publisher is not None and not cfg.validate.enabled and cfg.validate.enforce:
+        raise PreflightError("publishing needs a passed validation but validate.enabled=false; enable it, or set "
+                             "validate.enforce=false to publish marked unvalidated, or publish.enabled=false")
+    names = {r: check_name(cfg.publish.name_template.format(model=model.name, recipe=r)) for r in recipes}
+    runtimes, gates, eval_files = {}, {}, []
+    if cfg.validate.enabled:
+        for name, (recipe, _, _) in recipes.items():
+            runtimes[name] = runtime_for(recipe.format)
+            if cfg.infra.mode == "embedded":  # with pools, `quantmill worker` checks what its pool offers
+                runtimes[name].check_installed()
+            gates[name] = effective_gates(cfg, name, recipe)
+        eval_files = text_files(list(cfg.validate.eval_files), "validate.eval_files")
+
+    cache = store.digest_cache()
+    adapter_info = None
+    if model.adapter:  # before the base: a wrong adapter is refused before anything is fetched
+        from quantmill.plan import lora
+
+        adapter_info = lora.describe(model, cache)
+        lora.check_base(model, adapter_info)
+    info = source.describe(model, cache)
+    for name, (recipe, quantizer, converter) in recipes.items():
+        converter.check(info, model.name)
+        quantizer.check_model(name, recipe, info)
+    if cfg.validate.enabled:
+        _check_context(cfg, info, eval_files)
+    return Checked(cfg, warnings, recipes, info, adapter_info, publisher, signer, names, runtimes, gates, eval_files)
+
+
+def calibration_files(cfg: QuantmillConfig) -> list[Path]:
+    """The calibration text files, resolved."""
+    if cfg.calibration.source != "files":
+        return []
+    return text_files(list(cfg.calibration.files), "calibration.files")
+
+
+def text_files(names: list[str], what: str) -> list[Path]:
+    """Resolve text files; ``bundled:NAME`` is a text shipped with quantmill."""
+    paths = []
+    for name in names:
+        path = BUNDLED_TEXT / name.removeprefix("bundled:") if name.startswith("bundled:") else Path(name)
+        if not path.is_file():
+            raise PreflightError(f"{what} file {name!r} not found ({path.resolve()}); fix {what}")
+        paths.append(path.resolve())
+    if not paths:
+        raise PreflightError(f"{what} is empty; name at least one text file")
+    return paths
+
+
+def effective_gates(cfg: QuantmillConfig, name: str, recipe) -> dict[str, Any]:
+    """validate.gates overridden field by field by the recipe's gates."""
+    from quantmill.config import GateConfig
+
+    known = [f.name for f in dataclasses.fields(GateConfig)]
+    unknown = sorted(set(recipe.gates) - set(known))
+    if unknown:
+        raise ConfigError(f"recipe {name!r}: unknown gate(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return {**dataclasses.asdict(cfg.validate.gates), **dict(recipe.gates)}
+
+
+def runtime_for(fmt: str):
+    for key in RUNTIMES:
+        runtime = RUNTIMES.get(key)
+        if fmt in runtime.formats:
+            return runtime
+    raise PreflightError(f"no validation runtime for format {fmt!r}; known runtimes: {', '.join(RUNTIMES)}")
+
+
+def target_fit(cfg: QuantmillConfig) -> list:
+    """The target's recommended recipes with their estimated footprint, from config.json alone (no weights)."""
+    from quantmill.estimate import fit_table
+
+    if cfg.target.name == "none":
+        return []
+    model_config = SOURCES.get(cfg.model.source).read_config(cfg.model)
+    return fit_table(model_config, cfg.target, cfg.recipe)
+
+
+def _apply_target(cfg: QuantmillConfig) -> tuple[QuantmillConfig, list[str]]:
+    """A copy of ``cfg`` without the recipes whose estimated footprint exceeds the target, and one warning per drop."""
+    rows = {f.recipe: f for f in target_fit(cfg)}
+    if not rows:
+        return cfg, []
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    warnings = [f"target {cfg.target.name}: dropped {r} (needs about {gib(f.total_bytes)}, has {gib(f.budget_bytes)})"
+                for r, f in rows.items() if r in cfg.recipe and not f.fits]
+    fitting = {r: c for r, c in cfg.recipe.items() if r not in rows or rows[r].fits}
+    if not fitting:
+        smallest = min(rows.values(), key=lambda f: f.total_bytes)
+        per_token = smallest.kv_cache_bytes / cfg.target.context
+        room = smallest.budget_bytes - smallest.weights_bytes - smallest.overhead_bytes
+        would_fit = (f"{smallest.recipe} would fit with target.context={int(room // per_token)} or less"
+                     if room >= per_token * 256 else
+                     f"no context fits: {smallest.recipe}'s weights alone need {gib(smallest.weights_bytes)}")
+        raise PreflightError(
+            f"target {cfg.target.name} ({gib(smallest.budget_bytes)}) is too small for every recipe it recommends "
+            f"for model {cfg.model.name!r}: the smallest, {smallest.recipe}, needs about {gib(smallest.total_bytes)} "
+            f"(weights {gib(smallest.weights_bytes)} + KV cache {gib(smallest.kv_cache_bytes)} at "
+            f"{cfg.target.context} tokens); {would_fit}")
+    return dataclasses.replace(cfg, recipe=fitting), warnings
+
+
+def resolve_recipe(name: str, recipe):
+    """The recipe's quantizer backend (``backend``, else the method's own) and its format filled in."""
+    quantizer = QUANTIZERS.get(recipe.backend or recipe.method)
+    fmt = recipe.format or quantizer.default_format(recipe)
+    if fmt not in quantizer.formats:
+        raise PreflightError(f"recipe {name!r}: backend {quantizer.key!r} cannot produce format {fmt!r} (it makes: "
+                             f"{', '.join(quantizer.formats)}); drop recipe.{name}.format or choose one of those")
+    return dataclasses.replace(recipe, format=fmt), quantizer
+
+
+def _check_context(cfg: QuantmillConfig, info: SourceInfo, eval_files: list[Path]) -> None:
+    """The evaluation window must fit the model, and the text must fill at least one window."""
+    n_ctx = cfg.validate.n_ctx
+    limit = info.config.get("max_position_embeddings")
+    if limit and n_ctx > limit:
+        raise PreflightError(f"validate.n_ctx {n_ctx} is beyond model {cfg.model.name!r}'s maximum context {limit} "
+                             f"(max_position_embeddings); lower validate.n_ctx")
+    if n_ctx < 8:
+        raise PreflightError(f"validate.n_ctx {n_ctx} is too short to score anything; use 64 or more")
+    root = Path(info.extra.get("root", ""))
+    if (root / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+        text = "\n\n".join(p.read_text(encoding="utf-8") for p in eval_files)
+        n = len(tok.encode(text, add_special_tokens=False).ids)
+        if n < n_ctx:
+            raise PreflightError(f"evaluation text ({', '.join(p.name for p in eval_files)}) has {n} tokens, shorter "
+                                 f"than one window of validate.n_ctx={n_ctx}; add text or lower validate.n_ctx")
+
+
