@@ -162,23 +162,23 @@ def main(n: int = 50, serial: bool = False, warm: bool = False, database_url: st
 
 def one_batch(configs: list, run_configs) -> list[dict]:
     """All configs in one ``run_configs`` call (one parent flow run); each run's end is when the parent made its
-    final state, read by wrapping the parent's ``_Driven.finish`` in this process."""
+    final state, read by wrapping the parent's ``DrivenRun.finish`` in this process."""
     from quantmill.prefect import scheduler as parent
 
     ends: dict[str, float] = {}
-    finish = parent._Driven.finish
+    finish = parent.DrivenRun.finish
 
     def timed(self):
         state = finish(self)
         ends[self.cfg.model.name] = time.time()
         return state
 
-    parent._Driven.finish = timed
+    parent.DrivenRun.finish = timed
     t0 = time.time()
     try:
         results = run_configs(configs)
     finally:
-        parent._Driven.finish = finish
+        parent.DrivenRun.finish = finish
     return [{"run": i, "start": t0, "end": ends[cfg.model.name], "ok": all(o.ok for o in outcomes),
              "ran": [o.spec_id for o in outcomes if o.status == "ran"],
              "errors": [f"{o.spec_id}: {o.error}" for o in outcomes if not o.ok],

@@ -96,7 +96,7 @@ def _no_pinning_without_accelerator() -> Iterator[None]:
 
 
 @contextmanager
-def _probe_then_compress(model: Any, *, compress: bool = True) -> Iterator[None]:
+def probe_then_compress(model: Any, *, compress: bool = True) -> Iterator[None]:
     """While inside, each quantized module's forward copies its offloaded weights to the GPU once, computes with
     the fake-quantized copy and then (``compress``) compresses the module from that copy, as the compressed save
     would have.
@@ -201,7 +201,7 @@ def run(request: dict[str, Any], model_dir: Path, ids: list[list[int]], out: Pat
         model.to(source_dtype)
         model.config.dtype = source_dtype
     else:
-        with _probe_then_compress(model):
+        with probe_then_compress(model):
             write_probe(model, out, ids)
     PHASES.mark("probe")
     # Shards of max_shard_size (the recipes' 1GB) rather than llm-compressor's one 20 GB file: the step hashes

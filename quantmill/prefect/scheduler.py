@@ -159,7 +159,7 @@ def collect(segment: list[StepSpec], run_id: str | None, failure: str | None, st
     return outcomes
 
 
-class _Driven:
+class DrivenRun:
     """One config inside a parent flow: what is done, what was sent where, and each spec's outcome."""
 
     def __init__(self, index: int, dispatch, cfg, store, the_plan, resolution):
@@ -228,7 +228,7 @@ def drive(configs: list[dict[str, Any]], planned: list[Planned | None], dispatch
     from prefect import get_run_logger
     from prefect.runtime import flow_run
 
-    runs: list[_Driven | None] = [None] * len(configs)
+    runs: list[DrivenRun | None] = [None] * len(configs)
     unplanned = deque(range(len(configs)))  # planned one at a time, while nothing else is to be done
     ahead: int | None = None  # the batch's infra.queue_ahead, from its first config planned
     states: list[Any] = [None] * len(runs)  # None: not this parent's to run (see Planned)
@@ -274,7 +274,7 @@ def drive(configs: list[dict[str, Any]], planned: list[Planned | None], dispatch
             if len(configs) > 1:
                 get_run_logger().info("%s: %s", configs[i]["model"]["name"], made)
         else:
-            runs[i] = _Driven(i, dispatch, *made)
+            runs[i] = DrivenRun(i, dispatch, *made)
             ahead = runs[i].cfg.infra.queue_ahead if ahead is None else ahead
             advance(i)
 

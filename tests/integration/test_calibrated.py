@@ -240,7 +240,7 @@ def test_compressing_each_module_after_its_probe_forward_saves_the_same_bytes(tm
     from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM
 
-    from quantmill.backends.llmcompressor_quantizer import _probe_then_compress
+    from quantmill.backends.llmcompressor_quantizer import probe_then_compress
     from quantmill.backends.local_source import BUNDLED_ROOT
     from quantmill.backends.quantizer_process import write_probe
 
@@ -259,7 +259,7 @@ def test_compressing_each_module_after_its_probe_forward_saves_the_same_bytes(tm
     model.save_pretrained(saved_only, save_compressed=True)
 
     model = quantized()
-    with _probe_then_compress(model):
+    with probe_then_compress(model):
         write_probe(model, fused, ids)
     layers = [m for m in model.modules() if getattr(m, "quantization_scheme", None) is not None]
     assert len(layers) == 14 and {m.quantization_status for m in layers} == {QuantizationStatus.COMPRESSED}

@@ -13,46 +13,23 @@ import pytest
 
 from quantmill.prefect.workers import worker_of
 from tests.conftest import QUICK
-from tests.prefect_cluster import cli, killpg, start_server, wait
+from tests.harness import Cluster, cli, killpg
 
 pytestmark = pytest.mark.slow
 POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp],type:warm}}"
 
 
-def _warm_worker(tmp_path: Path, s3_endpoint: str, name: str, *args: str, **worker_env: str):
-    """A server, a bucket called ``name`` on moto and a warm worker ``name`` on pool ``cpu`` (``worker_env`` added to
-    its environment), online: (server, url, env, worker, client factory)."""
-    import boto3
-
-    server, url, env = start_server(tmp_path, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                                    AWS_DEFAULT_REGION="us-east-1")
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=name)
-    home = tmp_path / f"w-{name}"
-    home.mkdir()
-    worker = subprocess.Popen(cli("worker", "--pool", "cpu", "--name", f"w-{name}", "--cache-dir", str(home / "cache"),
-                                  *args, POOLS), cwd=home, env={**env, "PREFECT_HOME": str(home / "prefect"), **worker_env},
-                              stdout=open(home / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    from prefect.client.orchestration import get_client
-
-    def client():
-        return get_client(sync_client=True, httpx_settings={"base_url": url})
-
-    def online():
-        try:
-            with client() as c:
-                return any(w.name == f"w-{name}" for w in c.read_workers_for_work_pool("cpu"))
-        except Exception:  # noqa: BLE001 - the pool appears when the worker starts
-            return False
-
+def _warm_worker(tmp_path: Path, s3_endpoint: str, name: str, *args: str, poll_seconds: str = "1",
+                 **worker_env: str):
+    """A server, a bucket called ``name`` on moto and a warm worker ``w-NAME`` on pool ``cpu`` (``worker_env`` added
+    to its environment), online: (server, url, env, worker, client factory)."""
+    cluster = Cluster.start(tmp_path, s3_endpoint, pools=POOLS, bucket=name)
     try:
-        wait(lambda: online() or worker.poll() is not None, 90, f"the warm worker (log {home / 'log'})")
-        assert worker.poll() is None, (home / "log").read_text()
+        worker = cluster.start_worker("cpu", f"w-{name}", *args, poll_seconds=poll_seconds, **worker_env)
     except BaseException:
-        killpg(worker)
-        killpg(server)
+        cluster.stop()
         raise
-    return server, url, env, worker, client
+    return cluster.server, cluster.url, cluster.env, worker, cluster.client
 
 
 def _run(parent: Path, env: dict[str, str], s3_endpoint: str, bucket: str, *overrides: str) -> dict:
@@ -71,7 +48,7 @@ def _run(parent: Path, env: dict[str, str], s3_endpoint: str, bucket: str, *over
 def test_a_warm_pool_runs_steps_in_the_workers_process(tmp_path, s3_endpoint):
     """... and takes each run as it is scheduled, not at its next poll, straight from Pending to Running; Ctrl-C
     stops it cleanly."""
-    server, url, env, worker, client = _warm_worker(tmp_path, s3_endpoint, "warm", "--poll-seconds", "30")
+    server, url, env, worker, client = _warm_worker(tmp_path, s3_endpoint, "warm", poll_seconds="30")
     try:
         with client() as c:
             assert c.read_work_pool("cpu").type == "quantmill-warm"
@@ -94,7 +71,7 @@ def test_a_warm_pool_runs_steps_in_the_workers_process(tmp_path, s3_endpoint):
         assert pickups[-1] < 10, pickups
         # Ctrl-C (SIGINT) is how a worker is stopped: a clean exit, no traceback in its log.
         killpg(worker)
-        log = (tmp_path / "w-warm" / "log").read_text()
+        log = (tmp_path / "w-warm" / "worker.log").read_text()
         assert worker.returncode == 0 and "Traceback" not in log, log[-3000:]
     finally:
         killpg(worker)
@@ -108,9 +85,9 @@ def test_a_busy_warm_worker_does_not_ask_for_runs_it_cannot_take(tmp_path, s3_en
     import re
     from datetime import datetime
 
-    server, url, env, worker, client = _warm_worker(tmp_path, s3_endpoint, "busy", "--poll-seconds", "0.5",
-                                                    "--limit", "1", PREFECT_LOGGING_LEVEL="DEBUG")
-    log = tmp_path / "w-busy" / "log"
+    server, url, env, worker, client = _warm_worker(tmp_path, s3_endpoint, "busy", "--limit", "1", poll_seconds="0.5",
+                                                    PREFECT_LOGGING_LEVEL="DEBUG")
+    log = tmp_path / "w-busy" / "worker.log"
     try:
         _run(tmp_path / "parent", env, s3_endpoint, "busy", "recipe=[gguf_q8_0]")
         time.sleep(2)  # idle again

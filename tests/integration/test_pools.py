@@ -8,27 +8,20 @@ from the bucket.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from quantmill.prefect.workers import worker_of
 from tests.conftest import CONF
-from tests.prefect_cluster import cli as _cli
-from tests.prefect_cluster import free_port as _free_port
-from tests.prefect_cluster import killpg as _killpg
-from tests.prefect_cluster import start_server
-from tests.prefect_cluster import wait as _wait
+from tests.harness import Cluster, crash
+from tests.harness import cli as _cli
+from tests.harness import free_port as _free_port
+from tests.harness import wait as _wait
 
 pytestmark = pytest.mark.slow
 
-POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp]},mac:{capabilities:[mlx]}}"
-QUICK_VALIDATION = ["validate.n_chunks=2", "validate.n_ctx=128", "calibration.num_samples=16",
-                    "calibration.seq_len=128"]
 
 
 @pytest.fixture(scope="module")
@@ -39,130 +32,11 @@ def s3(s3_endpoint):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3):
     """`quantmill server`, a bucket, and workers `w-cpu` (pool cpu) and `w-mac` (pool mac)."""
-    import boto3
-
-    root = tmp_path_factory.mktemp("pools")
-    server, url, env = start_server(root, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                                    AWS_DEFAULT_REGION="us-east-1")
-    boto3.client("s3", endpoint_url=s3, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="team-artifacts")
-    c = Cluster(root, url, s3, env)
-    c.workers["cpu"] = c.start_worker("cpu", "w-cpu")
-    c.workers["mac"] = c.start_worker("mac", "w-mac")
+    c = Cluster.start(tmp_path_factory.mktemp("pools"), s3)
+    c.start_worker("cpu", "w-cpu")
+    c.start_worker("mac", "w-mac")
     yield c
-    for worker in c.workers.values():
-        _killpg(worker, signal.SIGINT)
-    _killpg(server, signal.SIGINT)
-    server.wait(30)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (the step run a process worker spawns lives in a session of its own)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _crash(proc: subprocess.Popen) -> None:
-    """SIGKILL a worker and everything it started, as a machine that dies would."""
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(30)
-
-
-class Cluster:
-    def __init__(self, root: Path, url: str, s3: str, env: dict[str, str]):
-        self.root, self.url, self.s3, self.env = root, url, s3, env
-        self.workers: dict[str, subprocess.Popen] = {}
-
-    def start_worker(self, pool: str, name: str) -> subprocess.Popen:
-        home = self.root / name  # the worker's own directory, Prefect home and cache: nothing shared but S3
-        home.mkdir(exist_ok=True)
-        env = {**self.env, "PREFECT_HOME": str(home / "prefect")}
-        log = open(home / "worker.log", "a")
-        proc = subprocess.Popen(_cli("worker", "--pool", pool, "--name", name, "--cache-dir", str(home / "cache"),
-                                     "--poll-seconds", "0.5", "--heartbeat-seconds", "2", POOLS),
-                                cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait(lambda: self.worker_online(pool, name) or proc.poll() is not None, 90, f"worker {name}")
-        assert proc.poll() is None, (home / "worker.log").read_text()
-        return proc
-
-    def worker_online(self, pool: str, name: str) -> bool:
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True, httpx_settings={"base_url": self.url}) as client:
-            try:
-                workers = client.read_workers_for_work_pool(pool)
-            except Exception:  # noqa: BLE001 - the pool is created by the worker's start
-                return False
-        return any(w.name == name and str(w.status).upper().endswith("ONLINE") for w in workers)
-
-    def overrides(self, *extra: str) -> list[str]:
-        return ["infra=prefect", POOLS, "store=s3", "store.bucket=team-artifacts", f"store.endpoint_url={self.s3}",
-                "publish.enabled=false", *QUICK_VALIDATION, *extra]
-
-    def run(self, *extra: str, name: str = "parent") -> subprocess.Popen:
-        home = self.root / name
-        home.mkdir(exist_ok=True)
-        env = {**self.env, "PREFECT_HOME": str(home / "prefect")}
-        return subprocess.Popen(_cli("run", "--json", *self.overrides(f"store.cache_dir={home / 'cache'}", *extra)),
-                                cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-
-    def run_to_end(self, *extra: str, name: str = "parent") -> tuple[int, dict, str]:
-        proc = self.run(*extra, name=name)
-        out, err = proc.communicate(timeout=600)
-        return proc.returncode, json.loads(out) if out.strip().startswith("{") else {}, err
-
-    def client(self):
-        from prefect.client.orchestration import get_client
-
-        return get_client(sync_client=True, httpx_settings={"base_url": self.url})
-
-    def where_steps_ran(self) -> dict[str, list[tuple[str, str]]]:
-        """task run name (a spec id) -> [(pool, worker)] of every step flow run that ran it, from the API."""
-        with self.client() as client:
-            runs = {r.id: r for r in client.read_flow_runs() if r.work_pool_name}
-            tasks = client.read_task_runs()
-        where: dict[str, list[tuple[str, str]]] = {}
-        for t in tasks:
-            run = runs.get(t.flow_run_id)
-            if run is not None and t.state and t.state.is_completed():
-                where.setdefault(t.name, []).append((run.work_pool_name, worker_of(run)))
-        return where
-
-    def bucket_objects(self) -> dict[str, list[str]]:
-        """artifact key -> object names under it, listed from the bucket."""
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=self.s3, region_name="us-east-1", aws_access_key_id="testing",
-                              aws_secret_access_key="testing")
-        found: dict[str, list[str]] = {}
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket="team-artifacts"):
-            for obj in page.get("Contents", []):
-                parts = obj["Key"].split("/")  # quantmill/objects/<key>/...
-                found.setdefault(parts[2], []).append("/".join(parts[3:]))
-        return found
-
-    def auditor(self, name: str = "auditor"):
-        """A third machine's view of the bucket, with its own empty cache."""
-        from quantmill.store.s3 import S3Store
-
-        return S3Store("team-artifacts", "quantmill", endpoint_url=self.s3, cache_dir=self.root / name)
+    c.stop()
 
 
 def _steps(report: dict) -> dict[str, dict]:
@@ -226,7 +100,7 @@ def test_worker_killed_mid_step_leaves_nothing_partial_and_a_rerun_resumes(clust
 
     _wait(validation_running, 300, "validate:mlx_4bit to be running")
     time.sleep(2)
-    _crash(cluster.workers["mac"])
+    crash(cluster.workers["w-mac"])
     out, err = parent.communicate(timeout=120)
     assert parent.returncode == 1, err
     steps = _steps(json.loads(out))
@@ -260,7 +134,7 @@ def test_worker_killed_mid_step_leaves_nothing_partial_and_a_rerun_resumes(clust
                                          work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=["mac"])))
 
     _wait(lambda: step_waiting_on_mac() or rerun.poll() is not None, 300, "a step run waiting on pool mac")
-    cluster.workers["mac"] = cluster.start_worker("mac", "w-mac")
+    cluster.start_worker("mac", "w-mac")
     out, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err
     assert "pool 'mac' has no worker online" in err

@@ -203,7 +203,7 @@ def test_refused_credentials_are_one_line_without_the_secret(tmp_path):
     import sys
 
     from tests.conftest import QUICK
-    from tests.prefect_cluster import cli, free_port, killpg, wait
+    from tests.harness import cli, free_port, killpg, wait
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

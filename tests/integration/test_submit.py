@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import QUICK, project
-from tests.prefect_cluster import cli, killpg, start_server, wait
+from tests.harness import cli, killpg, start_server, wait
 
 pytestmark = pytest.mark.slow
 
