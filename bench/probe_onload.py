@@ -1,10 +1,10 @@
 """The probe after llm-compressor's ``oneshot`` on a CUDA GPU: how many copies its forward makes of the offloaded
-weights, what it computes, and what page-locking the weights changes (an experiment; docs/benchmarks.md, session 9).
+weights, what it computes, and what page-locking the weights changes (an experiment).
 
 compressed-tensors onloads a parameter on every access while offloading is on; its quantized forward reads the
 weight once to fake-quantize it and the module's own forward reads it again. Variants of the probe, in this order:
   per_layer  each decoder layer inside ``disable_offloading`` (one copy per tensor, dropped after the layer)
-  plain      the forward as is (what the backend did up to session 8)
+  plain      the forward as is (the backend without its single-copy probe)
   whole      the whole forward inside ``disable_offloading`` (the whole model onloaded)
 Each prints seconds, copies ("onloads") and peak GPU memory and, unless --quick, the largest logit difference to
 the saved checkpoint reloaded by transformers (as saved, and decompressed) and to the unquantized source.

@@ -7,7 +7,7 @@ output's digest (equal in both) and the peak GPU memory. FP8 dynamic (data-free)
 
     python bench/probe_placement.py llama-1.1b FP8_DYNAMIC none|dispatch
 
-Measured and rejected (docs/benchmarks.md, session 7): the GPU saves 1-2 s and costs the whole model in GPU memory.
+Measured and rejected: the GPU saves a second or two and costs the whole model in GPU memory.
 """
 import hashlib
 import json

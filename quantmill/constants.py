@@ -10,7 +10,7 @@ VALIDATE = "validate"
 PUBLISH = "publish"
 STEPS = (DOWNLOAD, MERGE, CALIBRATE, CONVERT, QUANTIZE, VALIDATE, PUBLISH)
 
-# Capabilities a step can need; pools offer them (issue: worker pools).
+# Capabilities a step can need; pools offer them.
 CPU = "cpu"
 CUDA = "cuda"
 MLX = "mlx"

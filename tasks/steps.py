@@ -1,8 +1,8 @@
 """One Prefect task per step. Each adds retries where they help, and passes references, never weights.
 
 Prefect's own result caching is off: the content-addressed store is the cache, shared by every runner. The tasks
-carry no tags: a tagged task asks the server for tag concurrency slots before it starts, which cost about 2 s per
-task on a warm worker (measured, docs/benchmarks.md); pools' worker limits are what bounds concurrency here.
+carry no tags: a tagged task asks the server for tag concurrency slots before it starts, a wait on every task;
+pools' worker limits are what bounds concurrency here.
 """
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ WAITING = WaitingChildren()
 @contextmanager
 def prestarted(quantizers: Iterable[Any]) -> Iterator[WaitingChildren]:
     """Start the child processes of the torch quantizations a run may do, so that importing torch and the
-    quantization library (10-15 s on a GPU machine: as long as an FP8 quantization itself) overlaps the run's
+    quantization library (as long as an FP8 quantization itself) overlaps the run's
     planning and earlier steps instead of following them; the run then says which it needs (``expect``).
     Children still waiting at the end are stopped."""
     with WAITING.lock:
@@ -228,8 +228,7 @@ def prestarted(quantizers: Iterable[Any]) -> Iterator[WaitingChildren]:
 def keep_quantizers() -> None:
     """In a process that outlives its runs (a warm worker), keep one child waiting, imported, per backend that has
     quantized here: its next quantization then starts at once instead of importing torch and its library first
-    (10-20 s on a GPU machine, longer than an FP8 quantization). Each kept child holds its imports' memory (about
-    1 GB) and no GPU memory; ``stop_kept`` ends them, and a child whose parent died ends at its stdin's close."""
+    (longer than an FP8 quantization). Each kept child holds its imports' memory and no GPU memory; ``stop_kept`` ends them, and a child whose parent died ends at its stdin's close."""
     WAITING.kept = True
 
 

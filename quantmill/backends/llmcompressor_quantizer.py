@@ -105,8 +105,7 @@ def probe_then_compress(model: Any, *, compress: bool = True) -> Iterator[None]:
     the GPU on every access. Its quantized forward reads the weight, fake-quantizes that copy, then runs the
     module's own forward, which reads the weight again: a second copy, of the weight as it is stored. For methods
     that keep the unquantized weight and quantize it in the forward (FP8, NVFP4), a probe taken so computed the
-    unquantized model's logits, and weights crossed twice (bench/probe_onload.py, H200: 964 against 740 copies
-    and 4.6-5.7 against 2.3-2.5 s at 8B). Inside ``disable_offloading`` the first copy is kept and reused, and it
+    unquantized model's logits, and weights crossed twice (``bench/probe_onload.py`` counts the copies). Inside ``disable_offloading`` the first copy is kept and reused, and it
     is dropped when the module returns, so at most one module's weights are on the GPU at a time.
 
     The compressed save then copies every quantized weight to the GPU once more to compress it there

@@ -252,7 +252,7 @@ class PoolConfig:
             to the first pool, in file order, that offers the capability its backend declares.
         type: ``process`` (Prefect's process worker: each step run starts fresh interpreters on the worker's
             machine) or ``warm`` (quantmill's warm worker: each step run runs in the worker's own interpreter,
-            about 3 s less per step run; a run's job_variables cannot change its environment, see
+            with no process start; a run's job_variables cannot change its environment, see
             ``quantmill.prefect.warm_worker``).
         min_gpu_memory_gb: For ``cuda`` pools: ``quantmill worker`` refuses a machine with less.
         keep_quantizers: ``warm`` pools: after a calibrated quantization (AWQ, GPTQ, FP8, ...) the worker starts

@@ -169,8 +169,8 @@ def create_step_run(pool: str, *, parameters: dict[str, Any], name: str, tags: l
 
 
 # At most two step runs of this process in creation at once. A batch starts by sending its first queue_ahead runs
-# together; on a server of few cores four creations at once took as long each as four in a row (0.4-0.8 s against
-# 0.26-0.44 s alone), so the two that workers take first waited for the other two.
+# together; on a server of few cores concurrent creations each take as long as the same creations in a row, so
+# the two that workers take first would wait for the others.
 _CREATING = threading.BoundedSemaphore(2)
 
 

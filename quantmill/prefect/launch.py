@@ -53,7 +53,7 @@ def run_configs(cfgs: list, *, verbose: bool = False) -> list:
     On pools (every config ``infra.mode=prefect``, one server) the configs that have steps to run go to the server
     as one parent flow run, their steps side by side on the pools' workers; otherwise each runs in turn. There the
     configs are planned in order until one has steps to run; the parent starts with it and plans each later one
-    when nothing else waits, so the first step runs go out before the batch is planned (50 plans: 0.7 s)."""
+    when nothing else waits, so the first step runs go out before the whole batch is planned."""
     from quantmill.errors import QuantmillError
 
     servers = {(c.infra.mode, c.infra.api_url) for c in cfgs}
@@ -141,7 +141,7 @@ def planned(cfg, ahead=None, stores: dict[bytes, Any] | None = None):
 def _open_store(cfg, stores: dict[bytes, Any] | None):
     """The store of ``cfg``, from ``stores`` when one of the same config is open there.
 
-    On S3, opening one makes a boto3 client (15 ms here) and a store reads each committed record once, so the
+    On S3, opening one makes a boto3 client and a store reads each committed record once, so the
     runs of a batch that share a store and its artifacts (the model's download) ask the bucket for them once."""
     import dataclasses
 

@@ -22,7 +22,7 @@ def configure_embedded(infra: InfraConfig, *, verbose: bool = False) -> None:
 
     A project-local PREFECT_HOME keeps runs of different projects apart; telemetry is off (offline machines
     log lock errors from it). Without PREFECT_API_URL Prefect starts a temporary API server for the run
-    (about 6 s, 11 s on a fresh PREFECT_HOME); with PREFECT_API_URL pointing at a running server, the run is
+    (seconds; longer on a fresh PREFECT_HOME, whose database it migrates first); with PREFECT_API_URL pointing at a running server, the run is
     recorded there and that start-up is skipped.
     """
     home = Path(infra.prefect_home).expanduser().resolve()
@@ -31,9 +31,9 @@ def configure_embedded(infra: InfraConfig, *, verbose: bool = False) -> None:
     quiet(verbose)
 
 
-# Prefect waits 20 s for its temporary API server by default, counting only its own 0.1 s sleeps; on a fresh
-# PREFECT_HOME the server first migrates its SQLite database, and on a loaded 2-core machine (CI) that start took
-# longer than 20 s. A user's own setting wins.
+# Prefect waits 20 s for its temporary API server by default, counting only its own sleeps; on a fresh PREFECT_HOME
+# the server first migrates its SQLite database, which on a loaded small machine takes longer. A user's own setting
+# wins.
 EPHEMERAL_STARTUP_TIMEOUT_S = "120"
 
 
@@ -70,15 +70,15 @@ def temporary_server_errors(infra: InfraConfig) -> Iterator[None]:
 def without_run_heartbeats() -> Iterator[None]:
     """Flow runs started inside send no flow-run heartbeats.
 
-    Prefect 3.8 sends one every 180 s from a thread that takes up to 1 s to stop when the run ends (half a second
-    of every run, measured). Liveness is checked otherwise here: a step run's by its worker's heartbeat
+    Prefect 3.8 sends one every 180 s from a thread that takes up to a second to stop when the run ends, so every
+    run would wait for it. Liveness is checked otherwise here: a step run's by its worker's heartbeat
     (``wait_for_run``); an embedded or parent run is the process that started it.
     """
     import prefect.context
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
     # What ``temporary_settings`` does, with the settings copy made once per base settings: each copy builds
-    # Prefect's whole settings model again (31 ms of Python here, twice per parent run on pools).
+    # Prefect's whole settings model again, twice per parent run on pools.
     context = prefect.context.get_settings_context()
     quiet = _QUIET.of(context.settings, lambda s: s.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
     with prefect.context.SettingsContext(profile=context.profile, settings=quiet):

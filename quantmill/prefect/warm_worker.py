@@ -1,8 +1,8 @@
 """A warm worker: pool ``type: warm`` runs each flow run inside the worker's own, already started interpreter.
 
 Prefect's process worker starts fresh interpreters for every flow run (a supervisor and the engine), so every step
-run pays interpreter start, importing Prefect and quantmill (about 1.5 s here) and the engine's set-up: about 3 s
-before the first step function starts. A warm worker claims runs from its pool like any Prefect worker (same API,
+run pays interpreter start, importing Prefect and quantmill and the engine's set-up before the first step function
+starts. A warm worker claims runs from its pool like any Prefect worker (same API,
 heartbeats, concurrency limit) and runs each in a thread of this process with the flow imported once.
 
 What it gives up: a run's ``job_variables`` (environment, working directory) cannot differ from the worker's own,
@@ -112,9 +112,8 @@ class WarmWorker(BaseWorker[BaseJobConfiguration, BaseVariables, WarmWorkerResul
         else will. A worker busy at its ``--limit`` asks every ``BUSY_ASK_SECONDS`` (which keeps the pool's queue
         marked as polled): a freed slot asks at once anyway (``_release_limit_slot``). An idle worker hearing the
         event stream asks every ``LISTENING_ASK_SECONDS``: each run scheduled on the pool makes it ask at once,
-        and the regular ask remains for runs scheduled ahead of their time and for a missed event. Two workers
-        asking every 0.5 s, for runs they could not take or that no event had announced, were a steady share of
-        a small server's work (bench/pools_load.py)."""
+        and the regular ask remains for runs scheduled ahead of their time and for a missed event. Frequent asks
+        for runs a worker cannot take, or that no event announced, are a steady share of a small server's work."""
         since = time.monotonic() - self._asked
         busy = self._limiter is not None and self._limiter.available_tokens == 0
         if since < (BUSY_ASK_SECONDS if busy else LISTENING_ASK_SECONDS if self._listening else 0.0):

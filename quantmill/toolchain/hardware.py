@@ -51,7 +51,7 @@ def describe_needs(requires) -> str:
 def check_here(name: str, requires, *, pools: str = "") -> None:
     """Refuse, before any download, a recipe whose quantizer needs hardware this machine lacks.
 
-    ``pools`` names the configured pools that offer it (issue: worker pools), for the message.
+    ``pools`` names the configured pools that offer it, for the message.
     """
     if requires.device not in (C.CUDA, C.CPU, "any"):
         raise PreflightError(f"recipe {name!r}: requires.device {requires.device!r} unknown; choose cuda, cpu or any")
