@@ -17,10 +17,23 @@ from typing import Any, Callable, Mapping
 from quantmill import constants as C
 from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOURCES, gguf_quantizer
 from quantmill.backends.base import SourceInfo
-from quantmill.config import CalibrationConfig, ModelConfig
+from quantmill.config import ModelConfig
 from quantmill.digest import HashAhead
 from quantmill.errors import PreflightError, ToolError
 from quantmill.estimate import Shape
+from quantmill.plan.records import (
+    CalibrationSetRecord,
+    ConvertRecord,
+    DownloadRecord,
+    EvalSetRecord,
+    ImatrixRecord,
+    MergeRecord,
+    PublishRecord,
+    QuantizeRecord,
+    ReferenceRecord,
+    ValidationRecord,
+    kind_of,
+)
 from quantmill.plan.spec import StepSpec, step_key
 from quantmill.steps import calibrate, convert, download, merge, publish, quantize, validate
 from quantmill.store import provenance
@@ -58,11 +71,11 @@ def local_texts(spec: StepSpec) -> list[Path]:
     return paths
 
 
-# -- adapters: spec + input paths -> step function call ----------------------------------------------------
-Runner = Callable[[StepSpec, Mapping[str, Path], Path, Store], dict]
+# -- runners: a kind's record, the spec and its input paths -> the step function's call -------------------------
+Runner = Callable[[Any, StepSpec, Mapping[str, Path], Path, Store], dict]
 
 
-def _download(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+def _download(rec: DownloadRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
     model = ModelConfig(**spec.context["model"])
     info = SourceInfo.from_json(spec.context["source_info"])
     cache = store.digest_cache()
@@ -72,50 +85,51 @@ def _download(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Stor
     return result
 
 
-def _merge(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+def _merge(rec: MergeRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
     return merge.merge(inputs["base"], inputs["adapter"], out)
 
 
-def _calibrate(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
-    c = spec.config
-    if c["kind"] == "dataset":
-        cfg = CalibrationConfig(source=c["source"], num_samples=c["num_samples"], seq_len=c["seq_len"],
-                                seed=c["seed"], min_samples=c["min_samples"], dataset=c["dataset"],
-                                split=c["split"], text_field=c["text_field"])
-        return calibrate.calibrate_dataset(cfg, inputs["model"], local_texts(spec), out)
+def _calibration_set(rec: CalibrationSetRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path,
+                     store: Store) -> dict:
+    return calibrate.calibrate_dataset(rec, inputs["model"], local_texts(spec), out)
+
+
+def _imatrix(rec: ImatrixRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
     return calibrate.calibrate_imatrix(gguf_quantizer, gguf_quantizer.one_gguf(inputs["model"]), inputs["calibration"],
-                                       out, ctx=c["ctx"], chunks=c["chunks"], threads=spec.context["threads"],
+                                       out, ctx=rec.ctx, chunks=rec.chunks, threads=spec.context["threads"],
                                        label="imatrix")
 
 
-def _convert(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
-    return convert.convert(CONVERTERS.get(spec.backend), inputs["model"], out, spec.config)
+def _convert(rec: ConvertRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+    return convert.convert(CONVERTERS.get(spec.backend), inputs["model"], out, rec.to_config())
 
 
-def _quantize(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+def _quantize(rec: QuantizeRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
     extra = {"calibration": inputs["calibration"]} if "calibration" in inputs else {}
     quantizer = QUANTIZERS.get(spec.backend)
     with HashAhead(out, store.digest_cache(), quantizer.renamed_when_complete) as ahead:
-        result = quantize.quantize(quantizer, inputs["model"], out, spec.config, imatrix=inputs.get("imatrix"),
+        result = quantize.quantize(quantizer, inputs["model"], out, rec.to_config(), imatrix=inputs.get("imatrix"),
                                    threads=spec.context["threads"], label=f"quantize {spec.recipe}", **extra)
     if ahead.hashed:
         result["hashed_while_writing"] = sorted(ahead.hashed)
     return result
 
 
-def _validate(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
-    c = spec.config
-    if c["kind"] == "evalset":
-        return validate.make_evalset(inputs["model"], local_texts(spec), out,
-                                     n_ctx=c["n_ctx"], n_chunks=c["n_chunks"], prompt=c["prompt"],
-                                     probes=c["probes"])
-    runtime = RUNTIMES.get(spec.backend)
-    if c["kind"] == "reference":
-        return validate.reference(runtime, inputs["model"], inputs["evalset"], out, threads=spec.context["threads"])
-    record = validate.validate(runtime, inputs["artifact"], inputs["evalset"], inputs["reference"], gates=c["gates"],
-                               max_tokens=c["max_tokens"], threads=spec.context["threads"],
+def _evalset(rec: EvalSetRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+    return validate.make_evalset(inputs["model"], local_texts(spec), out, n_ctx=rec.n_ctx, n_chunks=rec.n_chunks,
+                                 prompt=rec.prompt, probes=rec.probes)
+
+
+def _reference(rec: ReferenceRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+    return validate.reference(RUNTIMES.get(spec.backend), inputs["model"], inputs["evalset"], out,
+                              threads=spec.context["threads"])
+
+
+def _validate(rec: ValidationRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+    record = validate.validate(RUNTIMES.get(spec.backend), inputs["artifact"], inputs["evalset"], inputs["reference"],
+                               gates=rec.gates, max_tokens=rec.max_tokens, threads=spec.context["threads"],
                                label=f"validate {spec.recipe}")
-    record["estimate"] = c.get("estimate")
+    record["estimate"] = rec.estimate
     (out / C.VALIDATION_FILE).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     return {"status": record["status"], "failed": validate.failed_checks(record),
             **{k: record[k] for k in SUMMARY_METRICS if k in record}}
@@ -126,32 +140,39 @@ SUMMARY_METRICS = ("ppl", "ref_ppl", "ppl_ratio", "mean_kld", "p99_kld", "top1_a
                    "peak_rss_bytes")
 
 
-def _publish(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
-    c = spec.config
+def _publish(rec: PublishRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
     validation = None
     if "validation" in inputs:
         validation = json.loads((inputs["validation"] / C.VALIDATION_FILE).read_text())
-    validated = publish.check_publishable(c["name"], validation, enforce=c["enforce"])
+    validated = publish.check_publishable(rec.name, validation, enforce=rec.enforce)
     quant = json.loads((inputs["artifact"] / C.RESULT_FILE).read_text())
     artifact_ref = {k: spec.context["artifact_ref"][k] for k in ("key", "digest")}  # no local paths in bytes
-    card = publish.model_card(name=c["name"], model=c["model"], base_model=c["base_model"], recipe=c["recipe"],
-                              fmt=c["format"], quant=quant, validation=validation, validated=validated,
-                              artifact_digest=artifact_ref["digest"], tags=list(c["tags"]), license=c["license"],
-                              adapter=c.get("adapter"), made_by=publish.made_by(store.statement(artifact_ref["key"])))
+    card = publish.model_card(name=rec.name, model=rec.model, base_model=rec.base_model, recipe=rec.recipe,
+                              fmt=rec.format, quant=quant, validation=validation, validated=validated,
+                              artifact_digest=artifact_ref["digest"], tags=list(rec.tags), license=rec.license,
+                              adapter=rec.adapter, made_by=publish.made_by(store.statement(artifact_ref["key"])))
     (out / C.MODEL_CARD_FILE).write_text(card)
     shape = Shape.from_config(json.loads((inputs["source"] / "config.json").read_text()))
-    return {"name": c["name"], "artifact": artifact_ref, "validated": validated,
+    return {"name": rec.name, "artifact": artifact_ref, "validated": validated,
             "validation": {"status": validation["status"]} if validation else None,
             "metrics": {k: validation[k] for k in SUMMARY_METRICS if k in validation} if validation else {},
             "kv_cache_bytes_per_token": shape.kv_cache_bytes(1),
-            "recipe": c["recipe"], "model": c["model"], "format": c["format"],
+            "recipe": rec.recipe, "model": rec.model, "format": rec.format,
             "quant_type": quant.get("quant_type") or quant.get("outtype", "").upper(),
             "bits_per_weight": quant.get("bits_per_weight"),
             "size_bytes": validation["size_bytes"] if validation else None}
 
 
-RUNNERS: dict[str, Runner] = {C.DOWNLOAD: _download, C.MERGE: _merge, C.CALIBRATE: _calibrate, C.CONVERT: _convert,
-                              C.QUANTIZE: _quantize, C.VALIDATE: _validate, C.PUBLISH: _publish}
+# Each step kind (quantmill.plan.records.KINDS) and the function that runs it.
+RUNNERS: dict[str, Runner] = {"download": _download, "merge": _merge, "dataset": _calibration_set,
+                              "imatrix": _imatrix, "convert": _convert, "quantize": _quantize, "evalset": _evalset,
+                              "reference": _reference, "artifact": _validate, "publish": _publish}
+
+
+def call_step(spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+    """Call the step function of ``spec``'s kind with its record and input paths; its JSON-able result."""
+    kind = kind_of(spec.step, spec.config)
+    return RUNNERS[kind.name](kind.record.of(spec.config), spec, inputs, out, store)
 
 
 def register(spec: StepSpec, store: Store, ref: ArtifactRef) -> dict[str, Any]:
@@ -185,7 +206,7 @@ def run_step(spec: StepSpec, inputs: Mapping[str, ArtifactRef], store: Store,
     started, t0 = provenance.now(), time.perf_counter()
     with store.stage(key) as staging:
         try:
-            result = RUNNERS[spec.step](spec, paths, staging.files, store)
+            result = call_step(spec, paths, staging.files, store)
         except ToolError as e:
             if isinstance(store, LocalStore) and ("No space left" in str(e) or store.free_bytes() < 1 << 20):
                 raise store.full_error() from e

@@ -14,6 +14,18 @@ from quantmill.backends.base import SourceInfo
 from quantmill.config import QuantmillConfig
 from quantmill.errors import PreflightError
 from quantmill.plan.preflight import Checked, calibration_files, preflight
+from quantmill.plan.records import (
+    CalibrationSetRecord,
+    ConvertRecord,
+    DownloadRecord,
+    EvalSetRecord,
+    ImatrixRecord,
+    MergeRecord,
+    PublishRecord,
+    QuantizeRecord,
+    ReferenceRecord,
+    ValidationRecord,
+)
 from quantmill.plan.spec import Plan, StepSpec
 from quantmill.store import signing
 from quantmill.store.local import LocalStore, Store
@@ -46,8 +58,8 @@ def build(checked: Checked, store: Store) -> Plan:
 
     download = add(StepSpec(
         id=C.DOWNLOAD, step=C.DOWNLOAD, backend=source.key, capability=C.CPU, inputs={},
-        config={"identity": info.identity, "files": [f.path for f in info.files],
-                "allow_pickle": model.allow_pickle, "trust_remote_code": model.trust_remote_code},
+        config=DownloadRecord(identity=info.identity, files=[f.path for f in info.files],
+                              allow_pickle=model.allow_pickle, trust_remote_code=model.trust_remote_code).to_config(),
         context={"model": {"name": model.name, "source": model.source, "path": model.path,
                            "repo_id": model.repo_id, "revision": model.revision},
                  "source_info": info.to_json(), "link": cfg.store.link_sources,
@@ -57,7 +69,7 @@ def build(checked: Checked, store: Store) -> Plan:
     if adapter_info is not None:
         adapter_download = add(StepSpec(
             id=f"{C.DOWNLOAD}:adapter", step=C.DOWNLOAD, backend=adapter_info.source, capability=C.CPU, inputs={},
-            config={"identity": adapter_info.identity, "files": [f.path for f in adapter_info.files]},
+            config=DownloadRecord(identity=adapter_info.identity, files=[f.path for f in adapter_info.files]).to_config(),
             context={"model": {"name": f"{model.name}-adapter", "source": adapter_info.source, "path": model.adapter,
                                "repo_id": model.adapter, "revision": model.adapter_revision},
                      "source_info": adapter_info.to_json(), "link": cfg.store.link_sources, "role": "adapter"},
@@ -66,19 +78,17 @@ def build(checked: Checked, store: Store) -> Plan:
         # safetensors reference and the card all start from it.
         model_spec = add(StepSpec(
             id=C.MERGE, step=C.MERGE, backend="peft", capability=C.CPU,
-            inputs={"base": download.id, "adapter": adapter_download.id}, config={},
+            inputs={"base": download.id, "adapter": adapter_download.id}, config=MergeRecord().to_config(),
             context={"estimate_bytes": info.weights_bytes}, tools=package_versions("peft", "transformers", "torch")))
 
     evalset = None
     if cfg.validate.enabled:
-        from quantmill.digest import sha256_file
-
         v = cfg.validate
         evalset = add(StepSpec(
             id=f"{C.VALIDATE}:evalset", step=C.VALIDATE, backend="files", capability=C.CPU,
             inputs={"model": model_spec.id},
-            config={"kind": "evalset", "texts": [{"name": p.name, "sha256": sha256_file(p)} for p in eval_files],
-                    "n_ctx": v.n_ctx, "n_chunks": v.n_chunks, "prompt": v.prompt, "probes": list(v.probes)},
+            config=EvalSetRecord(texts=_texts(eval_files), n_ctx=v.n_ctx, n_chunks=v.n_chunks, prompt=v.prompt,
+                                 probes=list(v.probes)).to_config(),
             context={"files": [str(p) for p in eval_files]},
             tools=package_versions("tokenizers", "transformers", "safetensors")))
 
@@ -86,16 +96,10 @@ def build(checked: Checked, store: Store) -> Plan:
     dataset = None
     if needs_calibration:
         files = calibration_files(cfg)
-        from quantmill.digest import sha256_file
-
-        cal = cfg.calibration
         dataset = add(StepSpec(
-            id=f"{C.CALIBRATE}:dataset", step=C.CALIBRATE, backend=cal.source, capability=C.CPU,
+            id=f"{C.CALIBRATE}:dataset", step=C.CALIBRATE, backend=cfg.calibration.source, capability=C.CPU,
             inputs={"model": model_spec.id},
-            config={"kind": "dataset", "source": cal.source, "num_samples": cal.num_samples,
-                    "seq_len": cal.seq_len, "seed": cal.seed, "min_samples": cal.min_samples,
-                    "texts": [{"name": p.name, "sha256": sha256_file(p)} for p in files],
-                    "dataset": cal.dataset, "split": cal.split, "text_field": cal.text_field},
+            config=CalibrationSetRecord.from_config(cfg.calibration, _texts(files)).to_config(),
             context={"files": [str(p) for p in files]},
             tools=package_versions("tokenizers", "safetensors", "numpy")))
 
@@ -120,17 +124,16 @@ def build(checked: Checked, store: Store) -> Plan:
                 imatrix = add(StepSpec(
                     id=f"{C.CALIBRATE}:imatrix-{recipe.format}", step=C.CALIBRATE, backend="imatrix",
                     capability=quantizer.capability, inputs={"model": intermediate.id, "calibration": dataset.id},
-                    config={"kind": "imatrix", "ctx": cfg.calibration.seq_len,
-                            "chunks": cfg.calibration.num_samples},
+                    config=ImatrixRecord(ctx=cfg.calibration.seq_len, chunks=cfg.calibration.num_samples).to_config(),
                     context={"threads": threads}, tools=quantizer.tools()))
                 inputs["imatrix"] = imatrix.id
             artifact = add(StepSpec(
                 id=f"{C.QUANTIZE}:{name}", step=C.QUANTIZE, backend=quantizer.key,
                 capability=C.CUDA if recipe.requires.device == C.CUDA else quantizer.capability,
                 inputs=inputs, recipe=name,
-                config={"method": recipe.method, "format": recipe.format, "quant_type": recipe.quant_type.upper(),
-                        "imatrix": bool(recipe.imatrix), "params": dict(recipe.params),
-                        **({"backend": recipe.backend} if recipe.backend else {})},
+                config=QuantizeRecord(method=recipe.method, format=recipe.format, quant_type=recipe.quant_type.upper(),
+                                      imatrix=bool(recipe.imatrix), params=dict(recipe.params),
+                                      backend=recipe.backend or None).to_config(),
                 context={"threads": threads, "estimate_bytes": quantizer.estimate_bytes(recipe, f16_estimate)},
                 tools=quantizer.tools()))
         validation = None
@@ -140,12 +143,12 @@ def build(checked: Checked, store: Store) -> Plan:
             reference = add(StepSpec(
                 id=f"{C.VALIDATE}:reference-{converter.key}", step=C.VALIDATE, backend=runtime.key,
                 capability=runtime.capability, inputs={"model": intermediate.id, "evalset": evalset.id},
-                config={"kind": "reference"}, context={"threads": threads}, tools=runtime.tools()))
+                config=ReferenceRecord().to_config(), context={"threads": threads}, tools=runtime.tools()))
             validation = add(StepSpec(
                 id=f"{C.VALIDATE}:{name}", step=C.VALIDATE, backend=runtime.key, capability=runtime.capability,
                 inputs={"artifact": artifact.id, "evalset": evalset.id, "reference": reference.id}, recipe=name,
-                config={"kind": "artifact", "max_tokens": cfg.validate.max_tokens, "gates": gates[name],
-                        "estimate": _estimate(info, recipe, cfg.validate.n_ctx)},
+                config=ValidationRecord(max_tokens=cfg.validate.max_tokens, gates=gates[name],
+                                        estimate=_estimate(info, recipe, cfg.validate.n_ctx)).to_config(),
                 # The record holds speed and memory measured here, so the machine class is part of its key.
                 context={"threads": threads}, tools={**runtime.tools(), "machine": measured_on(cfg, runtime.capability)}))
         if publisher is not None:
@@ -155,11 +158,11 @@ def build(checked: Checked, store: Store) -> Plan:
             add(StepSpec(
                 id=f"{C.PUBLISH}:{name}", step=C.PUBLISH, backend=publisher.key, capability=C.CPU,
                 inputs=inputs, recipe=name,
-                config={"name": names[name], "model": model.name, "recipe": name, "format": recipe.format,
-                        "base_model": info.base_model, "adapter": model.adapter, "tags": sorted(cfg.publish.tags),
-                        "license": cfg.publish.license or info.license, "enforce": cfg.validate.enforce,
-                        "destination": publisher.destination(cfg.publish),
-                        "signed_by": signing.key_id(signer) if signer else None},
+                config=PublishRecord(name=names[name], model=model.name, recipe=name, format=recipe.format,
+                                     base_model=info.base_model, adapter=model.adapter, tags=sorted(cfg.publish.tags),
+                                     license=cfg.publish.license or info.license, enforce=cfg.validate.enforce,
+                                     destination=publisher.destination(cfg.publish),
+                                     signed_by=signing.key_id(signer) if signer else None).to_config(),
                 context={"store_root": str(getattr(store, "root", "")),
                          "publish": {**dataclasses.asdict(cfg.publish), "cache_dir": cfg.store.cache_dir}}))
     routes = {}
@@ -192,12 +195,19 @@ def _estimate(info: SourceInfo, recipe, n_ctx: int) -> dict[str, int] | None:
     return {"weights_bytes": weights, "kv_cache_bytes": shape.kv_cache_bytes(n_ctx)}
 
 
+def _texts(paths: list[Path]) -> list[dict[str, str]]:
+    """Text files as a record names them: by name and content."""
+    from quantmill.digest import sha256_file
+
+    return [{"name": p.name, "sha256": sha256_file(p)} for p in paths]
+
+
 def _convert_config(fmt: str, cfg: QuantmillConfig) -> dict[str, Any]:
     """The settings of a format's intermediate (the first value names it in the spec id)."""
     if fmt == "gguf":
-        return {"outtype": cfg.convert.gguf_outtype, "model_name": cfg.model.name}
+        return ConvertRecord(outtype=cfg.convert.gguf_outtype, model_name=cfg.model.name).to_config()
     if fmt == "mlx":
-        return {"dtype": cfg.convert.mlx_dtype}
+        return ConvertRecord(dtype=cfg.convert.mlx_dtype).to_config()
     raise PreflightError(f"format {fmt!r} has no conversion settings; known: gguf, mlx, safetensors")
 
 

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from quantmill import constants as C
-from quantmill.config import CalibrationConfig
 from quantmill.errors import PreflightError
 from quantmill.evaluation.tokenizer import SourceTokenizer
+from quantmill.plan.records import CalibrationSetRecord
 
 log = logging.getLogger(__name__)
 
 
-def load_texts(cfg: CalibrationConfig, files: Sequence[Path]) -> list[str]:
+def load_texts(cfg: CalibrationSetRecord, files: Sequence[Path]) -> list[str]:
     """Paragraphs of calibration text (files split on blank lines, or dataset rows)."""
     if cfg.source == "files":
         paragraphs = []
@@ -33,7 +33,7 @@ def load_texts(cfg: CalibrationConfig, files: Sequence[Path]) -> list[str]:
     raise PreflightError(f"calibration.source {cfg.source!r} unknown; choose files or hf_dataset")
 
 
-def calibrate_dataset(cfg: CalibrationConfig, model_dir: Path, files: Sequence[Path], out: Path) -> dict[str, Any]:
+def calibrate_dataset(cfg: CalibrationSetRecord, model_dir: Path, files: Sequence[Path], out: Path) -> dict[str, Any]:
     """Pack seeded, shuffled paragraphs into ``num_samples`` windows of ``seq_len`` token ids.
 
     Writes ``calibration.safetensors`` (``input_ids`` int32 [n, seq_len]) for torch quantizers and

@@ -200,18 +200,22 @@ def test_fewer_calibration_samples_than_requested_warns_with_the_numbers(tmp_pat
     from quantmill.backends.local_source import BUNDLED_ROOT
     from quantmill.config import CalibrationConfig
     from quantmill.plan.preflight import BUNDLED_TEXT
+    from quantmill.plan.records import CalibrationSetRecord
     from quantmill.steps.calibrate import calibrate_dataset
+
+    def record(**settings):
+        return CalibrationSetRecord.from_config(CalibrationConfig(**settings), texts=[])
 
     files = [BUNDLED_TEXT / "calibration.txt"]
     out = tmp_path / "cal"
     out.mkdir()
     with caplog.at_level(logging.WARNING):
-        result = calibrate_dataset(CalibrationConfig(num_samples=100000, seq_len=256, min_samples=8),
+        result = calibrate_dataset(record(num_samples=100000, seq_len=256, min_samples=8),
                                    BUNDLED_ROOT / "tiny-llama", files, out)
     assert 8 <= result["samples"] < 100000
     assert f"{result['samples']} of 100000 requested windows of 256 tokens" in caplog.text
     with pytest.raises(PreflightError, match=r"below calibration.min_samples=100000"):
-        calibrate_dataset(CalibrationConfig(num_samples=100000, seq_len=256, min_samples=100000),
+        calibrate_dataset(record(num_samples=100000, seq_len=256, min_samples=100000),
                           BUNDLED_ROOT / "tiny-llama", files, out)
 
 
