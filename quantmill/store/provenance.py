@@ -17,8 +17,16 @@ from quantmill import constants as C
 from quantmill.digest import FileDigest, sha256_files
 from quantmill.toolchain import hardware
 
-_SECRET = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key|access[_-]?key|private[_-]?key)", re.I)
+# A key names a secret when one of its words does (``hf_token``, ``aws_secret_access_key``, ``apiKey``); a word that
+# only contains one does not (``max_tokens``, ``tokenizer``).
+SECRET_WORDS = frozenset({"token", "secret", "password", "passwd", "credential", "credentials", "apikey"})
+SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key")})
 REDACTED = "<redacted>"
+
+
+def names_a_secret(key: str) -> bool:
+    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
+    return bool(SECRET_WORDS.intersection(words)) or any(pair in SECRET_PAIRS for pair in zip(words, words[1:]))
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,7 @@ class RunInfo:
 def redact(value: Any) -> Any:
     """Copy of ``value`` with every mapping entry whose key looks like a secret replaced by ``<redacted>``."""
     if isinstance(value, Mapping):
-        return {k: (REDACTED if _SECRET.search(str(k)) and v is not None else redact(v)) for k, v in value.items()}
+        return {k: (REDACTED if names_a_secret(str(k)) and v is not None else redact(v)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
     return value

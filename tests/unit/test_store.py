@@ -61,6 +61,21 @@ def test_secrets_are_redacted_from_provenance(tmp_path):
     assert json.loads(text)["predicate"]["buildDefinition"]["externalParameters"]["config"]["hf_token"] == "<redacted>"
 
 
+@pytest.mark.parametrize("key", ["hf_token", "HF_TOKEN", "token", "aws_secret_access_key", "apiKey", "api-key",
+                                 "password", "db_credentials", "private_key"])
+def test_a_secrets_name_is_redacted(key):
+    from quantmill.store.provenance import redact
+
+    assert redact({"outer": {key: "s3cr3t"}}) == {"outer": {key: "<redacted>"}}
+
+
+@pytest.mark.parametrize("key", ["max_tokens", "tokenizer_exact", "tokens", "n_tokens_scored", "key", "signed_by"])
+def test_a_setting_whose_name_only_contains_a_secret_word_is_kept(key):
+    from quantmill.store.provenance import redact
+
+    assert redact({key: 128}) == {key: 128}
+
+
 def test_failed_step_leaves_nothing_visible(tmp_path):
     store = LocalStore(tmp_path)
     with pytest.raises(RuntimeError):
