@@ -37,6 +37,7 @@ OBJECTS_DIR = "objects"
 STAGING_DIR = "staging"
 REGISTRY_DIR = "registry"
 STATE_DIR = ".state"
+DAMAGED_DIR = "damaged"  # artifacts whose files no longer match their record, moved aside
 FILES_DIR = "files"
 PROVENANCE_FILE = "provenance.json"  # written last: its presence commits the artifact
 RESULT_FILE = "quantmill.json"  # small, deterministic step metadata, one of the artifact's files

@@ -185,7 +185,7 @@ def run_step(spec: StepSpec, inputs: Mapping[str, ArtifactRef], store: Store,
     """Run ``spec`` unless the store already has its key; commit its output with provenance."""
     run = run or provenance.RunInfo()
     key = step_key(spec, inputs)
-    found = store.lookup(key)
+    found = store.lookup_intact(key, spec.id)
     if found is not None:
         if spec.step == C.PUBLISH:
             register(spec, store, found)

@@ -102,7 +102,7 @@ def resolve(plan: Plan, store: Store) -> Resolution:
         if all(i in refs for i in spec.inputs.values()):
             key = step_key(spec, {name: refs[sid] for name, sid in spec.inputs.items()})
             keys[spec.id] = key
-            found = store.lookup(key)
+            found = store.lookup_intact(key, spec.id)
             if found is not None and spec.step == C.PUBLISH and not _registered(spec, store, found):
                 found = None
             if found is not None:

@@ -81,6 +81,30 @@ class Store(ABC):
         """One small file of an artifact, checked against its provenance (without fetching the rest)."""
         return (self.files(ref) / path).read_bytes()
 
+    def damaged(self, ref: ArtifactRef) -> list[str]:
+        """What no longer matches ``ref``'s provenance record, one line per file (cheap: stat data, re-hashing
+        only what changed since it was hashed); empty when intact. Stores that check on fetch return []."""
+        return []
+
+    def set_aside(self, key: str) -> str:
+        """Move a damaged artifact out of the store's objects; where it went."""
+        raise NotImplementedError
+
+    def lookup_intact(self, key: str, what: str) -> ArtifactRef | None:
+        """``lookup``, where a damaged hit is reported in one line, set aside, and answered as a miss (rebuilt)."""
+        found = self.lookup(key)
+        if found is None:
+            return None
+        problems = self.damaged(found)
+        if not problems:
+            return found
+        from quantmill import progress
+
+        where = self.set_aside(key)
+        progress.warn(f"{what}: cached artifact {key[:12]} is damaged ({problems[0]}"
+                      f"{f'; {len(problems) - 1} more' if len(problems) > 1 else ''}); moved to {where}, rebuilding it")
+        return None
+
     def read_result(self, ref: ArtifactRef) -> dict[str, Any]:
         """The small JSON result its step wrote beside the artifact's files."""
         return json.loads(self.read_file(ref, C.RESULT_FILE))
@@ -245,6 +269,23 @@ class LocalStore(Store):
         os.replace(tmp, index / digest.removeprefix("sha256:"))
         staging.committed = ArtifactRef(staging.key, digest, target.as_uri())
         return staging.committed
+
+    def damaged(self, ref: ArtifactRef) -> list[str]:
+        files, cache, problems = self._object(ref.key) / C.FILES_DIR, self.digest_cache(), []
+        for subject in provenance.subjects_of(self.statement(ref.key)):
+            path = files / subject.path
+            if not path.is_file():
+                problems.append(f"{subject.path} is missing")
+            elif path.stat().st_size != subject.size or cache.sha256(path) != subject.sha256:
+                problems.append(f"{subject.path} does not match its provenance record")
+        cache.save()
+        return problems
+
+    def set_aside(self, key: str) -> str:
+        target = self.root / C.DAMAGED_DIR / f"{key}.{uuid.uuid4().hex[:8]}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._object(key), target)
+        return str(target)
 
     def verified_files(self, ref: ArtifactRef) -> Path:
         """Files of ``ref``, checked against its provenance before a step may read them.

@@ -200,3 +200,38 @@ def test_copy_when_linking_is_off(tmp_path, tiny_model):
     downloaded = store.files(results["download"].ref) / "model.safetensors"
     assert downloaded.stat().st_ino != (tiny_model / "model.safetensors").stat().st_ino
     assert downloaded.read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+
+
+def test_a_byte_flipped_in_a_cached_artifact_is_reported_rebuilt_and_the_good_bytes_published(tmp_path, capsys):
+    """A cache hit is checked against its record before it is used: the damaged copy is set aside with one line
+    naming it, the step runs again, and the registry's version holds the rebuilt (good) bytes."""
+    import hashlib
+
+    cfg = compose_in(tmp_path)
+    first = {o.spec_id: o for o in run_config(cfg)}
+    assert all(o.ok for o in first.values())
+    store = open_store(cfg.store)
+    q4 = first["quantize:gguf_q4_k_m"]
+    files = store.files(ArtifactRef(q4.key, q4.digest, ""))
+    (gguf,) = files.glob("*.gguf")
+    good = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    with open(gguf, "r+b") as f:  # flip one byte in the middle of the tensor data
+        f.seek(gguf.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    capsys.readouterr()
+
+    again = {o.spec_id: o for o in run_config(cfg)}
+    warned = [line for line in capsys.readouterr().err.splitlines() if "is damaged" in line]
+    assert len(warned) == 1 and "quantize:gguf_q4_k_m" in warned[0] and gguf.name in warned[0], warned
+    assert again["quantize:gguf_q4_k_m"].status == RAN and again["quantize:gguf_q4_k_m"].digest == q4.digest
+    assert {o.status for sid, o in again.items() if sid != "quantize:gguf_q4_k_m"} == {CACHED}
+    assert store.verify(q4.key) == []
+    (moved,) = (tmp_path / "store" / C.DAMAGED_DIR).iterdir()
+    assert moved.name.startswith(q4.key)
+    registry = LocalRegistry(tmp_path / "store" / C.REGISTRY_DIR)
+    entry = registry.get("tiny-llama-gguf_q4_k_m")
+    published = store.verified_files(ArtifactRef(entry["artifact"]["key"], entry["artifact"]["digest"], ""))
+    assert hashlib.sha256((published / gguf.name).read_bytes()).hexdigest() == good
+    assert len(registry.versions("tiny-llama-gguf_q4_k_m")) == 1
