@@ -121,6 +121,10 @@ class S3Publisher(RegistryPublisher):
         if not _get(publish, "bucket"):
             raise PreflightError("publish.publisher=s3 needs publish.bucket (and publish.endpoint_url for MinIO, R2 "
                                  "or a local S3 server)")
+        from quantmill.store.s3 import check_bucket
+
+        # A dead endpoint or missing credentials fail here, not after every step before publish has run.
+        check_bucket(_get(publish, "bucket"), _get(publish, "endpoint_url"), _get(publish, "region"), "publish")
 
 
 def _get(publish: Any, name: str) -> Any:

@@ -11,7 +11,13 @@ from quantmill.backends.base import SourceInfo
 from quantmill.config import ModelConfig
 from quantmill.digest import DigestCache, digest_tree, manifest_digest
 from quantmill.errors import ModelSourceError
-from quantmill.toolchain.model_files import check_config, check_safetensors, read_config, select_files
+from quantmill.toolchain.model_files import (
+    check_config,
+    check_model_files,
+    check_safetensors,
+    read_config,
+    select_files,
+)
 
 BUNDLED_ROOT = Path(__file__).resolve().parent.parent / "bundled"
 
@@ -59,6 +65,9 @@ class LocalSource:
 
     def describe(self, cfg: ModelConfig, cache: DigestCache) -> SourceInfo:
         root = self.root(cfg)
+        if root.is_file():
+            raise ModelSourceError(f"model {cfg.name!r}: model.path {root} is a file; point model.path at the "
+                                   f"directory that holds config.json and the weights ({root.parent}?)")
         if not root.is_dir():
             raise ModelSourceError(f"model {cfg.name!r}: directory {root} does not exist; fix model.path")
         names = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
@@ -70,6 +79,7 @@ class LocalSource:
         for name in chosen:
             if name.endswith(".safetensors"):
                 check_safetensors(root / name)
+        check_model_files(root, chosen, config, cfg.name)
         files = digest_tree(root, [root / n for n in chosen], hasher=cache.sha256)
         cache.save()
         return SourceInfo(source=self.key, identity={"content": manifest_digest(files)}, config=config,

@@ -43,9 +43,25 @@ _HYDRA_OVERRIDE = re.compile(r"Could not override '([^']+)'")
 _NOT_IN = re.compile(r"Key '([^']+)' not in '(\w+)'")
 
 
-def _explain(exc: Exception, conf_dir: Path) -> ConfigError:
+_AMBIGUOUS = re.compile(r"Ambiguous value for argument '([^=']+)=([^']*)'")
+
+
+def _explain(exc: Exception, conf_dir: Path, overrides: Sequence[str] = ()) -> ConfigError:
     """Turn Hydra/OmegaConf's multi-line errors into one line naming the thing, the value and the fix."""
     text = str(exc)
+    if m := _AMBIGUOUS.search(text):
+        key, value = m.group(1), m.group(2)
+        return ConfigError(f"override {key}={value} gives several values; for a list write '{key}=[{value}]', for "
+                           f"one run per value use `quantmill run -m {key}={value}`")
+    if "mismatched input" in text or "extraneous input" in text:
+        braced = [o for o in overrides if ("{" in o or "}" in o) and "='" not in o and '="' not in o]
+        if braced:
+            key, _, value = braced[0].partition("=")
+            return ConfigError(f"override {braced[0]!r} cannot be read: Hydra takes {{...}} as a dict; quote the "
+                               f"value for Hydra inside the shell's quotes: \"{key}='{value}'\"")
+        first = text.splitlines()[0].strip()
+        return ConfigError(f"an override cannot be read ({first}); see Hydra's override grammar, and quote values "
+                           f"with spaces or special characters: \"key='value'\"")
     if m := _HYDRA_MISSING.search(text):
         group, name = m.group(1), m.group(2)
         known = ", ".join(known_options(conf_dir, group))
@@ -103,7 +119,7 @@ def compose(overrides: Sequence[str] = (), conf_dir: str | Path | None = None) -
                 cfg = hydra_compose(config_name="config", overrides=[*overrides, f"recipe=[{','.join(available)}]"])
         return to_config(cfg)
     except (HydraException, OmegaConfBaseException) as e:
-        raise _explain(e, directory) from e
+        raise _explain(e, directory, overrides) from e
 
 
 def to_config(cfg: Any) -> QuantmillConfig:
@@ -120,7 +136,23 @@ def to_config(cfg: Any) -> QuantmillConfig:
                           f"override ({e.full_key}=...)") from e
     if not obj.recipe:
         raise ConfigError("no recipes selected; choose some, e.g. recipe=[gguf_q8_0,gguf_q4_k_m]")
+    _check_values(obj, "")
     return obj
+
+
+def _check_values(node: Any, path: str) -> None:
+    """Every bounded field's value (``schema.bounded``): one line naming the key, the value and what it takes."""
+    import dataclasses
+
+    for f in dataclasses.fields(node):
+        value, where = getattr(node, f.name), f"{path}{f.name}"
+        least, choices = f.metadata.get("least"), f.metadata.get("choices")
+        if least is not None and value is not None and value < least:
+            raise ConfigError(f"{where} {value!r} is out of range; set {where}={least:g} or more")
+        if choices and value not in choices:
+            raise ConfigError(f"{where} {value!r} is not one of {', '.join(choices)}; set {where}={choices[0]}")
+        if dataclasses.is_dataclass(value):
+            _check_values(value, f"{where}.")
 
 
 def _check_keys(node: Any, schema: type, path: str) -> None:

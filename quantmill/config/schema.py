@@ -12,6 +12,11 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 
+def bounded(default: Any, *, least: float | None = None, choices: tuple[str, ...] = ()) -> Any:
+    """A field whose value composition checks: at least ``least``, or one of ``choices`` (one line otherwise)."""
+    return field(default=default, metadata={"least": least, "choices": choices})
+
+
 @dataclass
 class ModelConfig:
     """The model to quantize.
@@ -93,8 +98,8 @@ class ConvertConfig:
         mlx_dtype: dtype of the unquantized MLX model (float16, bfloat16, float32).
     """
 
-    gguf_outtype: str = "f16"
-    mlx_dtype: str = "float16"
+    gguf_outtype: str = bounded("f16", choices=("f16", "bf16", "f32", "q8_0"))
+    mlx_dtype: str = bounded("float16", choices=("float16", "bfloat16", "float32"))
 
 
 @dataclass
@@ -110,15 +115,15 @@ class CalibrationConfig:
         min_samples: Fewer usable samples than this fails; between this and num_samples warns.
     """
 
-    source: str = "files"
+    source: str = bounded("files", choices=("files", "hf_dataset"))
     files: List[str] = field(default_factory=lambda: ["bundled:calibration.txt"])
     dataset: Optional[str] = None
     split: str = "train"
     text_field: str = "text"
-    num_samples: int = 64
-    seq_len: int = 256
+    num_samples: int = bounded(64, least=1)
+    seq_len: int = bounded(256, least=16)
     seed: int = 0
-    min_samples: int = 8
+    min_samples: int = bounded(8, least=1)
 
 
 DEFAULT_PROBES = [
@@ -171,10 +176,10 @@ class ValidateConfig:
     enabled: bool = True
     enforce: bool = True
     eval_files: List[str] = field(default_factory=lambda: ["bundled:eval.txt"])
-    n_ctx: int = 256
-    n_chunks: int = 8
+    n_ctx: int = bounded(256, least=8)
+    n_chunks: int = bounded(8, least=1)
     prompt: str = "The miller carried"
-    max_tokens: int = 16
+    max_tokens: int = bounded(16, least=0)
     probes: List[str] = field(default_factory=lambda: list(DEFAULT_PROBES))
     gates: GateConfig = field(default_factory=GateConfig)
 
@@ -232,9 +237,9 @@ class StoreConfig:
         cache_dir: For ``kind: s3``, the worker-local cache of fetched artifacts (keyed by artifact key).
     """
 
-    kind: str = "local"
+    kind: str = bounded("local", choices=("local", "s3"))
     root: str = "artifacts"
-    quota_bytes: Optional[int] = None
+    quota_bytes: Optional[int] = bounded(None, least=1)
     link_sources: bool = True
     bucket: Optional[str] = None
     prefix: str = "quantmill"
@@ -291,14 +296,14 @@ class InfraConfig:
             Prefect launcher, scheduled watches): the deployment ``quantmill-pipeline/<pool>``.
     """
 
-    mode: str = "embedded"
-    max_parallel: int = 1
-    threads: int = 0
+    mode: str = bounded("embedded", choices=("embedded", "prefect"))
+    max_parallel: int = bounded(1, least=1)
+    threads: int = bounded(0, least=0)
     prefect_home: str = ".quantmill/prefect"
     api_url: Optional[str] = None
     pools: Dict[str, PoolConfig] = field(default_factory=dict)
-    poll_seconds: float = 0.5
-    queue_ahead: int = 4
+    poll_seconds: float = bounded(0.5, least=0.05)
+    queue_ahead: int = bounded(4, least=0)
     pipeline_pool: str = "cpu"
 
 

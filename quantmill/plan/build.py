@@ -13,7 +13,7 @@ from quantmill.backends import SOURCES
 from quantmill.backends.base import SourceInfo
 from quantmill.config import QuantmillConfig
 from quantmill.errors import PreflightError
-from quantmill.plan.preflight import Checked, calibration_files, preflight
+from quantmill.plan.preflight import Checked, preflight
 from quantmill.plan.records import (
     CalibrationSetRecord,
     ConvertRecord,
@@ -95,7 +95,7 @@ def build(checked: Checked, store: Store) -> Plan:
     needs_calibration = any(q.needs_calibration(r) for r, q, _ in recipes.values())
     dataset = None
     if needs_calibration:
-        files = calibration_files(cfg)
+        files = checked.calibration_files
         dataset = add(StepSpec(
             id=f"{C.CALIBRATE}:dataset", step=C.CALIBRATE, backend=cfg.calibration.source, capability=C.CPU,
             inputs={"model": model_spec.id},

@@ -37,6 +37,7 @@ class Checked:
         names: recipe name -> the registry name it publishes under.
         runtimes, gates: recipe name -> its validation runtime and effective gates (validation on).
         eval_files: The evaluation texts (validation on).
+        calibration_files: The calibration texts (a recipe reads the calibration set from files).
     """
 
     cfg: QuantmillConfig
@@ -50,6 +51,7 @@ class Checked:
     runtimes: dict[str, Any] = field(default_factory=dict)
     gates: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval_files: list[Path] = field(default_factory=list)
+    calibration_files: list[Path] = field(default_factory=list)
 
 
 def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
@@ -58,10 +60,7 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
     Raises:
         ConfigError / PreflightError / ModelSourceError: one line naming the problem and the fix.
     """
-    if cfg.infra.mode not in ("embedded", "prefect"):
-        raise ConfigError(f"infra.mode {cfg.infra.mode!r} unknown; choose infra=embedded or infra=prefect")
-    if cfg.infra.queue_ahead < 0:
-        raise ConfigError(f"infra.queue_ahead {cfg.infra.queue_ahead} is negative; use 0 (no bound) or more")
+    # Ranges and choices of single values were checked while composing (config.schema.bounded).
     cfg, warnings = _apply_target(cfg)
     model = cfg.model
     source = SOURCES.get(model.source)
@@ -93,6 +92,8 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
                 runtimes[name].check_installed()
             gates[name] = effective_gates(cfg, name, recipe)
         eval_files = text_files(list(cfg.validate.eval_files), "validate.eval_files")
+    needs_calibration = any(q.needs_calibration(r) for r, q, _ in recipes.values())
+    cal_files = calibration_files(cfg) if needs_calibration else []
 
     cache = store.digest_cache()
     adapter_info = None
@@ -107,7 +108,8 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
         quantizer.check_model(name, recipe, info)
     if cfg.validate.enabled:
         _check_context(cfg, info, eval_files)
-    return Checked(cfg, warnings, recipes, info, adapter_info, publisher, signer, names, runtimes, gates, eval_files)
+    return Checked(cfg, warnings, recipes, info, adapter_info, publisher, signer, names, runtimes, gates, eval_files,
+                   cal_files)
 
 
 def calibration_files(cfg: QuantmillConfig) -> list[Path]:
@@ -124,10 +126,25 @@ def text_files(names: list[str], what: str) -> list[Path]:
         path = BUNDLED_TEXT / name.removeprefix("bundled:") if name.startswith("bundled:") else Path(name)
         if not path.is_file():
             raise PreflightError(f"{what} file {name!r} not found ({path.resolve()}); fix {what}")
+        _check_text(path, name, what)
         paths.append(path.resolve())
     if not paths:
         raise PreflightError(f"{what} is empty; name at least one text file")
     return paths
+
+
+def _check_text(path: Path, name: str, what: str) -> None:
+    """A text file the steps will read: UTF-8, with some text in it."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PreflightError(f"{what} file {name!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                             f"{e.start}); give a UTF-8 text file") from None
+    if "\x00" in text:
+        raise PreflightError(f"{what} file {name!r} holds NUL bytes (binary data?); give a UTF-8 text file")
+    if not text.strip():
+        raise PreflightError(f"{what} file {name!r} is empty; give a text file with some paragraphs in it")
 
 
 def effective_gates(cfg: QuantmillConfig, name: str, recipe) -> dict[str, Any]:
@@ -200,8 +217,6 @@ def _check_context(cfg: QuantmillConfig, info: SourceInfo, eval_files: list[Path
     if limit and n_ctx > limit:
         raise PreflightError(f"validate.n_ctx {n_ctx} is beyond model {cfg.model.name!r}'s maximum context {limit} "
                              f"(max_position_embeddings); lower validate.n_ctx")
-    if n_ctx < 8:
-        raise PreflightError(f"validate.n_ctx {n_ctx} is too short to score anything; use 64 or more")
     root = Path(info.extra.get("root", ""))
     if (root / "tokenizer.json").is_file():
         from tokenizers import Tokenizer

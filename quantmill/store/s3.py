@@ -46,6 +46,23 @@ def explain_client_error(exc: Exception, bucket: str, endpoint: str | None, sett
     return StoreError(f"{where}: {type(exc).__name__}: {exc}")
 
 
+def check_bucket(bucket: str, endpoint: str | None, region: str | None, setting: str) -> None:
+    """One request before any work: the bucket exists and the credentials reach it; one line otherwise."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=region,
+                          config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 1}))
+    try:
+        client.head_bucket(Bucket=bucket)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the bucket and the fix
+        error = explain_client_error(e, bucket, endpoint, setting)
+        if "Not Found" in str(error) or "404" in str(error):
+            error = StoreError(f"s3://{bucket} ({endpoint or 'AWS'}): bucket {bucket!r} does not exist; create it or "
+                               f"fix {setting}.bucket")
+        raise error from None
+
+
 SMALL_FILE_BYTES = 64 << 10  # files read whole (results, cards) up to this size are kept in memory once verified
 SMALL_FILES_KEPT = 4096
 

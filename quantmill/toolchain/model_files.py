@@ -65,6 +65,39 @@ def check_config(model: str, config: dict[str, Any], *, trust_remote_code: bool)
     return archs[0]
 
 
+# Model types whose config.json must carry the shape keys every converter and runtime reads.
+SHAPED_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                          "gemma3_text", "phi3", "granite", "olmo2"})
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def check_model_files(root: Path, chosen: Iterable[str], config: dict[str, Any], model: str) -> None:
+    """What a converter would only find deep into its run: config.json's shape keys, the embedding's rows against
+    ``vocab_size``, a tokenizer.json that does not parse. Reads headers and small files only."""
+    if config.get("model_type") in SHAPED_TYPES:
+        missing = [k for k in SHAPE_KEYS if not isinstance(config.get(k), int)]
+        if missing:
+            raise PreflightError(f"model {model!r}: config.json has no {missing[0]!r} (a {config['model_type']} "
+                                 f"config needs {', '.join(SHAPE_KEYS)}); fix config.json")
+    chosen = list(chosen)
+    if "tokenizer.json" in chosen:
+        try:
+            json.loads((root / "tokenizer.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ModelSourceError(f"model {model!r}: tokenizer.json is not valid JSON ({str(e).splitlines()[0]}); "
+                                   f"the file is damaged: copy or download it again") from None
+    vocab = config.get("vocab_size")
+    for path in (root / n for n in chosen if n.endswith(".safetensors")):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, t in header.items():
+            if name.endswith(("embed_tokens.weight", "tok_embeddings.weight", "wte.weight")) and isinstance(vocab, int) \
+                    and t["shape"] and t["shape"][0] != vocab:
+                raise PreflightError(f"model {model!r}: embedding {name} has {t['shape'][0]} rows but config.json "
+                                     f"says vocab_size {vocab}; fix vocab_size or the checkpoint")
+
+
 def read_config(path: Path, model: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -93,6 +126,17 @@ def check_safetensors(path: Path) -> int:
             header = json.loads(f.read(n))
         except ValueError:
             raise ModelSourceError(f"{path.name}: unreadable safetensors header; download it again") from None
+    for name, t in header.items():
+        if name == "__metadata__" or t.get("dtype") not in _DTYPE_BITS:
+            continue
+        elements = 1
+        for d in t["shape"]:
+            elements *= d
+        span = t["data_offsets"][1] - t["data_offsets"][0]
+        if span != elements * _DTYPE_BITS[t["dtype"]] // 8:
+            raise ModelSourceError(f"{path.name}: tensor {name!r} declares shape {t['shape']} of {t['dtype']} "
+                                   f"({elements * _DTYPE_BITS[t['dtype']] // 8} bytes) but spans {span} bytes; the "
+                                   f"file is corrupt; download it again")
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     expected = 8 + n + end
     if size != expected:

@@ -169,5 +169,5 @@ def test_unknown_gate_lists_known_gates(tmp_path, tiny_model):
 def test_negative_queue_ahead_is_refused(tmp_path, tiny_model):
     with pytest.raises(ConfigError) as e:
         _plan(tmp_path, tiny_model, "infra.queue_ahead=-1")
-    assert _one_line(e) == "infra.queue_ahead -1 is negative; use 0 (no bound) or more"
+    assert _one_line(e) == "infra.queue_ahead -1 is out of range; set infra.queue_ahead=0 or more"
     assert _nothing_stored(tmp_path)
