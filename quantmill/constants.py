@@ -70,6 +70,7 @@ PROBE_FILE = "quantmill-probe.safetensors"  # a quantized checkpoint's logits on
 # Environment variables.
 ENV_LLAMA_CPP = "QUANTMILL_LLAMA_CPP"
 ENV_CONF_DIR = "QUANTMILL_CONF"
+ENV_DEBUG = "QUANTMILL_DEBUG"  # 1: tracebacks of user errors are kept
 ENV_WORKER = "QUANTMILL_WORKER"  # set by `quantmill worker`: the worker's name, its pool and its local cache
 ENV_POOL = "QUANTMILL_POOL"
 ENV_CACHE_DIR = "QUANTMILL_CACHE_DIR"

@@ -85,6 +85,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _run_and_report(cfg, args: argparse.Namespace) -> bool:
     from quantmill import progress
     from quantmill.cli import ui
+    from quantmill.outcome import FAILED
     from quantmill.prefect.launch import run_config
 
     start = time.perf_counter()
@@ -95,6 +96,9 @@ def _run_and_report(cfg, args: argparse.Namespace) -> bool:
         print(json.dumps({"seconds": round(elapsed, 3), "steps": [o.to_json() for o in outcomes]}, indent=1))
     else:
         ui.out.print(ui.summary_table(outcomes, elapsed))
+    for o in outcomes:  # stdout carries the table (or JSON); each failure is one line on stderr
+        if o.status == FAILED:
+            print(f"quantmill: error: {o.spec_id}: {o.error}", file=sys.stderr)
     return all(o.ok for o in outcomes)
 
 

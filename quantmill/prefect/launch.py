@@ -174,6 +174,7 @@ def _run_config(cfg, ahead, *, verbose: bool) -> list:
 
     flow = flow_at(C.PIPELINE_ENTRYPOINT).with_options(
         task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
+    settings.user_errors_in_one_line(verbose)
     with progress.reporting(), settings.without_run_heartbeats(), settings.temporary_server_errors(cfg.infra):
         state = flow(to_dict(cfg), Planned(made), return_state=True)
     data = state.result(raise_on_failure=False)
@@ -198,6 +199,7 @@ def _run_on_pools(cfgs: list, made: list, *, verbose: bool) -> list[list | None]
     from quantmill.prefect.deploy import flow_at
     from quantmill.prefect.scheduler import Planned
 
+    settings.user_errors_in_one_line(verbose)
     single = len(cfgs) == 1
     threads = sum(max(1, cfg.infra.max_parallel) for cfg in cfgs)  # a dispatch holds a thread while it waits
     flow = flow_at(C.POOLS_ENTRYPOINT if single else C.BATCH_ENTRYPOINT).with_options(

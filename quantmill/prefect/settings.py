@@ -3,12 +3,14 @@ runs without heartbeats."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from quantmill import constants as C
 from quantmill.config import InfraConfig
 from quantmill.errors import QuantmillError
 
@@ -106,3 +108,34 @@ class _QuietSettings:
 
 
 _QUIET = _QuietSettings()
+
+
+class _UserErrorsInOneLine(logging.Filter):
+    """Drop Prefect's report of a task or flow that failed with a QuantmillError (a traceback, then the same message
+    again): the error is a person's to read, and the run's summary gives it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, QuantmillError):
+            return False
+        message = record.getMessage()
+        return not any(f"exception {name}:" in message for name in _user_error_names())
+
+
+def _user_error_names() -> set[str]:
+    names, todo = set(), [QuantmillError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def user_errors_in_one_line(verbose: bool) -> None:
+    """Keep tracebacks of user errors out of the terminal (``--verbose`` or QUANTMILL_DEBUG=1 keeps them)."""
+    if verbose or os.environ.get(C.ENV_DEBUG) == "1":
+        return
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorsInOneLine) for f in logger.filters):
+            logger.addFilter(_UserErrorsInOneLine())

@@ -209,3 +209,24 @@ def test_report_lists_every_artifact_with_a_chart(three_quants, capsys):
     report = json.loads(capsys.readouterr().out)
     assert sorted(r["recipe"] for r in report["artifacts"]) == ["gguf_q4_k_m", "gguf_q6_k", "gguf_q8_0"]
     assert all(r["status"] == C.PASSED for r in report["artifacts"])
+
+
+def test_a_failing_gate_is_one_line_naming_the_gate_and_margin(tmp_path):
+    """A normal outcome, not a crash: exit 1, the table on stdout, one line on stderr, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import CONF, overrides_for
+
+    env = {**os.environ, "QUANTMILL_CONF": str(CONF), "HF_HUB_OFFLINE": "1"}
+    env.pop("QUANTMILL_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "quantmill.cli", "run", *overrides_for(tmp_path),
+                           "recipe=[gguf_q8_0]", "recipe.gguf_q8_0.gates.max_mean_kld=0.000001"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("quantmill: error:")]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
+    assert len(errors) == 1 and "publish:gguf_q8_0" in errors[0] and "max_mean_kld" in errors[0], done.stderr
+    assert "> 1e-06 (by " in errors[0], errors[0]
+    assert not [line for line in done.stderr.splitlines() if line.startswith(("ERROR", "WARNING"))], done.stderr
