@@ -30,7 +30,12 @@ class IntegrityError(StoreError):
 
 
 class ToolError(QuantmillError):
-    """An external tool (llama.cpp's converter, quantizer, ...) failed."""
+    """An external tool (llama.cpp's converter, quantizer, ...) failed; ``returncode`` is negative when a signal
+    ended it (a run being interrupted, the kernel's OOM killer): nothing about its input is known then."""
+
+    def __init__(self, message: str, returncode: int | None = None):
+        super().__init__(message)
+        self.returncode = returncode
 
 
 class ValidationFailed(QuantmillError):

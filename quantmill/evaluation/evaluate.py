@@ -103,4 +103,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    # Ctrl-C reaches this process with its parent's: die by the signal, as a tool does, so the parent sees a run
+    # that was stopped (a negative exit code), not an artifact that failed to load.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     sys.exit(main(sys.argv[1:]))

@@ -19,6 +19,7 @@ from quantmill import progress
 from quantmill.batches.batch import Run, groups
 from quantmill.config import compose
 from quantmill.errors import QuantmillError
+from quantmill.toolchain import interrupts
 
 # What this process's sweeps (``quantmill run -m hydra/launcher=prefect``) submitted, in order:
 # {job, overrides, name, flow_run_id, state}; the Hydra launcher appends, the CLI reports.
@@ -159,7 +160,7 @@ def _open_store(cfg, stores: dict[bytes, Any] | None):
 def _run_config(cfg, ahead, *, verbose: bool) -> list:
     from quantmill.config import to_dict
     from quantmill.outcome import Outcome
-    from quantmill.prefect import settings
+    from quantmill.prefect import server, settings
 
     made = planned(cfg, ahead)
     if isinstance(made, list):
@@ -175,7 +176,8 @@ def _run_config(cfg, ahead, *, verbose: bool) -> list:
     flow = flow_at(C.PIPELINE_ENTRYPOINT).with_options(
         task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.infra.max_parallel)))
     settings.user_errors_in_one_line(verbose)
-    with progress.reporting(), settings.without_run_heartbeats(), settings.temporary_server_errors(cfg.infra):
+    with interrupts.guard(f"the run of model {cfg.model.name}"), server.temporary_server(cfg.infra), \
+            progress.reporting(), settings.without_run_heartbeats(), settings.temporary_server_errors(cfg.infra):
         state = flow(to_dict(cfg), Planned(made), return_state=True)
     data = state.result(raise_on_failure=False)
     if isinstance(data, BaseException):
@@ -211,7 +213,9 @@ def _run_on_pools(cfgs: list, made: list, *, verbose: bool) -> list[list | None]
         # a retry's parent plans again what was planned here; a config's planning function is still the caller's
         handed = [Planned(m) if callable(m) or not attempt else None for m in made]
         try:
-            with settings.without_run_heartbeats():
+            with interrupts.guard(f"the run of {', '.join(c.model.name for c in cfgs[:3])}"
+                                  f"{' and more' if len(cfgs) > 3 else ''} on pools"), \
+                    settings.without_run_heartbeats():
                 state = (flow(configs[0], handed[0], return_state=True) if single
                          else flow(configs, handed, return_state=True))
             break

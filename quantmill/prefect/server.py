@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 from quantmill.config import InfraConfig
 from quantmill.prefect.settings import ServerError, quiet
@@ -83,3 +85,65 @@ def client():
     from prefect.client.orchestration import get_client
 
     return get_client(sync_client=True)
+
+
+@contextmanager
+def temporary_server(infra: InfraConfig) -> Iterator[str | None]:
+    """An embedded run's own API server, when no server is configured (None when one is): what Prefect would
+    start for the run, started here so that it lives in a session of its own (a terminal's Ctrl-C reaches the
+    run, which stops it, not the server mid-request), writes its log under PREFECT_HOME instead of the terminal,
+    and dies with this process even when that is killed (a parent-death signal)."""
+    if infra.api_url or os.environ.get("PREFECT_API_URL"):
+        yield None
+        return
+    import socket
+    import subprocess
+
+    import httpx
+    import prefect
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    from quantmill.toolchain.tools import SETPRIV
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = Path(os.environ.get("PREFECT_HOME", infra.prefect_home)).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+               "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level",
+               "error", "--lifespan", "on"]
+    if SETPRIV:
+        command = [SETPRIV, "--pdeathsig", "KILL", "--", *command]
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    log_path = home / "temporary-server.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        limit = float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        deadline = time.monotonic() + limit
+        while True:
+            if proc.poll() is not None:
+                raise ServerError(f"Prefect's temporary API server exited with code {proc.returncode} at its start "
+                                  f"(log: {log_path}); start one with `quantmill server` and set PREFECT_API_URL")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerError(f"Prefect's temporary API server did not answer within {limit:g} s (log: "
+                                  f"{log_path}); raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start one "
+                                  f"with `quantmill server` and set PREFECT_API_URL")
+            time.sleep(0.1)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

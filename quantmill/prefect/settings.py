@@ -119,6 +119,8 @@ class _UserErrorsInOneLine(logging.Filter):
         if isinstance(error, QuantmillError):
             return False
         message = record.getMessage()
+        if message.startswith("Crash detected! Execution was aborted by a termination signal"):
+            return False  # a signal quantmill reports itself, in one line (toolchain.interrupts)
         return not any(f"exception {name}:" in message for name in _user_error_names())
 
 

@@ -90,6 +90,8 @@ def validate(runtime: Any, artifact: Path, evalset: Path, reference_dir: Path, *
         metrics, peak = _evaluate("compare", runtime.key, artifact, evalset, reference_dir, None, threads=threads,
                                   max_tokens=max_tokens, label=label)
     except ToolError as e:  # the runtime could not load or run it: a failed artifact, recorded with the reason
+        if e.returncode is not None and e.returncode < 0:
+            raise  # stopped by a signal: says nothing about the artifact, so no verdict is recorded
         record["checks"] = [{"name": "loads", "passed": False, "detail": str(e)}]
         record["status"] = C.FAILED
         return record

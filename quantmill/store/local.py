@@ -24,6 +24,7 @@ from quantmill import constants as C
 from quantmill.digest import DigestCache, FileDigest, digest_tree, manifest_digest
 from quantmill.errors import IntegrityError, NotFound, StoreError, StoreFullError
 from quantmill.store import provenance
+from quantmill.toolchain import interrupts
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -251,6 +252,8 @@ class LocalStore(Store):
             f.flush()
             os.fsync(f.fileno())
         target = self._object(staging.key)
+        if interrupts.stopping():
+            raise StoreError(f"store {self.root}: not committing {staging.key[:12]}: the run is being stopped")
         try:
             os.rename(staging.root, target)
         except OSError as e:

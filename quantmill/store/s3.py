@@ -24,6 +24,7 @@ from quantmill.digest import FileDigest, digest_tree, manifest_digest, sha256_fi
 from quantmill.errors import IntegrityError, NotFound, StoreError
 from quantmill.store import provenance
 from quantmill.store.local import ArtifactRef, Staging, Store
+from quantmill.toolchain import interrupts
 
 
 def explain_client_error(exc: Exception, bucket: str, endpoint: str | None, setting: str = "store") -> StoreError:
@@ -239,6 +240,8 @@ class S3Store(Store):
             self._call(self.client.upload_file, Filename=str(staging.files / subject.path), Bucket=self.bucket,
                        Key=self._key(C.OBJECTS_DIR, staging.key, C.FILES_DIR, upload, subject.path),
                        Config=self.transfer)
+        if interrupts.stopping():
+            raise StoreError(f"{self.uri}: not committing {staging.key[:12]}: the run is being stopped")
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(C.OBJECTS_DIR, staging.key, C.PROVENANCE_FILE),
                                    Body=json.dumps(stmt, indent=1).encode(), IfNoneMatch="*",

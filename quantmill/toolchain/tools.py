@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -16,6 +18,8 @@ from quantmill.errors import ToolError
 from quantmill.progress import reporter
 
 _SPLIT = re.compile(rb"[\r\n]+")
+# util-linux's setpriv sets a parent-death signal, then execs the tool (same process: its peak RSS is the tool's).
+SETPRIV = shutil.which("setpriv") if sys.platform == "linux" else None
 
 
 @dataclass(frozen=True)
@@ -37,15 +41,21 @@ def run_tool(cmd: Sequence[str | Path], *, name: str, label: str, env: Mapping[s
         ToolError: non-zero exit, with the last lines of the tool's output.
     """
     start = time.perf_counter()
-    proc = start_tool(cmd, name=name, env=env, cwd=cwd)
+    proc = start_tool(cmd, name=name, env=env, cwd=cwd, die_with_parent=True)
     return follow_tool(proc, name=name, label=label, progress=progress, total=total, tail_lines=tail_lines,
                        start=start)
 
 
 def start_tool(cmd: Sequence[str | Path], *, name: str, env: Mapping[str, str] | None = None,
-               cwd: Path | None = None, stdin: int | None = None) -> subprocess.Popen:
-    """Start ``cmd`` with its output piped for ``follow_tool`` (``stdin=subprocess.PIPE`` to talk to it first)."""
+               cwd: Path | None = None, stdin: int | None = None, die_with_parent: bool = False) -> subprocess.Popen:
+    """Start ``cmd`` with its output piped for ``follow_tool`` (``stdin=subprocess.PIPE`` to talk to it first).
+
+    ``die_with_parent``: the tool gets SIGKILL if the thread that started it dies (a run killed with SIGKILL leaves
+    no tool running); only for a tool that its starting thread waits for.
+    """
     argv = [str(c) for c in cmd]
+    if die_with_parent and SETPRIV:
+        argv = [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
     try:
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=stdin,
                                 env={**os.environ, **(env or {})}, cwd=cwd)
@@ -81,5 +91,5 @@ def follow_tool(proc: subprocess.Popen, *, name: str, label: str, progress: re.P
     bar.close()
     if proc.returncode != 0:
         last = " | ".join(list(tail)[-5:])
-        raise ToolError(f"{name} failed with exit code {proc.returncode}: {last}")
+        raise ToolError(f"{name} failed with exit code {proc.returncode}: {last}", returncode=proc.returncode)
     return ToolRun(seconds, usage.ru_maxrss * 1024, "\n".join(tail))
