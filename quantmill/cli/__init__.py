@@ -4,6 +4,7 @@
     quantmill ls | show | verify | report | registry ...   quantmill.cli.registry
     quantmill server | worker | deploy                    quantmill.cli.pools
     quantmill batch | watch | trigger                     quantmill.cli.batches
+    quantmill store check                                 quantmill.cli.store
 
 Hydra overrides may come before or after a command's options. A user's error is one line, exit 2.
 """
@@ -19,7 +20,7 @@ from typing import Sequence
 from quantmill import __version__
 from quantmill.errors import QuantmillError
 
-GROUPS = ("run", "registry", "pools", "batches")
+GROUPS = ("run", "registry", "pools", "batches", "store")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -36,8 +37,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, commands = build_parser()
-    if argv[:1] == ["registry"] and f"registry {argv[1:2][0] if argv[1:] else ''}" in commands:
-        args = commands[f"registry {argv[1]}"].parse_intermixed_args(argv[2:])
+    if argv[:1] in (["registry"], ["store"]) and f"{argv[0]} {argv[1:2][0] if argv[1:] else ''}" in commands:
+        args = commands[f"{argv[0]} {argv[1]}"].parse_intermixed_args(argv[2:])
         args.registry_command = argv[1]
     elif argv and argv[0] in commands:  # Hydra overrides may come before or after a command's options
         args = commands[argv[0]].parse_intermixed_args(argv[1:])

@@ -161,10 +161,14 @@ def _run_config(cfg, ahead, *, verbose: bool) -> list:
     from quantmill.config import to_dict
     from quantmill.outcome import Outcome
     from quantmill.prefect import server, settings
+    from quantmill.store import LocalStore
+    from quantmill.store.check import remove_stale_staging
 
     made = planned(cfg, ahead)
     if isinstance(made, list):
         return made
+    if isinstance(made[1], LocalStore):  # staging folders of steps killed mid-way, by runs that are gone
+        remove_stale_staging(made[1])
     if cfg.infra.mode == "prefect":
         return _run_on_pools([cfg], [made], verbose=verbose)[0]
     settings.configure_embedded(cfg.infra, verbose=verbose)

@@ -24,6 +24,7 @@ from quantmill import constants as C
 from quantmill.digest import DigestCache, FileDigest, digest_tree, manifest_digest
 from quantmill.errors import IntegrityError, NotFound, StoreError, StoreFullError
 from quantmill.store import provenance
+from quantmill.store.owners import OWNER_FILE
 from quantmill.toolchain import interrupts
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -221,6 +222,9 @@ class LocalStore(Store):
         root = self.root / C.STAGING_DIR / f"{key[:16]}-{uuid.uuid4().hex[:8]}"
         try:
             (root / C.FILES_DIR).mkdir(parents=True)
+            from quantmill.store.owners import mark_owner
+
+            mark_owner(root)
         except OSError as e:
             if is_disk_full(e):
                 raise self.full_error(e) from e
@@ -246,6 +250,7 @@ class LocalStore(Store):
             raise self.full_error(need=self.used_bytes() + size - self.quota_bytes)
         digest = manifest_digest(subjects)
         stmt = build_statement(subjects, digest)
+        (staging.root / OWNER_FILE).unlink(missing_ok=True)  # the staging folder's owner, not part of the artifact
         record = staging.root / C.PROVENANCE_FILE
         with open(record, "w") as f:  # the commit marker: written after every file it describes
             json.dump(stmt, f, indent=1)
@@ -261,10 +266,11 @@ class LocalStore(Store):
                 raise
             # Another run committed the same key first; same key means same inputs, so keep theirs.
             existing = self.lookup(staging.key)
-            if existing is None:
-                raise StoreError(f"store {self.root}: {target} exists without a provenance record; "
-                                 f"remove it and re-run") from e
-            return existing
+            if existing is None:  # an incomplete commit of an earlier run: set it aside, this one is whole
+                self.set_aside(staging.key)
+                os.rename(staging.root, target)
+            else:
+                return existing
         index = self.root / C.STATE_DIR / C.DIGEST_INDEX_DIR
         index.mkdir(parents=True, exist_ok=True)
         tmp = index / f".{uuid.uuid4().hex}"

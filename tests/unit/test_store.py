@@ -27,7 +27,7 @@ def _statement(key: str):
     return build
 
 
-def _commit(store: LocalStore, key: str, payload: bytes):
+def commit_payload(store: LocalStore, key: str, payload: bytes):
     with store.stage(key) as staging:
         (staging.files / "model.gguf").write_bytes(payload)
         (staging.files / "sub").mkdir()
@@ -38,7 +38,7 @@ def _commit(store: LocalStore, key: str, payload: bytes):
 def test_commit_then_lookup_and_verify(tmp_path):
     store = LocalStore(tmp_path)
     assert store.lookup(KEY) is None
-    ref = _commit(store, KEY, b"weights" * 1000)
+    ref = commit_payload(store, KEY, b"weights" * 1000)
     assert store.lookup(KEY) == ref
     files = store.files(ref)
     assert sorted(p.relative_to(files).as_posix() for p in files.rglob("*") if p.is_file()) == \
@@ -55,7 +55,7 @@ def test_commit_then_lookup_and_verify(tmp_path):
 
 def test_secrets_are_redacted_from_provenance(tmp_path):
     store = LocalStore(tmp_path)
-    _commit(store, KEY, b"x")
+    commit_payload(store, KEY, b"x")
     text = (tmp_path / C.OBJECTS_DIR / KEY / C.PROVENANCE_FILE).read_text()
     assert "hf_secret_value" not in text
     assert json.loads(text)["predicate"]["buildDefinition"]["externalParameters"]["config"]["hf_token"] == "<redacted>"
@@ -89,7 +89,7 @@ def test_failed_step_leaves_nothing_visible(tmp_path):
 
 def test_tampered_file_fails_verification_and_names_it(tmp_path):
     store = LocalStore(tmp_path)
-    ref = _commit(store, KEY, b"weights")
+    ref = commit_payload(store, KEY, b"weights")
     target = store.files(ref) / "model.gguf"
     target.write_bytes(b"Weights")
     problems = store.verify(KEY)
@@ -166,7 +166,7 @@ def test_shards_are_hashed_while_the_next_is_written_and_the_commit_trusts_only_
 def test_quota_refuses_commit_without_partial_artifact(tmp_path):
     store = LocalStore(tmp_path, quota_bytes=10_000)
     with pytest.raises(StoreFullError) as e:
-        _commit(store, KEY, b"x" * 20_000)
+        commit_payload(store, KEY, b"x" * 20_000)
     assert "over its quota of 10000 bytes" in str(e.value) and "nothing was committed" in str(e.value)
     assert list((tmp_path / C.OBJECTS_DIR).iterdir()) == []
     assert list((tmp_path / C.STAGING_DIR).iterdir()) == []
@@ -186,7 +186,7 @@ def tiny_tmpfs(tmp_path):
 def test_full_disk_is_a_clear_error_and_leaves_no_partial_artifact(tiny_tmpfs):
     store = LocalStore(tiny_tmpfs / "store")
     with pytest.raises(StoreFullError) as e:
-        _commit(store, KEY, b"x" * (2 << 20))
+        commit_payload(store, KEY, b"x" * (2 << 20))
     assert "out of disk space" in str(e.value) and "nothing was committed" in str(e.value)
     assert store.lookup(KEY) is None
     assert list((tiny_tmpfs / "store" / C.OBJECTS_DIR).iterdir()) == []
