@@ -50,6 +50,12 @@ def _registry(args: argparse.Namespace):
     if not hasattr(publisher, "registry"):  # only registry publishers keep the versioned layout listed here
         raise ConfigError(f"publish.publisher={cfg.publish.publisher!r} cannot be listed; the team registry is "
                           f"publish=local or publish=s3")
+    if cfg.publish.publisher == "local" and cfg.store.kind == "local":
+        from pathlib import Path
+
+        root = Path(cfg.store.root).expanduser().resolve()
+        if not (root / "objects").is_dir():  # a mistyped store.root must not become a new, empty store
+            raise ConfigError(f"store.root {root} holds no store yet; fix store.root, or run the pipeline first")
     store = open_store(cfg.store) if cfg.publish.publisher == "local" else None  # a bucket registry needs no local store
     if store is None:
         publisher.check(cfg.publish, store)

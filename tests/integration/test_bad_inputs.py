@@ -168,3 +168,13 @@ def test_bad_input_is_one_line_before_any_work(case, tmp_path, tiny_model):
     objects = store / "objects"
     assert not objects.exists() or not any(objects.iterdir()), sorted(p.name for p in objects.iterdir())
     shutil.rmtree(tmp_path / "prefect", ignore_errors=True)
+
+
+@pytest.mark.parametrize("command", [["verify", "tiny-llama-gguf_q8_0"], ["ls"], ["store", "check"]])
+def test_a_mistyped_store_root_is_refused_and_not_created(tmp_path, command):
+    typo = tmp_path / "artifcats"
+    done = subprocess.run([sys.executable, "-m", "quantmill.cli", *command, f"store.root={typo}"], cwd=tmp_path,
+                          env={**os.environ, "QUANTMILL_CONF": str(CONF)}, capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and str(typo) in lines[0], done.stderr
+    assert not typo.exists()
