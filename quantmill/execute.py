@@ -158,7 +158,7 @@ def _publish(rec: PublishRecord, spec: StepSpec, inputs: Mapping[str, Path], out
             "metrics": {k: validation[k] for k in SUMMARY_METRICS if k in validation} if validation else {},
             "kv_cache_bytes_per_token": shape.kv_cache_bytes(1),
             "recipe": rec.recipe, "model": rec.model, "format": rec.format,
-            "quant_type": quant.get("quant_type") or quant.get("outtype", "").upper(),
+            "quant_type": quant.get("quant_type") or quant.get("scheme") or quant.get("outtype", "").upper(),
             "bits_per_weight": quant.get("bits_per_weight"),
             "size_bytes": validation["size_bytes"] if validation else None}
 

@@ -16,6 +16,7 @@ import pytest
 from quantmill import constants as C
 from quantmill.errors import PreflightError
 from quantmill.plan.build import plan
+from quantmill.registry.operations import nominal_bits
 from quantmill.store import open_store
 from tests.conftest import compose_in
 
@@ -59,6 +60,8 @@ def test_gptq_and_awq_on_both_backends_are_validated_and_published(calibrated_ru
     for name, (backend, fmt) in PUBLISHED.items():
         entry = json.loads((registry / name / "v1" / C.REGISTRY_ENTRY_FILE).read_text())
         assert entry["validated"] is True and entry["format"] == fmt, name
+        # the scheme is the entry's quant type, so `registry ls --bits 4` finds every W4A16 version
+        assert entry["quant_type"] == "W4A16" and nominal_bits(entry) == 4, entry
         card = (registry / name / "v1" / C.MODEL_CARD_FILE).read_text()
         assert "base_model_relation: quantized" in card
     for outcomes in (first, second):
