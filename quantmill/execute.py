@@ -182,10 +182,22 @@ def register(spec: StepSpec, store: Store, ref: ArtifactRef) -> dict[str, Any]:
 
 def run_step(spec: StepSpec, inputs: Mapping[str, ArtifactRef], store: Store,
              run: provenance.RunInfo | None = None) -> StepResult:
-    """Run ``spec`` unless the store already has its key; commit its output with provenance."""
+    """Run ``spec`` unless the store already has its key; commit its output with provenance.
+
+    A run that finds another computing the same key waits for it (the store's lock on the key) and reuses what it
+    committed: two identical runs compute each step once."""
     run = run or provenance.RunInfo()
     key = step_key(spec, inputs)
     found = store.lookup_intact(key, spec.id)
+    if found is None:
+        with store.key_lock(key):
+            return _run_step(spec, inputs, store, run, key)
+    return _run_step(spec, inputs, store, run, key, found)
+
+
+def _run_step(spec: StepSpec, inputs: Mapping[str, ArtifactRef], store: Store, run: provenance.RunInfo, key: str,
+              found: ArtifactRef | None = None) -> StepResult:
+    found = found or store.lookup_intact(key, spec.id)  # committed while this run waited for the key's lock
     if found is not None:
         if spec.step == C.PUBLISH:
             register(spec, store, found)

@@ -16,9 +16,10 @@ import os
 import shutil
 import uuid
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from quantmill import constants as C
 from quantmill.digest import DigestCache, FileDigest, digest_tree, manifest_digest
@@ -106,6 +107,11 @@ class Store(ABC):
         progress.warn(f"{what}: cached artifact {key[:12]} is damaged ({problems[0]}"
                       f"{f'; {len(problems) - 1} more' if len(problems) > 1 else ''}); moved to {where}, rebuilding it")
         return None
+
+    def key_lock(self, key: str) -> AbstractContextManager[None]:
+        """Held while this process computes ``key``: another process computing it waits, then finds it committed.
+        Stores whose commits are conditional writes (S3) keep the first commit instead and need none."""
+        return nullcontext()
 
     def read_result(self, ref: ArtifactRef) -> dict[str, Any]:
         """The small JSON result its step wrote beside the artifact's files."""
@@ -289,6 +295,19 @@ class LocalStore(Store):
                 problems.append(f"{subject.path} does not match its provenance record")
         cache.save()
         return problems
+
+    @contextmanager
+    def key_lock(self, key: str) -> Iterator[None]:
+        import fcntl
+
+        locks = self.root / C.STATE_DIR / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / key[:32], "a") as handle:  # flock: released by the kernel if this process dies
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def set_aside(self, key: str) -> str:
         target = self.root / C.DAMAGED_DIR / f"{key}.{uuid.uuid4().hex[:8]}"

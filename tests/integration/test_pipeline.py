@@ -235,3 +235,29 @@ def test_a_byte_flipped_in_a_cached_artifact_is_reported_rebuilt_and_the_good_by
     published = store.verified_files(ArtifactRef(entry["artifact"]["key"], entry["artifact"]["digest"], ""))
     assert hashlib.sha256((published / gguf.name).read_bytes()).hexdigest() == good
     assert len(registry.versions("tiny-llama-gguf_q4_k_m")) == 1
+
+
+def test_two_identical_runs_started_together_compute_each_step_once(tmp_path):
+    """Same command, same project, at the same moment: one computes each step, the other waits for it and reuses
+    it; both end well, with the same digests, and no traceback."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import CONF, overrides_for
+
+    env = {**os.environ, "QUANTMILL_CONF": str(CONF), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "quantmill.cli", "run", "--json", *overrides_for(tmp_path)]
+    runs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    done = [(proc.communicate(timeout=600), proc.returncode) for proc in runs]
+    reports = []
+    for (out, err), code in done:
+        assert code == 0 and "Traceback" not in err, err[-3000:]
+        reports.append({s["spec_id"]: s for s in json.loads(out)["steps"]})
+    assert reports[0].keys() == reports[1].keys()
+    for spec_id in reports[0]:
+        statuses = sorted(r[spec_id]["status"] for r in reports)
+        assert statuses == ["cached", "ran"], (spec_id, statuses)  # computed once, reused once
+        assert reports[0][spec_id]["digest"] == reports[1][spec_id]["digest"], spec_id
