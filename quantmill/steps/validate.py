@@ -66,8 +66,9 @@ def _evaluate(mode: str, runtime: str, artifact: Path, evalset: Path, reference:
                    "reference_out": str(reference_out) if reference_out else None,
                    "result_path": str(Path(tmp) / "result.json"), "threads": threads, "max_tokens": max_tokens}
         (Path(tmp) / "request.json").write_text(json.dumps(request))
+        # cwd: ``python -m`` puts it first on sys.path, and the run's own directory may hold another checkout
         run = run_tool([sys.executable, "-m", "quantmill.evaluation.evaluate", Path(tmp) / "request.json"],
-                       name=f"evaluation in runtime {runtime!r}", label=label)
+                       name=f"evaluation in runtime {runtime!r}", label=label, cwd=Path(tmp))
         return json.loads((Path(tmp) / "result.json").read_text()), run.max_rss_bytes
 
 

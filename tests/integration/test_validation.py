@@ -230,3 +230,26 @@ def test_a_failing_gate_is_one_line_naming_the_gate_and_margin(tmp_path):
     assert len(errors) == 1 and "publish:gguf_q8_0" in errors[0] and "max_mean_kld" in errors[0], done.stderr
     assert "> 1e-06 (by " in errors[0], errors[0]
     assert not [line for line in done.stderr.splitlines() if line.startswith(("ERROR", "WARNING"))], done.stderr
+
+
+def test_a_run_from_inside_another_checkout_uses_the_installed_code_in_every_process(tmp_path):
+    """The `quantmill` command started in a directory that holds another `quantmill/` package: the evaluation
+    processes import the same quantmill as the run (``python -m`` would put the working directory first)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import CONF, overrides_for
+
+    other = tmp_path / "quantmill"
+    other.mkdir()
+    (other / "__init__.py").write_text("raise ImportError('the other checkout was imported')\n")
+    (other / "evaluation").mkdir()
+    (other / "evaluation" / "__init__.py").write_text("")
+    env = {**os.environ, "QUANTMILL_CONF": str(CONF), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([str(Path(sys.executable).parent / "quantmill"), "run", "--json", *overrides_for(tmp_path),
+                           "recipe=[gguf_q8_0]", "publish.enabled=false"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the other checkout was imported" not in done.stdout + done.stderr
