@@ -160,6 +160,7 @@ def _publish(rec: PublishRecord, spec: StepSpec, inputs: Mapping[str, Path], out
             "recipe": rec.recipe, "model": rec.model, "format": rec.format,
             "quant_type": quant.get("quant_type") or quant.get("scheme") or quant.get("outtype", "").upper(),
             "bits_per_weight": quant.get("bits_per_weight"),
+            **{k: quant[k] for k in ("quant_type_requested", "tensor_types", "fallback_share") if k in quant},
             "size_bytes": validation["size_bytes"] if validation else None}
 
 

@@ -12,7 +12,7 @@ from quantmill.backends import QUANTIZERS
 from quantmill.backends.base import QuantizerDefaults
 from quantmill.config import RecipeConfig
 from quantmill.errors import PreflightError
-from quantmill.toolchain.gguf_info import bits_per_weight
+from quantmill.toolchain.gguf_info import bits_per_weight, fallback, weight_types
 from quantmill.toolchain.llamacpp import locate
 from quantmill.toolchain.tools import run_tool
 
@@ -79,8 +79,11 @@ class GgufQuantizer(QuantizerDefaults):
         if threads:
             cmd.append(threads)
         run_tool(cmd, name="llama-quantize", label=label, progress=_TENSOR, cwd=cwd)
-        return {"file": out.name, "quant_type": quant_type.upper(), "imatrix": imatrix is not None,
-                "bits_per_weight": round(bits_per_weight(out), 4)}
+        result = {"file": out.name, "quant_type": quant_type.upper(), "imatrix": imatrix is not None,
+                  "bits_per_weight": round(bits_per_weight(out), 4)}
+        # Rows a k-quant's blocks do not divide are stored in another type, silently: the label says what the
+        # file holds, and the recipe's type stays beside it.
+        return {**result, **(fallback(quant_type, weight_types(out)) or {})}
 
 
 def one_gguf(directory: Path) -> Path:

@@ -148,6 +148,9 @@ class GateConfig:
         min_top1: Fraction of positions whose most likely token equals the reference's.
         tokenizer_exact: The artifact's tokenizer must encode every probe to the source tokenizer's ids and keep
             its special tokens and chat template.
+        max_fallback_share: For k-quant GGUFs: the share of weights llama.cpp stored in another type because the
+            type's blocks do not divide their rows (a narrow model); above it the recipe's type is not what the
+            file holds.
     """
 
     max_mean_kld: Optional[float] = None
@@ -155,6 +158,7 @@ class GateConfig:
     max_ppl_ratio: Optional[float] = None
     min_top1: Optional[float] = None
     tokenizer_exact: bool = True
+    max_fallback_share: Optional[float] = 0.5
 
 
 @dataclass

@@ -77,7 +77,9 @@ class Accumulator:
 
 
 GATE_METRICS = {"max_mean_kld": ("mean_kld", "<="), "max_p99_kld": ("p99_kld", "<="),
-                "max_ppl_ratio": ("ppl_ratio", "<="), "min_top1": ("top1_agreement", ">=")}
+                "max_ppl_ratio": ("ppl_ratio", "<="), "min_top1": ("top1_agreement", ">="),
+                "max_fallback_share": ("fallback_share", "<=")}
+ARTIFACT_METRICS = frozenset({"fallback_share"})  # read from the file where its format has it: else no gate
 
 
 def check_gates(metrics: dict[str, Any], gates: dict[str, Any]) -> list[dict[str, Any]]:
@@ -87,6 +89,8 @@ def check_gates(metrics: dict[str, Any], gates: dict[str, Any]) -> list[dict[str
         if threshold is None or gate == "tokenizer_exact":
             continue
         metric, op = GATE_METRICS[gate]
+        if metric in ARTIFACT_METRICS and metric not in metrics:
+            continue
         value = metrics[metric]
         passed = value <= threshold if op == "<=" else value >= threshold
         detail = f"{metric} {value:.5g} {op} {threshold:g}" if passed else \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,41 +88,51 @@ def client():
     return get_client(sync_client=True)
 
 
-@contextmanager
-def temporary_server(infra: InfraConfig) -> Iterator[str | None]:
-    """An embedded run's own API server, when no server is configured (None when one is): what Prefect would
-    start for the run, started here so that it lives in a session of its own (a terminal's Ctrl-C reaches the
-    run, which stops it, not the server mid-request), writes its log under PREFECT_HOME instead of the terminal,
-    and dies with this process even when that is killed (a parent-death signal)."""
-    if infra.api_url or os.environ.get("PREFECT_API_URL"):
-        yield None
-        return
-    import socket
-    import subprocess
+class TemporaryServer:
+    """This process's temporary API server for embedded runs, started on first use and kept for the process's
+    later runs (a batch, a sweep, a test session), as Prefect keeps its own: in a session of its own (a terminal's
+    Ctrl-C reaches the run, which stops it, not the server mid-request), its log under PREFECT_HOME instead of the
+    terminal, and a parent-death signal (it dies with this process even when that is killed)."""
 
-    import httpx
-    import prefect
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: Any = None
+        self.url: str | None = None
 
-    from quantmill.toolchain.tools import SETPRIV
+    def ensure(self, infra: InfraConfig) -> str:
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._start(infra)
+            return self.url
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    home = Path(os.environ.get("PREFECT_HOME", infra.prefect_home)).expanduser()
-    home.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
-               "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level",
-               "error", "--lifespan", "on"]
-    if SETPRIV:
-        command = [SETPRIV, "--pdeathsig", "KILL", "--", *command]
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    log_path = home / "temporary-server.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    try:
+    def _start(self, infra: InfraConfig) -> None:
+        import atexit
+        import socket
+        import subprocess
+
+        import httpx
+        import prefect
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+        from quantmill.toolchain.tools import SETPRIV
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        home = Path(os.environ.get("PREFECT_HOME", infra.prefect_home)).expanduser()
+        home.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
+                   "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+                   "--log-level", "error", "--lifespan", "on"]
+        if SETPRIV:
+            command = [SETPRIV, "--pdeathsig", "KILL", "--", *command]
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1"}
+        log_path = home / "temporary-server.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        url = f"http://127.0.0.1:{port}/api"
         limit = float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
         deadline = time.monotonic() + limit
         while True:
@@ -134,16 +145,42 @@ def temporary_server(infra: InfraConfig) -> Iterator[str | None]:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
+                proc.kill()
                 raise ServerError(f"Prefect's temporary API server did not answer within {limit:g} s (log: "
                                   f"{log_path}); raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start one "
                                   f"with `quantmill server` and set PREFECT_API_URL")
             time.sleep(0.1)
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if self._proc is None:
+            # Registered before Prefect's services start: it runs after they have drained at exit (LIFO).
+            atexit.register(self.stop)
+        self._proc, self.url = proc, url
+
+    def stop(self) -> None:
+        import subprocess
+
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+TEMPORARY = TemporaryServer()
+
+
+@contextmanager
+def temporary_server(infra: InfraConfig) -> Iterator[str | None]:
+    """The API an embedded run reports to: None (Prefect's own setting) where a server is configured, else this
+    process's temporary server."""
+    if infra.api_url or os.environ.get("PREFECT_API_URL"):
+        yield None
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = TEMPORARY.ensure(infra)
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url

@@ -67,7 +67,12 @@ def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str,
         lines += ["> **Unvalidated**: published with validation not enforced; "
                   + ("it failed: " + "; ".join(failed_checks(validation)) if validation else "it was not validated")
                   + ".", ""]
-    rows = [("Quant type", quant_type), ("Bits per weight", f"{bpw:.2f}" if bpw else "n/a"),
+    rows = [("Quant type", quant_type)]
+    if quant.get("quant_type_requested"):
+        mix = ", ".join(f"{kind} {share:.0%}" for kind, share in quant["tensor_types"].items())
+        rows += [("Recipe asked for", f"{quant['quant_type_requested']}; llama.cpp stored {mix} of the weights "
+                                      "(its blocks do not divide every row)")]
+    rows += [("Bits per weight", f"{bpw:.2f}" if bpw else "n/a"),
             ("Importance matrix", "yes" if quant.get("imatrix") else "no")]
     if validation:
         rows += metric_rows(validation)

@@ -96,6 +96,9 @@ def validate(runtime: Any, artifact: Path, evalset: Path, reference_dir: Path, *
         record["checks"] = [{"name": "loads", "passed": False, "detail": str(e)}]
         record["status"] = C.FAILED
         return record
+    quant = artifact / C.RESULT_FILE
+    if quant.is_file() and "fallback_share" in (made := json.loads(quant.read_text())):
+        metrics["fallback_share"] = made["fallback_share"]
     record.update(metrics)
     record["peak_rss_bytes"] = peak
     generated = metrics["generated_ids"]

@@ -23,6 +23,36 @@ def tensor_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
 
 
+def weight_types(path: Path) -> dict[str, int]:
+    """ggml type name -> parameters stored in it, over the weight matrices (tensors of two or more dimensions)."""
+    from gguf import GGUFReader
+
+    census: dict[str, int] = {}
+    for t in GGUFReader(path).tensors:
+        if len([d for d in t.shape if int(d) > 1]) >= 2:
+            census[t.tensor_type.name] = census.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return census
+
+
+# Types llama.cpp falls back to when a k-quant's 256-wide blocks do not divide a row.
+LEGACY_TYPES = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "F16", "BF16", "F32"})
+
+
+def fallback(requested: str, census: dict[str, int]) -> dict[str, Any] | None:
+    """How much of a k-quant request llama.cpp stored in other types (None when nothing fell back): the share of
+    weight parameters, the real mix, and a label naming what dominates."""
+    if "_K" not in requested.upper() or not census:
+        return None
+    total = sum(census.values())
+    fell = sum(n for kind, n in census.items() if kind in LEGACY_TYPES)
+    if not fell:
+        return None
+    dominant = max(census, key=census.get)
+    return {"fallback_share": round(fell / total, 4),
+            "tensor_types": {kind: round(n / total, 4) for kind, n in sorted(census.items(), key=lambda kv: -kv[1])},
+            "quant_type": f"{dominant} mix", "quant_type_requested": requested.upper()}
+
+
 def metadata(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     from gguf import GGUFReader
 
