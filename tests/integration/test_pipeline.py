@@ -81,7 +81,10 @@ def test_task_runs_are_recorded_in_prefect_and_in_provenance(default_run):
     store = open_store(compose_in(root).store)
     run = next(b for b in store.statement(outcomes[-1].key)["predicate"]["runDetails"]["byproducts"]
                if b["name"] == "run")["annotations"]
-    with get_client(sync_client=True) as client:
+    from quantmill.prefect.server import TEMPORARY
+
+    # the run was recorded by this process's temporary API server, which outlives the run
+    with get_client(sync_client=True, httpx_settings={"base_url": TEMPORARY.url}) as client:
         flow_run = client.read_flow_run(run["prefect_flow_run_id"])
         task_run = client.read_task_run(run["prefect_task_run_id"])
     assert flow_run.state.is_completed() and flow_run.name
