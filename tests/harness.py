@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from quantmill.prefect.workers import worker_of
+from quantmill.toolchain.interrupts import descendants
 from tests.conftest import CONF
 
 # Pools with the capabilities the bundled model's GGUF and MLX recipes need; the S3 credentials moto accepts.
@@ -86,24 +87,6 @@ def make_bucket(endpoint: str, bucket: str) -> None:
 
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
                  aws_secret_access_key="testing").create_bucket(Bucket=bucket)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (the step run a process worker spawns lives in a session of its own)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def crash(proc: subprocess.Popen) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from quantmill.toolchain.interrupts import descendants
+from quantmill.toolchain.interrupts import alive, descendants
 from tests.conftest import CONF, overrides_for
 from tests.harness import wait
 
@@ -25,14 +25,6 @@ def _start(root: Path) -> tuple[subprocess.Popen, Path]:
     proc = subprocess.Popen([sys.executable, "-m", "quantmill.cli", "run", *overrides_for(root)], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=open(err, "w"), start_new_session=True)
     return proc, err
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 @pytest.mark.parametrize("step, sig, code", [
@@ -66,7 +58,7 @@ def test_an_interrupted_run_ends_at_once_and_leaves_no_process(tmp_path, step, s
     assert lines == [f"quantmill: interrupted by {sig.name} during the run of model tiny-llama; finished steps are "
                      f"kept in the store, run the same command again to resume"], lines
     assert "Traceback" not in text
-    wait(lambda: not [pid for pid in tree if _alive(pid)], 5, "the run's processes to be gone")
+    wait(lambda: not [pid for pid in tree if alive(pid)], 5, "the run's processes to be gone")
     # nothing half-written is visible, and the next run resumes: what finished before is answered from the store
     objects = tmp_path / "store" / "objects"
     finished = {p.name for p in objects.iterdir()} if objects.exists() else set()
@@ -97,7 +89,7 @@ def test_a_run_killed_with_sigkill_leaves_no_process_and_nothing_half_written(tm
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     # every child quantmill started dies with it (a parent-death signal), the temporary API server included
-    wait(lambda: not [pid for pid in tree if _alive(pid)], 10, "the killed run's processes to be gone")
+    wait(lambda: not [pid for pid in tree if alive(pid)], 10, "the killed run's processes to be gone")
     objects = tmp_path / "store" / "objects"
     for key in (p.name for p in objects.iterdir()) if objects.exists() else []:
         assert (objects / key / "provenance.json").is_file(), key
