@@ -22,14 +22,28 @@ def api_url(infra: InfraConfig) -> str:
     return url.rstrip("/")
 
 
+BUSY_SERVER_SECONDS = 30.0  # how long a server that answers late is asked again before it counts as unreachable
+
+
 def check_server(url: str) -> None:
     """One line if the server does not answer, naming it and the way to run without one."""
     import httpx
 
-    try:
-        httpx.get(f"{url}/health", timeout=5).raise_for_status()
-    except httpx.HTTPError as e:
-        reason = type(e).__name__ if not str(e) else str(e).splitlines()[0]
+    deadline = time.monotonic() + BUSY_SERVER_SECONDS
+    while True:
+        try:
+            httpx.get(f"{url}/health", timeout=5).raise_for_status()
+            return
+        except (httpx.TimeoutException, httpx.HTTPStatusError) as e:
+            # a server that is there but busy (a loaded machine, SQLite writes) answers late: ask again a while
+            if time.monotonic() < deadline and not (isinstance(e, httpx.HTTPStatusError)
+                                                    and e.response.status_code < 500):
+                time.sleep(1)
+                continue
+            error: httpx.HTTPError = e
+        except httpx.HTTPError as e:
+            error = e
+        reason = type(error).__name__ if not str(error) else str(error).splitlines()[0]
         raise ServerError(f"Prefect server at {url} is unreachable ({reason}); start it with `quantmill server`, fix "
                           f"infra.api_url / PREFECT_API_URL, or run embedded with infra=embedded") from None
 
@@ -106,13 +120,9 @@ class TemporaryServer:
             return self.url
 
     def _start(self, infra: InfraConfig) -> None:
-        import atexit
         import socket
-        import subprocess
 
-        import httpx
         import prefect
-        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
         from quantmill.toolchain.tools import SETPRIV
 
@@ -129,6 +139,23 @@ class TemporaryServer:
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1"}
         log_path = home / "temporary-server.log"
+        # Two runs of one project start at once: their servers migrate one SQLite database, one at a time.
+        with open(home / ".temporary-server.lock", "a") as lock:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._launch(command, env, log_path, port)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _launch(self, command: list[str], env: dict[str, str], log_path: Path, port: int) -> None:
+        import atexit
+        import subprocess
+
+        import httpx
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
