@@ -35,6 +35,16 @@ class GgufConverter:
                 f"model {model_name!r} has architecture {info.architecture!r}, which llama.cpp's converter "
                 f"({locate().build_info['llama_cpp_python']}) cannot convert{hint}; choose a non-GGUF recipe or "
                 f"upgrade llama.cpp")
+        root = info.extra.get("root")
+        if root:  # sources that have the tokenizer files before download (local folders, the Hub's small files)
+            from quantmill.toolchain.gguf_vocab import problems
+
+            found = problems(Path(root), info.config, locate().source)
+            if found:
+                raise PreflightError(
+                    f"model {model_name!r}: llama.cpp's converter ({locate().build_info['llama_cpp_python']}) "
+                    f"cannot take its tokenizer: {'; '.join(found)}; choose a non-GGUF recipe (safetensors, MLX, "
+                    f"AWQ/GPTQ) or pin a llama.cpp whose converter knows this tokenizer")
 
     def tools(self) -> dict[str, str]:
         return {"llama.cpp": locate().version,

@@ -24,6 +24,10 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
 class HfSource:
     key = "hf"
 
@@ -80,7 +84,8 @@ class HfSource:
         chosen = select_files(cfg.name, sizes, allow_pickle=cfg.allow_pickle,
                               trust_remote_code=cfg.trust_remote_code)
         files = [FileDigest(n, sizes[n][1], sizes[n][0]) for n in chosen]
-        for name in ("tokenizer.json", "tokenizer_config.json"):  # small; preflight checks the evaluation text
+        # small: preflight checks the evaluation text and what the converters will do with the tokenizer
+        for name in TOKENIZER_FILES:
             if name in sizes:
                 hf_hub_download(cfg.repo_id, name, revision=sha)
         card = config.get("license")

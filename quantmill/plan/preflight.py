@@ -8,6 +8,7 @@ runtimes and gates, the publisher, the source's description. ``quantmill.plan.bu
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,8 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
         quantizer.check_model(name, recipe, info)
     if cfg.validate.enabled:
         _check_context(cfg, info, eval_files)
+        if any(g.get("tokenizer_exact") for g in gates.values()):
+            _check_tokenizer_agrees(cfg, info, store)
     return Checked(cfg, warnings, recipes, info, adapter_info, publisher, signer, names, runtimes, gates, eval_files,
                    cal_files)
 
@@ -229,3 +232,38 @@ def _check_context(cfg: QuantmillConfig, info: SourceInfo, eval_files: list[Path
                                  f"than one window of validate.n_ctx={n_ctx}; add text or lower validate.n_ctx")
 
 
+
+
+def _check_tokenizer_agrees(cfg: QuantmillConfig, info: SourceInfo, store: Store) -> None:
+    """A source whose tokenizer disagrees with itself is the source's problem: say so once, before any artifact
+    fails the tokenizer gate for it. The verdict is kept per tokenizer content (loading transformers costs seconds)."""
+    import hashlib
+    import json
+
+    from quantmill.toolchain.source_tokenizer import disagreement
+    from quantmill.toolchain.versions import package_versions
+
+    root = Path(info.extra.get("root", ""))
+    names = sorted(p.name for p in root.glob("tokenizer*") if p.is_file()) if info.extra.get("root") else []
+    if "tokenizer.json" not in names:
+        return
+    h = hashlib.sha256(json.dumps([package_versions("transformers", "tokenizers"), list(cfg.validate.probes)])
+                       .encode())
+    for name in names:
+        h.update(name.encode() + (root / name).read_bytes())
+    memo = store.state_dir() / "tokenizer-checks.json"
+    try:
+        verdicts = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        verdicts = {}
+    key = h.hexdigest()
+    if key not in verdicts:
+        verdicts[key] = disagreement(root, list(cfg.validate.probes))
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(verdicts))
+        os.replace(tmp, memo)
+    if verdicts[key]:
+        raise PreflightError(f"model {cfg.model.name!r}: its tokenizer disagrees with itself ({verdicts[key]}), so "
+                             f"no artifact could pass the tokenizer gate; fix the source's tokenizer files "
+                             f"(tokenizer_class in tokenizer_config.json) or set validate.gates.tokenizer_exact=false")

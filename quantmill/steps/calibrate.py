@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from quantmill import constants as C
 from quantmill.errors import PreflightError
-from quantmill.evaluation.tokenizer import SourceTokenizer
+from quantmill.toolchain.source_tokenizer import SourceTokenizer
 from quantmill.plan.records import CalibrationSetRecord
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+# Tokenizer classes that load tokenizer.json as it is written (the others rebuild parts of it in their own way).
+VERBATIM = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
 
 class SourceTokenizer:
     """``tokenizer.json`` through the tokenizers library (fast, no torch); transformers for a model that ships
@@ -44,3 +47,23 @@ class SourceTokenizer:
         if (self.model_dir / "chat_template.jinja").is_file():
             return (self.model_dir / "chat_template.jinja").read_text()
         return self.config.get("chat_template")
+
+
+def disagreement(model_dir: Path, probes: list[str]) -> str | None:
+    """How the tokenizer class the model names (``tokenizer_config.json``, what transformers and every runtime
+    load) encodes differently from its ``tokenizer.json`` (what the pipeline's fixed ids come from); None if they
+    agree on every probe. When they differ, every artifact would fail the tokenizer gate for a fault of the source."""
+    if not (model_dir / "tokenizer.json").is_file() or not (model_dir / "tokenizer_config.json").is_file():
+        return None
+    named = json.loads((model_dir / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    if named in (None, *VERBATIM):
+        return None
+    from transformers import AutoTokenizer
+
+    ours, theirs = SourceTokenizer(model_dir), AutoTokenizer.from_pretrained(str(model_dir))
+    for probe in probes:
+        a, b = ours.encode(probe), theirs.encode(probe, add_special_tokens=False)
+        if a != b:
+            return (f"probe {probe[:24]!r} is {len(a)} ids by tokenizer.json but {len(b)} ids by its tokenizer class "
+                    f"{type(theirs).__name__}")
+    return None

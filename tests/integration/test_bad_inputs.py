@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from quantmill import bundled
 from tests.conftest import CONF
 
 SECONDS = 60  # preflight reads metadata only: far below what one step of the pipeline takes
@@ -52,6 +53,26 @@ def _first_tensor(header: dict, suffix: str) -> dict:
 def _halve_a_shape(header: dict) -> None:
     tensor = _first_tensor(header, "q_proj.weight")
     tensor["shape"] = [tensor["shape"][0] // 2, tensor["shape"][1]]
+
+
+def _bpe_tokenizer(model: Path, up_to: int = 0) -> None:
+    """Replace the model's tokenizer with a byte-level BPE trained here (no converter has seen its ids); with
+    ``up_to``, add special tokens until the last id is ``up_to - 1``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = Path(bundled.__file__).parent / "text" / "calibration.txt"
+    tok.train_from_iterator(text.read_text().splitlines(), trainer)
+    if up_to:
+        tok.add_special_tokens([f"<|extra_{i}|>" for i in range(up_to - tok.get_vocab_size())])
+    tok.save(str(model / "tokenizer.json"))
+    (model / "tokenizer.model").unlink()
+    (model / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                             "eos_token": "<|endoftext|>"}))
 
 
 # (id, overrides given the test's directory and model, setup of the model or files, what the one line must say)
@@ -103,6 +124,9 @@ CASES = [
     ("pickle-only-weights", _tiny, "pickle-only", "model.allow_pickle"),
     ("remote-code", _tiny, "remote-code", "set model.trust_remote_code=true"),
     ("architecture-llama-cpp-lacks", _tiny, "unknown-arch", "cannot convert"),
+    ("tokenizer-pre-unknown", _tiny, "bpe-unknown", "BPE pre-tokenizer (hash"),
+    ("tokenizer-added-past-vocab", _tiny, "bpe-past-vocab", "past config.json's vocab_size 1024"),
+    ("tokenizer-disagrees-with-itself", _tiny, "class-mismatch", "its tokenizer disagrees with itself"),
     ("publish-without-validation", lambda d, m: ["validate.enabled=false"], None, "needs a passed validation"),
     ("signing-key-missing", lambda d, m: [f"publish.signing_key={d / 'no.key'}"], None, "no.key"),
     ("s3-publish-dead-endpoint", lambda d, m: ["publish=s3", "publish.bucket=team",
@@ -143,6 +167,14 @@ def _prepare(kind: str | None, directory: Path, model: Path, env: dict[str, str]
         _edit_config(model, auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"})
     elif kind == "unknown-arch":
         _edit_config(model, architectures=["FrobnicatorForCausalLM"], model_type="frobnicator")
+    elif kind == "bpe-unknown":
+        _bpe_tokenizer(model)
+    elif kind == "bpe-past-vocab":  # a Qwen2 model whose added tokens were given ids past the embedding
+        _bpe_tokenizer(model, up_to=1024 + 3)
+        _edit_config(model, architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    elif kind == "class-mismatch":
+        config = json.loads((model / "tokenizer_config.json").read_text())
+        (model / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "Qwen2Tokenizer"}))
     elif kind == "s3-credentials":
         env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
 
