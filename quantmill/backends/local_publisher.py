@@ -54,7 +54,7 @@ class RegistryPublisher:
         registry = self.registry(settings, store)
         result = store.read_result(ref)
         artifact = ArtifactRef(result["artifact"]["key"], result["artifact"]["digest"], "")
-        existing = registry.find(result["name"], artifact.digest, ref.key)
+        existing = registry.find(result["name"], artifact.digest, result.get("validated", False))
         if existing:
             return existing
         if registry.store is not store:
@@ -75,7 +75,7 @@ class RegistryPublisher:
 
         record = store.read_result(ref)
         return self.registry(spec.context["publish"], store).find(record["name"], record["artifact"]["digest"],
-                                                                  ref.key) is not None
+                                                                  record.get("validated", False)) is not None
 
 
 def _now() -> str:

@@ -100,11 +100,12 @@ class ArtifactRegistry:
     def all_versions(self) -> list[dict[str, Any]]:
         return [self.get(n, v) for n in self.names() for v in self.versions(n)]
 
-    def find(self, name: str, artifact_digest: str, publish_key: str) -> dict[str, Any] | None:
-        """The version of ``name`` that already holds this artifact with this publish record, if any."""
+    def find(self, name: str, artifact_digest: str, validated: bool) -> dict[str, Any] | None:
+        """The version of ``name`` that already holds these bytes with this validation verdict, if any: a new
+        version means new bytes or a new verdict, never a re-run with other settings (``--force``, a new card)."""
         for v in reversed(self.versions(name)):
             entry = self.get(name, v)
-            if entry["artifact"]["digest"] == artifact_digest and entry.get("publish_key") == publish_key:
+            if entry["artifact"]["digest"] == artifact_digest and bool(entry.get("validated")) == bool(validated):
                 return entry
         return None
 
@@ -113,7 +114,7 @@ class ArtifactRegistry:
                 signature: bytes | None = None, lineage: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Add ``entry`` as the next version of ``name`` (whole or not at all), unless an identical one exists."""
         check_name(name)
-        existing = self.find(name, entry["artifact"]["digest"], entry["publish_key"])
+        existing = self.find(name, entry["artifact"]["digest"], entry.get("validated", False))
         if existing:
             return existing
         while True:

@@ -57,8 +57,14 @@ def test_published_ggufs_load_in_pinned_llama_cpp_and_generate(default_run):
             ids = runtime.generate(model, prompt, 12)  # greedy; may stop early at end-of-sequence
             assert 3 <= len(ids) <= 12
             texts[entry["quant_type"]] = runtime.detokenize(model, ids)
-    # the tiny model learned its grammar: both quants continue the sentence with words from it
-    assert all(any(w in t for w in ("the", "at", "a ")) for t in texts.values()), texts
+    # the tiny model learned its corpus: both quants continue the sentence with whole words of it (random or broken
+    # weights string sub-word pieces together); the last word may be cut off by the token limit
+    import re
+
+    corpus = set(re.findall(r"[a-z]+", " ".join(p.read_text().lower() for p in (BUNDLED_ROOT / "text").glob("*.txt"))))
+    for quant, text in texts.items():
+        words = re.findall(r"[a-z]+", text.lower())[:-1]
+        assert len(words) >= 2 and set(words) <= corpus, (quant, text, set(words) - corpus)
 
 
 def test_every_artifact_verifies_against_its_provenance(default_run):
@@ -117,9 +123,10 @@ def test_publish_setting_change_reruns_only_publish(tmp_path):
     assert {k for k, v in status.items() if v != HIT} == {"publish:gguf_q8_0"}
     outcomes = run_config(changed)
     assert [o.spec_id for o in outcomes if o.status == RAN] == ["publish:gguf_q8_0"]
+    # the same bytes with the same verdict: no new version (versions mean new bytes or a new verdict)
     registry = LocalRegistry(tmp_path / "store" / C.REGISTRY_DIR)
-    assert registry.versions("tiny-llama-gguf_q8_0") == [1, 2]
-    assert "- team-a" in registry.card("tiny-llama-gguf_q8_0", 2)
+    assert registry.versions("tiny-llama-gguf_q8_0") == [1]
+    assert "- team-a" not in registry.card("tiny-llama-gguf_q8_0", 1)
 
 
 def _zero_tensor(path, name):

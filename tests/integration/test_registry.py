@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,13 +76,20 @@ def test_two_members_publish_a_third_lists_them(team):
     assert names["tiny-llama-bob-gguf_q2_k"]["signed_by"] == keyids["bob"]
 
 
-def test_publishing_again_changes_nothing(team):
+@pytest.mark.parametrize("again", ["same settings", "--force"])
+def test_publishing_the_same_bytes_again_adds_no_version(team, again):
     before = _bucket(team)
     root = team["root"] / "alice"
+    force = ["validate.enforce=false"] if again == "--force" else []  # what `quantmill run --force` sets
     cfg = compose([f"store.root={root / 'store'}", f"infra.prefect_home={root / 'prefect'}",
                    f"store.cache_dir={root / 'cache'}", "recipe=[gguf_q8_0,gguf_q4_k_m]", *team["publish"], *QUICK,
-                   f"publish.signing_key={team['keys']['alice'][0]}"], conf_dir=CONF)
-    assert all(o.status == "cached" for o in run_config(cfg))
+                   f"publish.signing_key={team['keys']['alice'][0]}", *force], conf_dir=CONF)
+    # forget alice's publish records, so the registry itself must find the artifacts it already holds
+    for o in team["outcomes"]["alice"]:
+        if o.step == "publish":
+            shutil.rmtree(root / "store" / "objects" / o.key, ignore_errors=True)
+    outcomes = run_config(cfg)
+    assert sorted(o.spec_id for o in outcomes if o.status == "ran") == ["publish:gguf_q4_k_m", "publish:gguf_q8_0"]
     assert _bucket(team) == before
 
 
@@ -187,6 +195,23 @@ def test_ls_filters_by_measured_quality(team):
     assert [e["name"] for e in registry_json(team, "ls", "--model", "tiny-llama-bob")] == ["tiny-llama-bob-gguf_q2_k"]
     assert len(registry_json(team, "ls", "--fits", "phone_8gb")) == 3
     assert registry_json(team, "ls", "--max-ppl-ratio", "0.5") == []
+
+
+def test_ls_fits_keeps_what_fits_and_only_that(team, tmp_path):
+    # a target whose memory lies between the footprints of the largest artifact and the others
+    entries = registry_json(team, "ls")
+    context = 64
+    need = {e["name"]: e["size_bytes"] + e["kv_cache_bytes_per_token"] * context for e in entries}
+    largest = max(need, key=need.get)
+    memory = (need[largest] + max(v for k, v in need.items() if k != largest)) / 2
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "target" / "tiny_box.yaml").write_text(
+        f"name: tiny_box\ndescription: a box just too small for one of them\nmemory_gb: {memory / 2**30}\n"
+        f"runtime: llamacpp\nrecipes: [gguf_q4_k_m]\ncontext: {context}\noverhead_gb: 0.0\n")
+    proc = quantmill(team, "registry", "ls", "--json", "--fits", "tiny_box", "--config-dir", str(conf), *team["carol"])
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(e["name"] for e in json.loads(proc.stdout)) == sorted(n for n in need if n != largest)
 
 
 def test_lineage_show_and_promote(team):
