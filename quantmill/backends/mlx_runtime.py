@@ -27,10 +27,15 @@ class MlxRuntime(HfTokenizerMethods):
 
     @contextmanager
     def load(self, artifact: Path, *, n_ctx: int, threads: int = 0) -> Iterator[Any]:
+        import mlx.core as mx
         from mlx_lm import load
 
         start = time.perf_counter()
         model, tokenizer = load(str(artifact))
+        if _routes_experts(artifact) and mx.default_device() == mx.cpu:
+            # mlx's CPU kernel that gathers expert weights takes float32 only; computing in float32 there is what
+            # lets a mixture-of-experts model be evaluated on a CPU worker at all
+            model.set_dtype(mx.float32)
         model.quantmill_tokenizer = tokenizer
         model.load_seconds = time.perf_counter() - start
         yield model
@@ -60,6 +65,13 @@ class MlxRuntime(HfTokenizerMethods):
         from quantmill.backends.mlx_quantizer import logical_bits
 
         return logical_bits(artifact)
+
+
+def _routes_experts(artifact: Path) -> bool:
+    import json
+
+    config = json.loads((artifact / "config.json").read_text())
+    return any(config.get(k, 0) > 1 for k in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
 RUNTIMES.register(MlxRuntime.key)(MlxRuntime())
