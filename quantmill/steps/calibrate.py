@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 from quantmill import constants as C
 from quantmill.errors import PreflightError
-from quantmill.toolchain.source_tokenizer import SourceTokenizer
 from quantmill.plan.records import CalibrationSetRecord
+from quantmill.toolchain.source_tokenizer import SourceTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from quantmill import constants as C
 from quantmill.errors import PreflightError, ToolError
 from quantmill.evaluation.evaluate import EVALSET_META, EVALSET_TOKENS
 from quantmill.evaluation.metrics import check_gates
-from quantmill.toolchain.source_tokenizer import SourceTokenizer
 from quantmill.toolchain.hardware import machine_info
+from quantmill.toolchain.source_tokenizer import SourceTokenizer
 from quantmill.toolchain.tools import run_tool
 
 
