@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -226,6 +227,14 @@ class S3Store(Store):
     def full_error(self, exc: BaseException | None = None, need: int | None = None) -> StoreError:
         return StoreError(f"local staging for {self.uri} in {self.cache} is out of disk space; nothing was committed; "
                           f"free space or move the worker's cache")
+
+    def key_lock(self, key: str) -> AbstractContextManager[None]:
+        """A lease in the bucket (``s3_lease``): workers on other machines computing the same key wait for the
+        holder's commit instead of computing it again; a dead holder's lease expires."""
+        from quantmill.store.s3_lease import lease
+
+        return lease(self.client, self.bucket, self._key(C.STATE_DIR, "leases", key),
+                     done=lambda: self.lookup(key) is not None)
 
     def commit(self, staging: Staging, build_statement: Callable[[list[FileDigest], str], dict]) -> ArtifactRef:
         from botocore.exceptions import ClientError

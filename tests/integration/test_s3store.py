@@ -75,13 +75,6 @@ def test_nothing_is_visible_until_the_provenance_record_is_written(endpoint, buc
     assert _worker(endpoint, bucket, tmp_path, "b").lookup(KEY) is None  # ... but no artifact exists
 
 
-def test_second_commit_of_a_key_keeps_the_first(endpoint, bucket, tmp_path):
-    a, b = _worker(endpoint, bucket, tmp_path, "a"), _worker(endpoint, bucket, tmp_path, "b")
-    first = _commit(a, b"same bytes")
-    second = _commit(b, b"same bytes")
-    assert second == first
-
-
 def test_a_losing_writer_with_other_bytes_never_touches_the_winners_files(endpoint, bucket, tmp_path):
     a, b = _worker(endpoint, bucket, tmp_path, "a"), _worker(endpoint, bucket, tmp_path, "b")
     first = _commit(a, b"measured 41.7 tokens/s")
@@ -236,3 +229,60 @@ def _answers(endpoint: str) -> bool:
         return True
     except httpx.TransportError:
         return False
+
+
+def test_a_worker_waits_for_the_lease_holder_and_reuses_its_commit(endpoint, bucket, tmp_path):
+    """Two workers reach the same key: the second waits on the bucket's lease (its conditional write refused) and
+    then finds the first one's artifact instead of computing it again."""
+    import threading
+
+    from botocore.exceptions import ClientError
+
+    a, b = _worker(endpoint, bucket, tmp_path, "a"), _worker(endpoint, bucket, tmp_path, "b")
+    refused = threading.Event()
+    put_object = b.client.put_object
+
+    def watched(**kw):
+        try:
+            return put_object(**kw)
+        except ClientError:
+            refused.set()
+            raise
+
+    b.client.put_object = watched
+    computed = []
+
+    def second():
+        with b.key_lock(KEY):
+            if b.lookup(KEY) is None:
+                computed.append("b")
+                _commit(b, b"b's bytes")
+
+    with a.key_lock(KEY):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        assert refused.wait(30), "b never tried the lease"
+        assert waiter.is_alive()  # b waits while a holds the lease
+        computed.append("a")
+        first = _commit(a, b"a's bytes")
+    waiter.join(60)
+    assert not waiter.is_alive() and computed == ["a"]
+    assert (b.files(b.lookup(KEY)) / "model.gguf").read_bytes() == b"a's bytes" and b.lookup(KEY) == first
+    import boto3
+
+    left = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket, Prefix="team/state/leases/")
+    assert left.get("KeyCount", 0) == 0  # the lease is gone with its holder's block
+
+
+def test_a_dead_workers_lease_is_taken_over(endpoint, bucket, tmp_path):
+    import boto3
+
+    from quantmill.store.s3_lease import lease
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    key = "team/state/leases/" + KEY
+    client.put_object(Bucket=bucket, Key=key, Body=b'{"host": "gone", "pid": 1}')  # never renewed, never released
+    entered = []
+    with lease(client, bucket, key, done=lambda: False, term=0.0, poll=0.05):  # older than a zero term: expired
+        entered.append(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert entered and b"gone" not in entered[0]
