@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from quantmill.prefect.workers import worker_of
+from quantmill.toolchain.interrupts import descendants
 from tests.conftest import CONF
 from tests.harness import Cluster, crash
 from tests.harness import cli as _cli
@@ -99,8 +101,19 @@ def test_worker_killed_mid_step_leaves_nothing_partial_and_a_rerun_resumes(clust
                        for t in client.read_task_runs())
 
     _wait(validation_running, 300, "validate:mlx_4bit to be running")
-    time.sleep(2)
-    crash(cluster.workers["w-mac"])
+    worker = cluster.workers["w-mac"]
+
+    def evaluating():  # the evaluation process has started: the kill lands in the middle of the step
+        for pid in descendants(worker.pid):
+            try:
+                if b"quantmill.evaluation" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return True
+            except OSError:
+                continue
+        return False
+
+    _wait(evaluating, 120, "the evaluation process of validate:mlx_4bit")
+    crash(worker)
     out, err = parent.communicate(timeout=120)
     assert parent.returncode == 1, err
     steps = _steps(json.loads(out))
@@ -381,7 +394,12 @@ def test_parents_hear_their_step_runs_end_through_one_waiter(cluster, monkeypatc
                 for i, run_id in enumerate(run_ids):
                     c.set_flow_run_state(run_id, Completed() if i % 2 else Failed(), force=True)
 
-        threading.Timer(1.0, end).start()
+        def end_once_all_wait():  # the runs end while all six waits are pending (an event, not a delay)
+            _wait(lambda: any(len(w.pending) == len(run_ids) for w in list(waiting.RunWaiter._by_server.values())),
+                  60, "six pending waits")
+            end()
+
+        threading.Thread(target=end_once_all_wait, daemon=True).start()
         start = time.monotonic()
 
         def wait(run_id):

@@ -13,7 +13,7 @@ import pytest
 
 from quantmill.prefect.workers import worker_of
 from tests.conftest import QUICK
-from tests.harness import Cluster, cli, killpg
+from tests.harness import Cluster, cli, killpg, wait
 
 pytestmark = pytest.mark.slow
 POOLS = "infra.pools={cpu:{capabilities:[cpu,llamacpp],type:warm}}"
@@ -82,29 +82,36 @@ def test_a_busy_warm_worker_does_not_ask_for_runs_it_cannot_take(tmp_path, s3_en
     """At its ``--limit`` the worker stops asking the server for scheduled runs (every poll is work for the
     server), though it polls every 0.5 s, and asks again as soon as its run ends. Its own debug log, one line per
     ask, against the step runs' times read back from the API."""
-    import re
-    from datetime import datetime
-
     server, url, env, worker, client = _warm_worker(tmp_path, s3_endpoint, "busy", "--limit", "1", poll_seconds="0.5",
                                                     PREFECT_LOGGING_LEVEL="DEBUG")
     log = tmp_path / "w-busy" / "worker.log"
     try:
         _run(tmp_path / "parent", env, s3_endpoint, "busy", "recipe=[gguf_q8_0]")
-        time.sleep(2)  # idle again
         with client() as c:
             runs = [r for r in c.read_flow_runs() if "pool:cpu" in r.tags]
+        last_end = max(r.end_time.timestamp() for r in runs)
+        # idle again: wait for the worker's first ask after the last run ended
+        wait(lambda: any(t > last_end for t in _asks(log)), 30, "the worker to ask for runs again")
     finally:
         killpg(worker)
         killpg(server)
-    day = datetime.now().astimezone()
-    asks = [day.replace(hour=int(h), minute=int(m), second=int(sec), microsecond=int(ms) * 1000).timestamp()
-            for h, m, sec, ms in re.findall(r"^(\d\d):(\d\d):(\d\d)\.(\d{3}) .*Querying for flow runs",
-                                            log.read_text(), re.M)]
+    asks = _asks(log)
     busy = [(r.start_time.timestamp() + 0.5, r.end_time.timestamp() - 0.5) for r in runs]
     assert busy and sum(b - a for a, b in busy) > 2, busy  # long enough for several polls of 0.5 s
     assert [t for t in asks if any(a < t < b for a, b in busy)] == [], (asks, busy)
     for run in runs:  # each run's end freed the slot, and the worker asked at once
         assert [t for t in asks if run.end_time.timestamp() - 0.5 < t < run.end_time.timestamp() + 2], (asks, busy)
+
+
+def _asks(log: Path) -> list[float]:
+    """When the worker asked the server for scheduled runs: one debug line per ask."""
+    import re
+    from datetime import datetime
+
+    day = datetime.now().astimezone()
+    return [day.replace(hour=int(h), minute=int(m), second=int(sec), microsecond=int(ms) * 1000).timestamp()
+            for h, m, sec, ms in re.findall(r"^(\d\d):(\d\d):(\d\d)\.(\d{3}) .*Querying for flow runs",
+                                            log.read_text(), re.M)]
 
 
 def _waiting_children(pid: int) -> dict[int, str]:

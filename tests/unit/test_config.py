@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from quantmill.config import RecipeConfig, compose
-from quantmill.errors import ConfigError
+from quantmill.errors import ConfigError, PreflightError
+from quantmill.plan.preflight import resolve_recipe
 from tests.conftest import CONF
 
 RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
@@ -28,11 +29,17 @@ def test_every_recipe_composes_and_is_keyed_by_its_file_name(name):
     cfg = compose([f"recipe=[{name}]"], conf_dir=CONF)
     assert list(cfg.recipe) == [name]
     recipe = cfg.recipe[name]
-    quantizer = QUANTIZERS.get(recipe.backend or recipe.method)
-    fmt = recipe.format or quantizer.default_format(recipe)
-    assert fmt in quantizer.formats and fmt in CONVERTERS
+    resolved, quantizer = resolve_recipe(name, recipe)  # what preflight makes of it: the format it will produce
+    assert resolved.format in quantizer.formats and resolved.format in CONVERTERS
+    assert quantizer is QUANTIZERS.get(recipe.backend or recipe.method)
     # file names say what they make: gguf_*, mlx_*, safetensors_*, or the method for torch quantizers (gptq_*, ...)
     assert name.startswith(recipe.format or recipe.method.replace("smoothquant", "w8a8"))
+
+
+def test_a_format_the_quantizer_cannot_make_is_refused():
+    cfg = compose(["recipe=[gguf_q8_0]", "recipe.gguf_q8_0.format=mlx"], conf_dir=CONF)
+    with pytest.raises(PreflightError, match="backend 'gguf' cannot produce format 'mlx'"):
+        resolve_recipe("gguf_q8_0", cfg.recipe["gguf_q8_0"])
 
 
 def test_recipes_cover_the_k_quant_ladder_mlx_and_passthrough():
