@@ -66,6 +66,8 @@ CALIBRATION_TOKENS_FILE = "calibration.safetensors"
 CALIBRATION_TEXT_FILE = "calibration.txt"
 VALIDATION_FILE = "validation.json"
 PROBE_FILE = "quantmill-probe.safetensors"  # a quantized checkpoint's logits on fixed ids, right after quantizing
+# Files an artifact keeps for the pipeline's own checks, never handed to users (published, pulled, exported).
+INTERNAL_FILES = frozenset({PROBE_FILE})
 
 # Environment variables.
 ENV_LLAMA_CPP = "QUANTMILL_LLAMA_CPP"

@@ -107,7 +107,7 @@ class HfPublisher:
         files = store.files(artifact)
         with tempfile.TemporaryDirectory(prefix="quantmill-hf-") as tmp:
             ops = []
-            for subject in provenance.subjects_of(store.statement(artifact.key)):
+            for subject in provenance.user_subjects_of(store.statement(artifact.key)):
                 path = files / subject.path
                 parts = split_gguf(path, settings["split_max_gb"], Path(tmp)) if path.suffix == ".gguf" else [path]
                 ops += [CommitOperationAdd(f"{prefix}{p.name}", str(p)) for p in parts]

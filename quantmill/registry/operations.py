@@ -105,11 +105,12 @@ def lineage_of(registry: ArtifactRegistry, name: str, version: int | str | None 
 
 
 # -- pull and verify -----------------------------------------------------------------------------------------
-def fetch_verified(registry: ArtifactRegistry, statement: dict[str, Any], key: str, into: Path) -> list[str]:
-    """Fetch every file the record lists from the registry's store into ``into`` (fresh, not from a cache) and
-    re-hash it; returns the problems, one line per file."""
+def fetch_verified(registry: ArtifactRegistry, statement: dict[str, Any], key: str, into: Path, *,
+                   users_only: bool = False) -> list[str]:
+    """Fetch every file the record lists (``users_only``: the files users load) from the registry's store into
+    ``into`` (fresh, not from a cache) and re-hash it; returns the problems, one line per file."""
     problems = []
-    for subject in prov.subjects_of(statement):
+    for subject in (prov.user_subjects_of if users_only else prov.subjects_of)(statement):
         dst = into / subject.path
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -135,7 +136,7 @@ def pull(registry: ArtifactRegistry, name: str, to: Path, keys: list, *, require
     staging = to.parent / f".{to.name}.pull-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
-        problems = fetch_verified(registry, statement, entry["artifact"]["key"], staging)
+        problems = fetch_verified(registry, statement, entry["artifact"]["key"], staging, users_only=True)
         if problems:
             raise IntegrityError(f"{name}:v{v}: " + "; ".join(problems) + "; nothing was written to " + str(to))
         (staging / PROVENANCE).write_bytes(record)
@@ -147,7 +148,7 @@ def pull(registry: ArtifactRegistry, name: str, to: Path, keys: list, *, require
         staging.rename(to)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"name": name, "version": v, "to": str(to), "files": [s.path for s in prov.subjects_of(statement)],
+    return {"name": name, "version": v, "to": str(to), "files": [s.path for s in prov.user_subjects_of(statement)],
             "signed_by": signer, "artifact": entry["artifact"]}
 
 
@@ -175,7 +176,7 @@ def verify_path(path: Path, keys: list, *, require_signature: bool) -> list[str]
     elif require_signature:
         raise signing.SignatureError(f"{path}: " + ("no signature file" if signature is None else "no trusted keys"))
     problems = []
-    for subject in prov.subjects_of(json.loads(record)):
+    for subject in prov.user_subjects_of(json.loads(record)):  # what pull writes
         file = path / subject.path
         if not file.is_file():
             problems.append(f"{subject.path}: missing")

@@ -120,6 +120,13 @@ def subjects_of(stmt: Mapping[str, Any]) -> list[FileDigest]:
     return [FileDigest(s["name"], s["digest"]["sha256"], s["annotations"]["size"]) for s in stmt["subject"]]
 
 
+def user_subjects_of(stmt: Mapping[str, Any]) -> list[FileDigest]:
+    """The files a user loads: every subject but the pipeline's own check files (``C.INTERNAL_FILES``)."""
+    from quantmill import constants as C
+
+    return [s for s in subjects_of(stmt) if s.path not in C.INTERNAL_FILES]
+
+
 def verify(stmt: Mapping[str, Any], files_dir: Path) -> list[str]:
     """Check every subject against the files on disk; return one line per problem (empty: verified)."""
     from quantmill.digest import digest_tree, manifest_digest

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from quantmill.errors import PreflightError
 from quantmill.plan.build import plan
 from quantmill.registry.operations import nominal_bits
 from quantmill.store import open_store
-from tests.conftest import compose_in
+from tests.conftest import CONF, compose_in
 
 pytest.importorskip("llmcompressor")
 
@@ -64,6 +67,19 @@ def test_gptq_and_awq_on_both_backends_are_validated_and_published(calibrated_ru
         assert entry["quant_type"] == "W4A16" and nominal_bits(entry) == 4, entry
         card = (registry / name / "v1" / C.MODEL_CARD_FILE).read_text()
         assert "base_model_relation: quantized" in card
+    # what a user pulls holds what users load: the checkpoint and its configs, not the pipeline's probe
+    name = next(iter(PUBLISHED))
+    pulled = root / "pulled"
+    done = subprocess.run([sys.executable, "-m", "quantmill.cli", "registry", "pull", name, "--to", str(pulled),
+                           f"store.root={root / 'store'}"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "QUANTMILL_CONF": str(CONF)})
+    assert done.returncode == 0, done.stderr
+    files = {p.name for p in pulled.iterdir()}
+    assert C.PROBE_FILE not in files and any(f.endswith(".safetensors") for f in files), files
+    verified = subprocess.run([sys.executable, "-m", "quantmill.cli", "registry", "verify", str(pulled)],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "QUANTMILL_CONF": str(CONF)})
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     for outcomes in (first, second):
         for o in outcomes:
             if o.step == C.VALIDATE and o.recipe:
