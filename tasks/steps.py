@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from quantmill import constants as C
 from quantmill.config import StoreConfig
+from quantmill.errors import ConfigError, IntegrityError, ModelSourceError, PreflightError, PublishRefused
 from quantmill.execute import StepResult, run_step
 from quantmill.plan.spec import StepSpec
 from quantmill.prefect.workers import current_run, worker_store
@@ -28,7 +29,13 @@ def _run(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig)
 _common = dict(cache_policy=NO_CACHE, task_run_name="{spec.id}", persist_result=False)
 
 
-@task(name=C.DOWNLOAD, retries=2, retry_delay_seconds=5, **_common)
+def _worth_retrying(task, task_run, state) -> bool:
+    """A network hiccup is worth another try; a broken checkpoint, a refused setting or a failed gate is not."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, (ConfigError, PreflightError, ModelSourceError, IntegrityError, PublishRefused))
+
+
+@task(name=C.DOWNLOAD, retries=2, retry_delay_seconds=5, retry_condition_fn=_worth_retrying, **_common)
 def download(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
     return _run(spec, upstream, store)
 
@@ -58,7 +65,7 @@ def validate(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreCon
     return _run(spec, upstream, store)
 
 
-@task(name=C.PUBLISH, retries=1, retry_delay_seconds=2, **_common)
+@task(name=C.PUBLISH, retries=1, retry_delay_seconds=2, retry_condition_fn=_worth_retrying, **_common)
 def publish(spec: StepSpec, upstream: Mapping[str, StepResult], store: StoreConfig) -> StepResult:
     return _run(spec, upstream, store)
 

@@ -121,6 +121,8 @@ class _UserErrorsInOneLine(logging.Filter):
         message = record.getMessage()
         if message.startswith("Crash detected! Execution was aborted by a termination signal"):
             return False  # a signal quantmill reports itself, in one line (toolchain.interrupts)
+        if message.startswith("Finished in state NotReady(\"Upstream task run"):
+            return False  # a step skipped because an input failed: the summary says so beside the failed input
         return not any(f"exception {name}:" in message for name in _user_error_names())
 
 
@@ -141,3 +143,5 @@ def user_errors_in_one_line(verbose: bool) -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _UserErrorsInOneLine) for f in logger.filters):
             logger.addFilter(_UserErrorsInOneLine())
+    for name in ("EventsWorker", "APILogWorker"):  # "still processing items" while flushing at exit: not news
+        logging.getLogger(name).setLevel(logging.ERROR)

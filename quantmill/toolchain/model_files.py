@@ -171,3 +171,34 @@ def safetensors_bits(directory: Path) -> float:
     tensors = list(safetensors_tensors(directory))
     total_elements = sum(t[2] for t in tensors)
     return 8 * sum(t[3] for t in tensors) / total_elements if total_elements else 0.0
+
+
+# The exponent bits of each float type: all set means an infinity or a NaN.
+_EXPONENT = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
+             "F64": ("<u8", 0x7FF0000000000000)}
+_CHUNK_ELEMENTS = 16 << 20
+
+
+def nonfinite_tensors(path: Path) -> list[tuple[str, int]]:
+    """(tensor, count) of every floating-point tensor in a safetensors file that holds NaN or infinity, read in
+    chunks from a memory map (the weights are not loaded as arrays)."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if path.stat().st_size > 8 + n else None
+    found = []
+    for name, t in header.items():
+        if name == "__metadata__" or t.get("dtype") not in _EXPONENT or data is None:
+            continue
+        kind, mask = _EXPONENT[t["dtype"]]
+        start, end = t["data_offsets"]
+        values = data[start:end].view(kind)
+        bad = 0
+        for i in range(0, values.size, _CHUNK_ELEMENTS):
+            chunk = values[i:i + _CHUNK_ELEMENTS]
+            bad += int(np.count_nonzero((chunk & mask) == mask))
+        if bad:
+            found.append((name, bad))
+    return found

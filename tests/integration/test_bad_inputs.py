@@ -210,3 +210,26 @@ def test_a_mistyped_store_root_is_refused_and_not_created(tmp_path, command):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and str(typo) in lines[0], done.stderr
     assert not typo.exists()
+
+
+def test_nan_weights_stop_the_run_at_download_naming_the_tensor(tmp_path, tiny_model):
+    """Weights that are not numbers are found while the files are taken in (their bytes are read then anyway), not
+    by llama.cpp three steps later; the step is not retried, and nothing reaches the store."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(tiny_model / "model.safetensors"))
+    name = next(k for k in tensors if k.endswith("k_proj.weight"))
+    tensors[name][3, 5] = np.inf
+    tensors[name][7, 1] = np.nan
+    save_file(tensors, str(tiny_model / "model.safetensors"), metadata={"format": "pt"})
+    env = {**os.environ, "QUANTMILL_CONF": str(CONF), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "quantmill.cli", "run", f"store.root={tmp_path / 'store'}",
+                           f"infra.prefect_home={tmp_path / 'prefect'}", *_tiny(tmp_path, tiny_model)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("… ")]
+    assert errors == [f"quantmill: error: download: model 'tiny': tensor {name!r} in model.safetensors holds 2 NaN "
+                      f"or infinite value(s); the checkpoint is broken: re-export it from a good copy"], errors
+    assert done.stderr.count("… download tiny") == 1  # not retried: a broken checkpoint stays broken
+    assert not any((tmp_path / "store" / "objects").iterdir())
