@@ -93,6 +93,18 @@ class QuantizerDefaults:
         return False
 
 
+def check_transformers_loads(name: str, info: SourceInfo) -> None:
+    """Recipes that load the model with transformers need its architecture in the installed transformers (or the
+    model's own code, which preflight already asked the user to trust)."""
+    from quantmill.toolchain.model_files import transformers_knows
+
+    model_type = info.config.get("model_type")
+    if info.config.get("auto_map") or not model_type or transformers_knows(model_type):
+        return
+    raise PreflightError(f"recipe {name!r}: model {info.base_model!r} has model_type {model_type!r}, which the "
+                         f"installed transformers cannot load; choose a GGUF or MLX recipe, or upgrade transformers")
+
+
 SHARD_SIZE_UNITS = ("GB", "MB", "KB", "GiB", "MiB", "KiB")
 
 

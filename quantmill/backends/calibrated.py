@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from quantmill import constants as C
-from quantmill.backends.base import QuantizerDefaults, SourceInfo, check_shard_size
+from quantmill.backends.base import QuantizerDefaults, SourceInfo, check_shard_size, check_transformers_loads
 from quantmill.backends.quantizer_process import ERROR_FILE, REQUEST_FILE, RESULT_FILE
 from quantmill.config import RecipeConfig
 from quantmill.errors import PreflightError, ToolError
@@ -66,7 +66,8 @@ class CalibratedQuantizer(QuantizerDefaults):
                                  f"channel)")
 
     def check_model(self, name: str, recipe: RecipeConfig, info: SourceInfo) -> None:
-        """The group size must divide every quantized layer's input width."""
+        """transformers must load the model, and the group size must divide every quantized layer's input width."""
+        check_transformers_loads(name, info)
         group = recipe.params.get("group_size")
         if not group or group < 0:
             return

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from quantmill import constants as C
 from quantmill.backends import QUANTIZERS
-from quantmill.backends.base import QuantizerDefaults, check_shard_size
+from quantmill.backends.base import QuantizerDefaults, SourceInfo, check_shard_size, check_transformers_loads
 from quantmill.config import RecipeConfig
 from quantmill.errors import PreflightError
 from quantmill.toolchain.model_files import safetensors_bits
@@ -37,6 +37,9 @@ class PassthroughQuantizer(QuantizerDefaults):
         if unknown:
             raise PreflightError(f"recipe {name!r}: unknown params {sorted(unknown)}; known: max_shard_size")
         check_shard_size(name, recipe.params)
+
+    def check_model(self, name: str, recipe: RecipeConfig, info: SourceInfo) -> None:
+        check_transformers_loads(name, info)
 
     def estimate_bytes(self, recipe: RecipeConfig, f16_bytes: int) -> int:
         return f16_bytes * (2 if recipe.quant_type.upper() == "F32" else 1)

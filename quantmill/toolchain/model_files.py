@@ -202,3 +202,16 @@ def nonfinite_tensors(path: Path) -> list[tuple[str, int]]:
         if bad:
             found.append((name, bad))
     return found
+
+
+def transformers_knows(model_type: str) -> bool:
+    """Whether the installed transformers has code for ``model_type`` (read from its package folders, without
+    importing it: that costs seconds). A type living in a family's folder (``gemma3_text`` in ``gemma3``) counts."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return True  # nothing to judge by; the loader will say
+    folders = {p.name for p in (Path(spec.submodule_search_locations[0]) / "models").iterdir() if p.is_dir()}
+    name = model_type.replace("-", "_")
+    return name in folders or any(name.startswith(f + "_") for f in folders)

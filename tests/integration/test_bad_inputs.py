@@ -124,6 +124,8 @@ CASES = [
     ("pickle-only-weights", _tiny, "pickle-only", "model.allow_pickle"),
     ("remote-code", _tiny, "remote-code", "set model.trust_remote_code=true"),
     ("architecture-llama-cpp-lacks", _tiny, "unknown-arch", "cannot convert"),
+    ("architecture-transformers-lacks", lambda d, m: [*_tiny(d, m), "recipe=[safetensors_f16]"], "unknown-arch",
+     "model_type 'frobnicator', which the installed transformers cannot load"),
     ("tokenizer-pre-unknown", _tiny, "bpe-unknown", "BPE pre-tokenizer (hash"),
     ("tokenizer-added-past-vocab", _tiny, "bpe-past-vocab", "past config.json's vocab_size 1024"),
     ("tokenizer-disagrees-with-itself", _tiny, "class-mismatch", "its tokenizer disagrees with itself"),
