@@ -47,6 +47,7 @@ DIGEST_CACHE_FILE = "digest-cache.json"
 # Registry layout: <root>/registry/<name>/<version>/entry.json (+ README.md, the model card)
 REGISTRY_ENTRY_FILE = "entry.json"
 MODEL_CARD_FILE = "README.md"
+REPORT_PAGE_FILE = "report.html"  # one artifact's validation page, beside its card
 
 # Provenance: in-toto Statement v1 with a SLSA Provenance v1 predicate.
 INTOTO_STATEMENT_TYPE = "https://in-toto.io/Statement/v1"

@@ -150,8 +150,17 @@ def _publish(rec: PublishRecord, spec: StepSpec, inputs: Mapping[str, Path], out
     card = publish.model_card(name=rec.name, model=rec.model, base_model=rec.base_model, recipe=rec.recipe,
                               fmt=rec.format, quant=quant, validation=validation, validated=validated,
                               artifact_digest=artifact_ref["digest"], tags=list(rec.tags), license=rec.license,
-                              adapter=rec.adapter, made_by=publish.made_by(store.statement(artifact_ref["key"])))
+                              adapter=rec.adapter, made_by=publish.made_by(store.statement(artifact_ref["key"])),
+                              files=sorted(str(f.relative_to(inputs["artifact"])) for f in inputs["artifact"].rglob("*")
+                                           if f.is_file() and f.name not in (C.RESULT_FILE, *C.INTERNAL_FILES)))
     (out / C.MODEL_CARD_FILE).write_text(card)
+    if validation:
+        from quantmill.evaluation import report
+
+        row = {**{k: v for k, v in validation.items() if k not in ("generated_ids", "prompt_ids")},
+               "recipe": rec.recipe, "format": rec.format,
+               "quant_type": quant.get("quant_type") or quant.get("outtype", "").upper()}
+        (out / C.REPORT_PAGE_FILE).write_text(report.render_html({"model": rec.name, "artifacts": [row]}))
     shape = Shape.from_config(json.loads((inputs["source"] / "config.json").read_text()))
     return {"name": rec.name, "artifact": artifact_ref, "validated": validated,
             "validation": {"status": validation["status"]} if validation else None,

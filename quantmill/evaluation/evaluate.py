@@ -11,6 +11,7 @@ greedy generation, and check the artifact's tokenizer against the source tokeniz
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,9 +21,15 @@ import numpy as np
 
 from quantmill.evaluation import metrics
 
+SPEED_RUNS = 3  # timed greedy generations after a warm-up; the median is reported, the range kept
 EVALSET_TOKENS = "eval.safetensors"
 EVALSET_META = "evalset.json"
 REFERENCE_LOGPROBS = "reference.safetensors"
+
+
+def _sig(v: float) -> float:
+    """Three significant figures: the noise of a shared machine is larger than the fourth."""
+    return float(f"{v:.3g}")
 
 
 def load_evalset(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
@@ -70,22 +77,32 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         result["load_seconds"] = round(model.load_seconds, 3)
         result["execution"] = getattr(model, "execution", "native")
         bos = runtime.special_ids(model)["bos"]
-        start = time.perf_counter()
+        prompt_speeds = []
         for i, window in enumerate(tokens):
             first = metrics.first_scored(n_ctx)
+            start = time.perf_counter()
             logits = runtime.logits(model, metrics.window_input(window, bos), first=first)
+            prompt_speeds.append(window.size / (time.perf_counter() - start))
             logp = metrics.scored_logprobs(logits, n_ctx, offset=first)
             if not np.isfinite(logp).all():
                 raise FloatingPointError(f"window {i}: non-finite logits")
             acc.add(logp, None if reference is None else reference[i], metrics.targets(window, n_ctx))
             if reference is None:
                 kept.append(logp.astype(np.float32))
-        seconds = time.perf_counter() - start
-        result["prompt_tokens_per_second"] = round(tokens.size / seconds, 1)
-        start = time.perf_counter()
-        generated = runtime.generate(model, meta["prompt_ids"], request["max_tokens"])
-        seconds = time.perf_counter() - start
-        result["generation_tokens_per_second"] = round(len(generated) / seconds, 1) if generated else None
+        runtime.generate(model, meta["prompt_ids"], 2)  # warm-up: the first call pays for allocations
+        generation_speeds, generated = [], []
+        for _ in range(SPEED_RUNS):
+            start = time.perf_counter()
+            generated = runtime.generate(model, meta["prompt_ids"], request["max_tokens"])
+            if generated:
+                generation_speeds.append(len(generated) / (time.perf_counter() - start))
+        # The first window warms the runtime up; the median of the rest is the speed, their range its spread.
+        timed = prompt_speeds[1:] or prompt_speeds
+        result["prompt_tokens_per_second"] = _sig(float(np.median(timed)))
+        result["generation_tokens_per_second"] = _sig(float(np.median(generation_speeds))) if generation_speeds else None
+        result["speed_runs"] = {"prompt_tokens_per_second": [_sig(v) for v in timed],
+                                "generation_tokens_per_second": [_sig(v) for v in generation_speeds]}
+        result["load_1m"] = round(os.getloadavg()[0], 2)  # the machine's load as speeds were taken
         result["generated_ids"] = generated
         result["generated_text"] = runtime.detokenize(model, generated)
         result["tokenizer"] = tokenizer_fidelity(runtime, model, meta)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
 from quantmill import constants as C
+from quantmill import pages
 from quantmill.store.local import LocalStore
 
 REPORTS_DIR = "reports"
@@ -44,9 +44,11 @@ def update(store: LocalStore, model: str, validations: Iterable[tuple[str, str]]
         deps = store.statement(key)["predicate"]["buildDefinition"]["resolvedDependencies"]
         artifact = next(d for d in deps if d["name"] == "input:artifact")
         made = json.loads((store.files(_ref(store, artifact["annotations"]["key"])) / C.RESULT_FILE).read_text())
+        made_by = store.statement(artifact["annotations"]["key"])["predicate"]["buildDefinition"]
+        fmt = made_by["externalParameters"].get("config", {}).get("format")
         rows[recipe] = {"recipe": recipe, "validation_key": key,
                         "artifact_digest": "sha256:" + artifact["digest"]["sha256"],
-                        "quant_type": made.get("quant_type") or made.get("outtype", "").upper(),
+                        "quant_type": made.get("quant_type") or made.get("outtype", "").upper(), "format": fmt,
                         **{k: v for k, v in record.items() if k not in ("generated_ids", "prompt_ids")}}
     report = {"model": model, "artifacts": sorted(rows.values(), key=lambda r: r.get("size_bytes", 0))}
     _atomic_write(path, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
@@ -72,74 +74,71 @@ def load(store: LocalStore, model: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _chart(rows: list[dict[str, Any]]) -> str:
-    """Mean KL divergence (log scale) against size: an inline SVG scatter."""
-    points = [r for r in rows if r.get("mean_kld") is not None]
-    if not points:
-        return "<p>No artifact has KL-divergence measurements yet.</p>"
-    w, h, pad = 640, 360, 56
-    sizes = [r["size_bytes"] / 2**20 for r in points]
-    klds = [max(r["mean_kld"], 1e-7) for r in points]
-    x0, x1 = 0.0, max(sizes) * 1.1
-    y0, y1 = math.log10(min(klds)) - 0.5, math.log10(max(klds)) + 0.5
-    sx = lambda v: pad + (v - x0) / (x1 - x0) * (w - 2 * pad)  # noqa: E731
-    sy = lambda v: h - pad - (math.log10(v) - y0) / (y1 - y0) * (h - 2 * pad)  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
-             f'aria-label="mean KL divergence against size">',
-             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#444"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#444"/>',
-             f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">size (MiB)</text>',
-             f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" text-anchor="middle">mean KLD (log)</text>']
-    for e in range(math.floor(y0), math.ceil(y1) + 1):
-        if y0 <= e <= y1:
-            parts.append(f'<text x="{pad - 6}" y="{sy(10 ** e) + 4:.1f}" text-anchor="end" font-size="11">1e{e}</text>')
-    for r, size, kld in zip(points, sizes, klds):
-        color = "#1a7f37" if r["status"] == C.PASSED else "#cf222e"
-        label = html.escape(r.get("quant_type") or r["recipe"])
-        parts.append(f'<circle class="point" cx="{sx(size):.1f}" cy="{sy(kld):.1f}" r="6" fill="{color}">'
-                     f'<title>{html.escape(r["recipe"])}: {size:.2f} MiB, KLD {r["mean_kld"]:.5f}</title></circle>')
-        parts.append(f'<text x="{sx(size) + 9:.1f}" y="{sy(kld) + 4:.1f}" font-size="12">{label}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+def chart_points(rows: list[dict[str, Any]], family: str = "") -> list[pages.Point]:
+    return [pages.Point(label=r.get("quant_type") or r["recipe"], family=r.get("format") or r.get("runtime") or family or "artifact",
+                        size_mib=r["size_bytes"] / 2**20, kld=r["mean_kld"], passed=r["status"] == C.PASSED,
+                        title=f"{r['recipe']}: {r['size_bytes'] / 2**20:.2f} MiB, mean KLD {r['mean_kld']:.5f}")
+            for r in rows if r.get("mean_kld") is not None and r.get("size_bytes")]
+
+
+def _speed(r: dict[str, Any], key: str) -> str:
+    """A speed as its median, with its range when it was measured more than once; marked when the machine was busy."""
+    value = r.get(key)
+    if value is None:
+        return ""
+    spread = (r.get("speed_runs") or {}).get(key)
+    text = pages.number(value)
+    if spread and len(spread) > 1:
+        text += f"\n{pages.number(min(spread))}–{pages.number(max(spread))}"
+    return text + (" *" if busy(r) else "")
+
+
+def busy(r: dict[str, Any]) -> bool:
+    """The machine's load per core was above one half while speeds were measured: they are not this file's best."""
+    load, cpus = r.get("load_1m"), (r.get("machine") or {}).get("cpus")
+    return load is not None and str(cpus).isdigit() and load / int(cpus) > 0.5
+
+
+HEADER = ["recipe", "status", "size (MiB)", "estimated (MiB)", "bits per weight", "PPL", "PPL ratio", "mean KLD",
+          "p99 KLD", "top-1", "token&shy;izer", "prompt (tok/s)", "gene&shy;ration (tok/s)", "peak memory (MiB)",
+          "estimated weights + KV (MiB)", "failed checks"]
 
 
 def render_html(report: dict[str, Any]) -> str:
     rows = report["artifacts"]
-    header = ["recipe", "status", "size (MiB)", "estimated size", "bpw", "PPL", "PPL ratio", "mean KLD", "p99 KLD", "top-1",
-              "tokenizer", "prompt tok/s", "gen tok/s", "peak MiB", "estimated weights + KV", "failed checks"]
+    any_failed = any(not c["passed"] for r in rows for c in r.get("checks", []))
+    header = HEADER if any_failed else HEADER[:-1]
     body = []
     for r in rows:
         failed = "; ".join(f"{c['name']}: {c['detail']}" for c in r.get("checks", []) if not c["passed"])
         fmt = lambda k, spec: format(r[k], spec) if r.get(k) is not None else ""  # noqa: E731
         estimate = r.get("estimate") or {}
-        est = (f"{estimate['weights_bytes'] / 2**20:.2f} ({100 * (r['size_bytes'] / estimate['weights_bytes'] - 1):+.0f} %)"
+        est = (f"{estimate['weights_bytes'] / 2**20:.2f}\n{100 * (r['size_bytes'] / estimate['weights_bytes'] - 1):+.0f}%"
                if estimate.get("weights_bytes") else "")
         cells = [r["recipe"], r["status"], f"{r['size_bytes'] / 2**20:.2f}", est, fmt("bits_per_weight", ".2f"),
                  fmt("ppl", ".4f"), fmt("ppl_ratio", ".4f"), fmt("mean_kld", ".5f"), fmt("p99_kld", ".5f"),
-                 f"{100 * r['top1_agreement']:.2f} %" if r.get("top1_agreement") is not None else "",
+                 f"{100 * r['top1_agreement']:.2f}%" if r.get("top1_agreement") is not None else "",
                  "exact" if r.get("tokenizer", {}).get("exact") else "MISMATCH" if "tokenizer" in r else "",
-                 fmt("prompt_tokens_per_second", ".0f"), fmt("generation_tokens_per_second", ".0f"),
+                 _speed(r, "prompt_tokens_per_second"), _speed(r, "generation_tokens_per_second"),
                  f"{r['peak_rss_bytes'] / 2**20:.0f}" if r.get("peak_rss_bytes") else "",
                  f"{(estimate['weights_bytes'] + estimate['kv_cache_bytes']) / 2**20:.0f}" if estimate else "", failed]
+        cells = cells if any_failed else cells[:-1]
         cls = "passed" if r["status"] == C.PASSED else "failed"
-        body.append(f'<tr class="{cls}">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+        body.append(f'<tr class="{cls}">' + "".join(
+            f'<td class="{"l" if i in (0, 1, 10, 15) else ""}">{html.escape(str(c)).replace(chr(10), "<br>")}</td>'
+            for i, c in enumerate(cells))
+            + "</tr>")
     machine = next((r["machine"] for r in rows if r.get("machine")), {})
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>quantmill report: {html.escape(report['model'])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #1f2328; }}
-table {{ border-collapse: collapse; margin: 1rem 0; font-size: 14px; }}
-th, td {{ border: 1px solid #d0d7de; padding: 4px 8px; text-align: right; }}
-td:first-child, td:last-child, th:first-child {{ text-align: left; }}
-tr.failed td {{ background: #ffebe9; }} tr.passed td:nth-child(2) {{ color: #1a7f37; }}
-</style></head><body>
-<h1>{html.escape(report['model'])}</h1>
-<p>{len(rows)} artifact(s) validated against the unquantized model
-({sum(r['status'] == C.PASSED for r in rows)} passed). Measured on {html.escape(machine.get('cpu', '?'))}.</p>
-<table><thead><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr></thead><tbody>
-{chr(10).join(body)}
-</tbody></table>
+    note = ("<p class=muted>* measured while the machine was busy (load above half its cores): slower than the file "
+            "can run.</p>" if any(busy(r) for r in rows) else "")
+    model = html.escape(report["model"])
+    return pages.page(f"quantmill report: {report['model']}", f"""<h1>{model}</h1>
+<p>{len(rows)} artifact(s) validated against the unquantized model ({sum(r['status'] == C.PASSED for r in rows)} passed).
+Measured on {html.escape(machine.get('cpu', '?'))}. Mean KL divergence: how far each file's next-token distribution is
+from the original's (0 is identical; lower is better). PPL ratio: its perplexity over the original's (1.00 is the same).
+Top-1: how often both pick the same next token. Speeds are medians over repeated runs, their range in brackets.</p>
 <h2>Quality against size</h2>
-{_chart(rows)}
-</body></html>
-"""
+{pages.chart(chart_points(rows), name=report["model"])}
+<table><thead><tr>{''.join(f'<th class="{"l" if i in (0, 1, 10, 15) else ""}">{h}</th>' for i, h in enumerate(header))}</tr></thead><tbody>
+{chr(10).join(body)}
+</tbody></table>{note}""")

@@ -1,9 +1,10 @@
 """The catalogue page: one static, self-contained HTML file at the registry's root (``index.html``).
 
-A row per published artifact (latest version of each name): size, bits per weight, KL divergence, perplexity
-ratio, generation speed, validation status, signature, tags and a link to its provenance record; and per model
-a chart of quality (mean KLD) against size, drawn as inline SVG. No script, font or style is fetched from
-anywhere, so the page works opened from disk and served from the bucket (links are relative).
+Per model, a chart of quality (mean KLD, log scale) against size with each format's Pareto front, then a row per
+published artifact (latest version of each name): type, size, bits per weight, KL divergence, perplexity ratio,
+generation speed, validation and signature, tags, and links to its main file, model card, validation report and
+provenance record. No script, font or style is fetched from anywhere, so the page works opened from disk and
+served from the bucket (links are relative).
 """
 
 from __future__ import annotations
@@ -11,21 +12,27 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from quantmill import constants as C
+from quantmill import pages
+from quantmill.errors import NotFound
 from quantmill.registry.entries import ArtifactRegistry
-from quantmill.registry.names import CATALOGUE, PROVENANCE
-
-_CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:2rem;color:#1d1d1f}
-h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
-table{border-collapse:collapse;margin:1rem 0}th,td{padding:.3rem .6rem;border-bottom:1px solid #ddd;text-align:right}
-th{background:#f4f4f6;position:sticky;top:0}td.l,th.l{text-align:left}
-.passed{color:#137333}.unvalidated{color:#b3261e;font-weight:600}.muted{color:#777}
-svg{background:#fafafa;border:1px solid #e3e3e3;margin:.5rem 1rem .5rem 0}
-"""
+from quantmill.registry.names import CARD, CATALOGUE, PROVENANCE, REPORT
+from quantmill.store import provenance
 
 
 def _fmt(value: Any, spec: str, missing: str = "–") -> str:
     return missing if value is None else format(value, spec)
+
+
+def _download(registry: ArtifactRegistry, e: dict[str, Any]) -> dict[str, Any]:
+    """The link to an artifact's main file (its largest), relative to the catalogue, and how many files it has."""
+    key = e["artifact"]["key"]
+    try:
+        subjects = [s for s in provenance.user_subjects_of(registry.store.statement(key)) if s.path != C.RESULT_FILE]
+    except NotFound:  # the artifact was collected from the store: the row still shows its record
+        return {"href": None, "file": None, "files": 0}
+    main = max(subjects, key=lambda s: s.size)
+    return {"href": f"../{registry.store.file_path(key, main.path)}", "file": main.path, "files": len(subjects)}
 
 
 def rows(registry: ArtifactRegistry) -> list[dict[str, Any]]:
@@ -33,83 +40,69 @@ def rows(registry: ArtifactRegistry) -> list[dict[str, Any]]:
     out = []
     for e in registry.entries():
         m = e.get("metrics") or {}
+        path = lambda file: registry.location.version_path(e["name"], e["version"], file)  # noqa: E731
         out.append({
             "name": e["name"], "version": e["version"], "model": e["model"], "format": e["format"],
             "quant_type": e.get("quant_type"), "size_bytes": e.get("size_bytes") or m.get("size_bytes"),
             "bits_per_weight": e.get("bits_per_weight"), "mean_kld": m.get("mean_kld"), "ppl_ratio": m.get("ppl_ratio"),
             "generation_tokens_per_second": m.get("generation_tokens_per_second"),
             "status": "passed" if e.get("validated") else "unvalidated", "signed": bool(e.get("signed_by")),
-            "tags": e.get("tags", []),
-            "provenance": registry.location.version_path(e["name"], e["version"], PROVENANCE)})
+            "tags": e.get("tags", []), "download": _download(registry, e), "card": path(CARD),
+            "report": path(REPORT) if REPORT in e.get("pages", ()) else None, "provenance": path(PROVENANCE)})
     return out
 
 
-def _chart(model: str, points: list[dict[str, Any]]) -> str:
-    """Mean KLD (y) against size in MiB (x), one labelled dot per artifact."""
-    points = [p for p in points if p["size_bytes"] and p["mean_kld"] is not None]
-    if not points:
-        return f'<p class="muted">{html.escape(model)}: no validated metrics to chart</p>'
-    w, h, pad, left = 460, 260, 48, 72
-    xs = [p["size_bytes"] / 2**20 for p in points]
-    ys = [p["mean_kld"] for p in points]
-    x0, x1 = 0.0, max(xs) * 1.1
-    y0, y1 = 0.0, max(max(ys) * 1.15, 1e-6)
+HEAD = [("name", "l"), ("type", "l"), ("size (MiB)", ""), ("bits/weight", ""), ("mean KLD", ""), ("PPL ratio", ""),
+        ("generation (tok/s)", ""), ("validation", "l"), ("tags", "l"), ("get", "l")]
 
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * (w - left - pad)
 
-    def sy(y: float) -> float:
-        return h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad)
+def _row(r: dict[str, Any]) -> str:
+    esc = html.escape
+    d = r["download"]
+    links = []
+    if d["href"]:
+        more = f" (1 of {d['files']})" if d["files"] > 1 else ""
+        links.append(f'<a class="download" href="{esc(d["href"])}" title="{esc(d["file"])}">download</a>{more}')
+    links.append(f'<a class="card" href="{esc(r["card"])}">card</a>')
+    if r["report"]:
+        links.append(f'<a class="report" href="{esc(r["report"])}">report</a>')
+    links.append(f'<a class="record" href="{esc(r["provenance"])}">record</a>')
+    cells = [
+        ("l name", f'<a id="{esc(r["name"])}">{esc(r["name"])}</a> <span class="muted">v{r["version"]}</span>'),
+        ("l", f'{esc(r["format"])} {esc(r["quant_type"] or "")}'),
+        ("", _fmt(r["size_bytes"] and r["size_bytes"] / 2**20, ".2f")), ("", _fmt(r["bits_per_weight"], ".2f")),
+        ("", _fmt(r["mean_kld"], ".5f")), ("", _fmt(r["ppl_ratio"], ".4f")),
+        ("", pages.number(r["generation_tokens_per_second"]) if r["generation_tokens_per_second"] else "–"),
+        ("l", f'<span class="{r["status"]}">{r["status"]}</span>' + (", signed" if r["signed"] else "")),
+        ("l", esc(", ".join(r["tags"]))), ("l", " · ".join(links))]
+    return '<tr class="artifact" data-name="{}">{}</tr>'.format(
+        esc(r["name"]), "".join(f'<td class="{c}">{v}</td>' for c, v in cells))
 
-    parts = [f'<svg class="chart" data-model="{html.escape(model)}" width="{w}" height="{h}" '
-             f'viewBox="0 0 {w} {h}" role="img" aria-label="{html.escape(model)}: KL divergence against size">',
-             f'<line x1="{left}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#555"/>',
-             f'<line x1="{left}" y1="{pad}" x2="{left}" y2="{h - pad}" stroke="#555"/>',
-             f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle" font-size="12">size (MiB)</text>',
-             f'<text x="14" y="{h / 2}" text-anchor="middle" font-size="12" transform="rotate(-90 14 {h / 2})">'
-             f'mean KLD</text>']
-    for i in range(5):
-        x, y = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
-        parts += [f'<text x="{sx(x):.1f}" y="{h - pad + 16}" text-anchor="middle" font-size="10">{x:.2f}</text>',
-                  f'<text x="{left - 6}" y="{sy(y) + 3:.1f}" text-anchor="end" font-size="10">{y:.3g}</text>']
-    for p, x, y in zip(points, xs, ys):
-        label = html.escape(p["quant_type"] or p["name"])
-        parts += [f'<circle class="point" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="#1a73e8">'
-                  f'<title>{html.escape(p["name"])}: {x:.2f} MiB, KLD {y:.5f}</title></circle>',
-                  f'<text x="{sx(x) + 7:.1f}" y="{sy(y) - 7:.1f}" font-size="11">{label}</text>']
-    parts.append("</svg>")
-    return "".join(parts)
+
+def chart_points(data: list[dict[str, Any]]) -> list[pages.Point]:
+    return [pages.Point(label=r["quant_type"] or r["name"], family=r["format"], size_mib=r["size_bytes"] / 2**20,
+                        kld=r["mean_kld"], passed=r["status"] == "passed",
+                        title=f'{r["name"]} v{r["version"]}: {r["size_bytes"] / 2**20:.2f} MiB, mean KLD '
+                              f'{r["mean_kld"]:.5f}')
+            for r in data if r["size_bytes"] and r["mean_kld"] is not None]
 
 
 def render(registry: ArtifactRegistry, title: str | None = None) -> str:
     data = rows(registry)
     title = title or f"quantmill registry — {registry.root}"
-    head = ["name", "model", "format", "quant", "size (MiB)", "bits/weight", "mean KLD", "PPL ratio", "gen tok/s",
-            "validation", "signed", "tags", "provenance"]
-    body = []
-    for r in data:
-        cells = [
-            ("l", f'<a id="{html.escape(r["name"])}">{html.escape(r["name"])}</a> <span class="muted">v{r["version"]}</span>'),
-            ("l", html.escape(r["model"])), ("l", html.escape(r["format"])), ("l", html.escape(r["quant_type"] or "")),
-            ("", _fmt(r["size_bytes"] and r["size_bytes"] / 2**20, ".2f")), ("", _fmt(r["bits_per_weight"], ".2f")),
-            ("", _fmt(r["mean_kld"], ".5f")), ("", _fmt(r["ppl_ratio"], ".4f")),
-            ("", _fmt(r["generation_tokens_per_second"], ".1f")),
-            ("l", f'<span class="{r["status"]}">{r["status"]}</span>'), ("l", "yes" if r["signed"] else "no"),
-            ("l", html.escape(", ".join(r["tags"]))),
-            ("l", f'<a href="{html.escape(r["provenance"])}">record</a>')]
-        body.append('<tr class="artifact" data-name="{}">{}</tr>'.format(
-            html.escape(r["name"]), "".join(f'<td class="{c}">{v}</td>' for c, v in cells)))
-    charts = []
+    head = "".join(f'<th class="{c}">{h}</th>' for h, c in HEAD)
+    sections = []
     for model in sorted({r["model"] for r in data}):
-        charts.append(f"<h2>{html.escape(model)}</h2>" + _chart(model, [r for r in data if r["model"] == model]))
-    return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
-            f"<meta name=viewport content='width=device-width'><link rel=icon href='data:,'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p class=muted>{len(data)} published artifacts; KLD and perplexity against the unquantized model, "
-            f"measured before publishing.</p><table id=catalogue><thead><tr>"
-            + "".join(f'<th class="{"l" if i in (0, 1, 2, 3, 9, 10, 11, 12) else ""}">{h}</th>'
-                      for i, h in enumerate(head))
-            + "</tr></thead><tbody>" + "".join(body) + "</tbody></table>" + "".join(charts) + "</body></html>\n")
+        mine = [r for r in data if r["model"] == model]
+        sections.append(f"<h2>{html.escape(model)}</h2>" + pages.chart(chart_points(mine), name=model)
+                        + f"<table class=catalogue><thead><tr>{head}</tr></thead><tbody>"
+                        + "".join(_row(r) for r in sorted(mine, key=lambda r: r["size_bytes"] or 0))
+                        + "</tbody></table>")
+    intro = (f"<p class=muted>{len(data)} published artifacts, the latest version of each name. Mean KLD: how far "
+             "a file's next-token distribution is from the unquantized model's (0 is identical); PPL ratio: its "
+             "perplexity over the original's (1.00 is the same); both measured before publishing. "
+             "<code>quantmill registry pull NAME</code> fetches a whole artifact and checks every byte.</p>")
+    return pages.page(title, f"<h1>{html.escape(title)}</h1>{intro}{''.join(sections)}")
 
 
 def write_catalogue(registry: ArtifactRegistry) -> str:

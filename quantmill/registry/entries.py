@@ -2,6 +2,7 @@
 
     registry/<name>/v<N>/entry.json          what was published: artifact key and digest, metrics, publish record
     registry/<name>/v<N>/README.md           the model card
+    registry/<name>/v<N>/report.html         its validation page
     registry/<name>/v<N>/provenance.json     the artifact's provenance record (in-toto Statement), exact bytes
     registry/<name>/v<N>/provenance.sig.json its DSSE signature, when the publisher signs
     registry/<name>/v<N>/lineage.json        the provenance of every artifact it was made from (base -> ... -> it)
@@ -29,6 +30,7 @@ from quantmill.registry.names import (
     ENTRY,
     LINEAGE,
     PROVENANCE,
+    REPORT,
     SIGNATURE,
     TAG_PATTERN,
     TAGS,
@@ -111,7 +113,8 @@ class ArtifactRegistry:
 
     # writing
     def publish(self, name: str, entry: dict[str, Any], card: str, *, provenance: bytes | None = None,
-                signature: bytes | None = None, lineage: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                signature: bytes | None = None, lineage: list[dict[str, Any]] | None = None,
+                report: bytes | None = None) -> dict[str, Any]:
         """Add ``entry`` as the next version of ``name`` (whole or not at all), unless an identical one exists."""
         check_name(name)
         existing = self.find(name, entry["artifact"]["digest"], entry.get("validated", False))
@@ -119,8 +122,11 @@ class ArtifactRegistry:
             return existing
         while True:
             version = (self.versions(name) or [0])[-1] + 1
-            record = {**entry, "name": name, "version": version, "signed": signature is not None}
+            record = {**entry, "name": name, "version": version, "signed": signature is not None,
+                      "pages": [REPORT] if report is not None else []}
             files = {CARD: card.encode(), ENTRY: (json.dumps(record, indent=1) + "\n").encode()}
+            if report is not None:
+                files[REPORT] = report
             if provenance is not None:
                 files[PROVENANCE] = provenance
             if signature is not None:

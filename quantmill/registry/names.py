@@ -9,6 +9,7 @@ from quantmill.errors import PublishRefused
 
 ENTRY, CARD, PROVENANCE, SIGNATURE, LINEAGE, TAGS = (C.REGISTRY_ENTRY_FILE, C.MODEL_CARD_FILE, "provenance.json",
                                                      "provenance.sig.json", "lineage.json", "tags.json")
+REPORT = C.REPORT_PAGE_FILE
 CATALOGUE = "index.html"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TAG_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")

@@ -37,17 +37,30 @@ def metric_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
                  ("KL divergence", f"mean {v['mean_kld']:.5f}, p99 {v['p99_kld']:.5f}"),
                  ("Top-1 agreement", f"{100 * v['top1_agreement']:.2f} %"),
                  ("Tokenizer fidelity", v["tokenizer"]["detail"]),
-                 ("Speed", f"prompt {v['prompt_tokens_per_second']} tok/s, generation "
-                           f"{v['generation_tokens_per_second']} tok/s"),
+                 ("Speed", speed_text(v)),
                  ("Peak memory", f"{v['peak_rss_bytes'] / 2**20:.0f} MiB"),
                  ("Measured on", f"{v['machine'].get('cpu', v['machine']['machine'])} ({v['machine'].get('cpus', '?')} "
                                  f"cores)")]
     return rows
 
 
+def speed_text(v: dict[str, Any]) -> str:
+    """Medians with their range over the timed runs, and the machine's load while they ran."""
+    runs = v.get("speed_runs") or {}
+
+    def one(key: str) -> str:
+        spread = runs.get(key) or []
+        extra = f" (range {min(spread):g}–{max(spread):g} over {len(spread)} runs)" if len(spread) > 1 else ""
+        return f"{v.get(key)} tok/s{extra}"
+
+    load = f"; machine load {v['load_1m']:.2f} on {v['machine'].get('cpus', '?')} cores" if "load_1m" in v else ""
+    return f"prompt {one('prompt_tokens_per_second')}, generation {one('generation_tokens_per_second')}{load}"
+
+
 def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str, quant: dict[str, Any],
                validation: dict[str, Any] | None, validated: bool, artifact_digest: str, tags: list[str],
-               license: str | None, adapter: str | None = None, made_by: dict[str, Any] | None = None) -> str:
+               license: str | None, adapter: str | None = None, made_by: dict[str, Any] | None = None,
+               files: list[str] | None = None) -> str:
     """README.md with Hugging Face metadata: what was made, from what, and what validation measured."""
     quant_type = quant.get("quant_type") or quant.get("outtype", "").upper()
     bpw = quant.get("bits_per_weight")
@@ -77,7 +90,7 @@ def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str,
     if validation:
         rows += metric_rows(validation)
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-    lines += ["", "## Provenance", "", "| | |", "|---|---|", f"| Artifact digest | `{artifact_digest}` |"]
+    lines += ["", *how_to_use(name, fmt, files or []), "## Provenance", "", "| | |", "|---|---|", f"| Artifact digest | `{artifact_digest}` |"]
     if made_by:
         tools = ", ".join(f"{k} {v}" for k, v in sorted(made_by.get("tools", {}).items())) or "none"
         lines += [f"| Made by | step `{made_by['spec']}`; tools: {tools} |",
@@ -87,6 +100,19 @@ def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str,
               f"Check what you downloaded: `quantmill registry verify DIR --key PUBLISHER.pub.json`, or "
               f"`quantmill registry pull {name}` (verifies before writing).", ""]
     return "\n".join(lines)
+
+
+def how_to_use(name: str, fmt: str, files: list[str]) -> list[str]:
+    """The card's "How to use": fetch the files, then the commands of the runtime that loads them."""
+    from pathlib import PurePosixPath
+
+    from quantmill.registry.export import run_commands
+
+    main = [f for f in files if f.endswith(".gguf")] if fmt == "gguf" else []
+    target = PurePosixPath(name, main[0]) if len(main) == 1 else PurePosixPath(name)
+    return ["## How to use", "", "Fetch the files into a folder (from a team registry every byte is checked against "
+            "the provenance record):", "", "```sh", f"quantmill registry pull {name} --to {name}", "```", "",
+            "Then run it:", "", "```sh", *run_commands(fmt, target), "```", ""]
 
 
 def made_by(statement: dict[str, Any]) -> dict[str, Any]:

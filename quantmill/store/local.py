@@ -77,6 +77,10 @@ class Store(ABC):
         """Problems found re-hashing the artifact's files against its provenance (empty: intact)."""
 
     @abstractmethod
+    def file_path(self, key: str, path: str) -> str:
+        """A committed file's place relative to the store's root (the catalogue page links to it)."""
+
+    @abstractmethod
     def state_dir(self) -> Path:
         """A local directory for caches the store keeps about itself (digest cache)."""
 
@@ -194,6 +198,10 @@ class LocalStore(Store):
 
     def verify(self, key: str) -> list[str]:
         return provenance.verify(self.statement(key), self._object(key) / C.FILES_DIR)
+
+    def file_path(self, key: str, path: str) -> str:
+        """A committed file's place relative to the store's root (the catalogue page links to it)."""
+        return f"{C.OBJECTS_DIR}/{self._object(key).name}/{C.FILES_DIR}/{path}"
 
     def key_for_digest(self, digest: str) -> str | None:
         try:

@@ -96,6 +96,10 @@ class S3Store(Store):
             self.statement(key)
         return self._key(C.OBJECTS_DIR, key, C.FILES_DIR, self._uploads[key], path)
 
+    def file_path(self, key: str, path: str) -> str:
+        """A committed file's place relative to the store's root (the catalogue page links to it)."""
+        return self._file_key(key, path)[len(self.prefix) + 1:] if self.prefix else self._file_key(key, path)
+
     def _call(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
         try:
             return fn(**kwargs)

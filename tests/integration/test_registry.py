@@ -290,10 +290,10 @@ def test_the_catalogue_page_served_from_the_bucket(team):
     assert sorted(page["rows"]) == sorted(entries)
     for name, cells in page["rows"].items():
         e, m = entries[name], entries[name]["metrics"]
-        assert cells[0] == f"{name} v{e['version']}" and cells[3] == e["quant_type"]
-        assert cells[4] == f"{e['size_bytes'] / 2**20:.2f}" and cells[5] == f"{e['bits_per_weight']:.2f}"
-        assert cells[6] == f"{m['mean_kld']:.5f}" and cells[7] == f"{m['ppl_ratio']:.4f}"
-        assert cells[9] == "passed" and cells[10] == "yes"
+        assert cells[0] == f"{name} v{e['version']}" and cells[1] == f"{e['format']} {e['quant_type']}"
+        assert cells[2] == f"{e['size_bytes'] / 2**20:.2f}" and cells[3] == f"{e['bits_per_weight']:.2f}"
+        assert cells[4] == f"{m['mean_kld']:.5f}" and cells[5] == f"{m['ppl_ratio']:.4f}"
+        assert cells[7] == "passed, signed" and cells[9].startswith("download · card · report · record")
     assert {m: c["points"] for m, c in page["charts"].items()} == {"tiny-llama": 2, "tiny-llama-bob": 1}
     assert all(c["width"] >= 460 and c["height"] >= 260 for c in page["charts"].values())  # laid out, drawn
     assert page["record_status"] == 200 and page["record"]["_type"] == "https://in-toto.io/Statement/v1"
@@ -309,7 +309,7 @@ def test_the_catalogue_page_opened_from_disk(default_run):
                    REPO / ".quantmill" / "test-artifacts" / "catalogue-local.png")
     assert page["errors"] == []
     kld = {o.recipe: o.result["mean_kld"] for o in outcomes if o.step == "validate" and "mean_kld" in o.result}
-    assert {name: cells[6] for name, cells in page["rows"].items()} == \
+    assert {name: cells[4] for name, cells in page["rows"].items()} == \
         {f"tiny-llama-{r}": f"{k:.5f}" for r, k in kld.items()}
     assert page["charts"]["tiny-llama"]["points"] == 2
 
