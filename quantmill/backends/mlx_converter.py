@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import io
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +19,8 @@ from quantmill.errors import PreflightError
 from quantmill.toolchain.versions import package_versions
 
 MLX_DTYPES = ("float16", "bfloat16", "float32")
+
+log = logging.getLogger(__name__)
 
 
 def require_mlx(what: str) -> None:
@@ -45,7 +50,10 @@ def mlx_convert(model: Path, out: Path, **kwargs: Any) -> None:
 
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         target = Path(tmp) / "mlx"
-        convert(str(model), str(target), **kwargs)
+        chatter = io.StringIO()
+        with contextlib.redirect_stdout(chatter):  # "[INFO] Loading" etc.: stdout carries the run's report
+            convert(str(model), str(target), **kwargs)
+        log.info("mlx_lm.convert: %s", " | ".join(chatter.getvalue().split("\n")).strip(" |"))
         for f in target.iterdir():
             if f.name != "README.md":  # mlx-lm's own card; quantmill writes the model card at publish
                 shutil.move(str(f), out / f.name)

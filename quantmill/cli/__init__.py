@@ -1,6 +1,7 @@
 """The ``quantmill`` command: a dispatcher over one module per command group, each owning its parsers.
 
     quantmill run | plan              quantmill.cli.run
+    quantmill quantize | recipes | targets               quantmill.cli.quantize
     quantmill ls | show | verify | report | registry ...   quantmill.cli.registry
     quantmill server | worker | deploy                    quantmill.cli.pools
     quantmill batch | watch | trigger                     quantmill.cli.batches
@@ -14,13 +15,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Sequence
 
 from quantmill import __version__
 from quantmill.errors import QuantmillError
 
-GROUPS = ("run", "registry", "pools", "batches", "store")
+GROUPS = ("run", "quantize", "registry", "pools", "batches", "store")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -31,7 +33,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     commands: dict[str, argparse.ArgumentParser] = {}
     for group in GROUPS:
         commands.update(importlib.import_module(f"quantmill.cli.{group}").configure_parser(sub))
+    _add_examples(parser)
     return parser, commands
+
+
+def _add_examples(parser: argparse.ArgumentParser) -> None:
+    """Every command's --help ends with examples: its own, else those of ``common.EXAMPLES``."""
+    from quantmill.cli.common import examples_for
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not sub.epilog:
+                    sub.epilog = examples_for(sub.prog) or None
+                    sub.formatter_class = argparse.RawDescriptionHelpFormatter
+                _add_examples(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,3 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("quantmill: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `quantmill ls | head`: the reader left; say nothing more to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
