@@ -33,12 +33,11 @@ class HfSource:
 
     def read_config(self, cfg: ModelConfig) -> dict[str, Any]:
         """config.json alone (one small file from the Hub or the HF cache)."""
+        return read_config(self._config_json(cfg), cfg.name)
+
+    def _config_json(self, cfg: ModelConfig) -> Path:
+        """The repo's config.json, downloaded or from the HF cache; each way it fails is one line."""
         from huggingface_hub import hf_hub_download
-
-        return read_config(Path(hf_hub_download(cfg.repo_id, "config.json", revision=cfg.revision)), cfg.name)
-
-    def describe(self, cfg: ModelConfig, cache: DigestCache) -> SourceInfo:
-        from huggingface_hub import HfApi, hf_hub_download
         from huggingface_hub.errors import (
             EntryNotFoundError,
             LocalEntryNotFoundError,
@@ -49,7 +48,7 @@ class HfSource:
         if not cfg.repo_id:
             raise ModelSourceError(f"model {cfg.name!r}: source 'hf' needs model.repo_id")
         try:
-            config_path = Path(hf_hub_download(cfg.repo_id, "config.json", revision=cfg.revision))
+            return Path(hf_hub_download(cfg.repo_id, "config.json", revision=cfg.revision))
         except LocalEntryNotFoundError:  # before EntryNotFoundError: it is a subclass
             raise ModelSourceError(f"model repo {cfg.repo_id!r}@{cfg.revision} is not in the local HF cache and "
                                    f"the Hub cannot be reached; run once with network or set HF_ENDPOINT to a "
@@ -61,6 +60,11 @@ class HfSource:
             raise ModelSourceError(f"model repo {cfg.repo_id!r} has no revision {cfg.revision!r}") from None
         except EntryNotFoundError:
             raise ModelSourceError(f"model repo {cfg.repo_id!r}@{cfg.revision} has no config.json") from None
+
+    def describe(self, cfg: ModelConfig, cache: DigestCache) -> SourceInfo:
+        from huggingface_hub import HfApi, hf_hub_download
+
+        config_path = self._config_json(cfg)
         sha = config_path.parent.name  # .../snapshots/<commit sha>/config.json
         config = read_config(config_path, cfg.name)
         arch = check_config(cfg.name, config, trust_remote_code=cfg.trust_remote_code)

@@ -48,7 +48,7 @@ class RegistryPublisher:
 
     def publish(self, spec, store: Store, ref: ArtifactRef) -> dict[str, Any]:
         from quantmill.registry.catalogue import write_catalogue
-        from quantmill.store import signing
+        from quantmill.store import provenance, signing
 
         settings = spec.context["publish"]
         registry = self.registry(settings, store)
@@ -62,11 +62,15 @@ class RegistryPublisher:
         record = record_bytes(store.statement(artifact.key))
         signer = signing.signer_from(settings.get("signing_key"))
         entry = {**{k: v for k, v in result.items() if k != "name"}, "publish_key": ref.key,
-                 "published_at": _now(), "signed_by": signing.key_id(signer) if signer else None}
+                 "published_at": _now(), "signed_by": signing.key_id(signer) if signer else None,
+                 "made_with": made_with(store.statement(artifact.key), result.get("recipe"))}
         card = store.read_file(ref, C.MODEL_CARD_FILE).decode()
+        page = None
+        if any(s.path == C.REPORT_PAGE_FILE for s in provenance.subjects_of(store.statement(ref.key))):
+            page = store.read_file(ref, C.REPORT_PAGE_FILE)
         published = registry.publish(result["name"], entry, card, provenance=record,
                                      signature=signing.sign(record, signer) if signer else None,
-                                     lineage=lineage(store, artifact.key))
+                                     lineage=lineage(store, artifact.key), report=page)
         if settings.get("catalogue", True):
             write_catalogue(registry)
         return published
@@ -76,6 +80,16 @@ class RegistryPublisher:
         record = store.read_result(ref)
         return self.registry(spec.context["publish"], store).find(record["name"], record["artifact"]["digest"],
                                                                   record.get("validated", False)) is not None
+
+
+def made_with(statement: Mapping[str, Any], recipe: str | None) -> dict[str, Any]:
+    """Which settings made the artifact: its step's config as recorded (secrets redacted) and that config's digest,
+    so that two versions of a name show whether the same settings made them."""
+    from quantmill.digest import canonical_json, sha256_bytes
+
+    config = statement["predicate"]["buildDefinition"]["externalParameters"].get("config", {})
+    return {"recipe": recipe, "step": statement["predicate"]["buildDefinition"]["externalParameters"].get("spec"),
+            "config_digest": sha256_bytes(canonical_json(config)).removeprefix("sha256:"), "config": config}
 
 
 def _now() -> str:

@@ -6,6 +6,34 @@ import argparse
 import json
 from typing import Any
 
+# Examples for commands whose module gives none, keyed by the command's prog; every --help ends with some.
+EXAMPLES = {
+    "quantmill ls": ["quantmill ls", "quantmill ls --json | jq '.[].name'"],
+    "quantmill show": ["quantmill show tiny-llama-gguf_q4_k_m", "quantmill show tiny-llama-gguf_q4_k_m --version 1"],
+    "quantmill report": ["quantmill report", "quantmill report --model tiny-llama --json"],
+    "quantmill verify": ["quantmill verify tiny-llama-gguf_q4_k_m", "quantmill verify ./tiny-llama-gguf_q4_k_m"],
+    "quantmill registry": ["quantmill registry ls --max-kld 0.05", "quantmill registry pull NAME --to ./NAME",
+                           "quantmill registry ls publish=s3 publish.bucket=team-models"],
+    "quantmill registry ls": ["quantmill registry ls --format gguf --bits 4", "quantmill registry ls --fits "
+                              "rtx4090_24gb --max-ppl-ratio 1.03", "quantmill registry ls --versions"],
+    "quantmill registry show": ["quantmill registry show tiny-llama-gguf_q4_k_m:stable"],
+    "quantmill registry lineage": ["quantmill registry lineage tiny-llama-gguf_q4_k_m"],
+    "quantmill registry pull": ["quantmill registry pull tiny-llama-gguf_q4_k_m --to ./q4",
+                                "quantmill registry pull NAME:v2 --key keys/team.pub.json --require-signature"],
+    "quantmill registry verify": ["quantmill registry verify ./q4 --key keys/team.pub.json"],
+    "quantmill registry promote": ["quantmill registry promote tiny-llama-gguf_q4_k_m --tag stable --version 2"],
+    "quantmill registry gc": ["quantmill registry gc --dry-run", "quantmill registry gc --keep-days 30"],
+    "quantmill registry keygen": ["quantmill registry keygen --out keys --name team"],
+    "quantmill registry catalogue": ["quantmill registry catalogue publish=s3 publish.bucket=team-models"],
+    "quantmill deploy": ["quantmill deploy", "quantmill deploy infra=prefect"],
+    "quantmill store": ["quantmill store check", "quantmill store check --repair"],
+}
+
+
+def examples_for(prog: str) -> str:
+    lines = EXAMPLES.get(prog, [])
+    return "examples:\n" + "".join(f"  {line}\n" for line in lines) if lines else ""
+
 
 def add_command(sub, name: str, func, help_: str, *, overrides: bool = True, examples: str = "") -> argparse.ArgumentParser:
     """A subcommand with the options every command takes; ``overrides`` adds the trailing Hydra overrides."""

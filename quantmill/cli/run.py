@@ -88,6 +88,9 @@ def _run_and_report(cfg, args: argparse.Namespace) -> bool:
     from quantmill.outcome import FAILED
     from quantmill.prefect.launch import run_config
 
+    if cfg.target.name != "none":  # the target's decision table picked the recipes (unless recipe= was given)
+        ui.console.print(f"target {cfg.target.name}: {', '.join(cfg.recipe)} (conf/target/{cfg.target.name}.yaml; "
+                         f"recipe=[...] chooses others)", highlight=False)
     start = time.perf_counter()
     with progress.using(ui.RichReporter()):
         outcomes = run_config(cfg, verbose=args.verbose)
@@ -96,6 +99,8 @@ def _run_and_report(cfg, args: argparse.Namespace) -> bool:
         print(json.dumps({"seconds": round(elapsed, 3), "steps": [o.to_json() for o in outcomes]}, indent=1))
     else:
         ui.out.print(ui.summary_table(outcomes, elapsed))
+        for line in ui.next_steps(outcomes, cfg.publish, cfg.model.name):
+            ui.out.print(line, highlight=False)
     for o in outcomes:  # stdout carries the table (or JSON); each failure is one line on stderr
         if o.status == FAILED:
             print(f"quantmill: error: {o.spec_id}: {o.error}", file=sys.stderr)

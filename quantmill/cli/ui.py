@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from contextlib import contextmanager
@@ -10,11 +11,13 @@ from typing import Any, Iterable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from quantmill.outcome import CACHED, FAILED, RAN, SKIPPED, Outcome
 
 console = Console(stderr=True)
-out = Console(width=None if sys.stdout.isatty() else 160)  # piped output: tables at full width, not 80
+# Piped output: tables at full width, not 80, unless COLUMNS says how wide.
+out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 160)
 
 
 class RichBar:
@@ -94,7 +97,7 @@ def summary_table(outcomes: Iterable[Outcome], seconds: float) -> Table:
                         f"{sum(o.status == CACHED for o in outcomes)} cached, "
                         f"{sum(not o.ok for o in outcomes)} failed — {seconds:.1f} s")
     for col in ("step", "status", "time", "digest", "notes"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col in ("step", "status", "time"))
     for o in outcomes:
         status = o.status if o.ok or o.status != RAN else FAILED
         table.add_row(o.spec_id, f"[{_STYLE.get(status, '')}]{status}[/]",
@@ -104,14 +107,11 @@ def summary_table(outcomes: Iterable[Outcome], seconds: float) -> Table:
 
 
 def plan_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="quantmill plan")
-    for col in ("step", "backend", "needs", "inputs", "key", "cache"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        style = {"hit": "cyan", "miss": "green", "pending": "yellow"}[r["cache"]]
-        table.add_row(r["id"], r["backend"], r["capability"], ", ".join(r["inputs"].values()),
-                      (r["key"] or "(after inputs)")[:12], f"[{style}]{r['cache']}[/]")
-    return table
+    """The plan: step names whole; at 80 columns the inputs, then the backend, are left out."""
+    cells = [[r["id"], r["backend"], r["capability"], ", ".join(r["inputs"].values()), (r["key"] or "(after inputs)")[:12],
+              f"[{ {'hit': 'cyan', 'miss': 'green', 'pending': 'yellow'}[r['cache']]}]{r['cache']}[/]"] for r in rows]
+    return fitted_table("quantmill plan", ["step", "backend", "needs", "inputs", "key", "cache"], cells,
+                        ["inputs", "backend", "key", "needs"])
 
 
 def report_table(report: dict[str, Any]) -> Table:
@@ -142,18 +142,88 @@ def fit_table(target: Any, rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def registry_table(entries: list[dict[str, Any]]) -> Table:
-    table = Table(title="published")
-    table.add_column("name", no_wrap=True, overflow="fold")
-    for col in ("ver", "type", "bpw", "MiB", "KLD", "PPL×", "valid.", "tags", "digest"):
-        table.add_column(col, no_wrap=True)
-    for e in entries:
-        m = e.get("metrics") or {}
-        table.add_row(e["name"], f"v{e['version']}", e.get("quant_type") or "",
-                      f"{e['bits_per_weight']:.2f}" if e.get("bits_per_weight") else "",
-                      f"{e['size_bytes'] / 2**20:.2f}" if e.get("size_bytes") else "",
-                      f"{m['mean_kld']:.4f}" if m.get("mean_kld") is not None else "",
-                      f"{m['ppl_ratio']:.3f}" if m.get("ppl_ratio") is not None else "",
-                      "passed" if e.get("validated") else "[red]NO[/]", ",".join(e.get("tags", [])),
-                      e["artifact"]["digest"].removeprefix("sha256:")[:8])
+def fitted_table(title: str, columns: list[str], rows: list[list[str]], drop: list[str], *,
+                 width: int | None = None) -> Table:
+    """A table whose cells are never cut: columns named in ``drop`` go, in that order, until the rest fit."""
+    width = width or out.width
+    keep = list(columns)
+
+    def needed(cols: list[str]) -> int:
+        idx = [columns.index(c) for c in cols]
+        return sum(max([len(c)] + [len(Text.from_markup(r[i]).plain) for r in rows]) + 3
+                   for c, i in zip(cols, idx)) + 1
+
+    for col in drop:
+        if needed(keep) <= width:
+            break
+        keep.remove(col)
+    table = Table(title=title)
+    for c in keep:
+        table.add_column(c, no_wrap=True)
+    for r in rows:
+        table.add_row(*(r[columns.index(c)] for c in keep))
     return table
+
+
+def registry_table(entries: list[dict[str, Any]], *, width: int | None = None) -> Table:
+    """Published artifacts: names and numbers whole; at 80 columns the least needed columns are left out."""
+    columns = ["name", "ver", "type", "bpw", "MiB", "KLD", "PPL×", "valid.", "tags", "made by", "digest"]
+    rows = []
+    for e in entries:
+        m, made = e.get("metrics") or {}, e.get("made_with") or {}
+        rows.append([e["name"], f"v{e['version']}", e.get("quant_type") or "",
+                     f"{e['bits_per_weight']:.2f}" if e.get("bits_per_weight") else "",
+                     f"{e['size_bytes'] / 2**20:.2f}" if e.get("size_bytes") else "",
+                     f"{m['mean_kld']:.4f}" if m.get("mean_kld") is not None else "",
+                     f"{m['ppl_ratio']:.3f}" if m.get("ppl_ratio") is not None else "",
+                     "passed" if e.get("validated") else "[red]NO[/]", ",".join(e.get("tags", [])),
+                     f"{made['recipe']}@{made['config_digest'][:8]}" if made else "",
+                     e["artifact"]["digest"].removeprefix("sha256:")[:8]])
+    return fitted_table("published", columns, rows, ["digest", "made by", "tags", "bpw", "PPL×", "type", "ver"],
+                        width=width)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}" if n < 100 * size else f"{n / size:.0f} {unit}"
+    return f"{n} B"
+
+
+def written_table(written: list[Any]) -> Table:
+    """What `quantmill quantize` placed: each path whole, its size and its verdict."""
+    table = Table(title="written")
+    table.add_column("file", overflow="fold")
+    table.add_column("size", no_wrap=True, justify="right")
+    table.add_column("quality", overflow="fold")
+    for w in written:
+        style = "green" if w.passed else ("yellow" if w.passed is None else "bold red")
+        table.add_row(str(w.path), human_bytes(w.size_bytes), f"[{style}]{w.verdict}[/]")
+    return table
+
+
+def rows_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> Table:
+    """A listing whose first column (a name to type) is never cut; the last one wraps."""
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, no_wrap=i == 0, overflow="fold")
+    for r in rows:
+        table.add_row(*(str(r.get(c, "")) for c in columns))
+    return table
+
+
+def next_steps(outcomes: Iterable[Outcome], publish: Any, model: str) -> list[str]:
+    """What a person does after a run: where each published artifact is and how to get or inspect it."""
+    names = [o.result["name"] for o in outcomes if o.step == "publish" and o.ok and o.result.get("name")]
+    if not names:
+        return []
+    where = {"s3": f" publish=s3 publish.bucket={getattr(publish, 'bucket', '')}"}.get(publish.publisher, "")
+    lines = ["next:"]
+    if publish.publisher == "hf":
+        repo = getattr(publish, "repo_id", "")
+        lines += [f"  published to the Hub: https://huggingface.co/{repo.format(model=model, name=n, recipe=n)}"
+                  for n in dict.fromkeys(names)]
+    else:
+        lines += [f"  quantmill registry pull {n} --to ./{n}{where}" for n in names]
+        lines.append(f"  quantmill report {model}{where}      the validation report and its page")
+    return lines

@@ -64,23 +64,48 @@ def _explain(exc: Exception, conf_dir: Path, overrides: Sequence[str] = ()) -> C
                            f"with spaces or special characters: \"key='value'\"")
     if m := _HYDRA_MISSING.search(text):
         group, name = m.group(1), m.group(2)
-        known = ", ".join(known_options(conf_dir, group))
-        return ConfigError(f"unknown {group} {name!r}; known: {known} (files in {conf_dir / group})")
+        options = known_options(conf_dir, group)
+        return ConfigError(f"unknown {group} {name!r}{_did_you_mean(name, options)}; known: {', '.join(options)} "
+                           f"(files in {conf_dir / group})")
     if m := _NOT_IN.search(text):
         key, schema = m.group(1), m.group(2)
         full = getattr(exc, "full_key", None) or key
         fields = _schema_fields(schema)
         hint = f"; {schema} has: {', '.join(fields)}" if fields else ""
-        return ConfigError(f"unknown config key {full!r}{hint}")
+        return ConfigError(f"unknown config key {full!r}{_did_you_mean(full.rpartition('.')[2], fields)}{hint}")
     if m := _HYDRA_OVERRIDE.search(text):
         key = m.group(1)
         group, _, leaf = key.rpartition(".")
-        return ConfigError(f"unknown config key {key!r}; {group or 'the root config'} has no {leaf!r} "
+        close = _did_you_mean(leaf, _fields_at(group))
+        return ConfigError(f"unknown config key {key!r}{close}; {group or 'the root config'} has no {leaf!r} "
                            f"(check the spelling, or see conf/{group.split('.')[0]}/)")
     cause = exc.__cause__ or exc
     first = str(cause).splitlines()[0].strip()
     where = getattr(cause, "full_key", None)
     return ConfigError(f"invalid config{f' at {where!r}' if where else ''}: {first}")
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6) or [
+        c for c in choices if c.startswith(word)][:1]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fields_at(path: str) -> list[str]:
+    """The keys a dotted config path takes (``validate``: ValidateConfig's fields; ``recipe.X.gates``: a gate's)."""
+    import dataclasses
+
+    parts = [p for p in path.split(".") if p]
+    if not parts:
+        return [f.name for f in dataclasses.fields(QuantmillConfig)]
+    if parts[0] == "recipe":
+        schema = {1: None, 2: RecipeConfig}.get(len(parts)) or {"gates": GateConfig, "requires": RequiresConfig}.get(
+            parts[-1])
+    else:
+        schema = GROUP_SCHEMAS.get(parts[0]) if len(parts) == 1 else None
+    return [f.name for f in dataclasses.fields(schema)] if schema else []
 
 
 def _schema_fields(name: str) -> list[str]:

@@ -76,8 +76,19 @@ def fits(entry: dict[str, Any], target) -> bool:
     return need is not None and need <= target.memory_gb * 2**30
 
 
-def search(registry: ArtifactRegistry, filters: Filters) -> list[dict[str, Any]]:
-    return [e for e in registry.entries() if filters(e)]
+def search(registry: ArtifactRegistry, filters: Filters, *, every_version: bool = False) -> list[dict[str, Any]]:
+    """The latest version of each name that passes ``filters`` (or every version, with its tags)."""
+    if not every_version:
+        return [e for e in registry.entries() if filters(e)]
+    out = []
+    for name in registry.names():
+        tags = registry.tags(name)
+        for v in registry.versions(name):
+            e = registry.get(name, v)
+            e = {**e, "tags": sorted(t for t, tv in tags.items() if tv == v)}
+            if filters(e):
+                out.append(e)
+    return out
 
 
 # -- lineage -------------------------------------------------------------------------------------------------

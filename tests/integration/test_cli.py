@@ -64,7 +64,7 @@ def test_verify_names_a_tampered_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["run", "recipe=[gguf_q4_k_mm]"], "quantmill: error: unknown recipe 'gguf_q4_k_mm'; known: awq_w4a16, bnb_nf4,"),
+    (["run", "recipe=[gguf_q4_k_mm]"], "quantmill: error: unknown recipe 'gguf_q4_k_mm' (did you mean 'gguf_q4_k_m'?); known: awq_w4a16,"),
     (["plan", "model.colour=red"], "quantmill: error: unknown config key 'model.colour'"),
     (["show", "tiny-llama-gguf_q4_k"], "did you mean 'tiny-llama-gguf_q4_k_m'?"),
 ])

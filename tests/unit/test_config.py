@@ -71,7 +71,7 @@ def test_unknown_recipe_lists_the_known_ones():
     with pytest.raises(ConfigError) as e:
         compose(["recipe=[gguf_q8_0,gguf_q4_k_mm]"], conf_dir=CONF)
     message = str(e.value)
-    assert message.startswith("unknown recipe 'gguf_q4_k_mm'; known: ")
+    assert message.startswith("unknown recipe 'gguf_q4_k_mm' (did you mean 'gguf_q4_k_m'?); known: ")
     assert all(name in message for name in RECIPES)
 
 
