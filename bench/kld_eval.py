@@ -1,4 +1,4 @@
-"""Issue 3 benchmark: quantmill's KL-divergence evaluation against ``llama-perplexity --kl-divergence``.
+"""Benchmark: quantmill's KL-divergence evaluation against ``llama-perplexity --kl-divergence``.
 
 Same model files, same text, same context length, same base (the F16 GGUF), same token ids (quantmill is fed the
 ids llama-perplexity stored in its base file). Timed: the reference pass over the F16 model plus the evaluation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from quantmill.prefect import settings
 from quantmill.store import open_store
 
 settings.prefect_defaults()  # before any test module imports Prefect; CLI subprocesses inherit it
+# Each test has a PREFECT_HOME of its own: kept servers (the default) would pile up, one per test, until idle.
+# Tests of the kept server ask for it with infra.server=kept.
+os.environ.setdefault("QUANTMILL_PREFECT_SERVER", "temporary")
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"

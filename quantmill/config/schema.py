@@ -298,6 +298,10 @@ class InfraConfig:
             every ready step at once.
         pipeline_pool: The pool whose workers run whole submitted runs (``quantmill batch --submit``, the
             Prefect launcher, scheduled watches): the deployment ``quantmill-pipeline/<pool>``.
+        server: The API server of embedded runs without ``api_url``: ``kept`` (one per ``prefect_home``, started
+            by the first run that needs it, reused by later ones, stopping itself after ``server_idle_seconds``
+            unused) or ``temporary`` (one per process, gone with it: nothing is left running).
+        server_idle_seconds: How long a kept server waits for the next run before it stops.
     """
 
     mode: str = bounded("embedded", choices=("embedded", "prefect"))
@@ -309,6 +313,8 @@ class InfraConfig:
     poll_seconds: float = bounded(0.5, least=0.05)
     queue_ahead: int = bounded(4, least=0)
     pipeline_pool: str = "cpu"
+    server: str = bounded("kept", choices=("kept", "temporary"))
+    server_idle_seconds: float = bounded(600.0, least=1)
 
 
 @dataclass

@@ -136,7 +136,7 @@ def render_html(report: dict[str, Any]) -> str:
 <p>{len(rows)} artifact(s) validated against the unquantized model ({sum(r['status'] == C.PASSED for r in rows)} passed).
 Measured on {html.escape(machine.get('cpu', '?'))}. Mean KL divergence: how far each file's next-token distribution is
 from the original's (0 is identical; lower is better). PPL ratio: its perplexity over the original's (1.00 is the same).
-Top-1: how often both pick the same next token. Speeds are medians over repeated runs, their range in brackets.</p>
+Top-1: how often both pick the same next token. Speeds are medians of repeated runs, their range beneath.</p>
 <h2>Quality against size</h2>
 {pages.chart(chart_points(rows), name=report["model"])}
 <table><thead><tr>{''.join(f'<th class="{"l" if i in (0, 1, 10, 15) else ""}">{h}</th>' for i, h in enumerate(header))}</tr></thead><tbody>

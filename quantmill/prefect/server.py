@@ -201,13 +201,22 @@ TEMPORARY = TemporaryServer()
 
 @contextmanager
 def temporary_server(infra: InfraConfig) -> Iterator[str | None]:
-    """The API an embedded run reports to: None (Prefect's own setting) where a server is configured, else this
-    process's temporary server."""
+    """The API an embedded run reports to: None (Prefect's own setting) where a server is configured, else the
+    project's kept server (``infra.server=kept``) or this process's temporary server."""
     if infra.api_url or os.environ.get("PREFECT_API_URL"):
         yield None
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    url = TEMPORARY.ensure(infra)
+    if infra.server == "kept":
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+        from quantmill.prefect import kept_server
+
+        home = Path(os.environ.get("PREFECT_HOME", infra.prefect_home)).expanduser()
+        url = kept_server.ensure(home, infra.server_idle_seconds,
+                                 float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+    else:
+        url = TEMPORARY.ensure(infra)
     with temporary_settings(updates={PREFECT_API_URL: url}):
         yield url

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from quantmill.cli import main
 from quantmill.digest import sha256_file
 from tests.conftest import CONF, REPO, overrides_for
 

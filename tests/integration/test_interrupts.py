@@ -93,3 +93,42 @@ def test_a_run_killed_with_sigkill_leaves_no_process_and_nothing_half_written(tm
     objects = tmp_path / "store" / "objects"
     for key in (p.name for p in objects.iterdir()) if objects.exists() else []:
         assert (objects / key / "provenance.json").is_file(), key
+
+
+def test_the_kept_server_serves_the_next_run_and_stops_once_unused(tmp_path):
+    """infra.server=kept: the first run starts the project's server, the next run uses the same one (both runs are
+    recorded there), a run killed with -9 does not take it down, and it stops by itself once no run uses it."""
+    import json
+
+    import httpx
+
+    home = tmp_path / "prefect"
+    env = {**os.environ, "QUANTMILL_CONF": str(CONF), "HF_HUB_OFFLINE": "1", "QUANTMILL_PREFECT_SERVER": "kept"}
+    quick = ["validate.enabled=false", "publish.enabled=false", "infra.server_idle_seconds=3"]
+
+    def run(recipe: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "quantmill.cli", "run", "--json", *overrides_for(tmp_path),
+                               f"recipe=[{recipe}]", *quick], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((home / "kept-server.json").read_text())
+
+    first = run("gguf_q8_0")
+    assert alive(first["pid"]) and first["pid"] not in descendants(os.getpid())  # nobody's child
+    second = run("gguf_q4_0")
+    assert second == first
+    runs = httpx.post(f"{first['url']}/flow_runs/filter", json={}).json()
+    assert len([r for r in runs if r["state_type"] == "COMPLETED"]) == 2, [r["state_type"] for r in runs]
+    # kill -9 of a run that uses it: the server stays for the next run, and counts the dead run as gone
+    proc = subprocess.Popen([sys.executable, "-m", "quantmill.cli", "run", *overrides_for(tmp_path),
+                             "recipe=[gguf_q6_k]", *quick], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "err.txt", "w"), start_new_session=True)
+    wait(lambda: "… quantize gguf_q6_k" in (tmp_path / "err.txt").read_text() or proc.poll() is not None, 300,
+         "the third run's quantize to start")
+    assert (home / "kept-server.clients" / str(proc.pid)).exists()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert alive(first["pid"])
+    wait(lambda: not alive(first["pid"]), 60, "the kept server to stop once no run uses it")
+    assert not (home / "kept-server.json").exists()
+    assert not any((home / "kept-server.clients").iterdir())
