@@ -15,7 +15,8 @@ CPU = "cpu"
 CUDA = "cuda"
 MLX = "mlx"
 LLAMACPP = "llamacpp"  # the pinned llama.cpp build (converter, quantize/imatrix/perplexity tools, libllama)
-CAPABILITIES = (CPU, CUDA, MLX, LLAMACPP)
+ONNX = "onnx"  # ONNX Runtime and ONNX Runtime GenAI (its model builder), CPU execution provider
+CAPABILITIES = (CPU, CUDA, MLX, LLAMACPP, ONNX)
 
 # Prefect names (infra=prefect): the flow every pool runs, one deployment per pool named after the pool.
 STEP_FLOW = "quantmill-step"

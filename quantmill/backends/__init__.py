@@ -25,6 +25,8 @@ from quantmill.backends import (  # noqa: E402,F401
     mlx_converter,
     mlx_quantizer,
     mlx_runtime,
+    onnx_builder,
+    onnx_runtime,
     passthrough_quantizer,
     s3_source,
     safetensors_converter,

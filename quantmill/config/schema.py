@@ -96,10 +96,12 @@ class ConvertConfig:
     Attributes:
         gguf_outtype: llama.cpp converter output type (f16, bf16, f32).
         mlx_dtype: dtype of the unquantized MLX model (float16, bfloat16, float32).
+        onnx_precision: precision of the unquantized ONNX model, built for the CPU (fp32, fp16, bf16).
     """
 
     gguf_outtype: str = bounded("f16", choices=("f16", "bf16", "f32", "q8_0"))
     mlx_dtype: str = bounded("float16", choices=("float16", "bfloat16", "float32"))
+    onnx_precision: str = bounded("fp32", choices=("fp32", "fp16", "bf16"))
 
 
 @dataclass
@@ -324,7 +326,7 @@ class TargetConfig:
     Attributes:
         name: ``none`` (no target: the recipes are chosen by hand) or the profile's name.
         memory_gb: GiB available to weights + KV cache + runtime (VRAM, or the usable share of unified memory).
-        runtime: What loads the model there (llamacpp, vllm, transformers, mlx).
+        runtime: What loads the model there (llamacpp, vllm, transformers, mlx, onnxruntime).
         recipes: Recommended recipes, best first; ``run target=NAME`` selects them and drops what does not fit.
         context: Tokens of KV cache the estimate reserves.
         overhead_gb: Runtime overhead beyond weights and KV cache.

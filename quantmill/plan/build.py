@@ -208,7 +208,9 @@ def _convert_config(fmt: str, cfg: QuantmillConfig) -> dict[str, Any]:
         return ConvertRecord(outtype=cfg.convert.gguf_outtype, model_name=cfg.model.name).to_config()
     if fmt == "mlx":
         return ConvertRecord(dtype=cfg.convert.mlx_dtype).to_config()
-    raise PreflightError(f"format {fmt!r} has no conversion settings; known: gguf, mlx, safetensors")
+    if fmt == "onnx":
+        return ConvertRecord(dtype=cfg.convert.onnx_precision).to_config()
+    raise PreflightError(f"format {fmt!r} has no conversion settings; known: gguf, mlx, onnx, safetensors")
 
 
 def _linkable(cfg: QuantmillConfig, info: SourceInfo, store: Store) -> bool:

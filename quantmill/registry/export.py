@@ -69,8 +69,11 @@ def run_commands(fmt: str, path: Path) -> list[str]:
         return [f'llama-cli -m {where} -p "{PROMPT}"', f"llama-server -m {where}"]
     if fmt == "mlx":
         return [f'mlx_lm.generate --model {where} --prompt "{PROMPT}"']
-    if fmt == "onnx":
-        return [f"python -m onnxruntime_genai.models.chat -m {where}"]
+    if fmt == "onnx":  # onnxruntime-genai has no command of its own: its Python API, greedy, 64 tokens
+        return [f"python -c \"import onnxruntime_genai as og; m = og.Model('{where}'); t = og.Tokenizer(m); "
+                f"p = og.GeneratorParams(m); p.set_search_options(max_length=64); g = og.Generator(m, p); "
+                f"g.append_tokens(t.encode('{PROMPT}')); exec('while not g.is_done(): g.generate_next_token()'); "
+                f"print(t.decode(g.get_sequence(0)))\""]
     return [f"vllm serve {where}",
             f"python -c \"from transformers import pipeline; print(pipeline('text-generation', '{where}')"
             f"('{PROMPT}')[0]['generated_text'])\""]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from quantmill import constants as C
+from quantmill import pages
 from quantmill.errors import PublishRefused
 from quantmill.steps.validate import failed_checks
 
-LIBRARY = {"gguf": "gguf", "mlx": "mlx", "safetensors": "transformers"}
+LIBRARY = {"gguf": "gguf", "mlx": "mlx", "safetensors": "transformers", "onnx": "onnxruntime-genai"}
 
 
 def check_publishable(name: str, validation: dict[str, Any] | None, *, enforce: bool) -> bool:
@@ -50,8 +51,9 @@ def speed_text(v: dict[str, Any]) -> str:
 
     def one(key: str) -> str:
         spread = runs.get(key) or []
-        extra = f" (range {min(spread):g}–{max(spread):g} over {len(spread)} runs)" if len(spread) > 1 else ""
-        return f"{v.get(key)} tok/s{extra}"
+        extra = (f" (range {pages.number(min(spread))}–{pages.number(max(spread))} over {len(spread)} runs)"
+                 if len(spread) > 1 else "")
+        return f"{pages.number(v[key]) if v.get(key) is not None else 'n/a'} tok/s{extra}"
 
     load = f"; machine load {v['load_1m']:.2f} on {v['machine'].get('cpus', '?')} cores" if "load_1m" in v else ""
     return f"prompt {one('prompt_tokens_per_second')}, generation {one('generation_tokens_per_second')}{load}"

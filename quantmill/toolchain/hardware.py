@@ -75,7 +75,7 @@ def check_capability(capability: str, *, min_gpu_memory_gb: float | None = None)
 
     What each capability means is what the backends that declare it need: ``cpu`` any Python with quantmill,
     ``cuda`` an NVIDIA GPU visible to torch, ``mlx`` the mlx package importable, ``llamacpp`` the project's pinned
-    llama.cpp build with its tools.
+    llama.cpp build with its tools, ``onnx`` ONNX Runtime and ONNX Runtime GenAI importable.
     """
     if capability == C.CPU:
         import os
@@ -106,6 +106,14 @@ def check_capability(capability: str, *, min_gpu_memory_gb: float | None = None)
         if not build.converter.is_file():
             raise PreflightError(f"capability 'llamacpp': converter {build.converter} missing; run `make llama-cpp`")
         return build.version
+    if capability == C.ONNX:
+        try:
+            import onnxruntime
+            import onnxruntime_genai
+        except ImportError as e:
+            raise PreflightError(f"capability 'onnx': {e.name} is not importable; pip install 'quantmill[onnx]'") \
+                from None
+        return f"onnxruntime {onnxruntime.__version__}, onnxruntime-genai {onnxruntime_genai.__version__}"
     raise PreflightError(f"capability {capability!r} unknown; known: {', '.join(C.CAPABILITIES)}")
 
 

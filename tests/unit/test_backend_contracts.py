@@ -13,7 +13,7 @@ from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOU
 from quantmill.config import PublishConfig, RecipeConfig
 from quantmill.errors import PreflightError
 
-CAPABILITIES = {C.CPU, C.CUDA, "mlx", "llamacpp"}
+CAPABILITIES = {C.CPU, C.CUDA, "mlx", "llamacpp", "onnx"}
 
 
 def _versions_are_strings(tools: dict) -> bool:
