@@ -135,6 +135,7 @@ def _validate(rec: ValidationRecord, spec: StepSpec, inputs: Mapping[str, Path],
             **{k: record[k] for k in SUMMARY_METRICS if k in record}}
 
 
+DOMAIN_METRICS = ("ppl_ratio", "mean_kld", "mean_kld_se", "p99_kld", "top1_agreement")
 SUMMARY_METRICS = ("ppl", "ref_ppl", "ppl_ratio", "mean_kld", "p99_kld", "top1_agreement", "size_bytes",
                    "bits_per_weight", "prompt_tokens_per_second", "generation_tokens_per_second",
                    "peak_rss_bytes")
@@ -144,15 +145,19 @@ def _publish(rec: PublishRecord, spec: StepSpec, inputs: Mapping[str, Path], out
     validation = None
     if "validation" in inputs:
         validation = json.loads((inputs["validation"] / C.VALIDATION_FILE).read_text())
-    validated = publish.check_publishable(rec.name, validation, enforce=rec.enforce)
+    domains = {k.partition("@")[2]: json.loads((inputs[k] / C.VALIDATION_FILE).read_text())
+               for k in sorted(inputs) if k.startswith("validation@")}
+    verdict = publish.with_domains(validation, domains)
+    validated = publish.check_publishable(rec.name, verdict, enforce=rec.enforce)
     quant = json.loads((inputs["artifact"] / C.RESULT_FILE).read_text())
     artifact_ref = {k: spec.context["artifact_ref"][k] for k in ("key", "digest")}  # no local paths in bytes
     card = publish.model_card(name=rec.name, model=rec.model, base_model=rec.base_model, recipe=rec.recipe,
-                              fmt=rec.format, quant=quant, validation=validation, validated=validated,
+                              fmt=rec.format, quant=quant, validation=verdict, validated=validated,
                               artifact_digest=artifact_ref["digest"], tags=list(rec.tags), license=rec.license,
                               adapter=rec.adapter, made_by=publish.made_by(store.statement(artifact_ref["key"])),
                               files=sorted(str(f.relative_to(inputs["artifact"])) for f in inputs["artifact"].rglob("*")
-                                           if f.is_file() and f.name not in (C.RESULT_FILE, *C.INTERNAL_FILES)))
+                                           if f.is_file() and f.name not in (C.RESULT_FILE, *C.INTERNAL_FILES)),
+                              domains=domains)
     (out / C.MODEL_CARD_FILE).write_text(card)
     if validation:
         from quantmill.evaluation import report
@@ -165,6 +170,8 @@ def _publish(rec: PublishRecord, spec: StepSpec, inputs: Mapping[str, Path], out
     return {"name": rec.name, "artifact": artifact_ref, "validated": validated,
             "validation": {"status": validation["status"]} if validation else None,
             "metrics": {k: validation[k] for k in SUMMARY_METRICS if k in validation} if validation else {},
+            **({"domains": {d: {"status": v["status"], **{k: v[k] for k in DOMAIN_METRICS if k in v}}
+                            for d, v in domains.items()}} if domains else {}),
             "kv_cache_bytes_per_token": shape.kv_cache_bytes(1),
             "recipe": rec.recipe, "model": rec.model, "format": rec.format,
             "quant_type": quant.get("quant_type") or quant.get("scheme") or quant.get("outtype", "").upper(),

@@ -78,6 +78,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from quantmill.plan.preflight import resolve_recipe
     from quantmill.prefect.launch import run_config
     from quantmill.registry.export import export
+    from quantmill.steps.publish import with_domains
     from quantmill.steps.validate import failed_checks
     from quantmill.store import open_store
 
@@ -102,7 +103,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if validated is not None and validated.error:  # the validation step itself failed
             problems.append(f"{recipe_name}: {validated.error}")
             continue
-        validation = _validation_record(store, validated)
+        domains = {o.spec_id.partition("@")[2]: o for o in outcomes if o.spec_id.startswith(f"validate:{recipe_name}@")}
+        if any(o.error for o in domains.values()):
+            problems.append(f"{recipe_name}: " + "; ".join(f"{d}: {o.error}" for d, o in domains.items() if o.error))
+            continue
+        validation = with_domains(_validation_record(store, validated),
+                                  {d: _validation_record(store, o) for d, o in domains.items()})
         if validation and validation.get("status") != "passed" and not args.force:
             problems.append(f"{recipe_name}: failed validation: {'; '.join(failed_checks(validation))}; not written "
                             f"(--force writes it marked unvalidated)")

@@ -108,7 +108,7 @@ def summary_table(outcomes: Iterable[Outcome], seconds: float) -> Table:
 
 def plan_table(rows: list[dict[str, Any]]) -> Table:
     """The plan: step names whole; at 80 columns the inputs, then the backend, are left out."""
-    cells = [[r["id"], r["backend"], r["capability"], ", ".join(r["inputs"].values()), (r["key"] or "(after inputs)")[:12],
+    cells = [[r["id"], r["backend"], r["capability"], ", ".join(r["inputs"].values()), (r["key"] or "–")[:12],
               f"[{ {'hit': 'cyan', 'miss': 'green', 'pending': 'yellow'}[r['cache']]}]{r['cache']}[/]"] for r in rows]
     return fitted_table("quantmill plan", ["step", "backend", "needs", "inputs", "key", "cache"], cells,
                         ["inputs", "backend", "key", "needs"])

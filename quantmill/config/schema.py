@@ -177,6 +177,10 @@ class ValidateConfig:
             is fed the same token ids. max_tokens: tokens generated greedily.
         probes: Strings the tokenizer-fidelity check encodes with both tokenizers.
         gates: Default thresholds; a recipe's ``gates`` override them field by field.
+        domains: Further domains each artifact is measured on, besides ``eval_files`` (prose): names of
+            ``domain_texts``. Each has an evaluation set and a reference pass of its own, shared by every recipe.
+        domain_texts: Domain name -> its evaluation texts (``bundled:code.txt``, local files).
+        domain_gates: Domain name -> gates that override the recipe's for that domain (``code: {max_mean_kld: 0.1}``).
     """
 
     enabled: bool = True
@@ -188,6 +192,9 @@ class ValidateConfig:
     max_tokens: int = bounded(16, least=0)
     probes: List[str] = field(default_factory=lambda: list(DEFAULT_PROBES))
     gates: GateConfig = field(default_factory=GateConfig)
+    domains: List[str] = field(default_factory=list)
+    domain_texts: Dict[str, List[str]] = field(default_factory=dict)
+    domain_gates: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

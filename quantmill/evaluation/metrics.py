@@ -41,6 +41,12 @@ def targets(tokens: np.ndarray, n_ctx: int) -> np.ndarray:
     return np.asarray(tokens[first_scored(n_ctx) + 1: n_ctx], dtype=np.int64)
 
 
+def _standard_error(per_window: list[float]) -> float | None:
+    if len(per_window) < 2:
+        return None
+    return float(np.std(per_window, ddof=1) / np.sqrt(len(per_window)))
+
+
 @dataclass
 class Accumulator:
     """Per-position values over every scored position of every window."""
@@ -72,6 +78,10 @@ class Accumulator:
                 "p99_kld": float(np.percentile(kld, 99)),
                 "max_kld": float(kld.max()),
                 "top1_agreement": float(np.concatenate(self.same_top).mean()),
+                # standard errors over windows (positions within a window are not independent): how far another
+                # text of the same size could move the figure
+                "mean_kld_se": _standard_error([k.mean() for k in self.kld]),
+                "top1_se": _standard_error([t.mean() for t in self.same_top]),
             })
         return out
 

@@ -18,6 +18,7 @@ from quantmill import pages
 from quantmill.store.local import LocalStore
 
 REPORTS_DIR = "reports"
+DOMAIN_KEYS = ("ppl_ratio", "mean_kld", "mean_kld_se", "p99_kld", "top1_agreement")
 
 
 def report_dir(store: LocalStore, model: str) -> Path:
@@ -39,8 +40,15 @@ def update(store: LocalStore, model: str, validations: Iterable[tuple[str, str]]
     directory = report_dir(store, model)
     path = directory / "report.json"
     rows = {r["recipe"]: r for r in (json.loads(path.read_text())["artifacts"] if path.is_file() else [])}
+    domains: dict[str, dict[str, Any]] = {}
     for recipe, key in validations:
         record = json.loads((store.files(_ref(store, key)) / C.VALIDATION_FILE).read_text())
+        if "@" in recipe:  # a further domain's validation: a sub-row of its recipe's
+            recipe, _, domain = recipe.partition("@")
+            domains.setdefault(recipe, {})[domain] = {
+                "status": record["status"], **{k: record[k] for k in DOMAIN_KEYS if k in record},
+                "failed": [c["name"] for c in record.get("checks", []) if not c["passed"]]}
+            continue
         deps = store.statement(key)["predicate"]["buildDefinition"]["resolvedDependencies"]
         artifact = next(d for d in deps if d["name"] == "input:artifact")
         made = json.loads((store.files(_ref(store, artifact["annotations"]["key"])) / C.RESULT_FILE).read_text())
@@ -50,6 +58,9 @@ def update(store: LocalStore, model: str, validations: Iterable[tuple[str, str]]
                         "artifact_digest": "sha256:" + artifact["digest"]["sha256"],
                         "quant_type": made.get("quant_type") or made.get("outtype", "").upper(), "format": fmt,
                         **{k: v for k, v in record.items() if k not in ("generated_ids", "prompt_ids")}}
+    for recipe, by_domain in domains.items():
+        if recipe in rows:
+            rows[recipe]["domains"] = {**rows[recipe].get("domains", {}), **by_domain}
     report = {"model": model, "artifacts": sorted(rows.values(), key=lambda r: r.get("size_bytes", 0))}
     _atomic_write(path, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     _atomic_write(directory / "report.html", render_html(report))
@@ -58,7 +69,8 @@ def update(store: LocalStore, model: str, validations: Iterable[tuple[str, str]]
 
 def update_from_outcomes(store: LocalStore, model: str, outcomes: Iterable[Any]) -> Path | None:
     """Update the report with the validations of a run (what ran and what was cached)."""
-    return update(store, model, [(o.recipe, o.key) for o in outcomes
+    return update(store, model, [(o.spec_id.partition(":")[2] if "@" in o.spec_id else o.recipe, o.key)
+                                 for o in outcomes
                                  if o.step == C.VALIDATE and o.recipe and o.key and o.status in ("ran", "cached")])
 
 
@@ -104,6 +116,33 @@ HEADER = ["recipe", "status", "size (MiB)", "estimated (MiB)", "bits per weight"
           "estimated weights + KV (MiB)", "failed checks"]
 
 
+def _domain_table(rows: list[dict[str, Any]]) -> str:
+    """Mean KLD (± its standard error) and top-1 of each artifact on each further domain."""
+    domains = sorted({d for r in rows for d in r.get("domains", {})})
+    if not domains:
+        return ""
+    head = "".join(f"<th>{html.escape(d)}: mean KLD</th><th>{html.escape(d)}: top-1</th>" for d in domains)
+    body = []
+    for r in rows:
+        cells = [f'<td class="l">{html.escape(r["recipe"])}</td>', f'<td>{_kld(r)}</td>']
+        for d in domains:
+            v = r.get("domains", {}).get(d)
+            bad = ' class="failed-status"' if v and v["status"] != C.PASSED else ""
+            cells += [f"<td{bad}>{_kld(v) if v else ''}</td>",
+                      f"<td>{100 * v['top1_agreement']:.2f}%</td>" if v and "top1_agreement" in v else "<td></td>"]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return ("<h2>By domain</h2><p>Each domain is scored against the unquantized model on its own text; ± is the "
+            "standard error over windows.</p><table class=domains><thead><tr><th class=l>recipe</th>"
+            f"<th>prose: mean KLD</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+
+
+def _kld(v: dict[str, Any]) -> str:
+    if v.get("mean_kld") is None:
+        return ""
+    se = f" ± {v['mean_kld_se']:.5f}" if v.get("mean_kld_se") is not None else ""
+    return f"{v['mean_kld']:.5f}{se}"
+
+
 def render_html(report: dict[str, Any]) -> str:
     rows = report["artifacts"]
     any_failed = any(not c["passed"] for r in rows for c in r.get("checks", []))
@@ -141,4 +180,4 @@ Top-1: how often both pick the same next token. Speeds are medians of repeated r
 {pages.chart(chart_points(rows), name=report["model"])}
 <table><thead><tr>{''.join(f'<th class="{"l" if i in (0, 1, 10, 15) else ""}">{h}</th>' for i, h in enumerate(header))}</tr></thead><tbody>
 {chr(10).join(body)}
-</tbody></table>{note}""")
+</tbody></table>{note}{_domain_table(rows)}""")

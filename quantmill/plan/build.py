@@ -13,7 +13,7 @@ from quantmill.backends import SOURCES
 from quantmill.backends.base import SourceInfo
 from quantmill.config import QuantmillConfig
 from quantmill.errors import PreflightError
-from quantmill.plan.preflight import Checked, preflight
+from quantmill.plan.preflight import Checked, domain_gates, preflight
 from quantmill.plan.records import (
     CalibrationSetRecord,
     ConvertRecord,
@@ -81,7 +81,7 @@ def build(checked: Checked, store: Store) -> Plan:
             inputs={"base": download.id, "adapter": adapter_download.id}, config=MergeRecord().to_config(),
             context={"estimate_bytes": info.weights_bytes}, tools=package_versions("peft", "transformers", "torch")))
 
-    evalset = None
+    evalset, domain_sets = None, {}
     if cfg.validate.enabled:
         v = cfg.validate
         evalset = add(StepSpec(
@@ -91,6 +91,15 @@ def build(checked: Checked, store: Store) -> Plan:
                                  probes=list(v.probes)).to_config(),
             context={"files": [str(p) for p in eval_files]},
             tools=package_versions("tokenizers", "transformers", "safetensors")))
+        # Further domains: an evaluation set of each one's text, with the same windows, prompt and probes.
+        domain_sets = {d: add(StepSpec(
+            id=f"{C.VALIDATE}:evalset-{d}", step=C.VALIDATE, backend="files", capability=C.CPU,
+            inputs={"model": model_spec.id},
+            config=EvalSetRecord(texts=_texts(files), n_ctx=v.n_ctx, n_chunks=v.n_chunks, prompt=v.prompt,
+                                 probes=list(v.probes)).to_config(),
+            context={"files": [str(p) for p in files]},
+            tools=package_versions("tokenizers", "transformers", "safetensors")))
+            for d, files in checked.domain_files.items()}
 
     needs_calibration = any(q.needs_calibration(r) for r, q, _ in recipes.values())
     dataset = None
@@ -104,6 +113,7 @@ def build(checked: Checked, store: Store) -> Plan:
             tools=package_versions("tokenizers", "safetensors", "numpy")))
 
     f16_estimate = info.weights_bytes * 2 // max(1, _bytes_per_param(info.config))
+    domain_validations: dict[str, dict[str, Any]] = {name: {} for name in recipes}
     for name, (recipe, quantizer, converter) in recipes.items():
         # The format's unquantized intermediate: what its recipes start from and are measured against.
         if converter.identity:
@@ -151,10 +161,26 @@ def build(checked: Checked, store: Store) -> Plan:
                                         estimate=_estimate(info, recipe, cfg.validate.n_ctx)).to_config(),
                 # The record holds speed and memory measured here, so the machine class is part of its key.
                 context={"threads": threads}, tools={**runtime.tools(), "machine": measured_on(cfg, runtime.capability)}))
+            for domain, domain_set in domain_sets.items():  # one reference per domain, shared by every recipe
+                domain_reference = add(StepSpec(
+                    id=f"{C.VALIDATE}:reference-{converter.key}-{domain}", step=C.VALIDATE, backend=runtime.key,
+                    capability=runtime.capability, inputs={"model": intermediate.id, "evalset": domain_set.id},
+                    config=ReferenceRecord().to_config(), context={"threads": threads}, tools=runtime.tools()))
+                domain_validations[name][domain] = add(StepSpec(
+                    id=f"{C.VALIDATE}:{name}@{domain}", step=C.VALIDATE, backend=runtime.key,
+                    capability=runtime.capability, recipe=name,
+                    inputs={"artifact": artifact.id, "evalset": domain_set.id, "reference": domain_reference.id},
+                    config=ValidationRecord(max_tokens=cfg.validate.max_tokens,
+                                            gates=domain_gates(cfg, gates[name], domain),
+                                            estimate=_estimate(info, recipe, cfg.validate.n_ctx)).to_config(),
+                    context={"threads": threads},
+                    tools={**runtime.tools(), "machine": measured_on(cfg, runtime.capability)}))
         if publisher is not None:
             inputs = {"artifact": artifact.id, "source": model_spec.id}
             if validation is not None:
                 inputs["validation"] = validation.id
+            for domain, domain_validation in domain_validations[name].items():
+                inputs[f"validation@{domain}"] = domain_validation.id
             add(StepSpec(
                 id=f"{C.PUBLISH}:{name}", step=C.PUBLISH, backend=publisher.key, capability=C.CPU,
                 inputs=inputs, recipe=name,

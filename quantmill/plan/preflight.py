@@ -38,6 +38,7 @@ class Checked:
         names: recipe name -> the registry name it publishes under.
         runtimes, gates: recipe name -> its validation runtime and effective gates (validation on).
         eval_files: The evaluation texts (validation on).
+        domain_files: Each further domain's evaluation texts (``validate.domains``).
         calibration_files: The calibration texts (a recipe reads the calibration set from files).
     """
 
@@ -53,6 +54,7 @@ class Checked:
     gates: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval_files: list[Path] = field(default_factory=list)
     calibration_files: list[Path] = field(default_factory=list)
+    domain_files: dict[str, list[Path]] = field(default_factory=dict)
 
 
 def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
@@ -85,7 +87,7 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
         raise PreflightError("publishing needs a passed validation but validate.enabled=false; enable it, or set "
                              "validate.enforce=false to publish marked unvalidated, or publish.enabled=false")
     names = {r: check_name(cfg.publish.name_template.format(model=model.name, recipe=r)) for r in recipes}
-    runtimes, gates, eval_files = {}, {}, []
+    runtimes, gates, eval_files, domain_files = {}, {}, [], {}
     if cfg.validate.enabled:
         for name, (recipe, _, _) in recipes.items():
             runtimes[name] = runtime_for(recipe.format)
@@ -93,6 +95,7 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
                 runtimes[name].check_installed()
             gates[name] = effective_gates(cfg, name, recipe)
         eval_files = text_files(list(cfg.validate.eval_files), "validate.eval_files")
+        domain_files = check_domains(cfg, gates)
     needs_calibration = any(q.needs_calibration(r) for r, q, _ in recipes.values())
     cal_files = calibration_files(cfg) if needs_calibration else []
 
@@ -109,10 +112,12 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
         quantizer.check_model(name, recipe, info)
     if cfg.validate.enabled:
         _check_context(cfg, info, eval_files)
+        for domain, files in domain_files.items():
+            _check_context(cfg, info, files, f"domain {domain!r}")
         if any(g.get("tokenizer_exact") for g in gates.values()):
             _check_tokenizer_agrees(cfg, info, store)
     return Checked(cfg, warnings, recipes, info, adapter_info, publisher, signer, names, runtimes, gates, eval_files,
-                   cal_files)
+                   cal_files, domain_files)
 
 
 def calibration_files(cfg: QuantmillConfig) -> list[Path]:
@@ -213,7 +218,36 @@ def resolve_recipe(name: str, recipe):
     return dataclasses.replace(recipe, format=fmt), quantizer
 
 
-def _check_context(cfg: QuantmillConfig, info: SourceInfo, eval_files: list[Path]) -> None:
+def check_domains(cfg: QuantmillConfig, gates: dict[str, dict[str, Any]]) -> dict[str, list[Path]]:
+    """``validate.domains``: each one known, its texts there, its gates known; domain -> its text files."""
+    from quantmill.config import GateConfig
+
+    v = cfg.validate
+    known_gates = [f.name for f in dataclasses.fields(GateConfig)]
+    files = {}
+    for domain in v.domains:
+        if domain not in v.domain_texts:
+            known = ", ".join(sorted(v.domain_texts)) or "none"
+            raise ConfigError(f"validate.domains names {domain!r}, which validate.domain_texts does not define; "
+                              f"known: {known} (add validate.domain_texts.{domain}=[FILE])")
+        files[domain] = text_files(list(v.domain_texts[domain]), f"validate.domain_texts.{domain}")
+    for domain, overrides in v.domain_gates.items():
+        if domain not in v.domains:
+            raise ConfigError(f"validate.domain_gates has gates for {domain!r}, which is not in validate.domains "
+                              f"({', '.join(v.domains) or 'none'}); add it there or drop its gates")
+        unknown = sorted(set(overrides) - set(known_gates))
+        if unknown:
+            raise ConfigError(f"validate.domain_gates.{domain}: unknown gate(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(known_gates)}")
+    return files
+
+
+def domain_gates(cfg: QuantmillConfig, recipe_gates: dict[str, Any], domain: str) -> dict[str, Any]:
+    """A recipe's gates for one domain: its own, overridden by ``validate.domain_gates.<domain>``."""
+    return {**recipe_gates, **dict(cfg.validate.domain_gates.get(domain, {}))}
+
+
+def _check_context(cfg: QuantmillConfig, info: SourceInfo, eval_files: list[Path], what: str = "") -> None:
     """The evaluation window must fit the model, and the text must fill at least one window."""
     n_ctx = cfg.validate.n_ctx
     limit = info.config.get("max_position_embeddings")
@@ -228,8 +262,9 @@ def _check_context(cfg: QuantmillConfig, info: SourceInfo, eval_files: list[Path
         text = "\n\n".join(p.read_text(encoding="utf-8") for p in eval_files)
         n = len(tok.encode(text, add_special_tokens=False).ids)
         if n < n_ctx:
-            raise PreflightError(f"evaluation text ({', '.join(p.name for p in eval_files)}) has {n} tokens, shorter "
-                                 f"than one window of validate.n_ctx={n_ctx}; add text or lower validate.n_ctx")
+            raise PreflightError(f"{what + ' ' if what else ''}evaluation text ({', '.join(p.name for p in eval_files)})"
+                                 f" has {n} tokens, shorter than one window of validate.n_ctx={n_ctx}; add text or "
+                                 f"lower validate.n_ctx")
 
 
 

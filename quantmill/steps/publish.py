@@ -29,13 +29,41 @@ def check_publishable(name: str, validation: dict[str, Any] | None, *, enforce: 
                          f"(`quantmill run --force`, i.e. validate.enforce=false, publishes it marked unvalidated)")
 
 
+def with_domains(validation: dict[str, Any] | None, domains: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """One verdict over the main text and every further domain: failed if any failed, each failed domain check
+    named ``code: max_mean_kld (...)``."""
+    if validation is None or not domains:
+        return validation
+    checks = list(validation.get("checks", []))
+    for domain, record in domains.items():
+        checks += [{**c, "name": f"{domain}: {c['name']}"} for c in record.get("checks", []) if not c["passed"]]
+    passed = validation["status"] == C.PASSED and all(r["status"] == C.PASSED for r in domains.values())
+    return {**validation, "checks": checks, "status": C.PASSED if passed else C.FAILED}
+
+
+def domain_rows(validation: dict[str, Any], domains: dict[str, dict[str, Any]]) -> list[str]:
+    """The card's "Quality by domain": the main text, then each further domain."""
+    lines = ["## Quality by domain", "", "| domain | mean KLD | p99 KLD | PPL ratio | top-1 | verdict |",
+             "|---|---:|---:|---:|---:|---|"]
+    for domain, v in [("prose", validation), *domains.items()]:
+        if "mean_kld" not in v:
+            continue
+        se = f" ± {v['mean_kld_se']:.5f}" if v.get("mean_kld_se") is not None else ""
+        failed = [c["name"] for c in v.get("checks", []) if not c["passed"]]
+        lines.append(f"| {domain} | {v['mean_kld']:.5f}{se} | {v['p99_kld']:.5f} | {v['ppl_ratio']:.4f} | "
+                     f"{100 * v['top1_agreement']:.2f} % | {'passed' if not failed else 'failed ' + ', '.join(failed)} |")
+    return [*lines, ""]
+
+
 def metric_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
     """The validation record as (label, value) rows, shared by the model card and the report."""
     rows = [("Size", f"{v['size_bytes'] / 2**20:.2f} MiB"), ("Validation", v["status"]),
             ("Validated with", v["runtime"])]
     if "mean_kld" in v:
         rows += [("Perplexity", f"{v['ppl']:.4f} (reference {v['ref_ppl']:.4f}, ratio {v['ppl_ratio']:.4f})"),
-                 ("KL divergence", f"mean {v['mean_kld']:.5f}, p99 {v['p99_kld']:.5f}"),
+                 ("KL divergence", f"mean {v['mean_kld']:.5f}"
+                                   + (f" ± {v['mean_kld_se']:.5f}" if v.get("mean_kld_se") is not None else "")
+                                   + f", p99 {v['p99_kld']:.5f}"),
                  ("Top-1 agreement", f"{100 * v['top1_agreement']:.2f} %"),
                  ("Tokenizer fidelity", v["tokenizer"]["detail"]),
                  ("Speed", speed_text(v)),
@@ -62,7 +90,7 @@ def speed_text(v: dict[str, Any]) -> str:
 def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str, quant: dict[str, Any],
                validation: dict[str, Any] | None, validated: bool, artifact_digest: str, tags: list[str],
                license: str | None, adapter: str | None = None, made_by: dict[str, Any] | None = None,
-               files: list[str] | None = None) -> str:
+               files: list[str] | None = None, domains: dict[str, dict[str, Any]] | None = None) -> str:
     """README.md with Hugging Face metadata: what was made, from what, and what validation measured."""
     quant_type = quant.get("quant_type") or quant.get("outtype", "").upper()
     bpw = quant.get("bits_per_weight")
@@ -92,6 +120,8 @@ def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str,
     if validation:
         rows += metric_rows(validation)
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    if validation and domains:
+        lines += ["", *domain_rows(validation, domains)]
     lines += ["", *how_to_use(name, fmt, files or []), "## Provenance", "", "| | |", "|---|---|", f"| Artifact digest | `{artifact_digest}` |"]
     if made_by:
         tools = ", ".join(f"{k} {v}" for k, v in sorted(made_by.get("tools", {}).items())) or "none"
