@@ -122,7 +122,7 @@ def _evalset(rec: EvalSetRecord, spec: StepSpec, inputs: Mapping[str, Path], out
 
 def _reference(rec: ReferenceRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
     return validate.reference(RUNTIMES.get(spec.backend), inputs["model"], inputs["evalset"], out,
-                              threads=spec.context["threads"])
+                              threads=spec.context["threads"], flips=(rec.flip_prompts, rec.flip_tokens))
 
 
 def _validate(rec: ValidationRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
@@ -135,10 +135,10 @@ def _validate(rec: ValidationRecord, spec: StepSpec, inputs: Mapping[str, Path],
             **{k: record[k] for k in SUMMARY_METRICS if k in record}}
 
 
-DOMAIN_METRICS = ("ppl_ratio", "mean_kld", "mean_kld_se", "p99_kld", "top1_agreement")
+DOMAIN_METRICS = ("ppl_ratio", "mean_kld", "mean_kld_se", "p99_kld", "top1_agreement", "flip_rate")
 SUMMARY_METRICS = ("ppl", "ref_ppl", "ppl_ratio", "mean_kld", "p99_kld", "top1_agreement", "size_bytes",
                    "bits_per_weight", "prompt_tokens_per_second", "generation_tokens_per_second",
-                   "peak_rss_bytes")
+                   "peak_rss_bytes", "flip_rate")
 
 
 def _publish(rec: PublishRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:

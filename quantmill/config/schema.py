@@ -153,6 +153,8 @@ class GateConfig:
         max_fallback_share: For k-quant GGUFs: the share of weights llama.cpp stored in another type because the
             type's blocks do not divide their rows (a narrow model); above it the recipe's type is not what the
             file holds.
+        max_flip_rate: Share of the greedy continuations (``validate.flip_prompts``) that diverge from the
+            reference's within ``validate.flip_tokens`` tokens.
     """
 
     max_mean_kld: Optional[float] = None
@@ -161,6 +163,7 @@ class GateConfig:
     min_top1: Optional[float] = None
     tokenizer_exact: bool = True
     max_fallback_share: Optional[float] = 0.5
+    max_flip_rate: Optional[float] = None
 
 
 @dataclass
@@ -177,6 +180,8 @@ class ValidateConfig:
             is fed the same token ids. max_tokens: tokens generated greedily.
         probes: Strings the tokenizer-fidelity check encodes with both tokenizers.
         gates: Default thresholds; a recipe's ``gates`` override them field by field.
+        flip_prompts: Greedy continuations compared with the reference's (the start of the first windows);
+            flip_tokens: their length. Their share that diverges is ``flip_rate`` (0: none are generated).
         domains: Further domains each artifact is measured on, besides ``eval_files`` (prose): names of
             ``domain_texts``. Each has an evaluation set and a reference pass of its own, shared by every recipe.
         domain_texts: Domain name -> its evaluation texts (``bundled:code.txt``, local files).
@@ -192,6 +197,8 @@ class ValidateConfig:
     max_tokens: int = bounded(16, least=0)
     probes: List[str] = field(default_factory=lambda: list(DEFAULT_PROBES))
     gates: GateConfig = field(default_factory=GateConfig)
+    flip_prompts: int = bounded(4, least=0)
+    flip_tokens: int = bounded(32, least=1)
     domains: List[str] = field(default_factory=list)
     domain_texts: Dict[str, List[str]] = field(default_factory=dict)
     domain_gates: Dict[str, Dict[str, Any]] = field(default_factory=dict)

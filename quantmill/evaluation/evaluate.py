@@ -25,6 +25,8 @@ SPEED_RUNS = 3  # timed greedy generations after a warm-up; the median is report
 EVALSET_TOKENS = "eval.safetensors"
 EVALSET_META = "evalset.json"
 REFERENCE_LOGPROBS = "reference.safetensors"
+FLIPS = "flips.json"  # the reference's greedy continuations
+FLIP_PROMPT_TOKENS = 16
 
 
 def _sig(v: float) -> float:
@@ -103,6 +105,20 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         result["speed_runs"] = {"prompt_tokens_per_second": [_sig(v) for v in timed],
                                 "generation_tokens_per_second": [_sig(v) for v in generation_speeds]}
         result["load_1m"] = round(os.getloadavg()[0], 2)  # the machine's load as speeds were taken
+        n_prompts, n_tokens = request.get("flips") or (0, 0)
+        if n_prompts:  # greedy continuations of each window's start, as the reference made them
+            continuations = [runtime.generate(model, metrics.window_input(w, bos)[:FLIP_PROMPT_TOKENS], n_tokens)
+                             for w in tokens[:n_prompts]]
+            if request["mode"] == "reference":
+                (Path(request["reference_out"]) / FLIPS).write_text(json.dumps(
+                    {"prompt_tokens": FLIP_PROMPT_TOKENS, "tokens": n_tokens, "continuations": continuations}))
+        flips_file = Path(request["reference"] or "") / FLIPS
+        if request["mode"] == "compare" and flips_file.is_file():
+            reference_flips = json.loads(flips_file.read_text())
+            ours = [runtime.generate(model, metrics.window_input(w, bos)[:reference_flips["prompt_tokens"]],
+                                     reference_flips["tokens"])
+                    for w in tokens[:len(reference_flips["continuations"])]]
+            result.update(metrics.flips(ours, reference_flips["continuations"]))
         result["generated_ids"] = generated
         result["generated_text"] = runtime.detokenize(model, generated)
         result["tokenizer"] = tokenizer_fidelity(runtime, model, meta)

@@ -47,6 +47,20 @@ def _standard_error(per_window: list[float]) -> float | None:
     return float(np.std(per_window, ddof=1) / np.sqrt(len(per_window)))
 
 
+def flips(generated: list[list[int]], reference: list[list[int]]) -> dict[str, Any]:
+    """How often a greedy continuation leaves the reference's, and where: the share of prompts whose continuation
+    differs anywhere (a different token, or stopping earlier or later), and the mean index of the first difference."""
+    first = []
+    for ours, theirs in zip(generated, reference):
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        if at is None and len(ours) != len(theirs):
+            at = min(len(ours), len(theirs))
+        first.append(at)
+    diverged = [i for i in first if i is not None]
+    return {"flip_rate": len(diverged) / len(first) if first else 0.0, "flip_prompts": len(first),
+            "first_divergence": float(np.mean(diverged)) if diverged else None}
+
+
 @dataclass
 class Accumulator:
     """Per-position values over every scored position of every window."""
@@ -88,8 +102,9 @@ class Accumulator:
 
 GATE_METRICS = {"max_mean_kld": ("mean_kld", "<="), "max_p99_kld": ("p99_kld", "<="),
                 "max_ppl_ratio": ("ppl_ratio", "<="), "min_top1": ("top1_agreement", ">="),
-                "max_fallback_share": ("fallback_share", "<=")}
-ARTIFACT_METRICS = frozenset({"fallback_share"})  # read from the file where its format has it: else no gate
+                "max_fallback_share": ("fallback_share", "<="), "max_flip_rate": ("flip_rate", "<=")}
+# Read from the file where its format has it, measured where flips are on: else no gate.
+ARTIFACT_METRICS = frozenset({"fallback_share", "flip_rate"})
 
 
 def check_gates(metrics: dict[str, Any], gates: dict[str, Any]) -> list[dict[str, Any]]:

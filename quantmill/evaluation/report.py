@@ -18,7 +18,7 @@ from quantmill import pages
 from quantmill.store.local import LocalStore
 
 REPORTS_DIR = "reports"
-DOMAIN_KEYS = ("ppl_ratio", "mean_kld", "mean_kld_se", "p99_kld", "top1_agreement")
+DOMAIN_KEYS = ("ppl_ratio", "mean_kld", "mean_kld_se", "p99_kld", "top1_agreement", "flip_rate")
 
 
 def report_dir(store: LocalStore, model: str) -> Path:
@@ -112,7 +112,7 @@ def busy(r: dict[str, Any]) -> bool:
 
 
 HEADER = ["recipe", "status", "size (MiB)", "estimated (MiB)", "bits per weight", "PPL", "PPL ratio", "mean KLD",
-          "p99 KLD", "top-1", "token&shy;izer", "prompt (tok/s)", "gene&shy;ration (tok/s)", "peak memory (MiB)",
+          "p99 KLD", "top-1", "flips", "token&shy;izer", "prompt (tok/s)", "gene&shy;ration (tok/s)", "peak memory (MiB)",
           "estimated weights + KV (MiB)", "failed checks"]
 
 
@@ -157,6 +157,7 @@ def render_html(report: dict[str, Any]) -> str:
         cells = [r["recipe"], r["status"], f"{r['size_bytes'] / 2**20:.2f}", est, fmt("bits_per_weight", ".2f"),
                  fmt("ppl", ".4f"), fmt("ppl_ratio", ".4f"), fmt("mean_kld", ".5f"), fmt("p99_kld", ".5f"),
                  f"{100 * r['top1_agreement']:.2f}%" if r.get("top1_agreement") is not None else "",
+                 f"{round(r['flip_rate'] * r['flip_prompts'])}/{r['flip_prompts']}" if "flip_rate" in r else "",
                  "exact" if r.get("tokenizer", {}).get("exact") else "MISMATCH" if "tokenizer" in r else "",
                  _speed(r, "prompt_tokens_per_second"), _speed(r, "generation_tokens_per_second"),
                  f"{r['peak_rss_bytes'] / 2**20:.0f}" if r.get("peak_rss_bytes") else "",
@@ -164,7 +165,7 @@ def render_html(report: dict[str, Any]) -> str:
         cells = cells if any_failed else cells[:-1]
         cls = "passed" if r["status"] == C.PASSED else "failed"
         body.append(f'<tr class="{cls}">' + "".join(
-            f'<td class="{"l" if i in (0, 1, 10, 15) else ""}">{html.escape(str(c)).replace(chr(10), "<br>")}</td>'
+            f'<td class="{"l" if i in (0, 1, 11, 16) else ""}">{html.escape(str(c)).replace(chr(10), "<br>")}</td>'
             for i, c in enumerate(cells))
             + "</tr>")
     machine = next((r["machine"] for r in rows if r.get("machine")), {})
@@ -175,9 +176,10 @@ def render_html(report: dict[str, Any]) -> str:
 <p>{len(rows)} artifact(s) validated against the unquantized model ({sum(r['status'] == C.PASSED for r in rows)} passed).
 Measured on {html.escape(machine.get('cpu', '?'))}. Mean KL divergence: how far each file's next-token distribution is
 from the original's (0 is identical; lower is better). PPL ratio: its perplexity over the original's (1.00 is the same).
-Top-1: how often both pick the same next token. Speeds are medians of repeated runs, their range beneath.</p>
+Top-1: how often both pick the same next token. Flips: how many greedy continuations of the
+text's openings differ from the original's. Speeds are medians of repeated runs, their range beneath.</p>
 <h2>Quality against size</h2>
 {pages.chart(chart_points(rows), name=report["model"])}
-<table><thead><tr>{''.join(f'<th class="{"l" if i in (0, 1, 10, 15) else ""}">{h}</th>' for i, h in enumerate(header))}</tr></thead><tbody>
+<table><thead><tr>{''.join(f'<th class="{"l" if i in (0, 1, 11, 16) else ""}">{h}</th>' for i, h in enumerate(header))}</tr></thead><tbody>
 {chr(10).join(body)}
 </tbody></table>{note}{_domain_table(rows)}""")

@@ -153,7 +153,8 @@ def build(checked: Checked, store: Store) -> Plan:
             reference = add(StepSpec(
                 id=f"{C.VALIDATE}:reference-{converter.key}", step=C.VALIDATE, backend=runtime.key,
                 capability=runtime.capability, inputs={"model": intermediate.id, "evalset": evalset.id},
-                config=ReferenceRecord().to_config(), context={"threads": threads}, tools=runtime.tools()))
+                config=ReferenceRecord(flip_prompts=cfg.validate.flip_prompts,
+                                           flip_tokens=cfg.validate.flip_tokens).to_config(), context={"threads": threads}, tools=runtime.tools()))
             validation = add(StepSpec(
                 id=f"{C.VALIDATE}:{name}", step=C.VALIDATE, backend=runtime.key, capability=runtime.capability,
                 inputs={"artifact": artifact.id, "evalset": evalset.id, "reference": reference.id}, recipe=name,
@@ -165,7 +166,8 @@ def build(checked: Checked, store: Store) -> Plan:
                 domain_reference = add(StepSpec(
                     id=f"{C.VALIDATE}:reference-{converter.key}-{domain}", step=C.VALIDATE, backend=runtime.key,
                     capability=runtime.capability, inputs={"model": intermediate.id, "evalset": domain_set.id},
-                    config=ReferenceRecord().to_config(), context={"threads": threads}, tools=runtime.tools()))
+                    config=ReferenceRecord(flip_prompts=cfg.validate.flip_prompts,
+                                           flip_tokens=cfg.validate.flip_tokens).to_config(), context={"threads": threads}, tools=runtime.tools()))
                 domain_validations[name][domain] = add(StepSpec(
                     id=f"{C.VALIDATE}:{name}@{domain}", step=C.VALIDATE, backend=runtime.key,
                     capability=runtime.capability, recipe=name,

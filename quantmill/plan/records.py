@@ -118,8 +118,11 @@ class QuantizeRecord(Record):
 
 @dataclass(frozen=True)
 class ReferenceRecord(Record):
-    """The unquantized model's log-probabilities in a runtime: computed once, shared by every recipe."""
+    """The unquantized model's log-probabilities in a runtime, and its greedy continuations of the first windows'
+    starts (``flip_prompts`` of ``flip_tokens`` tokens): computed once, shared by every recipe."""
 
+    flip_prompts: int = 0
+    flip_tokens: int = 0
     kind: str = "reference"
 
 

@@ -65,12 +65,20 @@ def metric_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
                                    + (f" ± {v['mean_kld_se']:.5f}" if v.get("mean_kld_se") is not None else "")
                                    + f", p99 {v['p99_kld']:.5f}"),
                  ("Top-1 agreement", f"{100 * v['top1_agreement']:.2f} %"),
+                 *([("Flips", flip_text(v))] if "flip_rate" in v else []),
                  ("Tokenizer fidelity", v["tokenizer"]["detail"]),
                  ("Speed", speed_text(v)),
                  ("Peak memory", f"{v['peak_rss_bytes'] / 2**20:.0f} MiB"),
                  ("Measured on", f"{v['machine'].get('cpu', v['machine']['machine'])} ({v['machine'].get('cpus', '?')} "
                                  f"cores)")]
     return rows
+
+
+def flip_text(v: dict[str, Any]) -> str:
+    n = v.get("flip_prompts", 0)
+    where = (f", the first difference at token {v['first_divergence']:.1f} on average"
+             if v.get("first_divergence") is not None else "")
+    return f"{round(v['flip_rate'] * n)} of {n} greedy continuations differ from the original's{where}"
 
 
 def speed_text(v: dict[str, Any]) -> str:

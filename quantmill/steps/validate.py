@@ -58,13 +58,15 @@ def make_evalset(model_dir: Path, files: Sequence[Path], out: Path, *, n_ctx: in
 
 
 def _evaluate(mode: str, runtime: str, artifact: Path, evalset: Path, reference: Path | None,
-              reference_out: Path | None, *, threads: int, max_tokens: int, label: str) -> tuple[dict, int]:
+              reference_out: Path | None, *, threads: int, max_tokens: int, label: str,
+              flips: tuple[int, int] = (0, 0)) -> tuple[dict, int]:
     """Run ``quantmill.evaluation.evaluate`` in a subprocess; return its result and the subprocess's peak RSS."""
     with tempfile.TemporaryDirectory(prefix="quantmill-eval-") as tmp:
         request = {"mode": mode, "runtime": runtime, "artifact": str(artifact), "evalset": str(evalset),
                    "reference": str(reference) if reference else None,
                    "reference_out": str(reference_out) if reference_out else None,
-                   "result_path": str(Path(tmp) / "result.json"), "threads": threads, "max_tokens": max_tokens}
+                   "result_path": str(Path(tmp) / "result.json"), "threads": threads, "max_tokens": max_tokens,
+                   "flips": list(flips)}
         (Path(tmp) / "request.json").write_text(json.dumps(request))
         # cwd: ``python -m`` puts it first on sys.path, and the run's own directory may hold another checkout
         run = run_tool([sys.executable, "-m", "quantmill.evaluation.evaluate", Path(tmp) / "request.json"],
@@ -72,10 +74,12 @@ def _evaluate(mode: str, runtime: str, artifact: Path, evalset: Path, reference:
         return json.loads((Path(tmp) / "result.json").read_text()), run.max_rss_bytes
 
 
-def reference(runtime: Any, model: Path, evalset: Path, out: Path, *, threads: int) -> dict[str, Any]:
-    """The unquantized model's log-probabilities on the evaluation windows (written to ``out``)."""
+def reference(runtime: Any, model: Path, evalset: Path, out: Path, *, threads: int,
+              flips: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """The unquantized model's log-probabilities on the evaluation windows and its greedy continuations (written to
+    ``out``)."""
     result, _ = _evaluate("reference", runtime.key, model, evalset, None, out, threads=threads, max_tokens=1,
-                          label="reference log-probabilities")
+                          label="reference log-probabilities", flips=flips)
     # Only what is reproducible goes into the artifact: no timings.
     return {"runtime": runtime.key, "ppl": result["ppl"], "scored_tokens": result["scored_tokens"]}
 

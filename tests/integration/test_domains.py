@@ -38,6 +38,9 @@ def test_every_artifact_is_measured_on_every_domain_against_one_reference_each(b
     for d in ("prose", "code", "math"):  # fewer bits, further from the original, in every domain
         assert kld[("q8_0", d)] < kld[("q4_k_m", d)] < kld[("q2_k", d)], (d, kld)
     assert kld[("q2_k", "code")] > 2 * kld[("q2_k", "prose")], kld  # code suffers more than the calibration prose
+    # flips: greedy continuations of the windows' openings that leave the original's
+    flips = {r: outcomes[f"validate:gguf_{r}"].result["flip_rate"] for r in ("q8_0", "q4_k_m", "q2_k")}
+    assert flips["q8_0"] <= flips["q4_k_m"] <= flips["q2_k"] and flips["q2_k"] > 0, flips
     report = json.loads((root / "store" / "reports" / "tiny-llama" / "report.json").read_text())
     rows = {r["recipe"]: r for r in report["artifacts"]}
     assert sorted(rows) == ["gguf_q2_k", "gguf_q4_k_m", "gguf_q8_0"]

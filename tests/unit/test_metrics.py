@@ -63,3 +63,13 @@ def test_gates_report_value_threshold_and_margin():
     assert results["max_ppl_ratio"]["passed"]
     assert results["min_top1"]["detail"] == "top1_agreement 0.9 < 0.95 (by 0.05)"
     assert results["tokenizer_exact"]["passed"]
+
+
+def test_flips_count_continuations_that_leave_the_reference_and_where():
+    from quantmill.evaluation.metrics import flips
+
+    reference = [[5, 6, 7, 8], [1, 2, 3], [9, 9], [4, 4, 4]]
+    ours = [[5, 6, 7, 8], [1, 2, 0], [9], [4, 4, 4, 4]]  # same, a different token, stops early, goes on
+    out = flips(ours, reference)
+    assert out == {"flip_rate": 0.75, "flip_prompts": 4, "first_divergence": (2 + 1 + 3) / 3}
+    assert flips([[1]], [[1]]) == {"flip_rate": 0.0, "flip_prompts": 1, "first_divergence": None}
