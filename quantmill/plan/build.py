@@ -116,7 +116,10 @@ def build(checked: Checked, store: Store) -> Plan:
     domain_validations: dict[str, dict[str, Any]] = {name: {} for name in recipes}
     for name, (recipe, quantizer, converter) in recipes.items():
         # The format's unquantized intermediate: what its recipes start from and are measured against.
-        if converter.identity:
+        # A quantizer that reads the checkpoint itself (MLX, ONNX) needs it only as the validation reference.
+        needed = (quantizer.is_intermediate(recipe) or quantizer.reads == "intermediate" or cfg.validate.enabled
+                  or (quantizer.needs_calibration(recipe) and quantizer.calibration_input != "dataset"))
+        if converter.identity or not needed:
             intermediate = model_spec
         else:
             convert_config = _convert_config(recipe.format, cfg)
