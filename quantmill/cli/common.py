@@ -15,7 +15,8 @@ EXAMPLES = {
     "quantmill registry": ["quantmill registry ls --max-kld 0.05", "quantmill registry pull NAME --to ./NAME",
                            "quantmill registry ls publish=s3 publish.bucket=team-models"],
     "quantmill registry ls": ["quantmill registry ls --format gguf --bits 4", "quantmill registry ls --fits "
-                              "rtx4090_24gb --max-ppl-ratio 1.03", "quantmill registry ls --versions"],
+                              "rtx4090_24gb --max-ppl-ratio 1.03", "quantmill registry ls --versions",
+                              "quantmill registry ls --domain code --max-kld 0.05"],
     "quantmill registry show": ["quantmill registry show tiny-llama-gguf_q4_k_m:stable"],
     "quantmill registry lineage": ["quantmill registry lineage tiny-llama-gguf_q4_k_m"],
     "quantmill registry pull": ["quantmill registry pull tiny-llama-gguf_q4_k_m --to ./q4",

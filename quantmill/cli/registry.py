@@ -160,7 +160,7 @@ def reg_ls(args: argparse.Namespace) -> int:
         target = compose([f"target={args.fits}", "recipe=[gguf_q8_0]"], conf_dir=args.config_dir).target
     return _print_entries(args, search(registry, Filters(
         model=args.model, format=args.format, bits=args.bits, max_kld=args.max_kld, max_ppl_ratio=args.max_ppl_ratio,
-        fits=target, tag=args.tag), every_version=args.versions))
+        fits=target, tag=args.tag, domain=args.domain), every_version=args.versions))
 
 
 def reg_show(args: argparse.Namespace) -> int:
@@ -309,6 +309,8 @@ def _registry_parser(sub) -> dict[str, argparse.ArgumentParser]:
     q.add_argument("--max-ppl-ratio", type=float, help="perplexity ratio at most this (1.03: 3 %% worse)")
     q.add_argument("--fits", metavar="TARGET", help="fits a conf/target profile (weights + KV cache + overhead)")
     q.add_argument("--tag", help="only versions carrying this tag")
+    q.add_argument("--domain", help="--max-kld and --max-ppl-ratio read this domain's metrics (code, math, ...); "
+                   "artifacts not measured on it are left out")
     q.add_argument("--versions", action="store_true", help="every version, with the recipe and settings digest that "
                    "made it (default: the latest of each name)")
     q.add_argument("--json", action="store_true")

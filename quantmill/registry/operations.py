@@ -44,9 +44,14 @@ class Filters:
     max_ppl_ratio: float | None = None
     fits: Any = None  # a TargetConfig
     tag: str | None = None
+    domain: str | None = None  # the quality filters read this domain's metrics (``validate.domains``)
 
     def __call__(self, e: dict[str, Any]) -> bool:
         m = e.get("metrics") or {}
+        if self.domain and self.domain != "prose":
+            m = (e.get("domains") or {}).get(self.domain)
+            if m is None:  # not measured on that domain: it cannot be said to meet a bound there
+                return False
         if self.model and e["model"] != self.model:
             return False
         if self.format and e["format"] != self.format:

@@ -50,6 +50,16 @@ def test_every_artifact_is_measured_on_every_domain_against_one_reference_each(b
     assert "<h2>By domain</h2>" in html and "code: mean KLD" in html
     card = LocalRegistry(root / "store" / C.REGISTRY_DIR).card("tiny-llama-gguf_q2_k", 1)
     assert "## Quality by domain" in card and "| code | " in card and "| math | " in card
+    # registry search by a domain's quality: Q4_K_M is within 0.05 on prose and on code, Q2_K on neither
+    from quantmill.registry.operations import Filters, search
+
+    registry = LocalRegistry(root / "store" / C.REGISTRY_DIR)
+    names = lambda **kw: sorted(e["name"] for e in search(registry, Filters(**kw)))  # noqa: E731
+    bound = (kld[("q4_k_m", "code")] + kld[("q2_k", "code")]) / 2
+    assert names(max_kld=bound, domain="code") == ["tiny-llama-gguf_q4_k_m", "tiny-llama-gguf_q8_0"]
+    assert names(max_kld=kld[("q4_k_m", "prose")] * 1.01) == ["tiny-llama-gguf_q4_k_m", "tiny-llama-gguf_q8_0"]
+    assert names(max_kld=kld[("q4_k_m", "prose")] * 1.01, domain="code") == ["tiny-llama-gguf_q8_0"]
+    assert names(max_kld=1.0, domain="chat") == []
 
 
 def _code_only_tokens() -> list[int]:
