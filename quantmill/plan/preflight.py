@@ -255,12 +255,16 @@ def _check_context(cfg: QuantmillConfig, info: SourceInfo, eval_files: list[Path
         raise PreflightError(f"validate.n_ctx {n_ctx} is beyond model {cfg.model.name!r}'s maximum context {limit} "
                              f"(max_position_embeddings); lower validate.n_ctx")
     root = Path(info.extra.get("root", ""))
+    conversations = [p.name for p in eval_files if p.suffix == ".jsonl"]
     if (root / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+        from quantmill.toolchain.source_tokenizer import SourceTokenizer
 
-        tok = Tokenizer.from_file(str(root / "tokenizer.json"))
-        text = "\n\n".join(p.read_text(encoding="utf-8") for p in eval_files)
-        n = len(tok.encode(text, add_special_tokens=False).ids)
+        tok = SourceTokenizer(root)
+        if conversations and not tok.chat_template:
+            raise PreflightError(f"{what or 'the evaluation'} renders conversations ({', '.join(conversations)}) "
+                                 f"through the model's chat template, and model {cfg.model.name!r} has none; drop "
+                                 f"it from validate.domains or give plain text")
+        n = len(tok.encode(tok.text_of(eval_files)))
         if n < n_ctx:
             raise PreflightError(f"{what + ' ' if what else ''}evaluation text ({', '.join(p.name for p in eval_files)})"
                                  f" has {n} tokens, shorter than one window of validate.n_ctx={n_ctx}; add text or "

@@ -38,8 +38,7 @@ def make_evalset(model_dir: Path, files: Sequence[Path], out: Path, *, n_ctx: in
     from safetensors.numpy import save_file
 
     tok = SourceTokenizer(model_dir)
-    text = "\n\n".join(p.read_text(encoding="utf-8") for p in files)
-    ids = tok.encode(text)
+    ids = tok.encode(tok.text_of(list(files)))
     windows = min(n_chunks, len(ids) // n_ctx)
     if windows < 1:
         raise PreflightError(f"evaluation text has {len(ids)} tokens, shorter than one window of "

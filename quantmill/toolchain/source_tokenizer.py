@@ -48,6 +48,28 @@ class SourceTokenizer:
             return (self.model_dir / "chat_template.jinja").read_text()
         return self.config.get("chat_template")
 
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """A conversation as the model sees it: through its chat template, in a sandbox, as transformers does."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
+        token = lambda name: (self.config.get(name) or {}).get("content") if isinstance(  # noqa: E731
+            self.config.get(name), dict) else self.config.get(name) or ""
+        return template.render(messages=messages, bos_token=token("bos_token"), eos_token=token("eos_token"),
+                               add_generation_prompt=False)
+
+    def text_of(self, files: list[Path]) -> str:
+        """An evaluation text: plain files as they are; ``.jsonl`` files hold one conversation a line (a list of
+        ``{"role", "content"}``), each rendered through the chat template."""
+        parts = []
+        for path in files:
+            if path.suffix == ".jsonl":
+                parts += [self.render_chat(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()
+                          if line.strip()]
+            else:
+                parts.append(path.read_text(encoding="utf-8"))
+        return "\n\n".join(parts)
+
 
 def disagreement(model_dir: Path, probes: list[str]) -> str | None:
     """How the tokenizer class the model names (``tokenizer_config.json``, what transformers and every runtime
