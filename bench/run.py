@@ -7,11 +7,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import domains  # noqa: E402
 import gguf_pipeline  # noqa: E402
 import kld_eval  # noqa: E402
 import onnx_builder  # noqa: E402
 
-BENCHMARKS = {"gguf_pipeline": gguf_pipeline, "kld_eval": kld_eval, "onnx_builder": onnx_builder}
+BENCHMARKS = {"gguf_pipeline": gguf_pipeline, "kld_eval": kld_eval, "onnx_builder": onnx_builder,
+              "domains": domains}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(BENCHMARKS)
