@@ -169,12 +169,23 @@ def recipe_rows(conf_dir: str | None) -> list[dict[str, Any]]:
         comment = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
         requires = body.get("requires") or {}
         needs = [f"{k} {v}" for k, v in requires.items() if v not in (None, "any", [])]
+        capability = _capability(body)
+        if capability not in ("cpu", None) and not any(n.startswith("device") for n in needs):
+            needs.insert(0, capability)
         if body.get("imatrix") or body.get("method") in ("awq", "gptq", "smoothquant") or \
                 body.get("method") == "fp8" and "static" in path.stem:
             needs.append("calibration")
         rows.append({"name": path.stem, "format": body.get("format") or _format_of(body), "type": body.get(
             "quant_type") or "", "needs": ", ".join(needs) or "cpu", "about": comment})
     return rows
+
+
+def _capability(body: dict[str, Any]) -> str | None:
+    """What a machine must offer to make the recipe: its quantizer's capability (llamacpp, mlx, onnx, ...)."""
+    from quantmill.backends import QUANTIZERS
+
+    key = body.get("backend") or body.get("method")
+    return QUANTIZERS.get(key).capability if key in QUANTIZERS else None
 
 
 def _format_of(body: dict[str, Any]) -> str:
