@@ -84,22 +84,19 @@ def build(checked: Checked, store: Store) -> Plan:
     evalset, domain_sets = None, {}
     if cfg.validate.enabled:
         v = cfg.validate
-        evalset = add(StepSpec(
-            id=f"{C.VALIDATE}:evalset", step=C.VALIDATE, backend="files", capability=C.CPU,
-            inputs={"model": model_spec.id},
-            config=EvalSetRecord(texts=_texts(eval_files), n_ctx=v.n_ctx, n_chunks=v.n_chunks, prompt=v.prompt,
-                                 probes=list(v.probes)).to_config(),
-            context={"files": [str(p) for p in eval_files]},
-            tools=package_versions("tokenizers", "transformers", "safetensors")))
-        # Further domains: an evaluation set of each one's text, with the same windows, prompt and probes.
-        domain_sets = {d: add(StepSpec(
-            id=f"{C.VALIDATE}:evalset-{d}", step=C.VALIDATE, backend="files", capability=C.CPU,
-            inputs={"model": model_spec.id},
-            config=EvalSetRecord(texts=_texts(files), n_ctx=v.n_ctx, n_chunks=v.n_chunks, prompt=v.prompt,
-                                 probes=list(v.probes)).to_config(),
-            context={"files": [str(p) for p in files]},
-            tools=package_versions("tokenizers", "transformers", "safetensors")))
-            for d, files in checked.domain_files.items()}
+
+        def evalset_of(suffix: str, files: list[Path]) -> StepSpec:
+            """An evaluation set of ``files``: the same windows, smoke prompt and probes for every domain."""
+            return add(StepSpec(
+                id=f"{C.VALIDATE}:evalset{suffix}", step=C.VALIDATE, backend="files", capability=C.CPU,
+                inputs={"model": model_spec.id},
+                config=EvalSetRecord(texts=_texts(files), n_ctx=v.n_ctx, n_chunks=v.n_chunks, prompt=v.prompt,
+                                     probes=list(v.probes)).to_config(),
+                context={"files": [str(p) for p in files]},
+                tools=package_versions("tokenizers", "transformers", "safetensors")))
+
+        evalset = evalset_of("", eval_files)
+        domain_sets = {d: evalset_of(f"-{d}", files) for d, files in checked.domain_files.items()}
 
     needs_calibration = any(q.needs_calibration(r) for r, q, _ in recipes.values())
     dataset = None
