@@ -194,6 +194,8 @@ class Cluster:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
             for obj in page.get("Contents", []):
                 parts = obj["Key"].split("/")  # quantmill/objects/<key>/...
+                if parts[1] != "objects":  # the store's state (a killed worker's lease, left to expire)
+                    continue
                 found.setdefault(parts[2], []).append("/".join(parts[3:]))
         return found
 

@@ -111,7 +111,7 @@ def busy(r: dict[str, Any]) -> bool:
     return load is not None and str(cpus).isdigit() and load / int(cpus) > 0.5
 
 
-HEADER = ["recipe", "status", "size (MiB)", "estimated (MiB)", "bits per weight", "PPL", "PPL ratio", "mean KLD",
+HEADER = ["recipe", "status", "size (MiB), estimate", "bits per weight", "PPL", "PPL ratio", "mean KLD",
           "p99 KLD", "top-1", "flips", "token&shy;izer", "prompt (tok/s)", "gene&shy;ration (tok/s)", "peak memory (MiB)",
           "estimated weights + KV (MiB)", "failed checks"]
 
@@ -152,9 +152,9 @@ def render_html(report: dict[str, Any]) -> str:
         failed = "; ".join(f"{c['name']}: {c['detail']}" for c in r.get("checks", []) if not c["passed"])
         fmt = lambda k, spec: format(r[k], spec) if r.get(k) is not None else ""  # noqa: E731
         estimate = r.get("estimate") or {}
-        est = (f"{estimate['weights_bytes'] / 2**20:.2f}\n{100 * (r['size_bytes'] / estimate['weights_bytes'] - 1):+.0f}%"
+        est = (f"\nest. {estimate['weights_bytes'] / 2**20:.2f} ({100 * (r['size_bytes'] / estimate['weights_bytes'] - 1):+.0f}%)"
                if estimate.get("weights_bytes") else "")
-        cells = [r["recipe"], r["status"], f"{r['size_bytes'] / 2**20:.2f}", est, fmt("bits_per_weight", ".2f"),
+        cells = [r["recipe"], r["status"], f"{r['size_bytes'] / 2**20:.2f}{est}", fmt("bits_per_weight", ".2f"),
                  fmt("ppl", ".4f"), fmt("ppl_ratio", ".4f"), fmt("mean_kld", ".5f"), fmt("p99_kld", ".5f"),
                  f"{100 * r['top1_agreement']:.2f}%" if r.get("top1_agreement") is not None else "",
                  f"{round(r['flip_rate'] * r['flip_prompts'])}/{r['flip_prompts']}" if "flip_rate" in r else "",
@@ -165,7 +165,7 @@ def render_html(report: dict[str, Any]) -> str:
         cells = cells if any_failed else cells[:-1]
         cls = "passed" if r["status"] == C.PASSED else "failed"
         body.append(f'<tr class="{cls}">' + "".join(
-            f'<td class="{"l" if i in (0, 1, 11, 16) else ""}">{html.escape(str(c)).replace(chr(10), "<br>")}</td>'
+            f'<td class="{"l" if i in (0, 1, 10, 15) else ""}">{html.escape(str(c)).replace(chr(10), "<br>")}</td>'
             for i, c in enumerate(cells))
             + "</tr>")
     machine = next((r["machine"] for r in rows if r.get("machine")), {})
@@ -180,6 +180,6 @@ Top-1: how often both pick the same next token. Flips: how many greedy continuat
 text's openings differ from the original's. Speeds are medians of repeated runs, their range beneath.</p>
 <h2>Quality against size</h2>
 {pages.chart(chart_points(rows), name=report["model"])}
-<table><thead><tr>{''.join(f'<th class="{"l" if i in (0, 1, 11, 16) else ""}">{h}</th>' for i, h in enumerate(header))}</tr></thead><tbody>
+<table><thead><tr>{''.join(f'<th class="{"l" if i in (0, 1, 10, 15) else ""}">{h}</th>' for i, h in enumerate(header))}</tr></thead><tbody>
 {chr(10).join(body)}
 </tbody></table>{note}{_domain_table(rows)}""")

@@ -15,7 +15,7 @@ from quantmill.outcome import RAN
 from quantmill.plan.build import plan
 from quantmill.prefect.launch import run_config
 from quantmill.store import open_store
-from tests.conftest import compose_in, run_inline
+from tests.conftest import compose_in
 
 pytestmark = pytest.mark.slow
 # MLX's CPU backend multiplies quantized weights one token at a time (~44 ms/token on the bundled model), so
@@ -45,13 +45,15 @@ def test_unquantized_mlx_matches_the_reference_logits(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from quantmill.backends import CONVERTERS
     from quantmill.backends.mlx_runtime import MlxRuntime
 
-    store, _, results = run_inline(compose_in(tmp_path, "recipe=[mlx_8bit]", "convert.mlx_dtype=float32",
-                                              "validate.enabled=false", "publish.enabled=false"))
+    out = tmp_path / "mlx-float32"
+    out.mkdir()
+    CONVERTERS.get("mlx").convert(BUNDLED_ROOT / "tiny-llama", out, {"dtype": "float32"})
     ids = [1, 450, 234, 310, 7, 300, 301, 280, 290, 11]
     runtime = MlxRuntime()
-    with runtime.load(store.files(results["convert:mlx-float32"].ref), n_ctx=64) as model:
+    with runtime.load(out, n_ctx=64) as model:
         mlx_logits = runtime.logits(model, ids)
     hf = AutoModelForCausalLM.from_pretrained(BUNDLED_ROOT / "tiny-llama", dtype=torch.float32)
     with torch.inference_mode():
