@@ -92,20 +92,12 @@ class WarmWorker(BaseWorker[BaseJobConfiguration, BaseVariables, WarmWorkerResul
         queued runs, bench/pools_load.py)."""
 
     async def _give_worker_labels_to_flow_run(self, flow_run_id) -> None:
-        """Label the run with this worker (``workers.worker_of`` reads it) alongside its start instead of before it:
-        the parent reads the label only to check a running run's worker, every few seconds."""
-        label = super()._give_worker_labels_to_flow_run
-
-        async def give() -> None:
-            try:
-                await label(flow_run_id)
-            except Exception:  # noqa: BLE001 - the run goes on; its worker is then unknown to the parent's check
-                self._logger.warning("could not label flow run %s with this worker", flow_run_id, exc_info=True)
-
-        if self._runs_task_group is None:  # stopping: no group to run it beside the start
-            await give()
-        else:
-            self._runs_task_group.start_soon(give)
+        """Label the run with this worker (``workers.worker_of`` reads it) before it starts, as Prefect's workers do:
+        given beside the start, the label could land after the run's own updates and be lost on a loaded server."""
+        try:
+            await super()._give_worker_labels_to_flow_run(flow_run_id)
+        except Exception:  # noqa: BLE001 - the run goes on; its worker is then unknown to the parent's check
+            self._logger.warning("could not label flow run %s with this worker", flow_run_id, exc_info=True)
 
     async def get_and_submit_flow_runs(self):
         """The regular poll, every ``--poll-seconds``: it asks the server for scheduled runs only where nothing
