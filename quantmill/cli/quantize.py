@@ -75,6 +75,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from quantmill import progress
     from quantmill.cli import ui
     from quantmill.config import compose
+    from quantmill.errors import ConfigError
     from quantmill.plan.preflight import resolve_recipe
     from quantmill.prefect.launch import run_config
     from quantmill.registry.export import export
@@ -82,6 +83,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from quantmill.steps.validate import failed_checks
     from quantmill.store import open_store
 
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():  # found before the pipeline runs, not when its files are placed
+        raise ConfigError(f"--out {args.out!r} is a file; give a folder (it is created if missing)")
     recipes, overrides = _split(args.items)
     chosen = [f"recipe=[{','.join(recipes)}]"] if recipes else []
     force = ["validate.enforce=false"] if args.force else []
@@ -92,7 +96,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     by_id = {o.spec_id: o for o in outcomes}
     store = open_store(cfg.store)
-    out = Path(args.out).expanduser()
     written, problems = [], []
     for recipe_name, recipe in cfg.recipe.items():
         quantized, validated = by_id.get(f"quantize:{recipe_name}"), by_id.get(f"validate:{recipe_name}")

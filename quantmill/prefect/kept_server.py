@@ -25,22 +25,12 @@ import threading
 import time
 from pathlib import Path
 
+from quantmill.toolchain.interrupts import alive
+
 STATE = "kept-server.json"
 CLIENTS = "kept-server.clients"
 LOCK = ".temporary-server.lock"  # shared with temporary servers: one migration of the database at a time
 LOG = "kept-server.log"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        try:  # not Linux: signal 0 says whether it exists
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
-    return state != "Z"
 
 
 def _healthy(url: str) -> bool:
@@ -58,7 +48,7 @@ def running(home: Path) -> dict | None:
         state = json.loads((home / STATE).read_text())
     except (OSError, ValueError):
         return None
-    return state if _alive(state["pid"]) and _healthy(state["url"]) else None
+    return state if alive(state["pid"]) and _healthy(state["url"]) else None
 
 
 def ensure(home: Path, idle_seconds: float, timeout: float) -> str:
@@ -136,7 +126,7 @@ def _serve(home: Path, idle_seconds: float) -> None:
         while not server.should_exit:
             users = [p for p in clients.iterdir() if p.name.isdigit()]
             for p in users:
-                if not _alive(int(p.name)):
+                if not alive(int(p.name)):
                     p.unlink(missing_ok=True)
             if any(p.exists() for p in users):
                 last_used = time.monotonic()

@@ -171,3 +171,14 @@ def test_pages_fit_the_window_with_numbered_axes_and_working_links(quantized, wi
             target = Path(url2pathname(urlparse(href).path))
             assert target.is_file() and target.stat().st_size > 0, (row["name"], kind, target)
         assert Path(url2pathname(urlparse(row["links"]["download"]).path)).suffix in (".gguf", ".safetensors")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "tiny-llama", "--out", "a-file"], "quantmill: error: --out 'a-file' is a file; give a folder"),
+    (["quantize", "no-such-model"], "quantmill: error: model 'no-such-model' is not a folder, a bundled model"),
+])
+def test_bad_quantize_input_is_one_line_before_any_step(tmp_path, argv, message):
+    (tmp_path / "a-file").write_text("")
+    done = _quantmill(tmp_path, *argv)
+    assert done.returncode == 2 and done.stderr.startswith(message), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "store").exists()
