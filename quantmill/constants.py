@@ -64,6 +64,7 @@ FAILED = "failed"
 # GGUF artifact file names.
 GGUF_F16_FILE = "model-f16.gguf"
 IMATRIX_FILE = "imatrix.gguf"
+SENSITIVITY_FILE = "sensitivity.json"  # per-tensor sizes and costs at each candidate type (gguf_auto)
 CALIBRATION_TOKENS_FILE = "calibration.safetensors"
 CALIBRATION_TEXT_FILE = "calibration.txt"
 VALIDATION_FILE = "validation.json"

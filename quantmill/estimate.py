@@ -54,7 +54,7 @@ class Shape:
 def weights_bytes(shape: Shape, method: str, fmt: str, quant_type: str, params: Mapping[str, Any]) -> int:
     q = quant_type.upper()
     if fmt == "gguf":
-        return int(shape.params * GGUF_BPW.get(q, 16) / 8)
+        return int(shape.params * float(params.get("budget_bpw") or GGUF_BPW.get(q, 16)) / 8)
     if fmt == "safetensors" and method == "passthrough":
         return shape.params * (4 if q == "F32" else 2)
     if fmt == "mlx":

@@ -31,6 +31,7 @@ from quantmill.plan.records import (
     PublishRecord,
     QuantizeRecord,
     ReferenceRecord,
+    SensitivityRecord,
     ValidationRecord,
     kind_of,
 )
@@ -100,12 +101,19 @@ def _imatrix(rec: ImatrixRecord, spec: StepSpec, inputs: Mapping[str, Path], out
                                        label="imatrix")
 
 
+def _sensitivity(rec: SensitivityRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
+    return calibrate.calibrate_sensitivity(gguf_quantizer.one_gguf(inputs["model"]), gguf_quantizer.one_gguf(inputs["imatrix"]),
+                                           inputs["calibration"], out, types=rec.types, method=rec.method,
+                                           windows=rec.windows, max_measured=rec.max_measured,
+                                           threads=spec.context["threads"])
+
+
 def _convert(rec: ConvertRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
     return convert.convert(CONVERTERS.get(spec.backend), inputs["model"], out, rec.to_config())
 
 
 def _quantize(rec: QuantizeRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
-    extra = {"calibration": inputs["calibration"]} if "calibration" in inputs else {}
+    extra = {name: inputs[name] for name in ("calibration", "sensitivity") if name in inputs}
     quantizer = QUANTIZERS.get(spec.backend)
     with HashAhead(out, store.digest_cache(), quantizer.renamed_when_complete) as ahead:
         result = quantize.quantize(quantizer, inputs["model"], out, rec.to_config(), imatrix=inputs.get("imatrix"),
@@ -182,7 +190,7 @@ def _publish(rec: PublishRecord, spec: StepSpec, inputs: Mapping[str, Path], out
 
 # Each step kind (quantmill.plan.records.KINDS) and the function that runs it.
 RUNNERS: dict[str, Runner] = {"download": _download, "merge": _merge, "dataset": _calibration_set,
-                              "imatrix": _imatrix, "convert": _convert, "quantize": _quantize, "evalset": _evalset,
+                              "imatrix": _imatrix, "sensitivity": _sensitivity, "convert": _convert, "quantize": _quantize, "evalset": _evalset,
                               "reference": _reference, "artifact": _validate, "publish": _publish}
 
 

@@ -12,6 +12,7 @@ PUBLISHERS: BackendTable = BackendTable("publisher")
 # Registration happens in these modules; the order does not matter.
 from quantmill.backends import (  # noqa: E402,F401
     bnb_quantizer,
+    gguf_auto_quantizer,
     gguf_converter,
     gguf_quantizer,
     gptqmodel_quantizer,

@@ -76,6 +76,12 @@ def _note(o: Outcome) -> str:
         parts.append(f"{r['bits_per_weight']:.2f} bpw")
     if "quant_type" in r and o.step == "quantize":
         parts.append(r["quant_type"])
+    if "passes" in r and "tensors" in r:  # the sensitivity measurement
+        parts.append(f"{r['tensors']} tensors x {len(r['types'])} types, {r['method']}, {r['passes']} passes"
+                     + (f", estimate rank corr. {r['estimate_rank_correlation']:.2f}"
+                        if r.get("estimate_rank_correlation") is not None else ""))
+    if "predicted_kld" in r:
+        parts.append(f"predicted KLD {r['predicted_kld']:.4f}")
     if "samples" in r:
         parts.append(f"{r['samples']}x{r['seq_len']} tokens")
     if o.step == "validate" and "status" in r:

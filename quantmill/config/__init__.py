@@ -15,6 +15,7 @@ from quantmill.config.schema import (
     QuantmillConfig,
     RecipeConfig,
     RequiresConfig,
+    SensitivityConfig,
     StoreConfig,
     TargetConfig,
     ValidateConfig,
@@ -24,6 +25,6 @@ from quantmill.config.schema import (
 __all__ = [
     "DEFAULT_PROBES", "GROUP_SCHEMAS", "SCHEMA_NAME", "CalibrationConfig", "ConvertConfig", "GateConfig",
     "InfraConfig", "ModelConfig", "PoolConfig", "PublishConfig", "QuantmillConfig", "RecipeConfig", "RequiresConfig",
-    "StoreConfig", "TargetConfig", "ValidateConfig", "absolute_paths", "compose", "find_conf_dir", "known_options",
+    "SensitivityConfig", "StoreConfig", "TargetConfig", "ValidateConfig", "absolute_paths", "compose", "find_conf_dir", "known_options",
     "register_schemas", "to_config", "to_dict",
 ]

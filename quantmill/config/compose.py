@@ -18,6 +18,7 @@ from quantmill.config.schema import (
     QuantmillConfig,
     RecipeConfig,
     RequiresConfig,
+    SensitivityConfig,
     register_schemas,
 )
 from quantmill.errors import ConfigError
@@ -103,6 +104,8 @@ def _fields_at(path: str) -> list[str]:
     if parts[0] == "recipe":
         schema = {1: None, 2: RecipeConfig}.get(len(parts)) or {"gates": GateConfig, "requires": RequiresConfig}.get(
             parts[-1])
+    elif parts == ["calibration", "sensitivity"]:
+        schema = SensitivityConfig
     else:
         schema = GROUP_SCHEMAS.get(parts[0]) if len(parts) == 1 else None
     return [f.name for f in dataclasses.fields(schema)] if schema else []
@@ -112,7 +115,7 @@ def _schema_fields(name: str) -> list[str]:
     import dataclasses
 
     schema = {cls.__name__: cls for cls in (*GROUP_SCHEMAS.values(), RecipeConfig, RequiresConfig, GateConfig, PoolConfig,
-                                            QuantmillConfig)}.get(name)
+                                            SensitivityConfig, QuantmillConfig)}.get(name)
     return [f.name for f in dataclasses.fields(schema)] if schema else []
 
 

@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from quantmill.config.probes import DEFAULT_PROBES
+
 
 def bounded(default: Any, *, least: float | None = None, choices: tuple[str, ...] = ()) -> Any:
     """A field whose value composition checks: at least ``least``, or one of ``choices`` (one line otherwise)."""
@@ -105,6 +107,25 @@ class ConvertConfig:
 
 
 @dataclass
+class SensitivityConfig:
+    """Each GGUF weight tensor's quality cost at each candidate type, measured once per model revision, imatrix and
+    calibration set, shared by every ``gguf_auto`` recipe of the model.
+
+    Attributes:
+        types: Candidate llama.cpp types, one per tensor in a mix.
+        method: ``measured``: each tensor alone at each type (the rest unquantized), its KL divergence on the
+            calibration windows measured in llama.cpp; ``estimate``: imatrix-weighted squared error, scaled per tensor
+            kind by one measured pass; ``auto``: measured up to ``max_measured`` passes, else estimate.
+        windows: Calibration windows each measured pass evaluates.
+    """
+
+    types: List[str] = field(default_factory=lambda: ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"])
+    method: str = bounded("auto", choices=("auto", "measured", "estimate"))
+    windows: int = bounded(8, least=1)
+    max_measured: int = bounded(200, least=0)
+
+
+@dataclass
 class CalibrationConfig:
     """The calibration set shared by every recipe of a model that needs one.
 
@@ -115,6 +136,7 @@ class CalibrationConfig:
         dataset, split, text_field: The dataset for ``hf_dataset``.
         num_samples: Number of sequences; seq_len: tokens per sequence; seed: sampling seed.
         min_samples: Fewer usable samples than this fails; between this and num_samples warns.
+        sensitivity: Per-tensor sensitivity for mixed-precision recipes (``gguf_auto``).
     """
 
     source: str = bounded("files", choices=("files", "hf_dataset"))
@@ -126,17 +148,7 @@ class CalibrationConfig:
     seq_len: int = bounded(256, least=16)
     seed: int = 0
     min_samples: int = bounded(8, least=1)
-
-
-DEFAULT_PROBES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "def total(xs):\n    return sum(x * 2 for x in xs)  # code",
-    "spaces:    four, tabs:\t\tand\nnew\n\nlines",
-    "digits 0123456789 3.14159 1,000,000 -42",
-    "Ελληνικά, русский, العربية, 日本語, 한국어, हिन्दी",
-    "emoji 🎉🚀👍🏽 and symbols ©®™ ∑∫√",
-    "  leading and trailing  ",
-]
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
 
 
 @dataclass

@@ -57,6 +57,7 @@ def update(store: LocalStore, model: str, validations: Iterable[tuple[str, str]]
         rows[recipe] = {"recipe": recipe, "validation_key": key,
                         "artifact_digest": "sha256:" + artifact["digest"]["sha256"],
                         "quant_type": made.get("quant_type") or made.get("outtype", "").upper(), "format": fmt,
+                        **({"predicted_kld": made["predicted_kld"]} if "predicted_kld" in made else {}),
                         **{k: v for k, v in record.items() if k not in ("generated_ids", "prompt_ids")}}
     for recipe, by_domain in domains.items():
         if recipe in rows:
@@ -87,10 +88,34 @@ def load(store: LocalStore, model: str) -> dict[str, Any] | None:
 
 
 def chart_points(rows: list[dict[str, Any]], family: str = "") -> list[pages.Point]:
-    return [pages.Point(label=r.get("quant_type") or r["recipe"], family=r.get("format") or r.get("runtime") or family or "artifact",
+    return [pages.Point(label=r.get("quant_type") or r["recipe"], family=_family(r, family),
                         size_mib=r["size_bytes"] / 2**20, kld=r["mean_kld"], passed=r["status"] == C.PASSED,
                         title=f"{r['recipe']}: {r['size_bytes'] / 2**20:.2f} MiB, mean KLD {r['mean_kld']:.5f}")
             for r in rows if r.get("mean_kld") is not None and r.get("size_bytes")]
+
+
+def _family(r: dict[str, Any], family: str) -> str:
+    """The chart's series: the format, with GGUF's per-tensor mixes apart from its uniform types (their own front)."""
+    name = r.get("format") or r.get("runtime") or family or "artifact"
+    return f"{name} auto" if str(r.get("quant_type") or "").startswith("AUTO") else name
+
+
+def _ladder_note(rows: list[dict[str, Any]]) -> str:
+    """How well the sensitivity search predicted the mixes' measured KLD: predictions are summed per-tensor costs
+    on the calibration text, so their scale differs from the evaluation text's; their order is what the search uses."""
+    mixes = [r for r in rows if r.get("predicted_kld") is not None and r.get("mean_kld") is not None]
+    if not mixes:
+        return ""
+    pairs = ", ".join(f"{html.escape(r['recipe'])} {r['predicted_kld']:.5f} → {r['mean_kld']:.5f}" for r in mixes)
+    order = ""
+    if len(mixes) >= 3:
+        rank = lambda xs: [sorted(xs).index(x) for x in xs]  # noqa: E731
+        a, b = rank([r["predicted_kld"] for r in mixes]), rank([r["mean_kld"] for r in mixes])
+        n = len(a)
+        rho = 1 - 6 * sum((x - y) ** 2 for x, y in zip(a, b)) / (n * (n * n - 1))
+        order = f" Rank correlation of predicted and measured: {rho:.2f}."
+    return (f"<p class=muted>Per-tensor mixes (gguf auto), predicted mean KLD on the calibration text → measured on "
+            f"the evaluation text: {pairs}.{order}</p>")
 
 
 def _speed(r: dict[str, Any], key: str) -> str:
@@ -179,7 +204,7 @@ from the original's (0 is identical; lower is better). PPL ratio: its perplexity
 Top-1: how often both pick the same next token. Flips: how many greedy continuations of the
 text's openings differ from the original's. Speeds are medians of repeated runs, their range beneath.</p>
 <h2>Quality against size</h2>
-{pages.chart(chart_points(rows), name=report["model"])}
+{pages.chart(chart_points(rows), name=report["model"])}{_ladder_note(rows)}
 <table><thead><tr>{''.join(f'<th class="{"l" if i in (0, 1, 10, 15) else ""}">{h}</th>' for i, h in enumerate(header))}</tr></thead><tbody>
 {chr(10).join(body)}
 </tbody></table>{note}{_domain_table(rows)}""")

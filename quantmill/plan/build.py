@@ -24,6 +24,7 @@ from quantmill.plan.records import (
     PublishRecord,
     QuantizeRecord,
     ReferenceRecord,
+    SensitivityRecord,
     ValidationRecord,
 )
 from quantmill.plan.spec import Plan, StepSpec
@@ -137,6 +138,13 @@ def build(checked: Checked, store: Store) -> Plan:
                     config=ImatrixRecord(ctx=cfg.calibration.seq_len, chunks=cfg.calibration.num_samples).to_config(),
                     context={"threads": threads}, tools=quantizer.tools()))
                 inputs["imatrix"] = imatrix.id
+                if getattr(quantizer, "uses_sensitivity", False):  # one measurement, shared by every budget
+                    inputs["sensitivity"] = add(StepSpec(
+                        id=f"{C.CALIBRATE}:sensitivity-{recipe.format}", step=C.CALIBRATE, backend="sensitivity",
+                        capability=quantizer.capability,
+                        inputs={"model": intermediate.id, "imatrix": imatrix.id, "calibration": dataset.id},
+                        config=SensitivityRecord.from_config(cfg.calibration.sensitivity).to_config(),
+                        context={"threads": threads}, tools=quantizer.tools())).id
             artifact = add(StepSpec(
                 id=f"{C.QUANTIZE}:{name}", step=C.QUANTIZE, backend=quantizer.key,
                 capability=C.CUDA if recipe.requires.device == C.CUDA else quantizer.capability,

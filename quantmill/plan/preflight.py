@@ -64,6 +64,7 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
         ConfigError / PreflightError / ModelSourceError: one line naming the problem and the fix.
     """
     # Ranges and choices of single values were checked while composing (config.schema.bounded).
+    cfg = expand_ladders(cfg)
     cfg, warnings = _apply_target(cfg)
     model = cfg.model
     source = SOURCES.get(model.source)
@@ -72,6 +73,10 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
     for name, recipe in cfg.recipe.items():
         recipe, quantizer = resolve_recipe(name, recipe)
         quantizer.check(name, recipe)
+        if getattr(quantizer, "uses_sensitivity", False):
+            from quantmill.backends.gguf_auto_quantizer import check_types
+
+            check_types(list(cfg.calibration.sensitivity.types))
         recipes[name] = (recipe, quantizer, CONVERTERS.get(recipe.format))
     if cfg.infra.mode == "embedded":
         from quantmill.toolchain.hardware import check_here
@@ -110,6 +115,8 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
     for name, (recipe, quantizer, converter) in recipes.items():
         converter.check(info, model.name)
         quantizer.check_model(name, recipe, info)
+        if getattr(quantizer, "uses_sensitivity", False):
+            _check_budget(cfg, name, recipe, info)
     if cfg.validate.enabled:
         _check_context(cfg, info, eval_files)
         for domain, files in domain_files.items():
@@ -206,6 +213,48 @@ def _apply_target(cfg: QuantmillConfig) -> tuple[QuantmillConfig, list[str]]:
             f"(weights {gib(smallest.weights_bytes)} + KV cache {gib(smallest.kv_cache_bytes)} at "
             f"{cfg.target.context} tokens); {would_fit}")
     return dataclasses.replace(cfg, recipe=fitting), warnings
+
+
+def expand_ladders(cfg: QuantmillConfig) -> QuantmillConfig:
+    """A recipe whose ``params.budget_bpw`` is a list becomes one recipe per budget, ``<name>-<bpw>``: a ladder
+    made in one run from one sensitivity measurement."""
+    recipes: dict[str, Any] = {}
+    for name, recipe in cfg.recipe.items():
+        budgets = recipe.params.get("budget_bpw")
+        if not isinstance(budgets, (list, tuple)):
+            recipes[name] = recipe
+            continue
+        if not budgets:
+            raise ConfigError(f"recipe {name!r}: params.budget_bpw is an empty list; give one or more bits per "
+                              f"weight, e.g. [3.9, 4.9]")
+        for budget in budgets:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+                raise ConfigError(f"recipe {name!r}: params.budget_bpw has {budget!r}, not a number; give bits per "
+                                  f"weight, e.g. [3.9, 4.9]")
+            recipes[f"{name}-{budget:g}"] = dataclasses.replace(recipe, params={**recipe.params, "budget_bpw": budget})
+    return cfg if recipes.keys() == cfg.recipe.keys() else dataclasses.replace(cfg, recipe=recipes)
+
+
+def _check_budget(cfg: QuantmillConfig, name: str, recipe: Any, info: SourceInfo) -> None:
+    """A budget below every tensor at the smallest candidate type is refused before anything is measured."""
+    from quantmill.backends.gguf_auto_quantizer import feasible_bpw
+
+    types = list(cfg.calibration.sensitivity.types)
+    try:
+        least = feasible_bpw(info.config, types)
+    except KeyError:  # not a shape this estimate reads: the quantize step checks exactly
+        return
+    budget = float(recipe.params["budget_bpw"])
+    if budget < least:
+        import math
+
+        from quantmill.backends.gguf_auto_quantizer import type_bits
+
+        floor = math.ceil(least * 100) / 100
+        raise PreflightError(f"recipe {name!r}: budget_bpw {budget:g} is below the smallest mix of the candidate "
+                             f"types for model {cfg.model.name!r} (about {floor:.2f}, every tensor at "
+                             f"{min(types, key=type_bits).upper()}); raise budget_bpw to at least {floor:.2f} or add "
+                             f"a smaller type to calibration.sensitivity.types")
 
 
 def resolve_recipe(name: str, recipe):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 from quantmill import constants as C
-from quantmill.config import CalibrationConfig
+from quantmill.config import CalibrationConfig, SensitivityConfig
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,22 @@ class ImatrixRecord(Record):
 
 
 @dataclass(frozen=True)
+class SensitivityRecord(Record):
+    """Each GGUF weight tensor's size and quality cost at each candidate type (``calibration.sensitivity``)."""
+
+    types: list[str]
+    method: str
+    windows: int
+    max_measured: int
+    kind: str = "sensitivity"
+
+    @classmethod
+    def from_config(cls, sensitivity: SensitivityConfig) -> "SensitivityRecord":
+        return cls(types=[t.upper() for t in sensitivity.types], method=sensitivity.method,
+                   windows=sensitivity.windows, max_measured=sensitivity.max_measured)
+
+
+@dataclass(frozen=True)
 class ConvertRecord(Record):
     """A format's unquantized intermediate: the GGUF converter's output type and model name, or MLX's dtype."""
 
@@ -169,8 +185,9 @@ KINDS = {k.name: k for k in (
     StepKind("evalset", C.VALIDATE, EvalSetRecord, ("model",)),
     StepKind("dataset", C.CALIBRATE, CalibrationSetRecord, ("model",)),
     StepKind("imatrix", C.CALIBRATE, ImatrixRecord, ("model", "calibration")),
+    StepKind("sensitivity", C.CALIBRATE, SensitivityRecord, ("model", "imatrix", "calibration")),
     StepKind("convert", C.CONVERT, ConvertRecord, ("model",)),
-    StepKind("quantize", C.QUANTIZE, QuantizeRecord, ("model", "calibration", "imatrix")),
+    StepKind("quantize", C.QUANTIZE, QuantizeRecord, ("model", "calibration", "imatrix", "sensitivity")),
     StepKind("reference", C.VALIDATE, ReferenceRecord, ("model", "evalset")),
     StepKind("artifact", C.VALIDATE, ValidationRecord, ("artifact", "evalset", "reference")),
     StepKind("publish", C.PUBLISH, PublishRecord, ("artifact", "source", "validation")),

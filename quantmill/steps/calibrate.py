@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,6 +14,7 @@ from quantmill.plan.records import CalibrationSetRecord
 from quantmill.toolchain.source_tokenizer import SourceTokenizer
 
 log = logging.getLogger(__name__)
+_PROGRESS = re.compile(r"\[(?P<done>\d+)/(?P<total>\d+)\]")
 
 
 def load_texts(cfg: CalibrationSetRecord, files: Sequence[Path]) -> list[str]:
@@ -80,3 +82,30 @@ def calibrate_imatrix(quantizer_module: Any, model_gguf: Path, calibration: Path
     return quantizer_module.compute_imatrix(model_gguf, calibration / C.CALIBRATION_TEXT_FILE,
                                             out / C.IMATRIX_FILE, ctx=ctx, chunks=chunks, threads=threads,
                                             label=label)
+
+
+def calibrate_sensitivity(model_gguf: Path, imatrix_gguf: Path, calibration: Path, out: Path, *, types: Sequence[str],
+                          method: str, windows: int, max_measured: int, threads: int) -> dict[str, Any]:
+    """Each weight tensor's size and cost at each candidate type (``quantmill.evaluation.sensitivity``), measured
+    in a process of its own; written to ``out/sensitivity.json``."""
+    import json
+    import sys
+    import tempfile
+
+    from quantmill.toolchain.tools import run_tool
+
+    with tempfile.TemporaryDirectory(prefix="quantmill-sensitivity-") as tmp:
+        request = {"model": str(model_gguf.resolve()), "imatrix": str(imatrix_gguf.resolve()),
+                   "calibration": str((calibration / C.CALIBRATION_TOKENS_FILE).resolve()), "types": list(types),
+                   "method": method, "windows": windows, "max_measured": max_measured, "threads": threads,
+                   "work": str(Path(tmp) / "work"), "result_path": str(Path(tmp) / "result.json")}
+        (Path(tmp) / "request.json").write_text(json.dumps(request))
+        run_tool([sys.executable, "-m", "quantmill.evaluation.sensitivity", Path(tmp) / "request.json"],
+                 name="sensitivity measurement", label="sensitivity", progress=_PROGRESS, cwd=Path(tmp))
+        result = json.loads((Path(tmp) / "result.json").read_text())
+    # Seconds vary run to run: the step's result keeps them, the artifact's bytes do not.
+    seconds = result.pop("seconds")
+    (out / C.SENSITIVITY_FILE).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    return {"method": result["method"], "tensors": len(result["tensors"]), "types": result["types"],
+            "passes": result["passes"], "seconds": seconds,
+            "estimate_rank_correlation": result["estimate_rank_correlation"]}

@@ -106,7 +106,7 @@ def test_unknown_quant_type_lists_llama_cpp_types(tmp_path, tiny_model):
 def test_unknown_backend_lists_known_ones(tmp_path, tiny_model):
     with pytest.raises(ConfigError) as e:
         _plan(tmp_path, tiny_model, "recipe.gguf_q8_0.method=awqq")
-    assert _one_line(e).startswith("unknown quantizer 'awqq'; known: autoawq, autogptq, bitsandbytes, gguf, gptqmodel")
+    assert _one_line(e).startswith("unknown quantizer 'awqq'; known: autoawq, autogptq, bitsandbytes, gguf, gguf_auto, gptqmodel")
 
 
 def test_missing_model_directory(tmp_path):

@@ -1,0 +1,91 @@
+"""Mixed precision toward a budget: one sensitivity measurement per model, a llama.cpp type per tensor chosen from it
+for each budget, validated like every artifact; at the size of a uniform k-quant the mix is measured closer to the
+original."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantmill import constants as C
+from quantmill.backends.local_publisher import LocalRegistry
+from quantmill.outcome import CACHED, RAN
+from quantmill.plan.build import plan
+from quantmill.plan.spec import HIT, MISS, resolve
+from quantmill.prefect.launch import run_config
+from quantmill.store import open_store
+from quantmill.toolchain.gguf_info import tensor_types
+from tests.conftest import compose_in
+
+# Fewer calibration windows than the default: the ranking of tensors is what the test needs, and it halves the
+# measurement.
+FAST = "calibration.sensitivity.windows=4"
+UNIFORM = ("gguf_q3_k_m", "gguf_q4_k_m")
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    uniform = {o.spec_id: o for o in run_config(compose_in(root, f"recipe=[{','.join(UNIFORM)}]"))}
+    bpw = {r: uniform[f"validate:{r}"].result["bits_per_weight"] for r in UNIFORM}
+    budgets = f"[{bpw['gguf_q3_k_m']},{bpw['gguf_q4_k_m']}]"
+    outcomes = {o.spec_id: o for o in run_config(compose_in(
+        root, f"recipe=[{','.join(UNIFORM)},gguf_auto]", f"recipe.gguf_auto.params.budget_bpw={budgets}", FAST))}
+    return root, bpw, uniform, outcomes
+
+
+def test_at_the_size_of_each_uniform_k_quant_the_mix_is_measured_closer(ladder):
+    root, bpw, uniform, outcomes = ladder
+    assert all(o.ok for o in outcomes.values()), [(o.spec_id, o.error) for o in outcomes.values() if not o.ok]
+    assert outcomes["calibrate:sensitivity-gguf"].status == RAN  # once, for both budgets
+    assert [s for s in outcomes if s.startswith("calibrate:sensitivity")] == ["calibrate:sensitivity-gguf"]
+    for recipe in UNIFORM:
+        assert outcomes[f"validate:{recipe}"].status == CACHED
+        auto = outcomes[f"validate:gguf_auto-{bpw[recipe]:g}"].result
+        same = uniform[f"validate:{recipe}"].result
+        assert auto["size_bytes"] <= same["size_bytes"] * 1.01, (recipe, auto["size_bytes"], same["size_bytes"])
+        assert auto["size_bytes"] >= same["size_bytes"] * 0.97, (recipe, auto["size_bytes"], same["size_bytes"])
+        # the goal: at least 15 % lower mean KLD at the same size, measured on the evaluation text
+        assert auto["mean_kld"] <= 0.85 * same["mean_kld"], (recipe, auto["mean_kld"], same["mean_kld"])
+
+
+def test_the_file_holds_the_chosen_mix_and_the_record_says_what_was_predicted(ladder):
+    root, bpw, _, outcomes = ladder
+    store = open_store(compose_in(root).store)
+    recipe = f"gguf_auto-{bpw['gguf_q4_k_m']:g}"
+    made = outcomes[f"quantize:{recipe}"]
+    files = store.files(store.lookup(made.key))
+    rules = dict(line.split("=") for line in (files / "tensor-types.txt").read_text().split())
+    stored = tensor_types(next(files.glob("*.gguf")))
+    assert len(rules) == 16 and len(set(rules.values())) >= 3, rules  # 2 layers x 7 matrices + embeddings + output
+    for pattern, qtype in rules.items():
+        name = pattern.strip("^$").replace("\\", "")
+        assert stored[name] == qtype.upper(), (name, stored[name], qtype)
+    result = json.loads((files / C.RESULT_FILE).read_text())
+    assert result["predicted_kld"] > 0 and result["sensitivity_method"] == "measured"
+    sensitivity = outcomes["calibrate:sensitivity-gguf"]
+    assert sensitivity.result["passes"] == 6 + 16 * 6  # a uniform file per type, then every tensor at every type
+    assert 0.5 < sensitivity.result["estimate_rank_correlation"] <= 1
+    card = LocalRegistry(root / "store" / C.REGISTRY_DIR).card(f"tiny-llama-{recipe}", 1)
+    assert "| Mixed precision |" in card and "| Predicted mean KLD |" in card
+    report = json.loads((root / "store" / "reports" / "tiny-llama" / "report.json").read_text())
+    rows = {r["recipe"]: r for r in report["artifacts"]}
+    assert rows[recipe]["predicted_kld"] == pytest.approx(result["predicted_kld"])
+    html = (root / "store" / "reports" / "tiny-llama" / "report.html").read_text()
+    assert 'data-family="gguf auto"' in html and "Per-tensor mixes" in html
+
+
+def test_another_budget_reuses_the_sensitivity_and_a_mix_past_its_gate_is_not_published(ladder):
+    root = ladder[0]
+    overrides = ["recipe=[gguf_auto]", "recipe.gguf_auto.params.budget_bpw=3.5", FAST,
+                 "recipe.gguf_auto.gates.max_mean_kld=0.000001"]
+    cfg = compose_in(root, *overrides)
+    store = open_store(cfg.store)
+    status = resolve(plan(cfg, store), store).status
+    assert status["calibrate:sensitivity-gguf"] == HIT and status["quantize:gguf_auto"] == MISS
+    outcomes = {o.spec_id: o for o in run_config(cfg)}
+    assert outcomes["calibrate:sensitivity-gguf"].status == CACHED
+    verdict = outcomes["validate:gguf_auto"].result
+    assert verdict["status"] == C.FAILED and "max_mean_kld" in " ".join(verdict["failed"]), verdict
+    assert "tiny-llama-gguf_auto" not in LocalRegistry(root / "store" / C.REGISTRY_DIR).names()
