@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quantmill.backends.local_source import BUNDLED_ROOT
-
+# The bundled model's folder by path: this module also runs on GPU machines without quantmill's dependencies.
+BUNDLED_ROOT = Path(__file__).resolve().parents[1] / "quantmill" / "bundled"
 SHAPES = {
     # the bundled model's shape, for trying a benchmark quickly on a CPU
     "llama-tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,

@@ -90,7 +90,8 @@ def save_tokenizer(tok, out: Path) -> None:
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")
 
 
-def train_model(tok, text: str, out: Path) -> None:
+def train_model(tok, text: str, out: Path, *, layers: int = 2, steps: int = STEPS) -> None:
+    """Train the Llama shape above (with ``layers`` layers) for ``steps`` steps and save it in float16."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -102,14 +103,14 @@ def train_model(tok, text: str, out: Path) -> None:
     data = torch.tensor(ids[: len(ids) // SEQ_LEN * SEQ_LEN]).view(-1, SEQ_LEN)
 
     config = LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2, pad_token_id=None)
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(SEED)
-    for step in range(STEPS):
-        lr = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / STEPS))
+    for step in range(steps):
+        lr = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:
             group["lr"] = lr
         batch = data[torch.randint(len(data), (BATCH,), generator=gen)]
@@ -118,7 +119,7 @@ def train_model(tok, text: str, out: Path) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 50 == 0 or step == STEPS - 1:
+        if step % 50 == 0 or step == steps - 1:
             print(f"step {step:4d}  loss {loss.item():.3f}  ppl {math.exp(loss.item()):.2f}", flush=True)
     model.config.torch_dtype = torch.float16
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from quantmill.evaluation import metrics
+from quantmill.toolchain.energy import EnergyMeter, per_token
 
 SPEED_RUNS = 3  # timed greedy generations after a warm-up; the median is reported, the range kept
 EVALSET_TOKENS = "eval.safetensors"
@@ -79,12 +80,19 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         result["load_seconds"] = round(model.load_seconds, 3)
         result["execution"] = getattr(model, "execution", "native")
         bos = runtime.special_ids(model)["bos"]
+        meter = EnergyMeter(("gpu", "cpu") if "cuda" in str(getattr(model, "device", "")) else ("cpu",))
+        spent = {"prompt": [0.0, 0], "generated": [0.0, 0]}
         prompt_speeds = []
         for i, window in enumerate(tokens):
             first = metrics.first_scored(n_ctx)
             start = time.perf_counter()
+            if meter.available:
+                meter.start()
             logits = runtime.logits(model, metrics.window_input(window, bos), first=first)
             prompt_speeds.append(window.size / (time.perf_counter() - start))
+            if meter.available and i > 0:  # the first window warms the runtime up, as for speed
+                spent["prompt"][0] += meter.joules()["joules"]
+                spent["prompt"][1] += int(window.size)
             logp = metrics.scored_logprobs(logits, n_ctx, offset=first)
             if not np.isfinite(logp).all():
                 raise FloatingPointError(f"window {i}: non-finite logits")
@@ -95,9 +103,15 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         generation_speeds, generated = [], []
         for _ in range(SPEED_RUNS):
             start = time.perf_counter()
+            if meter.available:
+                meter.start()
             generated = runtime.generate(model, meta["prompt_ids"], request["max_tokens"])
             if generated:
                 generation_speeds.append(len(generated) / (time.perf_counter() - start))
+            if meter.available:
+                spent["generated"][0] += meter.joules()["joules"]
+                spent["generated"][1] += len(generated)
+        result["energy"] = per_token(meter, {k: (v[0], v[1]) for k, v in spent.items()})
         # The first window warms the runtime up; the median of the rest is the speed, their range its spread.
         timed = prompt_speeds[1:] or prompt_speeds
         result["prompt_tokens_per_second"] = _sig(float(np.median(timed)))

@@ -127,6 +127,9 @@ def _speed(r: dict[str, Any], key: str) -> str:
     text = pages.number(value)
     if spread and len(spread) > 1:
         text += f"\n{pages.number(min(spread))}–{pages.number(max(spread))}"
+    energy = r.get("energy") or {}
+    if key == "generation_tokens_per_second" and energy.get("joules_per_generated_token") is not None:
+        text += f"\n{pages.number(energy['joules_per_generated_token'])} J/token"
     return text + (" *" if busy(r) else "")
 
 

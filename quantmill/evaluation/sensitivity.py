@@ -155,25 +155,27 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
     tensors: list[str] = []
     fixed = 0
     steps = len(types)
+    method = request["method"]
     for i, qtype in enumerate(types):
         path = session.quantize([(".*", qtype)], f"uniform-{qtype}")
         file = GGUFReader(path)
         if not tensors:  # the tensors llama.cpp quantizes: the rest stays as it is in every mix
             tensors = [t.name for t in file.tensors if t.tensor_type.name not in UNQUANTIZED]
             fixed = sum(int(t.n_bytes) for t in file.tensors if t.name not in set(tensors))
+            if method == "auto":
+                method = "measured" if len(tensors) * len(types) <= request["max_measured"] else "estimate"
         for t in file.tensors:
             if t.name in tensors:
                 sizes.setdefault(t.name, {})[qtype] = int(t.n_bytes)
                 stored.setdefault(t.name, {})[qtype] = t.tensor_type.name
         for name, err in weighted_errors(session.model, path, session.imatrix, tensors).items():
             estimates.setdefault(name, {})[qtype] = err
-        uniform[qtype] = {"kld": session.kld(path), "bytes": sum(int(t.n_bytes) for t in file.tensors)}
+        uniform[qtype] = {"bytes": sum(int(t.n_bytes) for t in file.tensors)}
+        if method == "measured":  # the uniform files' KLD, to check that costs add up; not needed to estimate
+            uniform[qtype]["kld"] = session.kld(path)
         path.unlink()
         print(f"[{i + 1}/{steps}] uniform {qtype}", flush=True)
 
-    method = request["method"]
-    if method == "auto":
-        method = "measured" if len(tensors) * len(types) <= request["max_measured"] else "estimate"
     costs: dict[str, dict[str, float]] = {name: {} for name in tensors}
     calibration: dict[str, dict[str, Any]] = {}
     if method == "measured":

@@ -68,10 +68,20 @@ def metric_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
                  *([("Flips", flip_text(v))] if "flip_rate" in v else []),
                  ("Tokenizer fidelity", v["tokenizer"]["detail"]),
                  ("Speed", speed_text(v)),
+                 *([("Energy", energy_text(v["energy"]))] if "energy" in v else []),
                  ("Peak memory", f"{v['peak_rss_bytes'] / 2**20:.0f} MiB"),
                  ("Measured on", f"{v['machine'].get('cpu', v['machine']['machine'])} ({v['machine'].get('cpus', '?')} "
                                  f"cores)")]
     return rows
+
+
+def energy_text(energy: dict[str, Any]) -> str:
+    """Joules per token from the hardware's counters, or why there are none."""
+    if not energy.get("available"):
+        return energy.get("detail", "not available on this machine")
+    parts = [f"{energy[f'joules_per_{k}_token']:.3g} J per {k} token" for k in ("generated", "prompt")
+             if energy.get(f"joules_per_{k}_token") is not None]
+    return ", ".join(parts) + f" ({', '.join(energy['counters'])})"
 
 
 def flip_text(v: dict[str, Any]) -> str:

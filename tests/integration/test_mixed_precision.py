@@ -15,6 +15,7 @@ from quantmill.plan.build import plan
 from quantmill.plan.spec import HIT, MISS, resolve
 from quantmill.prefect.launch import run_config
 from quantmill.store import open_store
+from quantmill.toolchain.energy import EnergyMeter
 from quantmill.toolchain.gguf_info import tensor_types
 from tests.conftest import compose_in
 
@@ -69,6 +70,15 @@ def test_the_file_holds_the_chosen_mix_and_the_record_says_what_was_predicted(la
     assert 0.5 < sensitivity.result["estimate_rank_correlation"] <= 1
     card = LocalRegistry(root / "store" / C.REGISTRY_DIR).card(f"tiny-llama-{recipe}", 1)
     assert "| Mixed precision |" in card and "| Predicted mean KLD |" in card
+    # energy per token from this machine's counters, or, where it has none, why not (never a guess)
+    validation = outcomes[f"validate:{recipe}"]
+    record = json.loads((store.files(store.lookup(validation.key)) / C.VALIDATION_FILE).read_text())
+    meter = EnergyMeter(("cpu",))
+    if meter.available:
+        assert record["energy"]["joules_per_generated_token"] > 0, record["energy"]
+    else:
+        assert record["energy"] == {"available": False, "detail": meter.reason}
+        assert f"| Energy | {meter.reason} |" in card
     report = json.loads((root / "store" / "reports" / "tiny-llama" / "report.json").read_text())
     rows = {r["recipe"]: r for r in report["artifacts"]}
     assert rows[recipe]["predicted_kld"] == pytest.approx(result["predicted_kld"])
