@@ -181,6 +181,9 @@ def _publish(rec: PublishRecord, spec: StepSpec, inputs: Mapping[str, Path], out
             **({"domains": {d: {"status": v["status"], **{k: v[k] for k in DOMAIN_METRICS if k in v}}
                             for d, v in domains.items()}} if domains else {}),
             "kv_cache_bytes_per_token": shape.kv_cache_bytes(1),
+            **({"energy": validation["energy"]} if validation and "energy" in validation else {}),
+            **({"measured_on": publish.machine_text(validation["machine"])} if validation and validation.get("machine")
+               else {}),
             "recipe": rec.recipe, "model": rec.model, "format": rec.format,
             "quant_type": quant.get("quant_type") or quant.get("scheme") or quant.get("outtype", "").upper(),
             "bits_per_weight": quant.get("bits_per_weight"),

@@ -54,6 +54,6 @@ CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$python" -m pip install --quie
 
 cat > "$dest/BUILD_INFO.json" <<JSON
 {"llama_cpp_python": "$LLAMA_CPP_PYTHON_VERSION", "sdist_sha256": "$SDIST_SHA256",
- "cmake_flags": "GGML_NATIVE=OFF BUILD_SHARED_LIBS=ON"}
+ "cmake_flags": "GGML_NATIVE=OFF BUILD_SHARED_LIBS=ON${LLAMA_CPP_CUDA_ARCHS:+ GGML_CUDA=ON CUDA_ARCHITECTURES=$LLAMA_CPP_CUDA_ARCHS $(nvcc --version | tail -1)}"}
 JSON
 echo "llama.cpp built in $build (llama-cpp-python $LLAMA_CPP_PYTHON_VERSION)"

@@ -98,7 +98,7 @@ def compute_imatrix(model: Path, text: Path, out: Path, *, ctx: int, chunks: int
     """Run ``llama-imatrix`` over the calibration text (``chunks`` windows of ``ctx`` tokens)."""
     # The text by relative name: llama-imatrix records the dataset name in the output.
     cmd: list[Any] = [locate().tool("llama-imatrix"), "-m", model.resolve(), "-f", text.name, "-o", out.resolve(),
-                      "-c", ctx, "--chunks", chunks, "--no-ppl", "-b", ctx, "--seed", 0]
+                      "-c", ctx, "--chunks", chunks, "--no-ppl", "-b", ctx, "--seed", 0, *locate().offload_args()]
     if threads:
         cmd += ["-t", threads]
     run_tool(cmd, name="llama-imatrix", label=label, progress=_CHUNK, total=chunks, cwd=text.parent)

@@ -9,6 +9,8 @@ from typing import Any
 # Examples for commands whose module gives none, keyed by the command's prog; every --help ends with some.
 EXAMPLES = {
     "quantmill ls": ["quantmill ls", "quantmill ls --json | jq '.[].name'"],
+    "quantmill recommend": ["quantmill recommend tiny-llama --target rtx2060_12gb",
+                            "quantmill recommend tiny-llama --target cpu_32gb --domain code --json"],
     "quantmill show": ["quantmill show tiny-llama-gguf_q4_k_m", "quantmill show tiny-llama-gguf_q4_k_m --version 1"],
     "quantmill report": ["quantmill report", "quantmill report --model tiny-llama --json"],
     "quantmill verify": ["quantmill verify tiny-llama-gguf_q4_k_m", "quantmill verify ./tiny-llama-gguf_q4_k_m"],

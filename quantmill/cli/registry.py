@@ -31,6 +31,14 @@ def configure_parser(sub) -> dict[str, argparse.ArgumentParser]:
                                         "artifact key against its provenance", overrides=False)
     p.add_argument("target")
     p.add_argument("overrides", nargs="*")
+    p = parsers["recommend"] = add_command(sub, "recommend", cmd_recommend, "which published artifact of MODEL to "
+                                           "run on a target, from measured quality, size, speed and energy",
+                                           overrides=False)
+    p.add_argument("model")
+    p.add_argument("--target", required=True, help="a conf/target profile (quantmill targets lists them)")
+    p.add_argument("--domain", help="rank by this domain's measured KLD (code, math, ...) instead of prose")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*")
     for name, q in _registry_parser(sub).items():
         parsers[f"registry {name}"] = q
     return parsers
@@ -61,6 +69,31 @@ def _registry(args: argparse.Namespace):
         publisher.check(cfg.publish, store)
     registry = publisher.registry({**dataclasses.asdict(cfg.publish), "cache_dir": cfg.store.cache_dir}, store)
     return registry.store, registry
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from quantmill.cli import ui
+    from quantmill.config import compose as compose_config
+    from quantmill.errors import ConfigError
+    from quantmill.plan.preflight import resolve_recipe
+    from quantmill.registry import recommend
+
+    target = compose_config([f"target={args.target}", "recipe=[gguf_q8_0]"], conf_dir=args.config_dir).target
+    if target.name == "none" or not target.memory_gb:
+        raise ConfigError(f"target {args.target!r} has no memory_gb to fit artifacts in; name a profile from "
+                          f"conf/target (quantmill targets lists them)")
+    recipes = compose_config([f"recipe=[{','.join(target.recipes)}]"], conf_dir=args.config_dir).recipe
+    formats = {resolve_recipe(name, r)[0].format for name, r in recipes.items()}
+    _, registry = _registry(args)
+    choices = recommend.rank([e for e in registry.entries() if e["model"] == args.model], target, formats,
+                             args.domain)
+    why = recommend.explain(choices, target, args.model, args.domain)
+    if args.json:
+        print(json.dumps({"recommendation": why, "rows": recommend.rows(choices)}, indent=1))
+    else:
+        ui.out.print(ui.recommend_table(recommend.rows(choices)))
+        print(why)
+    return 0 if any(c.usable for c in choices) else 1
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

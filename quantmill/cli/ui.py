@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from quantmill import pages
 from quantmill.outcome import CACHED, FAILED, RAN, SKIPPED, Outcome
 
 console = Console(stderr=True)
@@ -234,3 +235,19 @@ def next_steps(outcomes: Iterable[Outcome], publish: Any, model: str) -> list[st
         lines += [f"  quantmill registry pull {n} --to ./{n}{where}" for n in names]
         lines.append(f"  quantmill report {model}{where}      the validation report and its page")
     return lines
+
+
+def recommend_table(rows: list[dict[str, Any]]) -> Table:
+    """``quantmill recommend``: the usable artifacts ranked, then the rest with the reason."""
+    table = Table(title="closest to the original first; measured speed and energy where there are")
+    for col in ("#", "name", "format", "mean KLD", "size", "needs", "tok/s", "J/token", "verdict"):
+        table.add_column(col, overflow="fold")
+    mib = lambda b: f"{b / 2**20:.1f} MiB" if b is not None else ""  # noqa: E731
+    for r in rows:
+        table.add_row(str(r["rank"] or ""), r["name"], f"{r['format']} {r['quant_type'] or ''}".strip(),
+                      f"{r['mean_kld']:.5f}" if r["mean_kld"] is not None else "", mib(r["size_bytes"]),
+                      mib(r["need_bytes"]),
+                      pages.number(r["generation_tokens_per_second"]) if r["generation_tokens_per_second"] else "",
+                      pages.number(r["joules_per_generated_token"]) if r["joules_per_generated_token"] else "",
+                      r["verdict"])
+    return table

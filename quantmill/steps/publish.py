@@ -70,9 +70,12 @@ def metric_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
                  ("Speed", speed_text(v)),
                  *([("Energy", energy_text(v["energy"]))] if "energy" in v else []),
                  ("Peak memory", f"{v['peak_rss_bytes'] / 2**20:.0f} MiB"),
-                 ("Measured on", f"{v['machine'].get('cpu', v['machine']['machine'])} ({v['machine'].get('cpus', '?')} "
-                                 f"cores)")]
+                 ("Measured on", machine_text(v["machine"]))]
     return rows
+
+
+def machine_text(machine: dict[str, Any]) -> str:
+    return f"{machine.get('cpu', machine.get('machine', '?'))} ({machine.get('cpus', '?')} cores)"
 
 
 def energy_text(energy: dict[str, Any]) -> str:

@@ -56,6 +56,16 @@ class LlamaCpp:
         info = self.build_info
         return f"llama-cpp-python {info['llama_cpp_python']} sdist:sha256:{info['sdist_sha256']} ({info['cmake_flags']})"
 
+    @property
+    def cuda(self) -> bool:
+        """Built with the CUDA backend (scripts/llama-cpp-flags.sh with LLAMA_CPP_CUDA_ARCHS): imatrix and
+        validation then put every layer on the GPU."""
+        return "GGML_CUDA=ON" in self.build_info["cmake_flags"]
+
+    def offload_args(self) -> list[str]:
+        """The tools' flag that offloads every layer, on a CUDA build (nothing otherwise)."""
+        return ["-ngl", "999"] if self.cuda else []
+
     def converter_env(self) -> dict[str, str]:
         """Environment for running the converter with the gguf-py it was written against."""
         path = os.pathsep.join(p for p in (str(self.gguf_py), os.environ.get("PYTHONPATH", "")) if p)

@@ -214,6 +214,34 @@ def test_ls_fits_keeps_what_fits_and_only_that(team, tmp_path):
     assert sorted(e["name"] for e in json.loads(proc.stdout)) == sorted(n for n in need if n != largest)
 
 
+def test_recommend_picks_the_closest_that_fits_and_says_why(team, tmp_path):
+    entries = {e["name"]: e for e in registry_json(team, "ls") if e["model"] == "tiny-llama"}
+    context = 64
+    need = {n: e["size_bytes"] + e["kv_cache_bytes_per_token"] * context for n, e in entries.items()}
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    for box, memory in (("small_box", (need["tiny-llama-gguf_q4_k_m"] + need["tiny-llama-gguf_q8_0"]) / 2),
+                        ("roomy_box", 2 * need["tiny-llama-gguf_q8_0"])):
+        (conf / "target" / f"{box}.yaml").write_text(
+            f"name: {box}\nmemory_gb: {memory / 2**30}\nruntime: llamacpp\nrecipes: [gguf_q4_k_m]\n"
+            f"context: {context}\noverhead_gb: 0.0\n")
+    def recommend(box: str) -> dict:
+        proc = quantmill(team, "recommend", "tiny-llama", "--target", box, "--json", "--config-dir", str(conf),
+                         *team["carol"])
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+    small = recommend("small_box")  # Q8_0 is closer to the original but does not fit: the 4-bit file is chosen
+    assert [r["name"] for r in small["rows"] if r["rank"]] == ["tiny-llama-gguf_q4_k_m"]
+    kld = entries["tiny-llama-gguf_q4_k_m"]["metrics"]["mean_kld"]
+    assert small["recommendation"].startswith(f"tiny-llama-gguf_q4_k_m: the lowest mean KL divergence ({kld:.5f})")
+    assert "closer to the original but not usable there: tiny-llama-gguf_q8_0 (needs " in small["recommendation"]
+    roomy = recommend("roomy_box")  # both fit: the closer one first
+    assert [r["name"] for r in roomy["rows"] if r["rank"]] == ["tiny-llama-gguf_q8_0", "tiny-llama-gguf_q4_k_m"]
+    assert all(r["generation_tokens_per_second"] > 0 for r in roomy["rows"])
+    proc = quantmill(team, "recommend", "tiny-llama", "--target", "none", *team["carol"])
+    assert proc.returncode == 2 and "has no memory_gb" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_lineage_show_and_promote(team):
     hops = registry_json(team, "lineage", "tiny-llama-gguf_q4_k_m")
     assert [h["step"] for h in hops] == ["download", "convert", "quantize"]
