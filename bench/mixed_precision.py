@@ -11,6 +11,7 @@ is measured on the evaluation text (the sensitivity only ever sees the calibrati
 - the sensitivity step's time as a multiple of one Q4_K_M quantize + validate of the same model.
 
     python bench/mixed_precision.py [MODEL ...]     # bundled (default), deep (bench/deep_llama.py), a local path
+    python bench/mixed_precision.py cost PATH       # the sensitivity's cost on a larger model (bench/synthetic.py)
 """
 
 from __future__ import annotations
@@ -115,7 +116,28 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cost(path: Path) -> dict:
+    """The sensitivity step's time against one Q4_K_M quantize + validate of the same model (a larger shape: the
+    method ``auto`` picks the estimate there)."""
+    work = HERE / "out" / "mixed" / f"cost-{path.name}"
+    shutil.rmtree(work, ignore_errors=True)
+    small = ["calibration.num_samples=16", "validate.n_chunks=4", "calibration.sensitivity.windows=4"]
+    steps = {s["spec_id"]: s for s in quantmill(
+        work, ["model=local", f"model.path={path}", f"model.name={path.name}"], ["gguf_q4_k_m", "gguf_auto"], *small)}
+    q4 = steps["quantize:gguf_q4_k_m"]["seconds"] + steps["validate:gguf_q4_k_m"]["seconds"]
+    sensitivity = steps["calibrate:sensitivity-gguf"]
+    out = {"model": path.name, "q4_k_m_quantize_validate_s": round(q4, 1), "sensitivity_s": sensitivity["seconds"],
+           "ratio": round(sensitivity["seconds"] / q4, 2), "method": sensitivity["result"]["method"],
+           "passes": sensitivity["result"]["passes"], "tensors": sensitivity["result"]["tensors"],
+           "auto_quantize_s": steps["quantize:gguf_auto"]["seconds"]}
+    (HERE / "out" / f"mixed_precision-cost-{path.name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out))
+    return out
+
+
 def main(names: list[str]) -> list[dict]:
+    if names[:1] == ["cost"]:
+        return [cost(Path(names[1]).resolve())]
     results = []
     for name in names or ["bundled"]:
         if name == "bundled":

@@ -18,8 +18,7 @@ from typing import Any, Mapping
 
 from quantmill import constants as C
 from quantmill.backends import QUANTIZERS
-from quantmill.backends.base import QuantizerDefaults
-from quantmill.backends.gguf_quantizer import one_gguf
+from quantmill.backends.gguf_quantizer import GgufQuantizer, one_gguf
 from quantmill.errors import PreflightError
 from quantmill.toolchain.gguf_info import bits_per_weight
 from quantmill.toolchain.llamacpp import locate
@@ -111,14 +110,10 @@ def predicted_kld(sensitivity: Mapping[str, Any], mix: Mapping[str, str]) -> flo
     return sum(sensitivity["tensors"][n]["kld"][t] for n, t in mix.items())
 
 
-class GgufAutoQuantizer(QuantizerDefaults):
+class GgufAutoQuantizer(GgufQuantizer):
     """F16 GGUF -> a GGUF whose tensors each have the type the sensitivity search chose for ``budget_bpw``."""
 
     key = "gguf_auto"
-    capability = C.LLAMACPP
-    formats = ("gguf",)
-    reads = "intermediate"
-    calibration_input = "imatrix"
     uses_sensitivity = True
 
     def check(self, name: str, recipe: Any) -> None:
@@ -142,9 +137,6 @@ class GgufAutoQuantizer(QuantizerDefaults):
 
     def estimate_bytes(self, recipe: Any, f16_bytes: int) -> int:
         return int(f16_bytes * float(recipe.params["budget_bpw"]) / 16)
-
-    def tools(self) -> dict[str, str]:
-        return {"llama.cpp": locate().version}
 
     def quantize(self, model_dir: Path, out_dir: Path, config: Mapping[str, Any], *, imatrix: Path | None,
                  threads: int, label: str, sensitivity: Path | None = None, **_: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -142,17 +142,21 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str]) -> int:
-    request = json.loads(Path(argv[0]).read_text())
-    result = run(request)
-    Path(request["result_path"]).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    return 0
+def serve(handler: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """The body of an evaluation process: read the request file named on the command line, write ``handler``'s
+    result where the request says, exit 0.
 
-
-if __name__ == "__main__":
-    # Ctrl-C reaches this process with its parent's: die by the signal, as a tool does, so the parent sees a run
-    # that was stopped (a negative exit code), not an artifact that failed to load.
+    Ctrl-C reaches this process with its parent's: it dies by the signal, as a tool does, so the parent sees a run
+    that was stopped (a negative exit code), not an artifact that failed to load.
+    """
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    sys.exit(main(sys.argv[1:]))
+    request = json.loads(Path(sys.argv[1]).read_text())
+    result = handler(request)
+    Path(request["result_path"]).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    serve(run)

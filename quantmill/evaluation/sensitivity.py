@@ -19,10 +19,8 @@ check that, and with ``measured`` the rank correlation of the estimate against t
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -212,16 +210,7 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str]) -> int:
-    request = json.loads(Path(argv[0]).read_text())
-    result = measure(request)
-    Path(request["result_path"]).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    return 0
-
-
 if __name__ == "__main__":
-    # Ctrl-C reaches this process with its parent's: die by the signal, so the parent sees a stopped run.
-    import signal
+    from quantmill.evaluation.evaluate import serve
 
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    sys.exit(main(sys.argv[1:]))
+    serve(measure)
