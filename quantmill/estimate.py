@@ -57,6 +57,8 @@ def weights_bytes(shape: Shape, method: str, fmt: str, quant_type: str, params: 
         return int(shape.params * float(params.get("budget_bpw") or GGUF_BPW.get(q, 16)) / 8)
     if fmt == "safetensors" and method == "passthrough":
         return shape.params * (4 if q == "F32" else 2)
+    if fmt == "mlx" and params.get("budget_bpw"):  # a per-layer mix: its budget, scales and biases included
+        return int(shape.params * float(params["budget_bpw"]) / 8)
     if fmt == "mlx":
         bits = int(q[1:]) if q[1:].isdigit() else int(q.split("_")[2])  # Q4 -> 4; MIXED_3_6 -> 6 (upper bound)
         return int(shape.params * (bits + 32 / params.get("group_size", 64)) / 8)

@@ -23,6 +23,7 @@ from quantmill.backends import (  # noqa: E402,F401
     llmcompressor_quantizer,
     local_publisher,
     local_source,
+    mlx_auto_quantizer,
     mlx_converter,
     mlx_quantizer,
     mlx_runtime,

@@ -25,6 +25,8 @@ from quantmill.toolchain.llamacpp import locate
 from quantmill.toolchain.tools import run_tool
 
 RULES_FILE = "tensor-types.txt"
+# The ways to say how large the file may be; preflight turns the last two into the first.
+BUDGETS = ("budget_bpw", "budget_gib", "budget_target")
 _TENSOR = re.compile(r"\[\s*(?P<done>\d+)/\s*(?P<total>\d+)\]")
 # The llama.cpp file type written in the header: the preset nearest the mix (every tensor is named by a rule).
 _FTYPE_OF = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K", "Q8_0": "Q8_0",
@@ -49,9 +51,8 @@ def check_types(types: list[str]) -> None:
                              f"quantized ggml type; use e.g. Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, IQ4_XS")
 
 
-def feasible_bpw(config: Mapping[str, Any], types: list[str]) -> float:
-    """The smallest whole-file bits per weight a mix of ``types`` can reach for a model of this config: every
-    weight matrix at the smallest type, the norms in F32 (an estimate from the config; the step checks exactly)."""
+def elements(config: Mapping[str, Any]) -> tuple[int, int]:
+    """(weight-matrix elements, norm elements) of a Llama-style model of this config: the GGUF holds the same."""
     h, n = config["hidden_size"], config["num_hidden_layers"]
     v = config["vocab_size"]
     heads = config["num_attention_heads"]
@@ -59,9 +60,20 @@ def feasible_bpw(config: Mapping[str, Any], types: list[str]) -> float:
     head_dim = config.get("head_dim") or h // heads
     matrices = n * (2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * config["intermediate_size"])
     matrices += v * h * (1 if config.get("tie_word_embeddings") else 2)
-    norms = (2 * n + 1) * h
+    return matrices, (2 * n + 1) * h
+
+
+def feasible_bpw(config: Mapping[str, Any], types: list[str]) -> float:
+    """The smallest whole-file bits per weight a mix of ``types`` can reach for a model of this config: every
+    weight matrix at the smallest type, the norms in F32 (an estimate from the config; the step checks exactly)."""
+    matrices, norms = elements(config)
     smallest = min(type_bits(t) for t in types)
     return (matrices * smallest + norms * 32) / (matrices + norms)
+
+
+def bpw_of_bytes(config: Mapping[str, Any], size_bytes: float) -> float:
+    """The whole-file bits per weight of a file of ``size_bytes`` for a model of this config."""
+    return 8 * size_bytes / sum(elements(config))
 
 
 def choose_mix(sensitivity: Mapping[str, Any], budget_bytes: float) -> dict[str, str]:
@@ -106,6 +118,27 @@ def choose_mix(sensitivity: Mapping[str, Any], budget_bytes: float) -> dict[str,
         mix[best[1]] = best[2]
 
 
+def check_budget(name: str, params: Mapping[str, Any], method: str, extra: tuple[str, ...] = ()) -> None:
+    """One budget among ``BUDGETS``, of the right kind, and no params but those and ``extra``."""
+    given = [k for k in BUDGETS if k in params]
+    if len(given) != 1:
+        raise PreflightError(f"recipe {name!r}: method {method!r} needs one budget: params.budget_bpw (bits per "
+                             f"weight, e.g. 4.9), params.budget_gib (the file's size) or params.budget_target (a "
+                             f"conf/target profile); got {', '.join(given) or 'none'}")
+    budget = params[given[0]]
+    number = not isinstance(budget, bool) and isinstance(budget, (int, float))
+    if given[0] == "budget_bpw" and not (number and 1 <= budget <= 16):
+        raise PreflightError(f"recipe {name!r}: params.budget_bpw {budget!r} should be bits per weight between 1 "
+                             f"and 16 (a number, or a list of numbers for a ladder), e.g. 4.9")
+    if given[0] == "budget_gib" and not (number and budget > 0):
+        raise PreflightError(f"recipe {name!r}: params.budget_gib {budget!r} should be the file's size in GiB, "
+                             f"e.g. 4.5")
+    unknown = sorted(set(params) - {*BUDGETS, "budget_from", *extra})
+    if unknown:
+        raise PreflightError(f"recipe {name!r}: method {method!r} takes params "
+                             f"{', '.join((*BUDGETS, *extra))} only (got {', '.join(unknown)})")
+
+
 def predicted_kld(sensitivity: Mapping[str, Any], mix: Mapping[str, str]) -> float:
     return sum(sensitivity["tensors"][n]["kld"][t] for n, t in mix.items())
 
@@ -120,14 +153,7 @@ class GgufAutoQuantizer(GgufQuantizer):
         if (recipe.quant_type or "AUTO").upper() != "AUTO":
             raise PreflightError(f"recipe {name!r}: method 'gguf_auto' chooses the type of each tensor; quant_type "
                                  f"{recipe.quant_type!r} should be AUTO (or use method gguf for one type)")
-        budget = recipe.params.get("budget_bpw")
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 1 <= budget <= 16:
-            raise PreflightError(f"recipe {name!r}: params.budget_bpw {budget!r} should be bits per weight between 1 "
-                                 f"and 16 (a number, or a list of numbers for a ladder), e.g. 4.9")
-        unknown = sorted(set(recipe.params) - {"budget_bpw"})
-        if unknown:
-            raise PreflightError(f"recipe {name!r}: method 'gguf_auto' takes params budget_bpw only (got "
-                                 f"{', '.join(unknown)})")
+        check_budget(name, recipe.params, "gguf_auto")
         if not recipe.imatrix:
             raise PreflightError(f"recipe {name!r}: gguf_auto measures and quantizes with an importance matrix; set "
                                  f"recipe.{name}.imatrix=true")

@@ -19,6 +19,7 @@ check that, and with ``measured`` the rank correlation of the estimate against t
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -96,7 +97,7 @@ class Session:
         # The base type only has to be a quantized one: llama.cpp applies --tensor-type overrides only then, and
         # every weight tensor is named by a rule.
         cmd = [str(self.quantize_tool), "--imatrix", str(self.imatrix), "--tensor-type-file", str(rules_file),
-               str(self.model), str(out), "Q8_0", str(self.threads or 1)]
+               str(self.model), str(out), "Q8_0", str(self.threads or os.cpu_count() or 1)]
         if SETPRIV:  # a measurement killed with -9 leaves no llama-quantize behind
             cmd = [SETPRIV, "--pdeathsig", "KILL", "--", *cmd]
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -146,6 +147,7 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
     session = Session(request)
     reader = GGUFReader(session.model)
     total_elements = sum(int(t.n_elements) for t in reader.tensors)
+    counts = {t.name: int(t.n_elements) for t in reader.tensors}
     sizes: dict[str, dict[str, int]] = {}
     stored: dict[str, dict[str, str]] = {}
     estimates: dict[str, dict[str, float]] = {}
@@ -202,8 +204,8 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
     return {
         "method": method, "types": types, "windows": int(len(session.windows)), "n_ctx": session.n_ctx,
         "total_elements": total_elements, "fixed_bytes": fixed,
-        "tensors": {n: {"bytes": sizes[n], "stored": stored[n], "kld": costs[n], "estimate": estimates[n]}
-                    for n in tensors},
+        "tensors": {n: {"bytes": sizes[n], "stored": stored[n], "kld": costs[n], "estimate": estimates[n],
+                        "elements": counts[n]} for n in tensors},
         "uniform": uniform, "kind_calibration": calibration or None,
         "estimate_rank_correlation": rank_correlation(*zip(*pairs)) if method == "measured" else None,
         "passes": session.passes, "seconds": round(time.perf_counter() - start, 1),

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from quantmill import constants as C
-from quantmill.backends import SOURCES
+from quantmill.backends import CONVERTERS, QUANTIZERS, SOURCES
 from quantmill.backends.base import SourceInfo
 from quantmill.config import QuantmillConfig
 from quantmill.errors import PreflightError
@@ -111,6 +111,30 @@ def build(checked: Checked, store: Store) -> Plan:
             tools=package_versions("tokenizers", "safetensors", "numpy")))
 
     f16_estimate = info.weights_bytes * 2 // max(1, _bytes_per_param(info.config))
+
+    def imatrix_of(f16: StepSpec) -> StepSpec:
+        """llama.cpp's importance matrix of the F16 GGUF over the calibration set."""
+        gguf = QUANTIZERS.get("gguf")
+        return add(StepSpec(
+            id=f"{C.CALIBRATE}:imatrix-gguf", step=C.CALIBRATE, backend="imatrix", capability=gguf.capability,
+            inputs={"model": f16.id, "calibration": dataset.id},
+            config=ImatrixRecord(ctx=cfg.calibration.seq_len, chunks=cfg.calibration.num_samples).to_config(),
+            context={"threads": threads}, tools=gguf.tools()))
+
+    def gguf_sensitivity() -> tuple[str, str]:
+        """The per-tensor sensitivity (measured on the F16 GGUF in llama.cpp) and the imatrix it used: the ids."""
+        converter, convert_config = CONVERTERS.get("gguf"), _convert_config("gguf", cfg)
+        f16 = add(StepSpec(
+            id=f"{C.CONVERT}:gguf-{next(iter(convert_config.values()))}", step=C.CONVERT, backend=converter.key,
+            capability=converter.capability, inputs={"model": model_spec.id}, config=convert_config,
+            context={"estimate_bytes": f16_estimate}, tools=converter.tools()))
+        imatrix = imatrix_of(f16)
+        gguf = QUANTIZERS.get("gguf")
+        return add(StepSpec(
+            id=f"{C.CALIBRATE}:sensitivity-gguf", step=C.CALIBRATE, backend="sensitivity", capability=gguf.capability,
+            inputs={"model": f16.id, "imatrix": imatrix.id, "calibration": dataset.id},
+            config=SensitivityRecord.from_config(cfg.calibration.sensitivity).to_config(),
+            context={"threads": threads}, tools=gguf.tools())).id, imatrix.id
     domain_validations: dict[str, dict[str, Any]] = {name: {} for name in recipes}
     for name, (recipe, quantizer, converter) in recipes.items():
         # The format's unquantized intermediate: what its recipes start from and are measured against.
@@ -129,22 +153,14 @@ def build(checked: Checked, store: Store) -> Plan:
         if not quantizer.is_intermediate(recipe):
             source = intermediate if quantizer.reads == "intermediate" else model_spec
             inputs = {"model": source.id}
-            if quantizer.needs_calibration(recipe) and quantizer.calibration_input == "dataset":
+            if getattr(quantizer, "uses_sensitivity", False):  # one measurement, shared by every budget and format
+                inputs["sensitivity"], imatrix = gguf_sensitivity()
+                if quantizer.calibration_input == "imatrix":
+                    inputs["imatrix"] = imatrix
+            elif quantizer.needs_calibration(recipe) and quantizer.calibration_input == "dataset":
                 inputs["calibration"] = dataset.id
             elif quantizer.needs_calibration(recipe):
-                imatrix = add(StepSpec(
-                    id=f"{C.CALIBRATE}:imatrix-{recipe.format}", step=C.CALIBRATE, backend="imatrix",
-                    capability=quantizer.capability, inputs={"model": intermediate.id, "calibration": dataset.id},
-                    config=ImatrixRecord(ctx=cfg.calibration.seq_len, chunks=cfg.calibration.num_samples).to_config(),
-                    context={"threads": threads}, tools=quantizer.tools()))
-                inputs["imatrix"] = imatrix.id
-                if getattr(quantizer, "uses_sensitivity", False):  # one measurement, shared by every budget
-                    inputs["sensitivity"] = add(StepSpec(
-                        id=f"{C.CALIBRATE}:sensitivity-{recipe.format}", step=C.CALIBRATE, backend="sensitivity",
-                        capability=quantizer.capability,
-                        inputs={"model": intermediate.id, "imatrix": imatrix.id, "calibration": dataset.id},
-                        config=SensitivityRecord.from_config(cfg.calibration.sensitivity).to_config(),
-                        context={"threads": threads}, tools=quantizer.tools())).id
+                inputs["imatrix"] = imatrix_of(intermediate).id
             artifact = add(StepSpec(
                 id=f"{C.QUANTIZE}:{name}", step=C.QUANTIZE, backend=quantizer.key,
                 capability=C.CUDA if recipe.requires.device == C.CUDA else quantizer.capability,

@@ -116,7 +116,8 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
         converter.check(info, model.name)
         quantizer.check_model(name, recipe, info)
         if getattr(quantizer, "uses_sensitivity", False):
-            _check_budget(cfg, name, recipe, info)
+            recipe = _resolve_budget(cfg, name, recipe, info)
+            recipes[name] = (recipe, quantizer, converter)
     if cfg.validate.enabled:
         _check_context(cfg, info, eval_files)
         for domain, files in domain_files.items():
@@ -216,45 +217,75 @@ def _apply_target(cfg: QuantmillConfig) -> tuple[QuantmillConfig, list[str]]:
 
 
 def expand_ladders(cfg: QuantmillConfig) -> QuantmillConfig:
-    """A recipe whose ``params.budget_bpw`` is a list becomes one recipe per budget, ``<name>-<bpw>``: a ladder
-    made in one run from one sensitivity measurement."""
+    """A recipe whose budget (``params.budget_bpw``, ``budget_gib`` or ``budget_target``) is a list becomes one
+    recipe per budget, ``<name>-<budget>``: a ladder made in one run from one sensitivity measurement."""
     recipes: dict[str, Any] = {}
     for name, recipe in cfg.recipe.items():
-        budgets = recipe.params.get("budget_bpw")
-        if not isinstance(budgets, (list, tuple)):
+        key = next((k for k in ("budget_bpw", "budget_gib", "budget_target")
+                    if isinstance(recipe.params.get(k), (list, tuple))), None)
+        if key is None:
             recipes[name] = recipe
             continue
+        budgets = recipe.params[key]
         if not budgets:
-            raise ConfigError(f"recipe {name!r}: params.budget_bpw is an empty list; give one or more bits per "
-                              f"weight, e.g. [3.9, 4.9]")
+            raise ConfigError(f"recipe {name!r}: params.{key} is an empty list; give one or more budgets, e.g. "
+                              f"[3.9, 4.9]")
         for budget in budgets:
-            if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-                raise ConfigError(f"recipe {name!r}: params.budget_bpw has {budget!r}, not a number; give bits per "
-                                  f"weight, e.g. [3.9, 4.9]")
-            recipes[f"{name}-{budget:g}"] = dataclasses.replace(recipe, params={**recipe.params, "budget_bpw": budget})
+            number = isinstance(budget, (int, float)) and not isinstance(budget, bool)
+            if key != "budget_target" and not number:
+                raise ConfigError(f"recipe {name!r}: params.{key} has {budget!r}, not a number; e.g. [3.9, 4.9]")
+            suffix = {"budget_bpw": "", "budget_gib": "gib"}.get(key, "")
+            label = f"{budget:g}{suffix}" if number else str(budget)
+            recipes[f"{name}-{label}"] = dataclasses.replace(recipe, params={**recipe.params, key: budget})
     return cfg if recipes.keys() == cfg.recipe.keys() else dataclasses.replace(cfg, recipe=recipes)
 
 
-def _check_budget(cfg: QuantmillConfig, name: str, recipe: Any, info: SourceInfo) -> None:
-    """A budget below every tensor at the smallest candidate type is refused before anything is measured."""
-    from quantmill.backends.gguf_auto_quantizer import feasible_bpw
+def _resolve_budget(cfg: QuantmillConfig, name: str, recipe: Any, info: SourceInfo) -> Any:
+    """The recipe with its budget as bits per weight (a file size or a target's memory converted with the model's
+    shape), refused when below every tensor at the smallest candidate type."""
+    import math
 
-    types = list(cfg.calibration.sensitivity.types)
+    from quantmill.backends.gguf_auto_quantizer import bpw_of_bytes, elements, feasible_bpw, type_bits
+
+    params = dict(recipe.params)
     try:
-        least = feasible_bpw(info.config, types)
+        if "budget_gib" in params:
+            gib = params.pop("budget_gib")
+            params.update(budget_bpw=round(bpw_of_bytes(info.config, gib * 2**30), 4), budget_from=f"{gib:g} GiB file")
+        elif "budget_target" in params:
+            params.update(_target_budget(name, params.pop("budget_target"), info))
+        least = feasible_bpw(info.config, list(cfg.calibration.sensitivity.types))
     except KeyError:  # not a shape this estimate reads: the quantize step checks exactly
-        return
-    budget = float(recipe.params["budget_bpw"])
+        return recipe
+    types = list(cfg.calibration.sensitivity.types)
+    budget = float(params["budget_bpw"])
     if budget < least:
-        import math
-
-        from quantmill.backends.gguf_auto_quantizer import type_bits
-
         floor = math.ceil(least * 100) / 100
-        raise PreflightError(f"recipe {name!r}: budget_bpw {budget:g} is below the smallest mix of the candidate "
-                             f"types for model {cfg.model.name!r} (about {floor:.2f}, every tensor at "
-                             f"{min(types, key=type_bits).upper()}); raise budget_bpw to at least {floor:.2f} or add "
-                             f"a smaller type to calibration.sensitivity.types")
+        asked = (f"budget {params['budget_from']} ({budget:.3g} bits per weight)" if "budget_from" in params
+                 else f"budget_bpw {budget:g}")
+        least_gib = floor * sum(elements(info.config)) / 8 / 2**30
+        raise PreflightError(f"recipe {name!r}: {asked} is below the smallest mix of the candidate types for model "
+                             f"{cfg.model.name!r} (about {floor:.2f} bits per weight, every tensor at "
+                             f"{min(types, key=type_bits).upper()}); raise budget_bpw to at least {floor:.2f} "
+                             f"(a {least_gib:.3g} GiB file) or add a smaller type to calibration.sensitivity.types")
+    return dataclasses.replace(recipe, params=params)
+
+
+def _target_budget(name: str, target_name: Any, info: SourceInfo) -> dict[str, Any]:
+    """The largest file a conf/target profile holds beside its KV cache and runtime overhead, as bits per weight."""
+    from quantmill.backends.gguf_auto_quantizer import bpw_of_bytes
+    from quantmill.config import compose
+    from quantmill.estimate import Shape
+
+    target = compose([f"target={target_name}", "recipe=[gguf_q8_0]"]).target
+    room = (target.memory_gb - target.overhead_gb) * 2**30 - Shape.from_config(info.config).kv_cache_bytes(
+        target.context)
+    if room <= 0:
+        raise PreflightError(f"recipe {name!r}: target {target_name} ({target.memory_gb:g} GiB) has no room for "
+                             f"weights beside {target.context} tokens of KV cache; lower target.context or choose "
+                             f"another target")
+    return {"budget_bpw": round(min(16.0, bpw_of_bytes(info.config, room)), 4),
+            "budget_from": f"target {target_name}, {target.context} tokens of context"}
 
 
 def resolve_recipe(name: str, recipe):

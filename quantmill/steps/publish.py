@@ -139,8 +139,9 @@ def model_card(*, name: str, model: str, base_model: str, recipe: str, fmt: str,
     if quant.get("mix"):
         shares = ", ".join(f"{kind} {share:.0%}" for kind, share in quant["tensor_types"].items())
         rows += [("Mixed precision", f"a type per tensor for a budget of {quant['budget_bpw']:g} bits per weight, "
-                                     f"chosen by {quant['sensitivity_method']} sensitivity; weights stored as {shares}; "
-                                     f"`{quant['rules_file']}` holds the rules for `llama-quantize --tensor-type-file`"),
+                                     f"chosen by {quant['sensitivity_method']} sensitivity; weights stored as {shares}"
+                                     + (f"; `{quant['rules_file']}` holds the rules for `llama-quantize "
+                                        f"--tensor-type-file`" if quant.get("rules_file") else "")),
                  ("Predicted mean KLD", f"{quant['predicted_kld']:.5f} (sum of each tensor's measured cost)")]
     rows += [("Bits per weight", f"{bpw:.2f}" if bpw else "n/a"),
             ("Importance matrix", "yes" if quant.get("imatrix") else "no")]

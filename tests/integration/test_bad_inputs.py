@@ -111,6 +111,11 @@ CASES = [
     ("unknown-target", lambda d, m: ["target=toaster"], None, "unknown target 'toaster'"),
     ("auto-budget-below-smallest-type", lambda d, m: ["recipe=[gguf_auto]", "recipe.gguf_auto.params.budget_bpw=2"],
      None, "raise budget_bpw to at least 2.65"),
+    ("auto-file-budget-below-smallest-type", lambda d, m: [
+        "recipe=[gguf_auto]", "~recipe.gguf_auto.params.budget_bpw", "+recipe.gguf_auto.params.budget_gib=0.0001"],
+     None, "budget 0.0001 GiB file (0.504 bits per weight) is below the smallest mix"),
+    ("auto-two-budgets", lambda d, m: ["recipe=[gguf_auto]", "+recipe.gguf_auto.params.budget_gib=1"], None,
+     "needs one budget"),
     ("auto-budget-not-a-number", lambda d, m: ["recipe=[gguf_auto]", "recipe.gguf_auto.params.budget_bpw=small"],
      None, "params.budget_bpw 'small' should be bits per weight"),
     ("auto-ladder-empty", lambda d, m: ["recipe=[gguf_auto]", "recipe.gguf_auto.params.budget_bpw=[]"], None,

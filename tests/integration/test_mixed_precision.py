@@ -86,6 +86,23 @@ def test_the_file_holds_the_chosen_mix_and_the_record_says_what_was_predicted(la
     assert 'data-family="gguf auto"' in html and "Per-tensor mixes" in html
 
 
+def test_a_file_size_or_a_target_becomes_bits_per_weight_before_anything_runs(ladder):
+    """``budget_gib`` and ``budget_target`` are turned into the bits per weight that key the artifact, with the
+    model's shape; the same size asked either way is the same artifact."""
+    root, bpw, uniform, _ = ladder
+    store = open_store(compose_in(root).store)
+    size = uniform["validate:gguf_q4_k_m"].result["size_bytes"]
+    by_size = plan(compose_in(root, "recipe=[gguf_auto]", "~recipe.gguf_auto.params.budget_bpw",
+                              f"+recipe.gguf_auto.params.budget_gib={size / 2**30}", FAST), store)
+    params = by_size.specs["quantize:gguf_auto"].config["params"]
+    assert params["budget_bpw"] == pytest.approx(bpw["gguf_q4_k_m"], abs=0.01), params
+    assert params["budget_from"].endswith("GiB file")
+    by_target = plan(compose_in(root, "recipe=[gguf_auto]", "~recipe.gguf_auto.params.budget_bpw",
+                                "+recipe.gguf_auto.params.budget_target=phone_8gb", FAST), store)
+    params = by_target.specs["quantize:gguf_auto"].config["params"]
+    assert params["budget_bpw"] == 16.0 and params["budget_from"].startswith("target phone_8gb")  # a tiny model
+
+
 def test_another_budget_reuses_the_sensitivity_and_a_mix_past_its_gate_is_not_published(ladder):
     root = ladder[0]
     overrides = ["recipe=[gguf_auto]", "recipe.gguf_auto.params.budget_bpw=3.5", FAST,
@@ -99,3 +116,23 @@ def test_another_budget_reuses_the_sensitivity_and_a_mix_past_its_gate_is_not_pu
     verdict = outcomes["validate:gguf_auto"].result
     assert verdict["status"] == C.FAILED and "max_mean_kld" in " ".join(verdict["failed"]), verdict
     assert "tiny-llama-gguf_auto" not in LocalRegistry(root / "store" / C.REGISTRY_DIR).names()
+
+
+def test_mlx_auto_uses_the_same_measurement_and_beats_uniform_4_bit_at_its_size(ladder):
+    """The GGUF sensitivity drives mlx-lm's per-layer predicate: the layers get the widths the search chose, and at
+    MLX 4-bit's size the mix measures closer to the original in MLX itself."""
+    root = ladder[0]
+    outcomes = {o.spec_id: o for o in run_config(compose_in(
+        root, "recipe=[mlx_4bit,mlx_auto]", "recipe.mlx_auto.params.budget_bpw=4.5", FAST))}
+    assert all(o.ok for o in outcomes.values()), [(o.spec_id, o.error) for o in outcomes.values() if not o.ok]
+    assert outcomes["calibrate:sensitivity-gguf"].status == CACHED
+    uniform, auto = outcomes["validate:mlx_4bit"].result, outcomes["validate:mlx_auto"].result
+    assert auto["size_bytes"] <= uniform["size_bytes"] * 1.01, (auto["size_bytes"], uniform["size_bytes"])
+    assert auto["mean_kld"] <= 0.85 * uniform["mean_kld"], (auto["mean_kld"], uniform["mean_kld"])
+    store = open_store(compose_in(root).store)
+    files = store.files(store.lookup(outcomes["quantize:mlx_auto"].key))
+    made = json.loads((files / C.RESULT_FILE).read_text())
+    layers = json.loads((files / "config.json").read_text())["quantization"]
+    assert made["unmapped_layers"] == [] and len(set(made["mix"].values())) >= 2, made["mix"]
+    assert layers["model.layers.0.self_attn.q_proj"]["bits"] == made["mix"]["blk.0.attn_q.weight"]
+    assert layers["lm_head"]["bits"] == made["mix"]["output.weight"]
