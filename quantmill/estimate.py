@@ -53,6 +53,8 @@ class Shape:
 
 def weights_bytes(shape: Shape, method: str, fmt: str, quant_type: str, params: Mapping[str, Any]) -> int:
     q = quant_type.upper()
+    if params.get("budget_gib"):  # a per-tensor mix for a file size (gguf_auto, mlx_auto)
+        return int(float(params["budget_gib"]) * 2**30)
     if fmt == "gguf":
         return int(shape.params * float(params.get("budget_bpw") or GGUF_BPW.get(q, 16)) / 8)
     if fmt == "safetensors" and method == "passthrough":

@@ -139,6 +139,18 @@ def check_budget(name: str, params: Mapping[str, Any], method: str, extra: tuple
                              f"{', '.join((*BUDGETS, *extra))} only (got {', '.join(unknown)})")
 
 
+def budget_bytes(params: Mapping[str, Any], sensitivity: Mapping[str, Any]) -> float:
+    """The tensors' bytes a budget allows: bits per weight over every element, or the file's size less the
+    file's own header and metadata (measured on the uniform files)."""
+    if "budget_gib" in params:
+        return float(params["budget_gib"]) * 2**30 - sensitivity.get("header_bytes", 0)
+    return float(params["budget_bpw"]) * sensitivity["total_elements"] / 8
+
+
+def budget_label(params: Mapping[str, Any]) -> str:
+    return f"{params['budget_gib']:.4g} GiB" if "budget_gib" in params else f"{params['budget_bpw']:.2f} bpw"
+
+
 def predicted_kld(sensitivity: Mapping[str, Any], mix: Mapping[str, str]) -> float:
     return sum(sensitivity["tensors"][n]["kld"][t] for n, t in mix.items())
 
@@ -162,6 +174,8 @@ class GgufAutoQuantizer(GgufQuantizer):
         return True
 
     def estimate_bytes(self, recipe: Any, f16_bytes: int) -> int:
+        if "budget_gib" in recipe.params:
+            return int(recipe.params["budget_gib"] * 2**30)
         return int(f16_bytes * float(recipe.params["budget_bpw"]) / 16)
 
     def quantize(self, model_dir: Path, out_dir: Path, config: Mapping[str, Any], *, imatrix: Path | None,
@@ -169,8 +183,9 @@ class GgufAutoQuantizer(GgufQuantizer):
         if sensitivity is None or imatrix is None:
             raise PreflightError(f"{label}: gguf_auto needs the sensitivity artifact and the imatrix as inputs")
         data = json.loads((sensitivity / C.SENSITIVITY_FILE).read_text())
-        budget = float(config["params"]["budget_bpw"])
-        mix = choose_mix(data, budget * data["total_elements"] / 8)
+        allowed = budget_bytes(config["params"], data)
+        budget = 8 * allowed / data["total_elements"]
+        mix = choose_mix(data, allowed)
         rules = out_dir / RULES_FILE
         rules.write_text("".join(f"{exact_pattern(n)}={t.lower()}\n" for n, t in sorted(mix.items())))
         counts: dict[str, int] = {}
@@ -192,7 +207,8 @@ class GgufAutoQuantizer(GgufQuantizer):
             if t.name in mix:
                 shares[t.tensor_type.name] = shares.get(t.tensor_type.name, 0) + int(t.n_elements)
         total = sum(shares.values()) or 1
-        return {"file": out.name, "quant_type": quant_type, "imatrix": True, "budget_bpw": budget,
+        return {"file": out.name, "quant_type": quant_type, "imatrix": True, "budget_bpw": round(budget, 4),
+                "budget": budget_label(config["params"]),
                 "bits_per_weight": round(bits_per_weight(out), 4), "mix": dict(sorted(mix.items())),
                 "tensor_types": {k: round(v / total, 4) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])},
                 "predicted_kld": predicted_kld(data, mix), "sensitivity_method": data["method"],

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from quantmill import constants as C
 from quantmill.backends import QUANTIZERS
-from quantmill.backends.gguf_auto_quantizer import check_budget, choose_mix, predicted_kld
+from quantmill.backends.gguf_auto_quantizer import budget_bytes, budget_label, check_budget, choose_mix, predicted_kld
 from quantmill.backends.mlx_converter import mlx_convert
 from quantmill.backends.mlx_quantizer import GROUP_SIZES, MlxQuantizer, logical_bits
 from quantmill.errors import PreflightError
@@ -74,7 +74,7 @@ class MlxAutoQuantizer(MlxQuantizer):
         return True
 
     def estimate_bytes(self, recipe: Any, f16_bytes: int) -> int:
-        return int(f16_bytes * float(recipe.params["budget_bpw"]) / 16)
+        return QUANTIZERS.get("gguf_auto").estimate_bytes(recipe, f16_bytes)
 
     def quantize(self, model: Path, out: Path, config: Mapping[str, Any], *, imatrix: Path | None, threads: int,
                  label: str, sensitivity: Path | None = None, **_: Path) -> dict[str, Any]:
@@ -83,8 +83,9 @@ class MlxAutoQuantizer(MlxQuantizer):
         group = config["params"].get("group_size", 64)
         measured = json.loads((sensitivity / C.SENSITIVITY_FILE).read_text())
         data = mlx_sensitivity(measured, group)
-        budget = float(config["params"]["budget_bpw"])
-        mix = choose_mix(data, budget * data["total_elements"] / 8)
+        allowed = budget_bytes(config["params"], {**data, "header_bytes": 0})
+        budget = 8 * allowed / data["total_elements"]
+        mix = choose_mix(data, allowed)
         elements: dict[int, int] = {}  # weights stored at each width
         for n, t in mix.items():
             elements[MLX_BITS[t]] = elements.get(MLX_BITS[t], 0) + measured["tensors"][n]["elements"]
@@ -100,7 +101,8 @@ class MlxAutoQuantizer(MlxQuantizer):
 
         mlx_convert(model, out, quantize=True, q_bits=default, q_group_size=group, quant_predicate=predicate)
         total = sum(elements.values())
-        return {"quant_type": f"AUTO-{budget:.2f}", "group_size": group, "budget_bpw": budget,
+        return {"quant_type": f"AUTO-{budget:.2f}", "group_size": group, "budget_bpw": round(budget, 4),
+                "budget": budget_label(config["params"]),
                 "bits_per_weight": round(logical_bits(out), 4),
                 "mix": {n: MLX_BITS[t] for n, t in sorted(mix.items())},
                 "tensor_types": {f"{b}-bit": round(n / total, 4) for b, n in sorted(elements.items(), key=lambda kv: -kv[1])},

@@ -162,6 +162,7 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
         if not tensors:  # the tensors llama.cpp quantizes: the rest stays as it is in every mix
             tensors = [t.name for t in file.tensors if t.tensor_type.name not in UNQUANTIZED]
             fixed = sum(int(t.n_bytes) for t in file.tensors if t.name not in set(tensors))
+            header = path.stat().st_size - sum(int(t.n_bytes) for t in file.tensors)  # metadata, tokenizer
             if method == "auto":
                 method = "measured" if len(tensors) * len(types) <= request["max_measured"] else "estimate"
         for t in file.tensors:
@@ -203,7 +204,7 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
     pairs = [(costs[n][t], estimates[n][t]) for n in tensors for t in types]
     return {
         "method": method, "types": types, "windows": int(len(session.windows)), "n_ctx": session.n_ctx,
-        "total_elements": total_elements, "fixed_bytes": fixed,
+        "total_elements": total_elements, "fixed_bytes": fixed, "header_bytes": header,
         "tensors": {n: {"bytes": sizes[n], "stored": stored[n], "kld": costs[n], "estimate": estimates[n],
                         "elements": counts[n]} for n in tensors},
         "uniform": uniform, "kind_calibration": calibration or None,

@@ -249,16 +249,16 @@ def _resolve_budget(cfg: QuantmillConfig, name: str, recipe: Any, info: SourceIn
 
     params = dict(recipe.params)
     try:
-        if "budget_gib" in params:
-            gib = params.pop("budget_gib")
-            params.update(budget_bpw=round(bpw_of_bytes(info.config, gib * 2**30), 4), budget_from=f"{gib:g} GiB file")
-        elif "budget_target" in params:
+        if "budget_target" in params:
             params.update(_target_budget(name, params.pop("budget_target"), info))
+        if "budget_gib" in params:
+            params.setdefault("budget_from", f"{params['budget_gib']:.4g} GiB file")
         least = feasible_bpw(info.config, list(cfg.calibration.sensitivity.types))
+        budget = (bpw_of_bytes(info.config, params["budget_gib"] * 2**30) if "budget_gib" in params
+                  else float(params["budget_bpw"]))
     except KeyError:  # not a shape this estimate reads: the quantize step checks exactly
         return recipe
     types = list(cfg.calibration.sensitivity.types)
-    budget = float(params["budget_bpw"])
     if budget < least:
         floor = math.ceil(least * 100) / 100
         asked = (f"budget {params['budget_from']} ({budget:.3g} bits per weight)" if "budget_from" in params
@@ -273,7 +273,6 @@ def _resolve_budget(cfg: QuantmillConfig, name: str, recipe: Any, info: SourceIn
 
 def _target_budget(name: str, target_name: Any, info: SourceInfo) -> dict[str, Any]:
     """The largest file a conf/target profile holds beside its KV cache and runtime overhead, as bits per weight."""
-    from quantmill.backends.gguf_auto_quantizer import bpw_of_bytes
     from quantmill.config import compose
     from quantmill.estimate import Shape
 
@@ -284,7 +283,7 @@ def _target_budget(name: str, target_name: Any, info: SourceInfo) -> dict[str, A
         raise PreflightError(f"recipe {name!r}: target {target_name} ({target.memory_gb:g} GiB) has no room for "
                              f"weights beside {target.context} tokens of KV cache; lower target.context or choose "
                              f"another target")
-    return {"budget_bpw": round(min(16.0, bpw_of_bytes(info.config, room)), 4),
+    return {"budget_gib": float(f"{room / 2**30:.6g}"),
             "budget_from": f"target {target_name}, {target.context} tokens of context"}
 
 

@@ -86,21 +86,23 @@ def test_the_file_holds_the_chosen_mix_and_the_record_says_what_was_predicted(la
     assert 'data-family="gguf auto"' in html and "Per-tensor mixes" in html
 
 
-def test_a_file_size_or_a_target_becomes_bits_per_weight_before_anything_runs(ladder):
-    """``budget_gib`` and ``budget_target`` are turned into the bits per weight that key the artifact, with the
-    model's shape; the same size asked either way is the same artifact."""
-    root, bpw, uniform, _ = ladder
-    store = open_store(compose_in(root).store)
+def test_a_file_size_or_a_target_is_a_budget_too(ladder):
+    """``budget_gib`` is the file's size (its metadata included); ``budget_target`` is what a profile holds beside
+    its KV cache and overhead, turned into a file size in preflight."""
+    root, _, uniform, _ = ladder
     size = uniform["validate:gguf_q4_k_m"].result["size_bytes"]
-    by_size = plan(compose_in(root, "recipe=[gguf_auto]", "~recipe.gguf_auto.params.budget_bpw",
-                              f"+recipe.gguf_auto.params.budget_gib={size / 2**30}", FAST), store)
-    params = by_size.specs["quantize:gguf_auto"].config["params"]
-    assert params["budget_bpw"] == pytest.approx(bpw["gguf_q4_k_m"], abs=0.01), params
-    assert params["budget_from"].endswith("GiB file")
+    by_size = {o.spec_id: o for o in run_config(compose_in(
+        root, "recipe=[gguf_auto]", "~recipe.gguf_auto.params.budget_bpw",
+        f"+recipe.gguf_auto.params.budget_gib={size / 2**30}", FAST, "publish.enabled=false"))}
+    assert by_size["calibrate:sensitivity-gguf"].status == CACHED
+    made = by_size["validate:gguf_auto"].result["size_bytes"]
+    assert 0.97 * size <= made <= size, (made, size)
+    store = open_store(compose_in(root).store)
     by_target = plan(compose_in(root, "recipe=[gguf_auto]", "~recipe.gguf_auto.params.budget_bpw",
                                 "+recipe.gguf_auto.params.budget_target=phone_8gb", FAST), store)
     params = by_target.specs["quantize:gguf_auto"].config["params"]
-    assert params["budget_bpw"] == 16.0 and params["budget_from"].startswith("target phone_8gb")  # a tiny model
+    assert params["budget_from"] == "target phone_8gb, 2048 tokens of context", params
+    assert 2.0 < params["budget_gib"] < 3.0, params  # 3 GB less the tiny model's KV cache
 
 
 def test_another_budget_reuses_the_sensitivity_and_a_mix_past_its_gate_is_not_published(ladder):
