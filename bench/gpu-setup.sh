@@ -24,6 +24,15 @@ fi
 mkdir -p /tmp/llama/src/vendor
 tar xf "$tree" -C /tmp/llama/src/vendor
 cp "$carry/BUILD_INFO.json" /tmp/llama/
+if [ -n "${LLAMA_CPP_CUDA_ARCHS:-}" ]; then  # the CUDA build says so in its pin, as scripts/build-llama-cpp.sh does
+  python3 - "$LLAMA_CPP_CUDA_ARCHS" "$(nvcc --version | tail -1)" <<'PY'
+import json, sys
+p = "/tmp/llama/BUILD_INFO.json"
+info = json.load(open(p))
+info["cmake_flags"] += f" GGML_CUDA=ON CUDA_ARCHITECTURES={sys.argv[1]} {sys.argv[2]}"
+json.dump(info, open(p, "w"))
+PY
+fi
 # The distribution's compiler: a toolchain that links libstdc++ statically into each library (the GPU image's
 # /opt/gcc, its $CXX) makes libllama crash inside the Python bindings (std::stringstream in print_info).
 . scripts/llama-cpp-flags.sh

@@ -1,4 +1,4 @@
-"""Evaluate one artifact in its runtime, in a process of its own: ``python -m quantmill.evaluation.evaluate REQUEST.json``.
+"""Evaluate one artifact in its runtime, in a process of its own (``quantmill.evaluation.process``).
 
 A separate process gives each artifact its own peak-memory figure (the parent reads it with ``os.wait4``) and
 keeps a runtime crash on a malformed artifact from taking the pipeline down with it.
@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +61,12 @@ def tokenizer_fidelity(runtime: Any, model: Any, meta: dict[str, Any]) -> dict[s
     return {"exact": not mismatches, "probes": n, "mismatches": mismatches, "detail": detail}
 
 
+def _add(span: list, reading: dict[str, Any], tokens: int) -> None:
+    span[0] += reading["joules"]
+    span[1] += tokens
+    span[2] += reading["seconds"]
+
+
 def run(request: dict[str, Any]) -> dict[str, Any]:
     from safetensors.numpy import load_file, save_file
 
@@ -81,7 +86,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         result["execution"] = getattr(model, "execution", "native")
         bos = runtime.special_ids(model)["bos"]
         meter = EnergyMeter(("gpu", "cpu") if "cuda" in str(getattr(model, "device", "")) else ("cpu",))
-        spent = {"prompt": [0.0, 0], "generated": [0.0, 0]}
+        spent = {"prompt": [0.0, 0, 0.0], "generated": [0.0, 0, 0.0]}  # joules, tokens, seconds
         prompt_speeds = []
         for i, window in enumerate(tokens):
             first = metrics.first_scored(n_ctx)
@@ -91,8 +96,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
             logits = runtime.logits(model, metrics.window_input(window, bos), first=first)
             prompt_speeds.append(window.size / (time.perf_counter() - start))
             if meter.available and i > 0:  # the first window warms the runtime up, as for speed
-                spent["prompt"][0] += meter.joules()["joules"]
-                spent["prompt"][1] += int(window.size)
+                _add(spent["prompt"], meter.joules(), int(window.size))
             logp = metrics.scored_logprobs(logits, n_ctx, offset=first)
             if not np.isfinite(logp).all():
                 raise FloatingPointError(f"window {i}: non-finite logits")
@@ -109,9 +113,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
             if generated:
                 generation_speeds.append(len(generated) / (time.perf_counter() - start))
             if meter.available:
-                spent["generated"][0] += meter.joules()["joules"]
-                spent["generated"][1] += len(generated)
-        result["energy"] = per_token(meter, {k: (v[0], v[1]) for k, v in spent.items()})
+                _add(spent["generated"], meter.joules(), len(generated))
+        result["energy"] = per_token(meter, {k: (v[0], v[1], v[2]) for k, v in spent.items()})
         # The first window warms the runtime up; the median of the rest is the speed, their range its spread.
         timed = prompt_speeds[1:] or prompt_speeds
         result["prompt_tokens_per_second"] = _sig(float(np.median(timed)))
@@ -140,23 +143,3 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     if reference is None:
         save_file({"logprobs": np.stack(kept)}, str(Path(request["reference_out"]) / REFERENCE_LOGPROBS))
     return result
-
-
-def serve(handler: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """The body of an evaluation process: read the request file named on the command line, write ``handler``'s
-    result where the request says, exit 0.
-
-    Ctrl-C reaches this process with its parent's: it dies by the signal, as a tool does, so the parent sees a run
-    that was stopped (a negative exit code), not an artifact that failed to load.
-    """
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    request = json.loads(Path(sys.argv[1]).read_text())
-    result = handler(request)
-    Path(request["result_path"]).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    sys.exit(0)
-
-
-if __name__ == "__main__":
-    serve(run)

@@ -1,6 +1,6 @@
 """How much each weight tensor of a GGUF model costs in quality at each candidate type, measured in llama.cpp.
 
-Run in a process of its own (``python -m quantmill.evaluation.sensitivity REQUEST.json``), as every evaluation is:
+Run in a process of its own (``quantmill.evaluation.process``), as every evaluation is:
 it loads llama.cpp's bindings and starts ``llama-quantize`` many times.
 
 For each candidate type the whole model is quantized once (every weight tensor at that type, with the imatrix):
@@ -211,9 +211,3 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
         "estimate_rank_correlation": rank_correlation(*zip(*pairs)) if method == "measured" else None,
         "passes": session.passes, "seconds": round(time.perf_counter() - start, 1),
     }
-
-
-if __name__ == "__main__":
-    from quantmill.evaluation.evaluate import serve
-
-    serve(measure)

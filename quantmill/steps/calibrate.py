@@ -100,7 +100,7 @@ def calibrate_sensitivity(model_gguf: Path, imatrix_gguf: Path, calibration: Pat
                    "method": method, "windows": windows, "max_measured": max_measured, "threads": threads,
                    "work": str(Path(tmp) / "work"), "result_path": str(Path(tmp) / "result.json")}
         (Path(tmp) / "request.json").write_text(json.dumps(request))
-        run_tool([sys.executable, "-m", "quantmill.evaluation.sensitivity", Path(tmp) / "request.json"],
+        run_tool([sys.executable, "-m", "quantmill.evaluation.process", "sensitivity", Path(tmp) / "request.json"],
                  name="sensitivity measurement", label="sensitivity", progress=_PROGRESS, cwd=Path(tmp))
         result = json.loads((Path(tmp) / "result.json").read_text())
     # Seconds vary run to run: the step's result keeps them, the artifact's bytes do not.

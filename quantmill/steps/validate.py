@@ -59,7 +59,8 @@ def make_evalset(model_dir: Path, files: Sequence[Path], out: Path, *, n_ctx: in
 def _evaluate(mode: str, runtime: str, artifact: Path, evalset: Path, reference: Path | None,
               reference_out: Path | None, *, threads: int, max_tokens: int, label: str,
               flips: tuple[int, int] = (0, 0)) -> tuple[dict, int]:
-    """Run ``quantmill.evaluation.evaluate`` in a subprocess; return its result and the subprocess's peak RSS."""
+    """Run ``quantmill.evaluation.evaluate`` in a process of its own (``quantmill.evaluation.process``); return its
+    result and that process's peak RSS."""
     with tempfile.TemporaryDirectory(prefix="quantmill-eval-") as tmp:
         request = {"mode": mode, "runtime": runtime, "artifact": str(artifact), "evalset": str(evalset),
                    "reference": str(reference) if reference else None,
@@ -68,7 +69,7 @@ def _evaluate(mode: str, runtime: str, artifact: Path, evalset: Path, reference:
                    "flips": list(flips)}
         (Path(tmp) / "request.json").write_text(json.dumps(request))
         # cwd: ``python -m`` puts it first on sys.path, and the run's own directory may hold another checkout
-        run = run_tool([sys.executable, "-m", "quantmill.evaluation.evaluate", Path(tmp) / "request.json"],
+        run = run_tool([sys.executable, "-m", "quantmill.evaluation.process", "evaluate", Path(tmp) / "request.json"],
                        name=f"evaluation in runtime {runtime!r}", label=label, cwd=Path(tmp))
         return json.loads((Path(tmp) / "result.json").read_text()), run.max_rss_bytes
 

@@ -122,12 +122,26 @@ class EnergyMeter:
         return {"joules": sum(per.values()), "per_counter": per, "seconds": seconds}
 
 
-def per_token(meter: EnergyMeter, spans: dict[str, tuple[float, int]]) -> dict[str, Any]:
-    """The record's ``energy``: joules per token of each span (``name -> (joules, tokens)``), the counters used, or
-    why there are none."""
+# NVML's counter moves in steps (tens of milliseconds on the GPUs measured): spans shorter than this in total read
+# as no energy at all, so they are reported as too short rather than as zero.
+MIN_SECONDS = 1.0
+
+
+def per_token(meter: EnergyMeter, spans: dict[str, tuple[float, int, float]]) -> dict[str, Any]:
+    """The record's ``energy``: joules per token of each span (``name -> (joules, tokens, seconds)``), the counters
+    used, or why there are none."""
     if not meter.available:
         return {"available": False, "detail": meter.reason}
     out: dict[str, Any] = {"available": True, "counters": [c.name for c in meter.counters]}
-    for name, (joules, tokens) in spans.items():
-        out[f"joules_per_{name}_token"] = float(f"{joules / tokens:.3g}") if tokens else None
+    short = []
+    for name, (joules, tokens, seconds) in spans.items():
+        if not tokens:
+            out[f"joules_per_{name}_token"] = None
+        elif seconds < MIN_SECONDS or joules <= 0:
+            out[f"joules_per_{name}_token"] = None
+            short.append(f"{name} {seconds:.2f} s")
+        else:
+            out[f"joules_per_{name}_token"] = float(f"{joules / tokens:.3g}")
+    if short:
+        out["detail"] = f"too short to read from the counters ({', '.join(short)}; at least {MIN_SECONDS:g} s needed)"
     return out

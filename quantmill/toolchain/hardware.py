@@ -163,6 +163,7 @@ def machine_info() -> dict[str, str]:
         "cpu": cpu_model(),
         "cpus": str(os.cpu_count()),
         "python": platform.python_version(),
+        **({"gpu": gpu} if (gpu := gpu_details().get("gpu")) else {}),
     }
 
 

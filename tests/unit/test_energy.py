@@ -30,16 +30,19 @@ def test_rapl_package_domains_are_read_and_a_wrapped_counter_is_undone(tmp_path)
     (package / "energy_uj").write_text("500000\n")  # passed 2 J and restarted: 1.5 J spent
     spent = meter.joules()
     assert spent["joules"] == pytest.approx(1.5) and spent["per_counter"] == {"rapl package-0": pytest.approx(1.5)}
-    record = energy.per_token(meter, {"generated": (spent["joules"], 30), "prompt": (0.2, 0)})
+    record = energy.per_token(meter, {"generated": (spent["joules"], 30, 2.0), "prompt": (0.2, 0, 0.0)})
     assert record == {"available": True, "counters": ["rapl package-0"], "joules_per_generated_token": 0.05,
                       "joules_per_prompt_token": None}
+    # a span shorter than the counters resolve is not read as zero energy
+    short = energy.per_token(meter, {"generated": (0.0, 30, 0.02)})
+    assert short["joules_per_generated_token"] is None and short["detail"].startswith("too short to read")
 
 
 def test_without_counters_the_record_says_why_and_guesses_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(energy, "POWERCAP", tmp_path / "no-powercap")
     meter = energy.EnergyMeter(("cpu",))
     assert not meter.available
-    assert energy.per_token(meter, {"generated": (0.0, 10)}) == {
+    assert energy.per_token(meter, {"generated": (0.0, 10, 2.0)}) == {
         "available": False, "detail": f"not available on this machine: no powercap interface ({tmp_path / 'no-powercap'})"}
 
 
