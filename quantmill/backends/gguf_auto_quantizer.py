@@ -25,7 +25,7 @@ from quantmill.toolchain.llamacpp import locate
 from quantmill.toolchain.tools import run_tool
 
 RULES_FILE = "tensor-types.txt"
-# The ways to say how large the file may be; preflight turns the last two into the first.
+# The ways to say how large the file may be; preflight turns a target into a file size.
 BUDGETS = ("budget_bpw", "budget_gib", "budget_target")
 _TENSOR = re.compile(r"\[\s*(?P<done>\d+)/\s*(?P<total>\d+)\]")
 # The llama.cpp file type written in the header: the preset nearest the mix (every tensor is named by a rule).
