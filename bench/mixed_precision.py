@@ -26,6 +26,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+from quantmill.evaluation.metrics import rank_correlation  # noqa: E402
+
 UNIFORM = ["gguf_q2_k", "gguf_q3_k_m", "gguf_q4_k_m", "gguf_q5_k_m", "gguf_q6_k"]
 
 
@@ -42,14 +44,6 @@ def quantmill(work: Path, model: list[str], recipes: list[str], *overrides: str)
     if done.returncode not in (0, 1):
         raise SystemExit(done.stderr[-3000:])
     return json.loads(done.stdout)["steps"]
-
-
-def spearman(a: list[float], b: list[float]) -> float | None:
-    if len(a) < 3:
-        return None
-    rank = lambda xs: [sorted(xs).index(x) for x in xs]  # noqa: E731
-    ra, rb, n = rank(a), rank(b), len(a)
-    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
 
 
 def uniform_at(points: list[tuple[int, float]], size: int) -> float | None:
@@ -89,7 +83,7 @@ def bench(name: str, model: list[str], methods: list[str]) -> dict:
         below = {r: (m["mean_kld"] <= (uniform_at(ladder, m["size_bytes"]) or m["mean_kld"])) for r, m in mixes.items()}
         out["methods"][method] = {
             "mixes": mixes, "all_on_or_below_uniform": all(below.values()), "below": below,
-            "predicted_vs_measured_rank_corr": spearman([m["predicted_kld"] for m in mixes.values()],
+            "predicted_vs_measured_rank_corr": rank_correlation([m["predicted_kld"] for m in mixes.values()],
                                                         [m["mean_kld"] for m in mixes.values()]),
             "estimate_rank_corr": sensitivity["result"].get("estimate_rank_correlation"),
             "sensitivity_s": sensitivity["seconds"], "sensitivity_passes": sensitivity["result"]["passes"],

@@ -118,8 +118,12 @@ def choose_mix(sensitivity: Mapping[str, Any], budget_bytes: float) -> dict[str,
         mix[best[1]] = best[2]
 
 
-def check_budget(name: str, params: Mapping[str, Any], method: str, extra: tuple[str, ...] = ()) -> None:
-    """One budget among ``BUDGETS``, of the right kind, and no params but those and ``extra``."""
+def check_budget(name: str, recipe: Any, method: str, extra: tuple[str, ...] = ()) -> None:
+    """quant_type AUTO, one budget among ``BUDGETS`` of the right kind, and no params but those and ``extra``."""
+    if (recipe.quant_type or "AUTO").upper() != "AUTO":
+        raise PreflightError(f"recipe {name!r}: method {method!r} chooses the type of each tensor; quant_type "
+                             f"{recipe.quant_type!r} should be AUTO (or use a method of one type)")
+    params = recipe.params
     given = [k for k in BUDGETS if k in params]
     if len(given) != 1:
         raise PreflightError(f"recipe {name!r}: method {method!r} needs one budget: params.budget_bpw (bits per "
@@ -162,10 +166,7 @@ class GgufAutoQuantizer(GgufQuantizer):
     uses_sensitivity = True
 
     def check(self, name: str, recipe: Any) -> None:
-        if (recipe.quant_type or "AUTO").upper() != "AUTO":
-            raise PreflightError(f"recipe {name!r}: method 'gguf_auto' chooses the type of each tensor; quant_type "
-                                 f"{recipe.quant_type!r} should be AUTO (or use method gguf for one type)")
-        check_budget(name, recipe.params, "gguf_auto")
+        check_budget(name, recipe, "gguf_auto")
         if not recipe.imatrix:
             raise PreflightError(f"recipe {name!r}: gguf_auto measures and quantizes with an importance matrix; set "
                                  f"recipe.{name}.imatrix=true")

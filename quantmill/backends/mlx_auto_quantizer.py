@@ -62,10 +62,7 @@ class MlxAutoQuantizer(MlxQuantizer):
     calibration_input = "sensitivity"
 
     def check(self, name: str, recipe: Any) -> None:
-        if (recipe.quant_type or "AUTO").upper() != "AUTO":
-            raise PreflightError(f"recipe {name!r}: method 'mlx_auto' chooses the bits of each layer; quant_type "
-                                 f"{recipe.quant_type!r} should be AUTO (or use method mlx for one width)")
-        check_budget(name, recipe.params, "mlx_auto", extra=("group_size",))
+        check_budget(name, recipe, "mlx_auto", extra=("group_size",))
         if recipe.params.get("group_size", 64) not in GROUP_SIZES:
             raise PreflightError(f"recipe {name!r}: group_size {recipe.params['group_size']} unsupported by mlx; "
                                  f"choose one of {GROUP_SIZES}")

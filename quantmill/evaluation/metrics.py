@@ -47,6 +47,16 @@ def _standard_error(per_window: list[float]) -> float | None:
     return float(np.std(per_window, ddof=1) / np.sqrt(len(per_window)))
 
 
+def rank_correlation(a, b) -> float | None:
+    """Spearman's rank correlation of two sequences (ties broken by order; the values here are continuous); None
+    for fewer than three pairs."""
+    a, b = np.asarray(list(a), dtype=np.float64), np.asarray(list(b), dtype=np.float64)
+    if a.size < 3:
+        return None
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def flips(generated: list[list[int]], reference: list[list[int]]) -> dict[str, Any]:
     """How often a greedy continuation leaves the reference's, and where: the share of prompts whose continuation
     differs anywhere (a different token, or stopping earlier or later), and the mean index of the first difference."""

@@ -107,13 +107,10 @@ def _ladder_note(rows: list[dict[str, Any]]) -> str:
     if not mixes:
         return ""
     pairs = ", ".join(f"{html.escape(r['recipe'])} {r['predicted_kld']:.5f} → {r['mean_kld']:.5f}" for r in mixes)
-    order = ""
-    if len(mixes) >= 3:
-        rank = lambda xs: [sorted(xs).index(x) for x in xs]  # noqa: E731
-        a, b = rank([r["predicted_kld"] for r in mixes]), rank([r["mean_kld"] for r in mixes])
-        n = len(a)
-        rho = 1 - 6 * sum((x - y) ** 2 for x, y in zip(a, b)) / (n * (n * n - 1))
-        order = f" Rank correlation of predicted and measured: {rho:.2f}."
+    from quantmill.evaluation.metrics import rank_correlation
+
+    rho = rank_correlation([r["predicted_kld"] for r in mixes], [r["mean_kld"] for r in mixes])
+    order = "" if rho is None else f" Rank correlation of predicted and measured: {rho:.2f}."
     return (f"<p class=muted>Per-tensor mixes (gguf auto), predicted mean KLD on the calibration text → measured on "
             f"the evaluation text: {pairs}.{order}</p>")
 

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from quantmill.backends.gguf_auto_quantizer import exact_pattern
-from quantmill.toolchain.tools import SETPRIV
+from quantmill.evaluation import metrics
+from quantmill.toolchain.tools import start_tool
 
 UNQUANTIZED = ("F32", "F16", "BF16")
 _LAYER = re.compile(r"^blk\.\d+\.")
@@ -42,15 +42,6 @@ def kind_of(tensor: str) -> str:
 
 def kind_pattern(kind: str) -> str:
     return r"^(blk\.\d+\.)?" + re.escape(kind) + "$"
-
-
-def rank_correlation(a: Iterable[float], b: Iterable[float]) -> float | None:
-    """Spearman's rank correlation (ties broken by order; the values here are continuous)."""
-    a, b = np.asarray(list(a), dtype=np.float64), np.asarray(list(b), dtype=np.float64)
-    if a.size < 3:
-        return None
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 class Session:
@@ -76,8 +67,6 @@ class Session:
         self.reference = self._logprobs(self.model)
 
     def _logprobs(self, path: Path) -> list[np.ndarray]:
-        from quantmill.evaluation import metrics
-
         first = metrics.first_scored(self.n_ctx)
         out = []
         with self.runtime.load(path.parent, n_ctx=self.n_ctx, threads=self.threads) as model:
@@ -98,12 +87,12 @@ class Session:
         # every weight tensor is named by a rule.
         cmd = [str(self.quantize_tool), "--imatrix", str(self.imatrix), "--tensor-type-file", str(rules_file),
                str(self.model), str(out), "Q8_0", str(self.threads or os.cpu_count() or 1)]
-        if SETPRIV:  # a measurement killed with -9 leaves no llama-quantize behind
-            cmd = [SETPRIV, "--pdeathsig", "KILL", "--", *cmd]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not out.is_file():
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"llama-quantize failed ({done.returncode}) on {name}: {tail[0]}")
+        # a measurement killed with -9 leaves no llama-quantize behind
+        proc = start_tool(cmd, name="llama-quantize", die_with_parent=True)
+        output = proc.communicate()[0].decode(errors="replace")
+        if proc.returncode != 0 or not out.is_file():
+            tail = output.strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"llama-quantize failed ({proc.returncode}) on {name}: {tail[0]}")
         return out
 
     def kld(self, path: Path) -> float:
@@ -208,6 +197,6 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
         "tensors": {n: {"bytes": sizes[n], "stored": stored[n], "kld": costs[n], "estimate": estimates[n],
                         "elements": counts[n]} for n in tensors},
         "uniform": uniform, "kind_calibration": calibration or None,
-        "estimate_rank_correlation": rank_correlation(*zip(*pairs)) if method == "measured" else None,
+        "estimate_rank_correlation": metrics.rank_correlation(*zip(*pairs)) if method == "measured" else None,
         "passes": session.passes, "seconds": round(time.perf_counter() - start, 1),
     }
