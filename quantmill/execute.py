@@ -113,7 +113,7 @@ def _convert(rec: ConvertRecord, spec: StepSpec, inputs: Mapping[str, Path], out
 
 
 def _quantize(rec: QuantizeRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
-    extra = {name: inputs[name] for name in ("calibration", "sensitivity") if name in inputs}
+    extra = {name: inputs[name] for name in ("calibration", "sensitivity", "source") if name in inputs}
     quantizer = QUANTIZERS.get(spec.backend)
     with HashAhead(out, store.digest_cache(), quantizer.renamed_when_complete) as ahead:
         result = quantize.quantize(quantizer, inputs["model"], out, rec.to_config(), imatrix=inputs.get("imatrix"),

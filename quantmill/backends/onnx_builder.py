@@ -9,7 +9,9 @@ execution provider.
 Recipe settings (``conf/recipe/onnx_*.yaml``): ``quant_type`` INT4 / INT8 / FP16 / BF16 / FP32 is the builder's
 precision; ``params``: ``execution_provider`` (cpu, cuda, dml), and for INT4 / INT8 ``block_size`` (16 to 256),
 ``accuracy_level`` (0-4, the precision its kernels compute the activations in; 4 is int8, the CPU's fastest) and
-``algorithm`` (default, rtn, k_quant).
+``algorithm`` (default, rtn, k_quant), or for INT4 ``source``: a calibrated checkpoint to start from instead of the
+unquantized one (``{method: gptq|awq, quant_type: W4A16, params: {...}}``), made by GPTQModel in the run as a step
+of its own (keyed like any other) and read by the builder, which keeps its 4-bit weights and scales as they are.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ WEIGHT_ONLY = ("int4", "int8")  # MatMulNBits: block size, accuracy level and al
 PROVIDERS = ("cpu", "cuda", "dml")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ALGORITHMS = ("default", "rtn", "k_quant")
-PARAMS = ("execution_provider", "block_size", "accuracy_level", "algorithm")
+PARAMS = ("execution_provider", "block_size", "accuracy_level", "algorithm", "source")
+SOURCE_METHODS = ("gptq", "awq")  # the checkpoint formats of GPTQModel the builder reads (quant_method)
+SOURCE_KEYS = ("method", "quant_type", "params")
 MODEL_FILES = ("model.onnx", "model.onnx.data")
 
 
@@ -69,6 +73,7 @@ def check_architecture(info: SourceInfo, model_name: str) -> None:
 def build(model: Path, out: Path, *, precision: str, provider: str, extra: Mapping[str, Any], label: str) -> float:
     """Run the builder into ``out``; its seconds. The model's files land in ``out`` directly."""
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".onnx-cache-") as cache:
+        model = _checkpoint_only(model, Path(cache))
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(model), "-i", str(model),
                "-o", str(out), "-p", precision, "-e", provider, "-c", cache]
         if extra:
@@ -80,6 +85,23 @@ def build(model: Path, out: Path, *, precision: str, provider: str, extra: Mappi
         if not (out / name).is_file():
             raise PreflightError(f"the ONNX model builder wrote no {name} into {out}; its log: {done.tail[-500:]}")
     return done.seconds
+
+
+def _checkpoint_only(model: Path, cache: Path) -> Path:
+    """The checkpoint without quantmill's own files beside it: the builder reads every ``*.safetensors`` of its input
+    folder as weights, so a quantized artifact's probe file would be taken for a layer. Hard links, no copies."""
+    extra = [f for f in model.iterdir() if f.name.startswith("quantmill")]
+    if not extra:
+        return model
+    staged = cache / "checkpoint"
+    staged.mkdir()
+    for f in model.iterdir():
+        if f.is_file() and not f.name.startswith("quantmill"):
+            try:
+                (staged / f.name).hardlink_to(f)
+            except OSError:  # another filesystem
+                (staged / f.name).symlink_to(f.resolve())
+    return staged
 
 
 def logical_bits(artifact: Path) -> float:
@@ -150,6 +172,8 @@ class OnnxQuantizer(QuantizerDefaults):
         if provider not in PROVIDERS:
             raise PreflightError(f"recipe {name!r}: execution_provider {provider!r} unknown; choose "
                                  f"{', '.join(PROVIDERS)}")
+        if "source" in params:
+            check_source(name, recipe)
         if precision not in WEIGHT_ONLY and set(params) & {"block_size", "accuracy_level", "algorithm"}:
             raise PreflightError(f"recipe {name!r}: block_size, accuracy_level and algorithm apply to INT4 and INT8 "
                                  f"only; drop them or set quant_type: INT4")
@@ -166,13 +190,27 @@ class OnnxQuantizer(QuantizerDefaults):
     def check_model(self, name: str, recipe: RecipeConfig, info: SourceInfo) -> None:
         require_onnx(f"recipe {name!r}")
         check_architecture(info, name)
+        source = self.source_recipe(recipe)
+        if source is not None:
+            QUANTIZERS.get(source.backend).check_model(f"{name}.source", source, info)
         block = recipe.params.get("block_size", 32)
-        if recipe.quant_type.lower() in WEIGHT_ONLY:
+        if source is None and recipe.quant_type.lower() in WEIGHT_ONLY:
             for key in ("hidden_size", "intermediate_size"):
                 width = info.config.get(key)
                 if width and width % block:
                     raise PreflightError(f"recipe {name!r}: block_size {block} does not divide the model's {key} "
                                          f"{width}; choose a block size that does (16 divides most)")
+
+    def source_recipe(self, recipe: RecipeConfig) -> RecipeConfig | None:
+        """The calibrated checkpoint the recipe starts from, as a recipe of its own (GPTQModel's), or None."""
+        source = recipe.params.get("source")
+        if not source:
+            return None
+        return RecipeConfig(method=source["method"], backend="gptqmodel", format=source["method"],
+                            quant_type=str(source["quant_type"]).upper(), params=dict(source.get("params") or {}))
+
+    def needs_calibration(self, recipe: RecipeConfig) -> bool:
+        return self.source_recipe(recipe) is not None
 
     def estimate_bytes(self, recipe: RecipeConfig, f16_bytes: int) -> int:
         bits = {"int4": 4.5, "int8": 8.5, "fp16": 16, "bf16": 16, "fp32": 32}[recipe.quant_type.lower()]
@@ -182,16 +220,41 @@ class OnnxQuantizer(QuantizerDefaults):
         return package_versions("onnxruntime-genai", "onnxruntime", "onnx", "transformers")
 
     def quantize(self, model: Path, out: Path, config: Mapping[str, Any], *, imatrix: Path | None, threads: int,
-                 label: str) -> dict[str, Any]:
+                 label: str, source: Path | None = None) -> dict[str, Any]:
         precision = config["quant_type"].lower()
         params = dict(config["params"])
         provider = params.get("execution_provider", "cpu")
-        build(model, out, precision=precision, provider=provider, extra=_options(params), label=label)
+        if params.get("source") and source is None:
+            raise PreflightError(f"{label}: params.source names a calibrated checkpoint but the step got none")
+        build(source or model, out, precision=precision, provider=provider, extra=_options(params), label=label)
         genai = json.loads((out / "genai_config.json").read_text())
-        return {"quant_type": config["quant_type"], "execution_provider": provider,
+        made_from = {}
+        if source is not None:
+            made_from = {"source": {k: params["source"][k] for k in ("method", "quant_type") if k in params["source"]}}
+        return {"quant_type": config["quant_type"], "execution_provider": provider, **made_from,
                 **({k: params[k] for k in ("block_size", "accuracy_level", "algorithm") if k in params}),
                 "genai_model_type": genai.get("model", {}).get("type"),
                 "bits_per_weight": round(logical_bits(out), 4)}
+
+
+def check_source(name: str, recipe: RecipeConfig) -> None:
+    """``params.source``: a GPTQ or AWQ W4A16 recipe GPTQModel can make, for an INT4 model."""
+    source = recipe.params["source"]
+    if not isinstance(source, Mapping) or set(source) - set(SOURCE_KEYS) or "method" not in source:
+        raise PreflightError(f"recipe {name!r}: params.source must be a mapping of {', '.join(SOURCE_KEYS)}, e.g. "
+                             f"{{method: gptq, quant_type: W4A16, params: {{group_size: 128}}}}")
+    if source["method"] not in SOURCE_METHODS:
+        raise PreflightError(f"recipe {name!r}: params.source.method {source['method']!r} is not a checkpoint the "
+                             f"ONNX model builder reads; choose {' or '.join(SOURCE_METHODS)}")
+    if (recipe.quant_type or "").upper() != "INT4" or str(source.get("quant_type", "")).upper() != "W4A16":
+        raise PreflightError(f"recipe {name!r}: a calibrated source keeps its 4-bit weights, so quant_type must be "
+                             f"INT4 and params.source.quant_type W4A16 (got {recipe.quant_type}, "
+                             f"{source.get('quant_type')})")
+    if set(recipe.params) & {"block_size", "algorithm"}:
+        raise PreflightError(f"recipe {name!r}: block_size and algorithm come from the calibrated source; set "
+                             f"params.source.params.group_size instead")
+    quantizer = QUANTIZERS.get("gptqmodel")
+    quantizer.check(f"{name}.source", OnnxQuantizer().source_recipe(recipe))
 
 
 CONVERTERS.register(OnnxConverter.key)(OnnxConverter())

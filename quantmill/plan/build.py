@@ -135,6 +135,18 @@ def build(checked: Checked, store: Store) -> Plan:
             inputs={"model": f16.id, "imatrix": imatrix.id, "calibration": dataset.id},
             config=SensitivityRecord.from_config(cfg.calibration.sensitivity).to_config(),
             context={"threads": threads}, tools=gguf.tools())).id, imatrix.id
+
+    def quantize_spec(name: str, recipe: Any, quantizer: Any, inputs: dict[str, str]) -> StepSpec:
+        return StepSpec(
+            id=f"{C.QUANTIZE}:{name}", step=C.QUANTIZE, backend=quantizer.key,
+            capability=C.CUDA if recipe.requires.device == C.CUDA else quantizer.capability,
+            inputs=inputs, recipe=name,
+            config=QuantizeRecord(method=recipe.method, format=recipe.format, quant_type=recipe.quant_type.upper(),
+                                  imatrix=bool(recipe.imatrix), params=dict(recipe.params),
+                                  backend=recipe.backend or None).to_config(),
+            context={"threads": threads, "estimate_bytes": quantizer.estimate_bytes(recipe, f16_estimate)},
+            tools=quantizer.tools())
+
     domain_validations: dict[str, dict[str, Any]] = {name: {} for name in recipes}
     for name, (recipe, quantizer, converter) in recipes.items():
         # The format's unquantized intermediate: what its recipes start from and are measured against.
@@ -153,7 +165,11 @@ def build(checked: Checked, store: Store) -> Plan:
         if not quantizer.is_intermediate(recipe):
             source = intermediate if quantizer.reads == "intermediate" else model_spec
             inputs = {"model": source.id}
-            if getattr(quantizer, "uses_sensitivity", False):  # one measurement, shared by every budget and format
+            made_from = quantizer.source_recipe(recipe) if hasattr(quantizer, "source_recipe") else None
+            if made_from is not None:  # a calibrated checkpoint of its own, keyed and cached like any other
+                inputs["source"] = add(quantize_spec(f"{name}.source", made_from, QUANTIZERS.get(made_from.backend),
+                                                     {"model": model_spec.id, "calibration": dataset.id})).id
+            elif getattr(quantizer, "uses_sensitivity", False):  # one measurement, shared by every budget and format
                 inputs["sensitivity"], imatrix = gguf_sensitivity()
                 if quantizer.calibration_input == "imatrix":
                     inputs["imatrix"] = imatrix
@@ -161,15 +177,7 @@ def build(checked: Checked, store: Store) -> Plan:
                 inputs["calibration"] = dataset.id
             elif quantizer.needs_calibration(recipe):
                 inputs["imatrix"] = imatrix_of(intermediate).id
-            artifact = add(StepSpec(
-                id=f"{C.QUANTIZE}:{name}", step=C.QUANTIZE, backend=quantizer.key,
-                capability=C.CUDA if recipe.requires.device == C.CUDA else quantizer.capability,
-                inputs=inputs, recipe=name,
-                config=QuantizeRecord(method=recipe.method, format=recipe.format, quant_type=recipe.quant_type.upper(),
-                                      imatrix=bool(recipe.imatrix), params=dict(recipe.params),
-                                      backend=recipe.backend or None).to_config(),
-                context={"threads": threads, "estimate_bytes": quantizer.estimate_bytes(recipe, f16_estimate)},
-                tools=quantizer.tools()))
+            artifact = add(quantize_spec(name, recipe, quantizer, inputs))
         validation = None
         if cfg.validate.enabled:
             runtime = runtimes[name]

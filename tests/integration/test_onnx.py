@@ -16,7 +16,7 @@ from quantmill.prefect.launch import run_config
 from quantmill.store import open_store
 from tests.conftest import compose_in
 
-RECIPES = ["onnx_int4_cpu", "onnx_int4_dml", "onnx_fp16_cuda"]
+RECIPES = ["onnx_int4_cpu", "onnx_int4_dml", "onnx_fp16_cuda", "onnx_int4_gptq"]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,39 @@ def test_onnx_recipes_are_built_validated_and_published(onnx_run):
     assert catalogue.count('data-family="onnx"') == 1 and "onnx INT4" in catalogue
 
 
+def test_an_int4_model_keeps_the_weights_of_its_gptq_checkpoint(onnx_run):
+    """``params.source``: GPTQModel calibrates a checkpoint as a step of its own; the builder packs GPTQ's scales into
+    the ONNX model unchanged, where the round-to-nearest recipe computes scales of its own."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    root, cfg, outcomes = onnx_run
+    store = open_store(cfg.store)
+    source = outcomes["quantize:onnx_int4_gptq.source"]
+    assert source.result["method"] == "gptq" and source.result["backend"] == "gptqmodel"
+    made = outcomes["quantize:onnx_int4_gptq"]
+    assert made.result["source"] == {"method": "gptq", "quant_type": "W4A16"}
+    provenance = json.loads((store.root / "objects" / made.key / C.PROVENANCE_FILE).read_text())
+    inputs = {d["name"]: d for d in provenance["predicate"]["buildDefinition"]["resolvedDependencies"]}
+    assert f"sha256:{inputs['input:source']['digest']['sha256']}" == source.digest  # keyed by the checkpoint it read
+
+    gptq = load_file(str(next(store.files(store.lookup(source.key)).glob("model*.safetensors"))))
+    name = "model.layers.0.mlp.down_proj"
+    expected = gptq[f"{name}.scales"].astype(np.float32).T  # (groups, out) -> (out, groups)
+
+    def scales(recipe):
+        artifact = store.files(store.lookup(outcomes[f"quantize:{recipe}"].key))
+        model = onnx.load(str(artifact / "model.onnx"))
+        init = {i.name: i for i in model.graph.initializer}
+        node = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "layers.0/mlp/down_proj" in n.name)
+        return numpy_helper.to_array(init[node.input[2]]).astype(np.float32).reshape(expected.shape)
+
+    np.testing.assert_array_equal(scales("onnx_int4_gptq"), expected)
+    assert not np.allclose(scales("onnx_int4_cpu"), expected)  # the round-to-nearest model's own scales
+    assert 0 < outcomes["validate:onnx_int4_gptq"].result["mean_kld"] < 0.15
+
+
 def test_the_onnx_reference_matches_the_gguf_reference(onnx_run, tmp_path):
     """The unquantized ONNX model (fp32) and llama.cpp's F16 GGUF score the same text alike: the ONNX logits are the
     model's, window by window."""
@@ -97,11 +130,14 @@ def test_an_architecture_the_builder_lacks_is_refused_before_download(tmp_path, 
     ("recipe.onnx_int4_cpu.params.accuracy_level=7", "accuracy_level 7 out of range; choose 0 to 4"),
     ("recipe.onnx_int4_cpu.quant_type=INT3", "quant_type 'INT3' unknown to the ONNX model builder"),
     ("+recipe.onnx_int4_cpu.params.group=8", "unknown params ['group']"),
+    ("+recipe.onnx_int4_cpu.params.source.method=fp8", "params.source.method 'fp8' is not a checkpoint the ONNX"),
+    ("recipe.onnx_int4_gptq.params.source.quant_type=W8A16", "quant_type must be INT4 and params.source.quant_type"),
+    ("recipe.onnx_int4_gptq.params.source.params.group_size=48", "group_size 48 does not divide"),
 ])
 def test_bad_onnx_settings_are_one_line_before_work(tmp_path, override, message):
     from quantmill.plan.build import plan
 
-    cfg = compose_in(tmp_path, "recipe=[onnx_int4_cpu]", override)
+    cfg = compose_in(tmp_path, f"recipe=[{override.split('.')[1]}]", override)
     with pytest.raises(PreflightError, match=message.replace("[", r"\[").replace("]", r"\]")):
         plan(cfg, open_store(cfg.store))
     assert not (tmp_path / "store" / "objects").exists() or not any((tmp_path / "store" / "objects").iterdir())
