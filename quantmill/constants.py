@@ -16,7 +16,12 @@ CUDA = "cuda"
 MLX = "mlx"
 LLAMACPP = "llamacpp"  # the pinned llama.cpp build (converter, quantize/imatrix/perplexity tools, libllama)
 ONNX = "onnx"  # ONNX Runtime and ONNX Runtime GenAI (its model builder), CPU execution provider
-CAPABILITIES = (CPU, CUDA, MLX, LLAMACPP, ONNX)
+# GPU variants: where a pool offers one, the steps that run faster there (llama.cpp's imatrix, sensitivity and
+# validations; validations of ONNX models built for CUDA) go to it, and to the CPU variant's pools otherwise.
+LLAMACPP_CUDA = "llamacpp-cuda"  # the same pinned llama.cpp tree built with its CUDA backend, and an NVIDIA GPU
+ONNX_CUDA = "onnx-cuda"  # ONNX Runtime's CUDA execution provider (onnxruntime-gpu, onnxruntime-genai-cuda)
+GPU_VARIANTS = {LLAMACPP: LLAMACPP_CUDA, ONNX: ONNX_CUDA}
+CAPABILITIES = (CPU, CUDA, MLX, LLAMACPP, ONNX, LLAMACPP_CUDA, ONNX_CUDA)
 
 # Prefect names (infra=prefect): the flow every pool runs, one deployment per pool named after the pool.
 STEP_FLOW = "quantmill-step"

@@ -23,6 +23,12 @@ from quantmill.toolchain.versions import package_versions
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
 
 
+def _cuda_provider() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 class OnnxModel:
     """The artifact, with ONNX Runtime's session or ONNX Runtime GenAI's model loaded as needed."""
 
@@ -32,7 +38,12 @@ class OnnxModel:
         self._genai: Any = None
         self._tokenizer: Any = None
         self.genai_config = json.loads((artifact / "genai_config.json").read_text())
-        self.execution = "native" if self._provider() == "cpu" else f"built for {self._provider()}, run on the CPU"
+        # A model built for CUDA runs on ONNX Runtime's CUDA provider where this machine has it (onnxruntime-gpu),
+        # on the CPU provider otherwise (the same graph and weights), and the record says which.
+        self.on_gpu = self._provider() == "cuda" and _cuda_provider()
+        self.device = "cuda" if self.on_gpu else "cpu"
+        self.execution = ("native" if self._provider() == "cpu" or self.on_gpu
+                          else f"built for {self._provider()}, run on the CPU")
 
     def _provider(self) -> str:
         options = self.genai_config.get("model", {}).get("decoder", {}).get("session_options", {})
@@ -48,8 +59,8 @@ class OnnxModel:
             options.log_severity_level = 3
             if self.threads:
                 options.intra_op_num_threads = self.threads
-            self._session = ort.InferenceSession(str(self.artifact / "model.onnx"), options,
-                                                 providers=["CPUExecutionProvider"])
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.on_gpu else ["CPUExecutionProvider"]
+            self._session = ort.InferenceSession(str(self.artifact / "model.onnx"), options, providers=providers)
         return self._session
 
     def genai(self) -> Any:
@@ -58,7 +69,8 @@ class OnnxModel:
 
             self._session = None
             config = og.Config(str(self.artifact))
-            config.clear_providers()  # the CPU, whatever the model was built for (validation runs here)
+            if not self.on_gpu:
+                config.clear_providers()  # the CPU, whatever the model was built for (validation runs here)
             self._genai = og.Model(config)
         return self._genai
 

@@ -112,11 +112,19 @@ def build(checked: Checked, store: Store) -> Plan:
 
     f16_estimate = info.weights_bytes * 2 // max(1, _bytes_per_param(info.config))
 
+    def on_gpu(capability: str, wanted: bool = True) -> str:
+        """With pools, the GPU variant of ``capability`` where a pool offers it (routing.prefer_gpu)."""
+        if not wanted or cfg.infra.mode != "prefect":
+            return capability
+        from quantmill.plan.routing import prefer_gpu
+
+        return prefer_gpu(capability, cfg.infra.pools)
+
     def imatrix_of(f16: StepSpec) -> StepSpec:
         """llama.cpp's importance matrix of the F16 GGUF over the calibration set."""
         gguf = QUANTIZERS.get("gguf")
         return add(StepSpec(
-            id=f"{C.CALIBRATE}:imatrix-gguf", step=C.CALIBRATE, backend="imatrix", capability=gguf.capability,
+            id=f"{C.CALIBRATE}:imatrix-gguf", step=C.CALIBRATE, backend="imatrix", capability=on_gpu(gguf.capability),
             inputs={"model": f16.id, "calibration": dataset.id},
             config=ImatrixRecord(ctx=cfg.calibration.seq_len, chunks=cfg.calibration.num_samples).to_config(),
             context={"threads": threads}, tools=gguf.tools()))
@@ -131,7 +139,8 @@ def build(checked: Checked, store: Store) -> Plan:
         imatrix = imatrix_of(f16)
         gguf = QUANTIZERS.get("gguf")
         return add(StepSpec(
-            id=f"{C.CALIBRATE}:sensitivity-gguf", step=C.CALIBRATE, backend="sensitivity", capability=gguf.capability,
+            id=f"{C.CALIBRATE}:sensitivity-gguf", step=C.CALIBRATE, backend="sensitivity",
+            capability=on_gpu(gguf.capability),
             inputs={"model": f16.id, "imatrix": imatrix.id, "calibration": dataset.id},
             config=SensitivityRecord.from_config(cfg.calibration.sensitivity).to_config(),
             context={"threads": threads}, tools=gguf.tools())).id, imatrix.id
@@ -182,33 +191,38 @@ def build(checked: Checked, store: Store) -> Plan:
         if cfg.validate.enabled:
             runtime = runtimes[name]
             # The unquantized model in the artifact's own runtime: computed once, shared by every recipe.
+            # llama.cpp validates on a GPU pool where one has its CUDA build; an ONNX model built for CUDA runs
+            # on ONNX Runtime's CUDA provider where a pool has it (its FP32 reference is a CPU model).
+            reference_on = on_gpu(runtime.capability, runtime.key != "onnx")
+            validate_on = on_gpu(runtime.capability, runtime.key != "onnx"
+                                 or recipe.params.get("execution_provider") == C.CUDA)
             reference = add(StepSpec(
                 id=f"{C.VALIDATE}:reference-{converter.key}", step=C.VALIDATE, backend=runtime.key,
-                capability=runtime.capability, inputs={"model": intermediate.id, "evalset": evalset.id},
+                capability=reference_on, inputs={"model": intermediate.id, "evalset": evalset.id},
                 config=ReferenceRecord(flip_prompts=cfg.validate.flip_prompts,
                                            flip_tokens=cfg.validate.flip_tokens).to_config(), context={"threads": threads}, tools=runtime.tools()))
             validation = add(StepSpec(
-                id=f"{C.VALIDATE}:{name}", step=C.VALIDATE, backend=runtime.key, capability=runtime.capability,
+                id=f"{C.VALIDATE}:{name}", step=C.VALIDATE, backend=runtime.key, capability=validate_on,
                 inputs={"artifact": artifact.id, "evalset": evalset.id, "reference": reference.id}, recipe=name,
                 config=ValidationRecord(max_tokens=cfg.validate.max_tokens, gates=gates[name],
                                         estimate=_estimate(info, recipe, cfg.validate.n_ctx)).to_config(),
                 # The record holds speed and memory measured here, so the machine class is part of its key.
-                context={"threads": threads}, tools={**runtime.tools(), "machine": measured_on(cfg, runtime.capability)}))
+                context={"threads": threads}, tools={**runtime.tools(), "machine": measured_on(cfg, validate_on)}))
             for domain, domain_set in domain_sets.items():  # one reference per domain, shared by every recipe
                 domain_reference = add(StepSpec(
                     id=f"{C.VALIDATE}:reference-{converter.key}-{domain}", step=C.VALIDATE, backend=runtime.key,
-                    capability=runtime.capability, inputs={"model": intermediate.id, "evalset": domain_set.id},
+                    capability=reference_on, inputs={"model": intermediate.id, "evalset": domain_set.id},
                     config=ReferenceRecord(flip_prompts=cfg.validate.flip_prompts,
                                            flip_tokens=cfg.validate.flip_tokens).to_config(), context={"threads": threads}, tools=runtime.tools()))
                 domain_validations[name][domain] = add(StepSpec(
                     id=f"{C.VALIDATE}:{name}@{domain}", step=C.VALIDATE, backend=runtime.key,
-                    capability=runtime.capability, recipe=name,
+                    capability=validate_on, recipe=name,
                     inputs={"artifact": artifact.id, "evalset": domain_set.id, "reference": domain_reference.id},
                     config=ValidationRecord(max_tokens=cfg.validate.max_tokens,
                                             gates=domain_gates(cfg, gates[name], domain),
                                             estimate=_estimate(info, recipe, cfg.validate.n_ctx)).to_config(),
                     context={"threads": threads},
-                    tools={**runtime.tools(), "machine": measured_on(cfg, runtime.capability)}))
+                    tools={**runtime.tools(), "machine": measured_on(cfg, validate_on)}))
         if publisher is not None:
             inputs = {"artifact": artifact.id, "source": model_spec.id}
             if validation is not None:

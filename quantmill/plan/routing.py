@@ -21,6 +21,12 @@ def pool_for(capability: str, pools: Mapping[str, object]) -> str | None:
     return next((name for name, p in pools.items() if capability in p.capabilities), None)
 
 
+def prefer_gpu(capability: str, pools: Mapping[str, object]) -> str:
+    """The GPU variant of ``capability`` where a configured pool offers it, else ``capability`` itself."""
+    gpu = C.GPU_VARIANTS.get(capability)
+    return gpu if gpu and pool_for(gpu, pools) else capability
+
+
 def route(specs: Iterable, pools: Mapping[str, object]) -> dict[str, str]:
     """spec id -> pool name; refuses, naming the capability and the configured pools, what no pool offers."""
     if not pools:

@@ -75,7 +75,8 @@ def check_capability(capability: str, *, min_gpu_memory_gb: float | None = None)
 
     What each capability means is what the backends that declare it need: ``cpu`` any Python with quantmill,
     ``cuda`` an NVIDIA GPU visible to torch, ``mlx`` the mlx package importable, ``llamacpp`` the project's pinned
-    llama.cpp build with its tools, ``onnx`` ONNX Runtime and ONNX Runtime GenAI importable.
+    llama.cpp build with its tools, ``onnx`` ONNX Runtime and ONNX Runtime GenAI importable; ``llamacpp-cuda`` and
+    ``onnx-cuda`` the same with their CUDA backends and an NVIDIA GPU.
     """
     if capability == C.CPU:
         import os
@@ -114,7 +115,36 @@ def check_capability(capability: str, *, min_gpu_memory_gb: float | None = None)
             raise PreflightError(f"capability 'onnx': {e.name} is not importable; pip install 'quantmill[onnx]'") \
                 from None
         return f"onnxruntime {onnxruntime.__version__}, onnxruntime-genai {onnxruntime_genai.__version__}"
+    if capability == C.LLAMACPP_CUDA:
+        from quantmill.toolchain.llamacpp import locate
+
+        found = check_capability(C.LLAMACPP)
+        build = locate()
+        if not build.cuda:
+            raise PreflightError(f"capability 'llamacpp-cuda': the llama.cpp build in {build.root} has no CUDA backend "
+                                 f"({build.build_info['cmake_flags']}); rebuild it with LLAMA_CPP_CUDA_ARCHS=\"80;86;89;90\" "
+                                 f"make llama-cpp, or drop llamacpp-cuda from the pool")
+        return f"{found}, on {_nvidia_gpu('llamacpp-cuda')}"
+    if capability == C.ONNX_CUDA:
+        check_capability(C.ONNX)
+        import onnxruntime
+
+        providers = onnxruntime.get_available_providers()
+        if "CUDAExecutionProvider" not in providers:
+            raise PreflightError(f"capability 'onnx-cuda': onnxruntime {onnxruntime.__version__} here has no CUDA "
+                                 f"execution provider (it has {', '.join(providers)}); install onnxruntime-gpu and "
+                                 f"onnxruntime-genai-cuda in place of onnxruntime and onnxruntime-genai")
+        return f"onnxruntime {onnxruntime.__version__} CUDAExecutionProvider, on {_nvidia_gpu('onnx-cuda')}"
     raise PreflightError(f"capability {capability!r} unknown; known: {', '.join(C.CAPABILITIES)}")
+
+
+def _nvidia_gpu(capability: str) -> str:
+    """The GPU a CUDA build would run on, named by the driver (nvidia-smi), without importing torch."""
+    gpu = gpu_details().get("gpu")
+    if not gpu:
+        raise PreflightError(f"capability {capability!r}: no NVIDIA GPU visible here (nvidia-smi found none); start "
+                             f"this worker on a GPU machine")
+    return gpu
 
 
 @lru_cache(maxsize=1)

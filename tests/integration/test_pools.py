@@ -474,6 +474,47 @@ def test_worker_refuses_a_pool_this_machine_cannot_serve(tmp_path):
                                     "mac [mlx]" in proc.stderr
 
 
+@pytest.mark.parametrize("capability, says", [
+    ("llamacpp-cuda", "has no CUDA backend (GGML_NATIVE=OFF BUILD_SHARED_LIBS=ON); rebuild it with "
+                      "LLAMA_CPP_CUDA_ARCHS=\"80;86;89;90\" make llama-cpp, or drop llamacpp-cuda from the pool"),
+    ("onnx-cuda", "here has no CUDA execution provider (it has "),
+])
+def test_worker_refuses_a_gpu_capability_without_its_cuda_build(tmp_path, capability, says):
+    """A pool offering llama.cpp or ONNX Runtime on CUDA, started on a machine whose builds are CPU-only."""
+    from quantmill.toolchain.llamacpp import locate
+
+    if locate().cuda:
+        pytest.skip("this machine's llama.cpp has CUDA; the refusal needs a CPU build")
+    proc = subprocess.run(_cli("worker", "--pool", "cpu", f"infra.pools.cpu.capabilities=[cpu,{capability}]",
+                               "infra.api_url=http://127.0.0.1:1/api"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and line.startswith(f"quantmill: error: this machine cannot serve pool 'cpu': capability "
+                                                f"'{capability}': ") and says in line, line
+
+
+def test_steps_that_run_faster_on_a_gpu_go_to_a_pool_with_the_cuda_builds(tmp_path):
+    """llama.cpp's imatrix and validations, and validations of ONNX models built for CUDA, go to the pool offering
+    llamacpp-cuda / onnx-cuda; the rest stays where it was. Without such a pool nothing changes."""
+    from quantmill.plan.build import plan
+    from quantmill.store import open_store
+
+    recipes = "recipe=[gguf_q4_k_m,onnx_int4_cpu,onnx_int4_cuda]"
+    gpu = "infra.pools.cuda.capabilities=[cuda,llamacpp,llamacpp-cuda,onnx,onnx-cuda]"
+    cfg = _compose(recipes, "recipe.gguf_q4_k_m.imatrix=true", "infra.pools.cpu.capabilities=[cpu,llamacpp,onnx]",
+                   gpu, f"store.root={tmp_path / 'store'}")
+    routes = plan(cfg, open_store(cfg.store)).routes
+    assert {s: p for s, p in routes.items() if p == "cuda"} == {
+        s: "cuda" for s in ("calibrate:imatrix-gguf", "validate:reference-gguf", "validate:gguf_q4_k_m",
+                           "validate:onnx_int4_cuda")}
+    assert routes["quantize:gguf_q4_k_m"] == routes["validate:onnx_int4_cpu"] == "cpu"
+    assert routes["validate:reference-onnx"] == "cpu"  # the FP32 reference is a CPU model
+    cfg = _compose(recipes, "recipe.gguf_q4_k_m.imatrix=true", "infra.pools.cpu.capabilities=[cpu,llamacpp,onnx]",
+                   f"store.root={tmp_path / 'store'}")
+    assert set(plan(cfg, open_store(cfg.store)).routes.values()) == {"cpu"}  # the cuda pool offers [cuda] only
+
+
 def test_worker_with_other_tool_versions_refuses_the_spec():
     from quantmill.toolchain.versions import check_tools, package_version
 
