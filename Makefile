@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[test,mlx,lora,quant,onnx]"
+	$(PYTHON) -m pip install -q -e ".[test,mlx,lora,quant,onnx,tasks]"
 	touch $@
 
 $(LLAMA)/BUILD_INFO.json: scripts/build-llama-cpp.sh $(VENV)/.installed

@@ -7,6 +7,11 @@ store with the project's kept API server already running (the same work plus has
 the FP32 intermediate is not built without validation). Peak RSS is each process tree's own.
 
     python bench/onnx_builder.py [SHAPE] [REPS]
+    python bench/onnx_builder.py speed [SHAPE]
+
+``speed``: ONNX INT4 generation beside llama.cpp Q4_0 and Q4_K_M on the same CPU, each measured by its own
+validation (the same evaluation windows: prompt tokens/s over the windows, generation tokens/s greedy from the
+same prompt ids, median over the runs, the first run a warm-up), one ``quantmill run`` for the three.
 """
 
 from __future__ import annotations
@@ -73,6 +78,46 @@ def main(shape: str = "llama-1.1b", reps: int = 2) -> dict:
     return results
 
 
+SPEED_RECIPES = ("gguf_q4_0", "gguf_q4_k_m", "onnx_int4_cpu")
+
+
+def speed(shape: str = "llama-1.1b") -> dict:
+    import synthetic
+
+    out = HERE / "out"
+    model = synthetic.make(shape, out / shape)
+    work = out / "onnx-speed"
+    shutil.rmtree(work, ignore_errors=True)
+    seconds, _, printed = measure([Path(sys.executable).parent / "quantmill", "run", "--json", "model=local",
+                                   f"model.path={model}", f"model.name={shape}", f"recipe=[{','.join(SPEED_RECIPES)}]",
+                                   "publish.enabled=false", "validate.n_chunks=4", "validate.max_tokens=64",
+                                   "validate.enforce=false", f"store.root={work / 'store'}",
+                                   f"infra.prefect_home={work / 'prefect'}"],
+                                  env={"HF_HUB_OFFLINE": "1", "QUANTMILL_PREFECT_SERVER": "kept"})
+    steps = {s["spec_id"]: s for s in json.loads(printed)["steps"]}
+    rows = {}
+    for recipe in SPEED_RECIPES:
+        r = steps[f"validate:{recipe}"]["result"]
+        rows[recipe] = {k: r.get(k) for k in ("bits_per_weight", "mean_kld", "prompt_tokens_per_second",
+                                             "generation_tokens_per_second", "speed_runs", "peak_rss_bytes",
+                                             "execution", "load_1m")}
+    results = {"shape": shape, "params": synthetic.n_params(shape), "cpus": os.cpu_count(), "rows": rows,
+               "run_s": round(seconds, 1)}
+    (out / f"onnx_speed-{shape}.json").write_text(json.dumps(results, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def speed_markdown(results: dict) -> str:
+    lines = [f"| {results['shape']}, {results['cpus']} CPU cores | bits/weight | prompt tok/s | generation tok/s | "
+             f"peak RSS |", "|---|---:|---:|---:|---:|"]
+    for recipe, r in results["rows"].items():
+        rss = f"{r['peak_rss_bytes'] / 2**20:.0f} MiB" if r.get("peak_rss_bytes") else "-"
+        lines.append(f"| {recipe} | {r['bits_per_weight']} | {r['prompt_tokens_per_second']} | "
+                     f"{r['generation_tokens_per_second']} | {rss} |")
+    return "\n".join(lines)
+
+
 def markdown(results: dict) -> str:
     s = results["summary"]
     n = len(results["bare"])
@@ -90,4 +135,7 @@ def markdown(results: dict) -> str:
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
     args = sys.argv[1:]
-    print(markdown(main(*(args[:1] or []), *(int(a) for a in args[1:2]))))
+    if args[:1] == ["speed"]:
+        print(speed_markdown(speed(*args[1:2])))
+    else:
+        print(markdown(main(*(args[:1] or []), *(int(a) for a in args[1:2]))))

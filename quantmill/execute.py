@@ -54,15 +54,15 @@ class StepResult:
     result: Mapping[str, Any] = field(default_factory=dict)
 
 
-def local_texts(spec: StepSpec) -> list[Path]:
+def local_texts(spec: StepSpec, files: str = "files", texts: str = "texts", bundled: str = "") -> list[Path]:
     """The spec's text files on this machine: the planned path, else quantmill's bundled copy (a worker's
     installation differs from the planner's); either must have the sha256 the key was computed from."""
     from quantmill.digest import sha256_file
     from quantmill.plan.preflight import BUNDLED_TEXT
 
     paths = []
-    for planned, text in zip(spec.context["files"], spec.config["texts"]):
-        for candidate in (Path(planned), BUNDLED_TEXT / text["name"]):
+    for planned, text in zip(spec.context.get(files, []), spec.config.get(texts) or []):
+        for candidate in (Path(planned), BUNDLED_TEXT / bundled / text["name"]):
             if candidate.is_file() and sha256_file(candidate) == text["sha256"]:
                 paths.append(candidate)
                 break
@@ -125,7 +125,8 @@ def _quantize(rec: QuantizeRecord, spec: StepSpec, inputs: Mapping[str, Path], o
 
 def _evalset(rec: EvalSetRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
     return validate.make_evalset(inputs["model"], local_texts(spec), out, n_ctx=rec.n_ctx, n_chunks=rec.n_chunks,
-                                 prompt=rec.prompt, probes=rec.probes)
+                                 prompt=rec.prompt, probes=rec.probes,
+                                 tasks=local_texts(spec, "task_files", "tasks", "tasks"), task_limit=rec.task_limit or 0)
 
 
 def _reference(rec: ReferenceRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
@@ -146,7 +147,7 @@ def _validate(rec: ValidationRecord, spec: StepSpec, inputs: Mapping[str, Path],
 DOMAIN_METRICS = ("ppl_ratio", "mean_kld", "mean_kld_se", "p99_kld", "top1_agreement", "flip_rate")
 SUMMARY_METRICS = ("ppl", "ref_ppl", "ppl_ratio", "mean_kld", "p99_kld", "top1_agreement", "size_bytes",
                    "bits_per_weight", "prompt_tokens_per_second", "generation_tokens_per_second",
-                   "peak_rss_bytes", "flip_rate")
+                   "peak_rss_bytes", "flip_rate", "tasks", "task_recovery")
 
 
 def _publish(rec: PublishRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:

@@ -36,7 +36,8 @@ def _who(rng: random.Random) -> str:
     return rng.choice(NAMES) if rng.random() < 0.6 else rng.choice(ROLES)
 
 
-def _sentence(rng: random.Random) -> str:
+def sentence(rng: random.Random) -> str:
+    """One sentence of the grammar (the generator of the text, and of the bundled tasks' questions)."""
     kind = rng.randrange(10)
     w = _who(rng)
     if kind == 0:
@@ -72,5 +73,5 @@ def generate(seed: int, n_paragraphs: int) -> str:
     rng = random.Random(seed)
     paragraphs = []
     for _ in range(n_paragraphs):
-        paragraphs.append(" ".join(_sentence(rng) for _ in range(rng.randint(3, 7))))
+        paragraphs.append(" ".join(sentence(rng) for _ in range(rng.randint(3, 7))))
     return "\n\n".join(paragraphs) + "\n"

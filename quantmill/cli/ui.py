@@ -88,7 +88,9 @@ def _note(o: Outcome) -> str:
     if o.step == "validate" and "status" in r:
         if "mean_kld" in r:
             parts.append(f"KLD {r['mean_kld']:.4f}, PPL x{r['ppl_ratio']:.3f}, top-1 {100 * r['top1_agreement']:.1f}%"
-                         + (f", flips {100 * r['flip_rate']:.0f}%" if r.get("flip_rate") is not None else ""))
+                         + (f", flips {100 * r['flip_rate']:.0f}%" if r.get("flip_rate") is not None else "")
+                         + (f", tasks {100 * r['task_recovery']:.0f}% of the original's"
+                            if r.get("task_recovery") is not None else ""))
         parts.append(r["status"] + (": " + "; ".join(r["failed"]) if r.get("failed") else ""))
     if o.step == "validate" and "windows" in r:
         parts.append(f"{r['windows']}x{r['n_ctx']} tokens")

@@ -11,12 +11,9 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from quantmill.config.probes import DEFAULT_PROBES
-
-
-def bounded(default: Any, *, least: float | None = None, choices: tuple[str, ...] = ()) -> Any:
-    """A field whose value composition checks: at least ``least``, or one of ``choices`` (one line otherwise)."""
-    return field(default=default, metadata={"least": least, "choices": choices})
+from quantmill.config.fields import bounded
+from quantmill.config.probes import DEFAULT_PROBES  # noqa: F401 (re-exported)
+from quantmill.config.quality import GateConfig, ValidateConfig  # noqa: F401 (GateConfig re-exported)
 
 
 @dataclass
@@ -149,71 +146,6 @@ class CalibrationConfig:
     seed: int = 0
     min_samples: int = bounded(8, least=1)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
-
-
-@dataclass
-class GateConfig:
-    """Thresholds an artifact must meet to be published; None disables a gate.
-
-    Attributes:
-        max_mean_kld: Mean KL divergence of next-token distributions against the reference (nats).
-        max_p99_kld: 99th percentile of the per-token KL divergence.
-        max_ppl_ratio: Perplexity over the reference model's perplexity on the same tokens.
-        min_top1: Fraction of positions whose most likely token equals the reference's.
-        tokenizer_exact: The artifact's tokenizer must encode every probe to the source tokenizer's ids and keep
-            its special tokens and chat template.
-        max_fallback_share: For k-quant GGUFs: the share of weights llama.cpp stored in another type because the
-            type's blocks do not divide their rows (a narrow model); above it the recipe's type is not what the
-            file holds.
-        max_flip_rate: Share of the greedy continuations (``validate.flip_prompts``) that diverge from the
-            reference's within ``validate.flip_tokens`` tokens.
-    """
-
-    max_mean_kld: Optional[float] = None
-    max_p99_kld: Optional[float] = None
-    max_ppl_ratio: Optional[float] = None
-    min_top1: Optional[float] = None
-    tokenizer_exact: bool = True
-    max_fallback_share: Optional[float] = 0.5
-    max_flip_rate: Optional[float] = None
-
-
-@dataclass
-class ValidateConfig:
-    """Validation of each artifact in the runtime its users will load it with, against the unquantized model.
-
-    Attributes:
-        enabled: Run validation at all (publishing requires a passed validation unless enforce is off).
-        enforce: Refuse to publish what failed; off publishes with an "unvalidated" mark.
-        eval_files: Evaluation text (``bundled:NAME`` for texts shipped with quantmill).
-        n_ctx: Context length of each evaluation window; n_chunks: windows evaluated. As in llama.cpp's
-            ``llama-perplexity``, each window starts with BOS and its second half is scored.
-        prompt: Text the smoke generation starts from; tokenized once by the source tokenizer, so every runtime
-            is fed the same token ids. max_tokens: tokens generated greedily.
-        probes: Strings the tokenizer-fidelity check encodes with both tokenizers.
-        gates: Default thresholds; a recipe's ``gates`` override them field by field.
-        flip_prompts: Greedy continuations compared with the reference's (the start of the first windows);
-            flip_tokens: their length. Their share that diverges is ``flip_rate`` (0: none are generated).
-        domains: Further domains each artifact is measured on, besides ``eval_files`` (prose): names of
-            ``domain_texts``. Each has an evaluation set and a reference pass of its own, shared by every recipe.
-        domain_texts: Domain name -> its evaluation texts (``bundled:code.txt``, local files).
-        domain_gates: Domain name -> gates that override the recipe's for that domain (``code: {max_mean_kld: 0.1}``).
-    """
-
-    enabled: bool = True
-    enforce: bool = True
-    eval_files: List[str] = field(default_factory=lambda: ["bundled:eval.txt"])
-    n_ctx: int = bounded(256, least=8)
-    n_chunks: int = bounded(8, least=1)
-    prompt: str = "The miller carried"
-    max_tokens: int = bounded(16, least=0)
-    probes: List[str] = field(default_factory=lambda: list(DEFAULT_PROBES))
-    gates: GateConfig = field(default_factory=GateConfig)
-    flip_prompts: int = bounded(4, least=0)
-    flip_tokens: int = bounded(32, least=1)
-    domains: List[str] = field(default_factory=list)
-    domain_texts: Dict[str, List[str]] = field(default_factory=dict)
-    domain_gates: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

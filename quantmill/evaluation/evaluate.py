@@ -136,6 +136,20 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
                                      reference_flips["tokens"])
                     for w in tokens[:len(reference_flips["continuations"])]]
             result.update(metrics.flips(ours, reference_flips["continuations"]))
+        if meta.get("tasks"):  # lm-eval tasks on this model in this runtime; the reference's are the baseline
+            from quantmill.evaluation.tasks import TASK_RESULTS, recovery, run_tasks
+
+            scored = run_tasks(runtime, model, Path(request["evalset"]), n_ctx=n_ctx, limit=meta.get("task_limit", 0))
+            if request["mode"] == "reference":
+                (Path(request["reference_out"]) / TASK_RESULTS).write_text(json.dumps(scored, indent=1))
+                result["tasks"] = recovery(scored, scored)
+            else:
+                reference_tasks = Path(request["reference"]) / TASK_RESULTS
+                result["tasks"] = recovery(scored, json.loads(reference_tasks.read_text())
+                                           if reference_tasks.is_file() else {})
+                ratios = [r["recovery"] for r in result["tasks"].values() if r["recovery"] is not None]
+                if ratios:
+                    result["task_recovery"] = round(min(ratios), 4)
         result["generated_ids"] = generated
         result["generated_text"] = runtime.detokenize(model, generated)
         result["tokenizer"] = tokenizer_fidelity(runtime, model, meta)

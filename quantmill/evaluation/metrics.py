@@ -112,9 +112,10 @@ class Accumulator:
 
 GATE_METRICS = {"max_mean_kld": ("mean_kld", "<="), "max_p99_kld": ("p99_kld", "<="),
                 "max_ppl_ratio": ("ppl_ratio", "<="), "min_top1": ("top1_agreement", ">="),
-                "max_fallback_share": ("fallback_share", "<="), "max_flip_rate": ("flip_rate", "<=")}
-# Read from the file where its format has it, measured where flips are on: else no gate.
-ARTIFACT_METRICS = frozenset({"fallback_share", "flip_rate"})
+                "max_fallback_share": ("fallback_share", "<="), "max_flip_rate": ("flip_rate", "<="),
+                "min_task_recovery": ("task_recovery", ">=")}
+# Read from the file where its format has it, measured where flips or tasks are on: else no gate.
+ARTIFACT_METRICS = frozenset({"fallback_share", "flip_rate", "task_recovery"})
 
 
 def check_gates(metrics: dict[str, Any], gates: dict[str, Any]) -> list[dict[str, Any]]:

@@ -161,6 +161,30 @@ def _domain_table(rows: list[dict[str, Any]]) -> str:
             f"<th>prose: mean KLD</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
+def _task_table(rows: list[dict[str, Any]]) -> str:
+    """Each lm-eval task's accuracy per artifact beside the unquantized model's (validate.tasks)."""
+    tasks = sorted({t for r in rows for t in r.get("tasks") or {}})
+    if not tasks:
+        return ""
+    reference = {t: next(r["tasks"][t]["reference"] for r in rows if t in (r.get("tasks") or {})) for t in tasks}
+    body = ['<tr><td class="l">unquantized</td>'
+            + "".join(f"<td>{reference[t]:.3f}</td><td></td>" if reference[t] is not None else "<td></td><td></td>"
+                      for t in tasks) + "</tr>"]
+    for r in rows:
+        cells = [f'<td class="l">{html.escape(r["recipe"])}</td>']
+        for t in tasks:
+            v = (r.get("tasks") or {}).get(t)
+            se = f" ± {v['stderr']:.3f}" if v and v.get("stderr") is not None else ""
+            cells += [f"<td>{v['value']:.3f}{se}</td>" if v else "<td></td>",
+                      f"<td>{100 * v['recovery']:.1f}%</td>" if v and v.get("recovery") is not None else "<td></td>"]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    head = "".join(f"<th>{html.escape(t)}</th><th>recovery</th>" for t in tasks)
+    return ("<h2>Task accuracy</h2><p>lm-evaluation-harness tasks run on each file in its own runtime; ± is the "
+            "standard error over documents, recovery the ratio to the unquantized model's accuracy.</p>"
+            f"<table class=domains><thead><tr><th class=l>model</th>{head}</tr></thead><tbody>{''.join(body)}"
+            "</tbody></table>")
+
+
 def _kld(v: dict[str, Any]) -> str:
     if v.get("mean_kld") is None:
         return ""
@@ -207,4 +231,4 @@ text's openings differ from the original's. Speeds are medians of repeated runs,
 {pages.chart(chart_points(rows), name=report["model"])}{_ladder_note(rows)}
 <table><thead><tr>{''.join(f'<th class="{"l" if i in (0, 1, 10, 15) else ""}">{h}</th>' for i, h in enumerate(header))}</tr></thead><tbody>
 {chr(10).join(body)}
-</tbody></table>{note}{_domain_table(rows)}""")
+</tbody></table>{note}{_domain_table(rows)}{_task_table(rows)}""")

@@ -86,17 +86,20 @@ def build(checked: Checked, store: Store) -> Plan:
     if cfg.validate.enabled:
         v = cfg.validate
 
-        def evalset_of(suffix: str, files: list[Path]) -> StepSpec:
-            """An evaluation set of ``files``: the same windows, smoke prompt and probes for every domain."""
+        def evalset_of(suffix: str, files: list[Path], tasks: list[Path] = ()) -> StepSpec:
+            """An evaluation set of ``files``: the same windows, smoke prompt and probes for every domain; the
+            lm-eval tasks ride with the main one."""
             return add(StepSpec(
                 id=f"{C.VALIDATE}:evalset{suffix}", step=C.VALIDATE, backend="files", capability=C.CPU,
                 inputs={"model": model_spec.id},
                 config=EvalSetRecord(texts=_texts(files), n_ctx=v.n_ctx, n_chunks=v.n_chunks, prompt=v.prompt,
-                                     probes=list(v.probes)).to_config(),
-                context={"files": [str(p) for p in files]},
-                tools=package_versions("tokenizers", "transformers", "safetensors")))
+                                     probes=list(v.probes), tasks=_texts(tasks) if tasks else None,
+                                     task_limit=v.task_limit if tasks else None).to_config(),
+                context={"files": [str(p) for p in files], "task_files": [str(p) for p in tasks]},
+                tools={**package_versions("tokenizers", "transformers", "safetensors"),
+                       **(package_versions("lm-eval") if tasks else {})}))
 
-        evalset = evalset_of("", eval_files)
+        evalset = evalset_of("", eval_files, checked.task_files)
         domain_sets = {d: evalset_of(f"-{d}", files) for d, files in checked.domain_files.items()}
 
     needs_calibration = any(q.needs_calibration(r) for r, q, _ in recipes.values())

@@ -17,11 +17,10 @@ from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOU
 from quantmill.backends.base import SourceInfo
 from quantmill.config import QuantmillConfig
 from quantmill.errors import ConfigError, PreflightError
+from quantmill.plan.texts import BUNDLED_TEXT, check_tasks, text_files  # noqa: F401 (BUNDLED_TEXT re-exported)
 from quantmill.registry.names import check_name
 from quantmill.store import signing
 from quantmill.store.local import Store
-
-BUNDLED_TEXT = Path(__file__).resolve().parents[1] / "bundled" / "text"
 
 
 @dataclass
@@ -39,6 +38,7 @@ class Checked:
         runtimes, gates: recipe name -> its validation runtime and effective gates (validation on).
         eval_files: The evaluation texts (validation on).
         domain_files: Each further domain's evaluation texts (``validate.domains``).
+        task_files: The lm-eval task files and their data files (``validate.tasks``).
         calibration_files: The calibration texts (a recipe reads the calibration set from files).
     """
 
@@ -55,6 +55,7 @@ class Checked:
     eval_files: list[Path] = field(default_factory=list)
     calibration_files: list[Path] = field(default_factory=list)
     domain_files: dict[str, list[Path]] = field(default_factory=dict)
+    task_files: list[Path] = field(default_factory=list)
 
 
 def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
@@ -92,7 +93,7 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
         raise PreflightError("publishing needs a passed validation but validate.enabled=false; enable it, or set "
                              "validate.enforce=false to publish marked unvalidated, or publish.enabled=false")
     names = {r: check_name(cfg.publish.name_template.format(model=model.name, recipe=r)) for r in recipes}
-    runtimes, gates, eval_files, domain_files = {}, {}, [], {}
+    runtimes, gates, eval_files, domain_files, task_files = {}, {}, [], {}, []
     if cfg.validate.enabled:
         for name, (recipe, _, _) in recipes.items():
             runtimes[name] = runtime_for(recipe.format)
@@ -101,6 +102,7 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
             gates[name] = effective_gates(cfg, name, recipe)
         eval_files = text_files(list(cfg.validate.eval_files), "validate.eval_files")
         domain_files = check_domains(cfg, gates)
+        task_files = check_tasks(list(cfg.validate.tasks), gates)
     needs_calibration = any(q.needs_calibration(r) for r, q, _ in recipes.values())
     cal_files = calibration_files(cfg) if needs_calibration else []
 
@@ -125,7 +127,7 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
         if any(g.get("tokenizer_exact") for g in gates.values()):
             _check_tokenizer_agrees(cfg, info, store)
     return Checked(cfg, warnings, recipes, info, adapter_info, publisher, signer, names, runtimes, gates, eval_files,
-                   cal_files, domain_files)
+                   cal_files, domain_files, task_files)
 
 
 def calibration_files(cfg: QuantmillConfig) -> list[Path]:
@@ -133,34 +135,6 @@ def calibration_files(cfg: QuantmillConfig) -> list[Path]:
     if cfg.calibration.source != "files":
         return []
     return text_files(list(cfg.calibration.files), "calibration.files")
-
-
-def text_files(names: list[str], what: str) -> list[Path]:
-    """Resolve text files; ``bundled:NAME`` is a text shipped with quantmill."""
-    paths = []
-    for name in names:
-        path = BUNDLED_TEXT / name.removeprefix("bundled:") if name.startswith("bundled:") else Path(name)
-        if not path.is_file():
-            raise PreflightError(f"{what} file {name!r} not found ({path.resolve()}); fix {what}")
-        _check_text(path, name, what)
-        paths.append(path.resolve())
-    if not paths:
-        raise PreflightError(f"{what} is empty; name at least one text file")
-    return paths
-
-
-def _check_text(path: Path, name: str, what: str) -> None:
-    """A text file the steps will read: UTF-8, with some text in it."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise PreflightError(f"{what} file {name!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
-                             f"{e.start}); give a UTF-8 text file") from None
-    if "\x00" in text:
-        raise PreflightError(f"{what} file {name!r} holds NUL bytes (binary data?); give a UTF-8 text file")
-    if not text.strip():
-        raise PreflightError(f"{what} file {name!r} is empty; give a text file with some paragraphs in it")
 
 
 def effective_gates(cfg: QuantmillConfig, name: str, recipe) -> dict[str, Any]:

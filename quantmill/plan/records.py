@@ -58,7 +58,10 @@ class EvalSetRecord(Record):
     n_chunks: int
     prompt: str
     probes: list[str]
+    tasks: list[Mapping[str, str]] | None = None  # lm-eval task files and their data files, by name and digest
+    task_limit: int | None = None
     kind: str = "evalset"
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("tasks", "task_limit")
 
 
 @dataclass(frozen=True)

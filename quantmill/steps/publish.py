@@ -66,6 +66,7 @@ def metric_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
                                    + f", p99 {v['p99_kld']:.5f}"),
                  ("Top-1 agreement", f"{100 * v['top1_agreement']:.2f} %"),
                  *([("Flips", flip_text(v))] if "flip_rate" in v else []),
+                 *([("Task accuracy", task_text(v["tasks"]))] if v.get("tasks") else []),
                  ("Tokenizer fidelity", v["tokenizer"]["detail"]),
                  ("Speed", speed_text(v)),
                  *([("Energy", energy_text(v["energy"]))] if "energy" in v else []),
@@ -92,6 +93,17 @@ def flip_text(v: dict[str, Any]) -> str:
     where = (f", the first difference at token {v['first_divergence']:.1f} on average"
              if v.get("first_divergence") is not None else "")
     return f"{round(v['flip_rate'] * n)} of {n} greedy continuations differ from the original's{where}"
+
+
+def task_text(tasks: dict[str, dict[str, Any]]) -> str:
+    """Each lm-eval task's accuracy ± its standard error, beside the unquantized model's, and their ratio."""
+    parts = []
+    for name, t in tasks.items():
+        se = f" ± {t['stderr']:.3f}" if t.get("stderr") is not None else ""
+        ref = (f" (original {t['reference']:.3f}, recovery {100 * t['recovery']:.1f} %)"
+               if t.get("recovery") is not None else "")
+        parts.append(f"{name} {t['metric']} {t['value']:.3f}{se}{ref} over {t['docs']} documents")
+    return "; ".join(parts)
 
 
 def speed_text(v: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from quantmill.toolchain.tools import run_tool
 
 
 def make_evalset(model_dir: Path, files: Sequence[Path], out: Path, *, n_ctx: int, n_chunks: int, prompt: str,
-                 probes: Sequence[str]) -> dict[str, Any]:
+                 probes: Sequence[str], tasks: Sequence[Path] = (), task_limit: int = 0) -> dict[str, Any]:
     """Tokenize the evaluation text once with the source tokenizer into ``n_chunks`` windows of ``n_ctx`` ids.
 
     Raises:
@@ -52,8 +52,19 @@ def make_evalset(model_dir: Path, files: Sequence[Path], out: Path, *, n_ctx: in
         "probes": [{"text": p, "ids": tok.encode(p)} for p in probes],
         "bos_id": bos, "eos_id": tok.special_id("eos_token"), "chat_template": tok.chat_template,
     }
+    if tasks:  # lm-eval task files and their data, run by every reference and validation of this set
+        import shutil
+
+        from quantmill.evaluation.tasks import TASKS_DIR, task_names
+
+        (out / TASKS_DIR).mkdir()
+        for path in tasks:
+            shutil.copyfile(path, out / TASKS_DIR / path.name)
+        meta["tasks"] = task_names(tasks)
+        meta["task_limit"] = task_limit
     (out / EVALSET_META).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
-    return {"windows": windows, "n_ctx": n_ctx, "tokens": int(tokens.size), "probes": len(probes)}
+    return {"windows": windows, "n_ctx": n_ctx, "tokens": int(tokens.size), "probes": len(probes),
+            **({"tasks": meta["tasks"]} if tasks else {})}
 
 
 def _evaluate(mode: str, runtime: str, artifact: Path, evalset: Path, reference: Path | None,
@@ -81,7 +92,8 @@ def reference(runtime: Any, model: Path, evalset: Path, out: Path, *, threads: i
     result, _ = _evaluate("reference", runtime.key, model, evalset, None, out, threads=threads, max_tokens=1,
                           label="reference log-probabilities", flips=flips)
     # Only what is reproducible goes into the artifact: no timings.
-    return {"runtime": runtime.key, "ppl": result["ppl"], "scored_tokens": result["scored_tokens"]}
+    return {"runtime": runtime.key, "ppl": result["ppl"], "scored_tokens": result["scored_tokens"],
+            **({"tasks": result["tasks"]} if "tasks" in result else {})}
 
 
 def validate(runtime: Any, artifact: Path, evalset: Path, reference_dir: Path, *, gates: dict[str, Any],
