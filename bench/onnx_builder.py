@@ -9,9 +9,9 @@ the FP32 intermediate is not built without validation). Peak RSS is each process
     python bench/onnx_builder.py [SHAPE] [REPS]
     python bench/onnx_builder.py speed [SHAPE]
 
-``speed``: ONNX INT4 generation beside llama.cpp Q4_0 and Q4_K_M on the same CPU, each measured by its own
-validation (the same evaluation windows: prompt tokens/s over the windows, generation tokens/s greedy from the
-same prompt ids, median over the runs, the first run a warm-up), one ``quantmill run`` for the three.
+``speed``: ONNX INT4 beside llama.cpp Q4_0 and Q4_K_M on the same CPU: the three files made by one ``quantmill run``,
+then each runtime timed in a process of its own on the same fixed token ids (prompt processing of 256 ids, greedy
+generation of 64 tokens), median of 5 runs after a warm-up, two rounds alternating.
 """
 
 from __future__ import annotations
@@ -79,42 +79,81 @@ def main(shape: str = "llama-1.1b", reps: int = 2) -> dict:
 
 
 SPEED_RECIPES = ("gguf_q4_0", "gguf_q4_k_m", "onnx_int4_cpu")
+RUNTIME_OF = {"gguf": "llamacpp", "onnx": "onnx"}
+PROMPT_IDS, GENERATED, RUNS = 256, 64, 5
+
+
+def timing(runtime_key: str, artifact: str) -> dict:
+    """In a process of its own: prompt tok/s over 256 fixed ids and greedy generation tok/s of 64 tokens from 16
+    fixed ids, each the median of 5 runs after a warm-up; the process's peak RSS."""
+    import resource
+    import time
+
+    if runtime_key == "llamacpp":
+        from quantmill.toolchain.llamacpp import import_llama_cpp
+
+        import_llama_cpp()
+    from quantmill.backends import RUNTIMES
+
+    runtime = RUNTIMES.get(runtime_key)
+    ids = [1] + [(7 * i + 3) % 900 + 10 for i in range(PROMPT_IDS - 1)]  # fixed ids, the same for both runtimes
+    with runtime.load(Path(artifact), n_ctx=512, threads=os.cpu_count()) as model:
+        runtime.logits(model, ids[:32])
+        runtime.generate(model, ids[:16], 4)
+        prompt, gen = [], []
+        for _ in range(RUNS):
+            t = time.perf_counter()
+            runtime.logits(model, ids)
+            prompt.append(len(ids) / (time.perf_counter() - t))
+            t = time.perf_counter()
+            out = runtime.generate(model, ids[:16], GENERATED)
+            gen.append(len(out) / (time.perf_counter() - t))
+    return {"prompt_tok_s": round(statistics.median(prompt), 1), "generation_tok_s": round(statistics.median(gen), 1),
+            "generation_runs": [round(g, 1) for g in gen], "generated": len(out),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
 def speed(shape: str = "llama-1.1b") -> dict:
+    """Build Q4_0, Q4_K_M and ONNX INT4 of the shape with quantmill (cached after the first time), then time each
+    runtime on the same fixed ids, alternating over two rounds."""
+    import subprocess
+
     import synthetic
 
     out = HERE / "out"
     model = synthetic.make(shape, out / shape)
     work = out / "onnx-speed"
-    shutil.rmtree(work, ignore_errors=True)
-    seconds, _, printed = measure([Path(sys.executable).parent / "quantmill", "run", "--json", "model=local",
-                                   f"model.path={model}", f"model.name={shape}", f"recipe=[{','.join(SPEED_RECIPES)}]",
-                                   "publish.enabled=false", "validate.n_chunks=4", "validate.max_tokens=64",
-                                   "validate.enforce=false", f"store.root={work / 'store'}",
-                                   f"infra.prefect_home={work / 'prefect'}"],
-                                  env={"HF_HUB_OFFLINE": "1", "QUANTMILL_PREFECT_SERVER": "kept"})
-    steps = {s["spec_id"]: s for s in json.loads(printed)["steps"]}
-    rows = {}
-    for recipe in SPEED_RECIPES:
-        r = steps[f"validate:{recipe}"]["result"]
-        rows[recipe] = {k: r.get(k) for k in ("bits_per_weight", "mean_kld", "prompt_tokens_per_second",
-                                             "generation_tokens_per_second", "speed_runs", "peak_rss_bytes",
-                                             "execution", "load_1m")}
+    done = subprocess.run([Path(sys.executable).parent / "quantmill", "run", "--json", "model=local",
+                           f"model.path={model}", f"model.name={shape}", f"recipe=[{','.join(SPEED_RECIPES)}]",
+                           "validate.enabled=false", "publish.enabled=false", f"store.root={work / 'store'}",
+                           f"infra.prefect_home={work / 'prefect'}"], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
+    steps = {s["spec_id"]: s for s in json.loads(done.stdout)["steps"]}
+    rows: dict = {}
+    for _ in range(2):
+        for recipe in SPEED_RECIPES:
+            step = steps[f"quantize:{recipe}"]
+            artifact = work / "store" / "objects" / step["key"] / "files"
+            runtime = RUNTIME_OF["onnx" if recipe.startswith("onnx") else "gguf"]
+            timed = subprocess.run([sys.executable, __file__, "_time", runtime, str(artifact)], capture_output=True,
+                                   text=True, check=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+            row = rows.setdefault(recipe, {"bits_per_weight": step["result"]["bits_per_weight"], "rounds": []})
+            row["rounds"].append(json.loads(timed.stdout.strip().splitlines()[-1]))
+    for row in rows.values():
+        for key in ("prompt_tok_s", "generation_tok_s", "peak_rss_mib"):
+            row[key] = round(statistics.median(r[key] for r in row["rounds"]), 1)
     results = {"shape": shape, "params": synthetic.n_params(shape), "cpus": os.cpu_count(), "rows": rows,
-               "run_s": round(seconds, 1)}
+               "load_1m": round(os.getloadavg()[0], 2)}
     (out / f"onnx_speed-{shape}.json").write_text(json.dumps(results, indent=1))
-    shutil.rmtree(work, ignore_errors=True)
     return results
 
 
 def speed_markdown(results: dict) -> str:
-    lines = [f"| {results['shape']}, {results['cpus']} CPU cores | bits/weight | prompt tok/s | generation tok/s | "
-             f"peak RSS |", "|---|---:|---:|---:|---:|"]
+    lines = [f"| {results['shape']}, {results['cpus']} CPU cores | bits/weight | prompt tok/s (256 ids) | "
+             f"generation tok/s (64 tokens) | peak RSS |", "|---|---:|---:|---:|---:|"]
     for recipe, r in results["rows"].items():
-        rss = f"{r['peak_rss_bytes'] / 2**20:.0f} MiB" if r.get("peak_rss_bytes") else "-"
-        lines.append(f"| {recipe} | {r['bits_per_weight']} | {r['prompt_tokens_per_second']} | "
-                     f"{r['generation_tokens_per_second']} | {rss} |")
+        lines.append(f"| {recipe} | {r['bits_per_weight']:.2f} | {r['prompt_tok_s']} | {r['generation_tok_s']} | "
+                     f"{r['peak_rss_mib']} MiB |")
     return "\n".join(lines)
 
 
@@ -135,7 +174,9 @@ def markdown(results: dict) -> str:
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
     args = sys.argv[1:]
-    if args[:1] == ["speed"]:
+    if args[:1] == ["_time"]:
+        print(json.dumps(timing(args[1], args[2])))
+    elif args[:1] == ["speed"]:
         print(speed_markdown(speed(*args[1:2])))
     else:
         print(markdown(main(*(args[:1] or []), *(int(a) for a in args[1:2]))))
