@@ -137,7 +137,7 @@ def _reference(rec: ReferenceRecord, spec: StepSpec, inputs: Mapping[str, Path],
 def _validate(rec: ValidationRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
     record = validate.validate(RUNTIMES.get(spec.backend), inputs["artifact"], inputs["evalset"], inputs["reference"],
                                gates=rec.gates, max_tokens=rec.max_tokens, threads=spec.context["threads"],
-                               label=f"validate {spec.recipe}")
+                               label=f"validate {spec.recipe}", offload_curve=bool(rec.offload_curve))
     record["estimate"] = rec.estimate
     (out / C.VALIDATION_FILE).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     return {"status": record["status"], "failed": validate.failed_checks(record),
@@ -147,7 +147,7 @@ def _validate(rec: ValidationRecord, spec: StepSpec, inputs: Mapping[str, Path],
 DOMAIN_METRICS = ("ppl_ratio", "mean_kld", "mean_kld_se", "p99_kld", "top1_agreement", "flip_rate")
 SUMMARY_METRICS = ("ppl", "ref_ppl", "ppl_ratio", "mean_kld", "p99_kld", "top1_agreement", "size_bytes",
                    "bits_per_weight", "prompt_tokens_per_second", "generation_tokens_per_second",
-                   "peak_rss_bytes", "flip_rate", "tasks", "task_recovery")
+                   "peak_rss_bytes", "peak_gpu_memory_bytes", "flip_rate", "tasks", "task_recovery")
 
 
 def _publish(rec: PublishRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:

@@ -46,15 +46,16 @@ class LlamaCppRuntime:
         return files[0]
 
     @contextmanager
-    def load(self, artifact: Path, *, n_ctx: int, threads: int = 0) -> Iterator[Any]:
+    def load(self, artifact: Path, *, n_ctx: int, threads: int = 0, gpu_layers: int = -1) -> Iterator[Any]:
+        """``gpu_layers``: on a CUDA build, the layers offloaded to the GPU (-1: all of them, the output too)."""
         llama_cpp = import_llama_cpp()
         start = time.perf_counter()
         # Flash attention on: what llama.cpp's own tools resolve their default ("auto") to on CPU, so the numbers
         # are those users of llama.cpp get (it moves perplexity by ~0.02 % on the bundled model).
-        on_gpu = locate().cuda  # a CUDA build validates with every layer on the GPU
+        on_gpu = locate().cuda and gpu_layers != 0  # a CUDA build validates with every layer on the GPU
         model = llama_cpp.Llama(str(self.model_file(artifact)), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
                                 n_threads=threads or None, flash_attn=FLASH_ATTENTION, verbose=False, seed=0,
-                                n_gpu_layers=-1 if on_gpu else 0)
+                                n_gpu_layers=gpu_layers if on_gpu else 0)
         model.device = "cuda" if on_gpu else "cpu"  # energy: the GPU's counter, where it runs there
         model.load_seconds = time.perf_counter() - start
         try:
@@ -85,6 +86,16 @@ class LlamaCppRuntime:
         n_vocab = model.n_vocab()
         out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(ids) - first, n_vocab))
         return out.copy()
+
+    def offload_points(self, model: Any) -> list[int] | str:
+        """The layer counts of the VRAM-wall curve: all (the output too), three quarters, half, a quarter, none; or
+        why there is no curve here."""
+        if not locate().cuda:
+            return ("not measured: llama.cpp here is built without CUDA; validate on a worker of a pool offering "
+                    "capability 'llamacpp-cuda'")
+        arch = model.metadata.get("general.architecture", "llama")
+        n = int(model.metadata.get(f"{arch}.block_count", 0))
+        return [n + 1, 3 * n // 4, n // 2, n // 4, 0] if n else "not measured: the file names no block count"
 
     def generate(self, model: Any, ids: Sequence[int], max_tokens: int) -> list[int]:
         """Greedy continuation of ``ids``: argmax at each step, stopping at end-of-sequence."""

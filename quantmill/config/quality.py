@@ -62,6 +62,8 @@ class ValidateConfig:
         tasks: lm-evaluation-harness task files (YAML over local data files; ``bundled:quantmill_cloze.yaml``) run on
             the unquantized model once and on each artifact in its runtime: accuracy and its ratio ("recovery").
         task_limit: Documents per task (0: all of them).
+        offload_curve: Also measure generation speed and energy with all, 3/4, 1/2, 1/4 and none of the layers on
+            the GPU (GGUF on a CUDA build of llama.cpp; elsewhere the record says why there is no curve).
     """
 
     enabled: bool = True
@@ -80,3 +82,4 @@ class ValidateConfig:
     domain_gates: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     tasks: List[str] = field(default_factory=list)
     task_limit: int = bounded(0, least=0)
+    offload_curve: bool = False

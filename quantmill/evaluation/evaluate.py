@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from quantmill.evaluation import metrics
-from quantmill.toolchain.energy import EnergyMeter, per_token
+from quantmill.toolchain.energy import EnergyMeter, GpuMemoryPeak, per_token
 
 SPEED_RUNS = 3  # timed greedy generations after a warm-up; the median is reported, the range kept
 EVALSET_TOKENS = "eval.safetensors"
@@ -67,6 +67,39 @@ def _add(span: list, reading: dict[str, Any], tokens: int) -> None:
     span[2] += reading["seconds"]
 
 
+def offload_curve(runtime: Any, artifact: Path, prompt_ids: list[int], tokens: int, n_ctx: int,
+                  threads: int) -> dict[str, Any]:
+    """Greedy generation speed, and joules per token where counters exist, with fewer and fewer layers on the GPU
+    (the VRAM wall): the file loaded once per point, the median of ``SPEED_RUNS`` timed runs after a warm-up."""
+    if not hasattr(runtime, "offload_points"):
+        return {"available": False, "detail": f"not measured: runtime {runtime.key!r} has no layer offload"}
+    with runtime.load(artifact, n_ctx=n_ctx, threads=threads) as model:
+        points = runtime.offload_points(model)
+    if isinstance(points, str):
+        return {"available": False, "detail": points}
+    rows = []
+    for layers in points:
+        with runtime.load(artifact, n_ctx=n_ctx, threads=threads, gpu_layers=layers) as model:
+            meter = EnergyMeter(("gpu", "cpu"))
+            runtime.generate(model, prompt_ids, 2)
+            speeds, spent = [], [0.0, 0, 0.0]
+            for _ in range(SPEED_RUNS):
+                start = time.perf_counter()
+                if meter.available:
+                    meter.start()
+                made = runtime.generate(model, prompt_ids, tokens)
+                speeds.append(len(made) / (time.perf_counter() - start))
+                if meter.available:
+                    _add(spent, meter.joules(), len(made))
+            energy = per_token(meter, {"generated": tuple(spent)})
+            rows.append({"gpu_layers": layers, "generation_tokens_per_second": _sig(float(np.median(speeds))),
+                         "joules_per_generated_token": energy.get("joules_per_generated_token")})
+    top = rows[0]["generation_tokens_per_second"] or 1
+    for row in rows:
+        row["vs_all_on_gpu"] = round(row["generation_tokens_per_second"] / top, 3)
+    return {"available": True, "tokens": tokens, "points": rows}
+
+
 def run(request: dict[str, Any]) -> dict[str, Any]:
     from safetensors.numpy import load_file, save_file
 
@@ -81,7 +114,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     acc = metrics.Accumulator()
     kept = []
     result: dict[str, Any] = {"runtime": runtime.key, "mode": request["mode"]}
-    with runtime.load(Path(request["artifact"]), n_ctx=n_ctx, threads=request.get("threads", 0)) as model:
+    gpu_memory = GpuMemoryPeak()
+    with gpu_memory, runtime.load(Path(request["artifact"]), n_ctx=n_ctx, threads=request.get("threads", 0)) as model:
         result["load_seconds"] = round(model.load_seconds, 3)
         result["execution"] = getattr(model, "execution", "native")
         bos = runtime.special_ids(model)["bos"]
@@ -154,6 +188,11 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         result["generated_text"] = runtime.detokenize(model, generated)
         result["tokenizer"] = tokenizer_fidelity(runtime, model, meta)
     result.update(acc.summary())
+    if gpu_memory.peak_bytes is not None and "cuda" in str(getattr(model, "device", "")):
+        result["peak_gpu_memory_bytes"] = gpu_memory.peak_bytes  # the driver's, above what was in use before
+    if request.get("offload_curve"):
+        result["offload_curve"] = offload_curve(runtime, Path(request["artifact"]), meta["prompt_ids"],
+                                                max(32, request["max_tokens"]), n_ctx, request.get("threads", 0))
     if reference is None:
         save_file({"logprobs": np.stack(kept)}, str(Path(request["reference_out"]) / REFERENCE_LOGPROBS))
     return result

@@ -185,6 +185,26 @@ def _task_table(rows: list[dict[str, Any]]) -> str:
             "</tbody></table>")
 
 
+def _offload_table(rows: list[dict[str, Any]]) -> str:
+    """The VRAM wall of each GGUF measured on a GPU: generation speed and energy by layers offloaded."""
+    curves = [(r["recipe"], r["offload_curve"]) for r in rows if (r.get("offload_curve") or {}).get("available")]
+    if not curves:
+        return ""
+    body = []
+    for recipe, curve in curves:
+        for i, p in enumerate(curve["points"]):
+            joules = p.get("joules_per_generated_token")
+            body.append(f'<tr><td class="l">{html.escape(recipe) if i == 0 else ""}</td><td>{p["gpu_layers"]}</td>'
+                        f'<td>{pages.number(p["generation_tokens_per_second"])}</td>'
+                        f'<td>{100 * p["vs_all_on_gpu"]:.0f}%</td><td>{f"{joules:.3g}" if joules else ""}</td></tr>')
+    return ("<h2>Layers on the GPU</h2><p>Greedy generation with all, three quarters, half, a quarter and none of "
+            "the layers on the GPU (llama.cpp's n_gpu_layers; the first row counts the output layer too): what "
+            "happens when the file does not fit. Joules per token from the GPU's counter (NVML) only.</p>"
+            "<table class=domains><thead><tr><th class=l>recipe</th><th>layers on GPU</th><th>generation (tok/s)"
+            "</th><th>vs all on GPU</th><th>J per token</th></tr></thead><tbody>" + "".join(body) +
+            "</tbody></table>")
+
+
 def _kld(v: dict[str, Any]) -> str:
     if v.get("mean_kld") is None:
         return ""
@@ -209,7 +229,8 @@ def render_html(report: dict[str, Any]) -> str:
                  f"{round(r['flip_rate'] * r['flip_prompts'])}/{r['flip_prompts']}" if "flip_rate" in r else "",
                  "exact" if r.get("tokenizer", {}).get("exact") else "MISMATCH" if "tokenizer" in r else "",
                  _speed(r, "prompt_tokens_per_second"), _speed(r, "generation_tokens_per_second"),
-                 f"{r['peak_rss_bytes'] / 2**20:.0f}" if r.get("peak_rss_bytes") else "",
+                 (f"{r['peak_rss_bytes'] / 2**20:.0f}" if r.get("peak_rss_bytes") else "")
+                 + (f"\nGPU {r['peak_gpu_memory_bytes'] / 2**20:.0f}" if r.get("peak_gpu_memory_bytes") else ""),
                  f"{(estimate['weights_bytes'] + estimate['kv_cache_bytes']) / 2**20:.0f}" if estimate else "", failed]
         cells = cells if any_failed else cells[:-1]
         cls = "passed" if r["status"] == C.PASSED else "failed"
@@ -231,4 +252,4 @@ text's openings differ from the original's. Speeds are medians of repeated runs,
 {pages.chart(chart_points(rows), name=report["model"])}{_ladder_note(rows)}
 <table><thead><tr>{''.join(f'<th class="{"l" if i in (0, 1, 10, 15) else ""}">{h}</th>' for i, h in enumerate(header))}</tr></thead><tbody>
 {chr(10).join(body)}
-</tbody></table>{note}{_domain_table(rows)}{_task_table(rows)}""")
+</tbody></table>{note}{_domain_table(rows)}{_task_table(rows)}{_offload_table(rows)}""")

@@ -208,7 +208,8 @@ def build(checked: Checked, store: Store) -> Plan:
                 id=f"{C.VALIDATE}:{name}", step=C.VALIDATE, backend=runtime.key, capability=validate_on,
                 inputs={"artifact": artifact.id, "evalset": evalset.id, "reference": reference.id}, recipe=name,
                 config=ValidationRecord(max_tokens=cfg.validate.max_tokens, gates=gates[name],
-                                        estimate=_estimate(info, recipe, cfg.validate.n_ctx)).to_config(),
+                                        estimate=_estimate(info, recipe, cfg.validate.n_ctx),
+                                        offload_curve=cfg.validate.offload_curve or None).to_config(),
                 # The record holds speed and memory measured here, so the machine class is part of its key.
                 context={"threads": threads}, tools={**runtime.tools(), "machine": measured_on(cfg, validate_on)}))
             for domain, domain_set in domain_sets.items():  # one reference per domain, shared by every recipe

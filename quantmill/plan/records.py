@@ -152,7 +152,9 @@ class ValidationRecord(Record):
     max_tokens: int
     gates: Mapping[str, Any]
     estimate: Mapping[str, int] | None
+    offload_curve: bool | None = None  # the VRAM-wall curve too (GGUF on a CUDA build)
     kind: str = "artifact"
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("offload_curve",)
 
 
 @dataclass(frozen=True)

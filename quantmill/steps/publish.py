@@ -67,10 +67,13 @@ def metric_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
                  ("Top-1 agreement", f"{100 * v['top1_agreement']:.2f} %"),
                  *([("Flips", flip_text(v))] if "flip_rate" in v else []),
                  *([("Task accuracy", task_text(v["tasks"]))] if v.get("tasks") else []),
+                 *([("Layers on the GPU", offload_text(v["offload_curve"]))] if v.get("offload_curve") else []),
                  ("Tokenizer fidelity", v["tokenizer"]["detail"]),
                  ("Speed", speed_text(v)),
                  *([("Energy", energy_text(v["energy"]))] if "energy" in v else []),
-                 ("Peak memory", f"{v['peak_rss_bytes'] / 2**20:.0f} MiB"),
+                 ("Peak memory", f"{v['peak_rss_bytes'] / 2**20:.0f} MiB"
+                                 + (f" host, {v['peak_gpu_memory_bytes'] / 2**20:.0f} MiB GPU"
+                                    if v.get("peak_gpu_memory_bytes") is not None else "")),
                  ("Measured on", machine_text(v["machine"]))]
     return rows
 
@@ -104,6 +107,19 @@ def task_text(tasks: dict[str, dict[str, Any]]) -> str:
                if t.get("recovery") is not None else "")
         parts.append(f"{name} {t['metric']} {t['value']:.3f}{se}{ref} over {t['docs']} documents")
     return "; ".join(parts)
+
+
+def offload_text(curve: dict[str, Any]) -> str:
+    """The VRAM wall: generation speed (and energy) as fewer layers sit on the GPU."""
+    if not curve.get("available"):
+        return curve.get("detail", "not measured")
+    parts = []
+    for p in curve["points"]:
+        joules = (f", {p['joules_per_generated_token']:.3g} J/token" if p.get("joules_per_generated_token") is not None
+                  else "")
+        parts.append(f"{p['gpu_layers']}: {pages.number(p['generation_tokens_per_second'])} tok/s "
+                     f"({100 * p['vs_all_on_gpu']:.0f} %{joules})")
+    return "generation with " + "; ".join(parts)
 
 
 def speed_text(v: dict[str, Any]) -> str:

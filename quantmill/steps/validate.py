@@ -69,7 +69,7 @@ def make_evalset(model_dir: Path, files: Sequence[Path], out: Path, *, n_ctx: in
 
 def _evaluate(mode: str, runtime: str, artifact: Path, evalset: Path, reference: Path | None,
               reference_out: Path | None, *, threads: int, max_tokens: int, label: str,
-              flips: tuple[int, int] = (0, 0)) -> tuple[dict, int]:
+              flips: tuple[int, int] = (0, 0), offload_curve: bool = False) -> tuple[dict, int]:
     """Run ``quantmill.evaluation.evaluate`` in a process of its own (``quantmill.evaluation.process``); return its
     result and that process's peak RSS."""
     with tempfile.TemporaryDirectory(prefix="quantmill-eval-") as tmp:
@@ -77,7 +77,7 @@ def _evaluate(mode: str, runtime: str, artifact: Path, evalset: Path, reference:
                    "reference": str(reference) if reference else None,
                    "reference_out": str(reference_out) if reference_out else None,
                    "result_path": str(Path(tmp) / "result.json"), "threads": threads, "max_tokens": max_tokens,
-                   "flips": list(flips)}
+                   "flips": list(flips), "offload_curve": offload_curve}
         (Path(tmp) / "request.json").write_text(json.dumps(request))
         # cwd: ``python -m`` puts it first on sys.path, and the run's own directory may hold another checkout
         run = run_tool([sys.executable, "-m", "quantmill.evaluation.process", "evaluate", Path(tmp) / "request.json"],
@@ -97,7 +97,7 @@ def reference(runtime: Any, model: Path, evalset: Path, out: Path, *, threads: i
 
 
 def validate(runtime: Any, artifact: Path, evalset: Path, reference_dir: Path, *, gates: dict[str, Any],
-             max_tokens: int, threads: int, label: str) -> dict[str, Any]:
+             max_tokens: int, threads: int, label: str, offload_curve: bool = False) -> dict[str, Any]:
     """Measure the artifact; return its validation record (``status`` passed only if every check and gate passed)."""
     record: dict[str, Any] = {"runtime": runtime.key, "machine": machine_info()}
     files = sorted(p for p in artifact.iterdir() if p.is_file() and p.name != C.RESULT_FILE)
@@ -105,7 +105,7 @@ def validate(runtime: Any, artifact: Path, evalset: Path, reference_dir: Path, *
     record["bits_per_weight"] = round(runtime.bits_per_weight(artifact), 4)
     try:
         metrics, peak = _evaluate("compare", runtime.key, artifact, evalset, reference_dir, None, threads=threads,
-                                  max_tokens=max_tokens, label=label)
+                                  max_tokens=max_tokens, label=label, offload_curve=offload_curve)
     except ToolError as e:  # the runtime could not load or run it: a failed artifact, recorded with the reason
         if e.returncode is not None and e.returncode < 0:
             raise  # stopped by a signal: says nothing about the artifact, so no verdict is recorded

@@ -145,3 +145,48 @@ def per_token(meter: EnergyMeter, spans: dict[str, tuple[float, int, float]]) ->
     if short:
         out["detail"] = f"too short to read from the counters ({', '.join(short)}; at least {MIN_SECONDS:g} s needed)"
     return out
+
+
+class GpuMemoryPeak:
+    """The peak of GPU memory in use on the visible NVIDIA GPUs above what was in use when it started, sampled by
+    NVML every ``interval`` seconds on a thread of its own (the runtimes allocate outside torch's accounting, so
+    the driver's figure is the one every runtime shares). ``peak_bytes`` is None where there is no NVML."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak_bytes = interval, None
+        self._handles: list[Any] = []
+        self._stop = None
+
+    def _used(self) -> int:
+        import pynvml
+
+        return sum(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in self._handles)
+
+    def __enter__(self) -> "GpuMemoryPeak":
+        import threading
+
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # no library, no driver, no GPU: nothing to sample
+            return self
+        if not self._handles:
+            return self
+        base, self.peak_bytes = self._used(), 0
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.peak_bytes = max(self.peak_bytes, self._used() - base)
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()

@@ -253,3 +253,29 @@ def test_a_run_from_inside_another_checkout_uses_the_installed_code_in_every_pro
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "the other checkout was imported" not in done.stdout + done.stderr
+
+
+def test_the_offload_curve_is_measured_on_a_cuda_build_and_explained_elsewhere(tmp_path):
+    """validate.offload_curve: generation speed with all, 3/4, 1/2, 1/4 and none of the layers on the GPU. A CPU
+    build of llama.cpp has no GPU to offload to: the record says so and names where it can be measured."""
+    from quantmill.toolchain.llamacpp import locate
+
+    root = tmp_path
+    outcomes = {o.spec_id: o for o in run_config(compose_in(root, "recipe=[gguf_q4_k_m]", "validate.offload_curve=true",
+                                                             "validate.flip_prompts=0"))}
+    store = open_store(compose_in(root).store)
+    record = json.loads((store.files(store.lookup(outcomes["validate:gguf_q4_k_m"].key)) / C.VALIDATION_FILE)
+                        .read_text())
+    curve = record["offload_curve"]
+    card = LocalRegistry(root / "store" / C.REGISTRY_DIR).card("tiny-llama-gguf_q4_k_m", 1)
+    if not locate().cuda:
+        assert curve == {"available": False, "detail": "not measured: llama.cpp here is built without CUDA; validate "
+                                                       "on a worker of a pool offering capability 'llamacpp-cuda'"}
+        assert "| Layers on the GPU | not measured: llama.cpp here is built without CUDA" in card
+        return
+    layers = [p["gpu_layers"] for p in curve["points"]]
+    assert layers == [3, 1, 1, 0, 0]  # the bundled model has 2 blocks, and the output layer
+    speeds = [p["generation_tokens_per_second"] for p in curve["points"]]
+    assert curve["available"] and speeds[0] > 0 and curve["points"][0]["vs_all_on_gpu"] == 1.0
+    report = (root / "store" / "reports" / "tiny-llama" / "report.html").read_text()
+    assert "<h2>Layers on the GPU</h2>" in report
