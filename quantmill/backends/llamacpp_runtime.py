@@ -89,10 +89,12 @@ class LlamaCppRuntime:
 
     def offload_points(self, model: Any) -> list[int] | str:
         """The layer counts of the VRAM-wall curve: all (the output too), three quarters, half, a quarter, none; or
-        why there is no curve here."""
+        why there is no curve here. Without a model: whether there can be one (an empty list if so)."""
         if not locate().cuda:
             return ("not measured: llama.cpp here is built without CUDA; validate on a worker of a pool offering "
                     "capability 'llamacpp-cuda'")
+        if model is None:
+            return []
         arch = model.metadata.get("general.architecture", "llama")
         n = int(model.metadata.get(f"{arch}.block_count", 0))
         return [n + 1, 3 * n // 4, n // 2, n // 4, 0] if n else "not measured: the file names no block count"

@@ -29,7 +29,7 @@ RECIPES = "recipe=[gguf_q8_0,gguf_q6_k,gguf_q4_k_m]"
 @pytest.fixture(scope="module")
 def three_quants(tmp_path_factory):
     root = tmp_path_factory.mktemp("validation")
-    cfg = compose_in(root, RECIPES)
+    cfg = compose_in(root, RECIPES, "validate.offload_curve=true")
     outcomes = {o.spec_id: o for o in run_config(cfg)}
     return root, cfg, outcomes
 
@@ -255,18 +255,14 @@ def test_a_run_from_inside_another_checkout_uses_the_installed_code_in_every_pro
     assert "the other checkout was imported" not in done.stdout + done.stderr
 
 
-def test_the_offload_curve_is_measured_on_a_cuda_build_and_explained_elsewhere(tmp_path):
+def test_the_offload_curve_is_measured_on_a_cuda_build_and_explained_elsewhere(three_quants):
     """validate.offload_curve: generation speed with all, 3/4, 1/2, 1/4 and none of the layers on the GPU. A CPU
     build of llama.cpp has no GPU to offload to: the record says so and names where it can be measured."""
     from quantmill.toolchain.llamacpp import locate
 
-    root = tmp_path
-    outcomes = {o.spec_id: o for o in run_config(compose_in(root, "recipe=[gguf_q4_k_m]", "validate.offload_curve=true",
-                                                             "validate.flip_prompts=0"))}
-    store = open_store(compose_in(root).store)
-    record = json.loads((store.files(store.lookup(outcomes["validate:gguf_q4_k_m"].key)) / C.VALIDATION_FILE)
-                        .read_text())
-    curve = record["offload_curve"]
+    root, cfg, outcomes = three_quants
+    store, files = _files(root, outcomes["validate:gguf_q4_k_m"])
+    curve = json.loads((files / C.VALIDATION_FILE).read_text())["offload_curve"]
     card = LocalRegistry(root / "store" / C.REGISTRY_DIR).card("tiny-llama-gguf_q4_k_m", 1)
     if not locate().cuda:
         assert curve == {"available": False, "detail": "not measured: llama.cpp here is built without CUDA; validate "
