@@ -84,3 +84,6 @@ ENV_DEBUG = "QUANTMILL_DEBUG"  # 1: tracebacks of user errors are kept
 ENV_WORKER = "QUANTMILL_WORKER"  # set by `quantmill worker`: the worker's name, its pool and its local cache
 ENV_POOL = "QUANTMILL_POOL"
 ENV_CACHE_DIR = "QUANTMILL_CACHE_DIR"
+
+# Validation: the tokens of each window's opening that greedy continuations (flips) start from.
+FLIP_PROMPT_TOKENS = 16

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from quantmill.constants import FLIP_PROMPT_TOKENS
 from quantmill.evaluation import metrics
 from quantmill.toolchain.energy import EnergyMeter, GpuMemoryPeak, per_token
 
@@ -26,7 +27,6 @@ EVALSET_TOKENS = "eval.safetensors"
 EVALSET_META = "evalset.json"
 REFERENCE_LOGPROBS = "reference.safetensors"
 FLIPS = "flips.json"  # the reference's greedy continuations
-FLIP_PROMPT_TOKENS = 16
 
 
 def _sig(v: float) -> float:

@@ -16,6 +16,7 @@ from typing import Any
 from quantmill.backends import CONVERTERS, PUBLISHERS, QUANTIZERS, RUNTIMES, SOURCES
 from quantmill.backends.base import SourceInfo
 from quantmill.config import QuantmillConfig
+from quantmill.constants import FLIP_PROMPT_TOKENS
 from quantmill.errors import ConfigError, PreflightError
 from quantmill.plan.texts import BUNDLED_TEXT, check_tasks, text_files  # noqa: F401 (BUNDLED_TEXT re-exported)
 from quantmill.registry.names import check_name
@@ -309,10 +310,23 @@ def _check_context(cfg: QuantmillConfig, info: SourceInfo, eval_files: list[Path
                              f"(max_position_embeddings); lower validate.n_ctx")
     root = Path(info.extra.get("root", ""))
     conversations = [p.name for p in eval_files if p.suffix == ".jsonl"]
+    v = cfg.validate
+    if v.flip_prompts and FLIP_PROMPT_TOKENS + v.flip_tokens > n_ctx:
+        raise PreflightError(f"validate.flip_tokens {v.flip_tokens} after a {FLIP_PROMPT_TOKENS}-token opening do "
+                             f"not fit one window of validate.n_ctx={n_ctx}; lower validate.flip_tokens to at most "
+                             f"{n_ctx - FLIP_PROMPT_TOKENS} or raise validate.n_ctx")
+    if v.max_tokens >= n_ctx:
+        raise PreflightError(f"validate.max_tokens {v.max_tokens} does not fit one window of validate.n_ctx={n_ctx} "
+                             f"with the prompt; lower validate.max_tokens or raise validate.n_ctx")
     if (root / "tokenizer.json").is_file():
         from quantmill.toolchain.source_tokenizer import SourceTokenizer
 
         tok = SourceTokenizer(root)
+        prompt = len(tok.encode(v.prompt)) + 1  # and BOS
+        if not what and prompt + v.max_tokens > n_ctx:
+            raise PreflightError(f"validate.max_tokens {v.max_tokens} after the prompt's {prompt} tokens do not fit "
+                                 f"one window of validate.n_ctx={n_ctx}; lower validate.max_tokens to at most "
+                                 f"{n_ctx - prompt} or raise validate.n_ctx")
         if conversations and not tok.chat_template:
             raise PreflightError(f"{what or 'the evaluation'} renders conversations ({', '.join(conversations)}) "
                                  f"through the model's chat template, and model {cfg.model.name!r} has none; drop "

@@ -92,6 +92,11 @@ CASES = [
     ("eval-ctx-0", lambda d, m: ["validate.n_ctx=0"], None, "validate.n_ctx 0"),
     ("eval-ctx-beyond-model", lambda d, m: ["validate.n_ctx=100000"], None, "maximum context"),
     ("max-tokens-negative", lambda d, m: ["validate.max_tokens=-1"], None, "validate.max_tokens -1"),
+    ("max-tokens-beyond-window", lambda d, m: ["validate.max_tokens=254"], None,
+     "validate.max_tokens 254 after the prompt's 4 tokens do not fit one window of validate.n_ctx=256; lower "
+     "validate.max_tokens to at most 252"),
+    ("flip-tokens-beyond-window", lambda d, m: ["validate.flip_tokens=250"], None,
+     "validate.flip_tokens 250 after a 16-token opening do not fit one window of validate.n_ctx=256"),
     ("max-parallel-0", lambda d, m: ["infra.max_parallel=0"], None, "infra.max_parallel 0"),
     ("threads-negative", lambda d, m: ["infra.threads=-3"], None, "infra.threads -3"),
     ("queue-ahead-negative", lambda d, m: ["infra.queue_ahead=-1"], None, "infra.queue_ahead -1"),
