@@ -2,10 +2,12 @@
 
 GGUF F16, Q8_0 and Q4_K_M (importance matrix, validations and the layer-offload curve in llama.cpp on the GPU),
 AWQ and GPTQ W4A16, FP8 and NVFP4 (llm-compressor on the GPU, validated in transformers there), every artifact
-validated with its speed, host and GPU peak memory and joules per token (NVML). Prepare the machine with
-``LLAMA_CPP_CUDA_ARCHS=90 CARRY=.gpu-carry-pools . bench/gpu-setup.sh`` first (the CUDA build of llama.cpp).
+validated with its speed, host and GPU peak memory and joules per token (NVML). Prepare the machine first: a carry
+with llm-compressor's wheels (``bench/gpu_carry.py`` without ``--pools``) and llama.cpp's tree with ggml-cuda
+(``bench/gpu_llamacpp.py carry``), then ``LLAMA_CPP_CUDA_ARCHS=90 CARRY=... . bench/gpu-setup.sh``. ``--recipes``
+narrows the matrix (the GGUF recipes need no llm-compressor).
 
-    python3 bench/gpu_matrix.py [--shape llama-1.1b] [--dtype bfloat16] --out DIR
+    python3 bench/gpu_matrix.py [--shape llama-1.1b] [--dtype bfloat16] [--recipes a,b] --out DIR
 
 Writes DIR/run.json (the run's steps), DIR/report.json and report.html, and prints one line per artifact.
 """
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--work", default=str(HERE / "out" / "gpu-matrix"))
     parser.add_argument("--out", required=True)
+    parser.add_argument("--recipes", default=",".join(RECIPES))
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     import synthetic
@@ -40,8 +43,8 @@ def main() -> None:
     model = synthetic.make(args.shape, work / args.shape, dtype=args.dtype)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "quantmill.cli", "run", "--json", "model=local",
-                           f"model.path={model}", f"model.name={args.shape}", f"recipe=[{','.join(RECIPES)}]",
-                           "validate.offload_curve=true", "validate.max_tokens=256", "validate.enforce=false",
+                           f"model.path={model}", f"model.name={args.shape}", f"recipe=[{args.recipes}]",
+                           "validate.offload_curve=true", "validate.max_tokens=224", "validate.enforce=false",
                            "publish.enabled=false", "infra.server=temporary", f"store.root={work / 'store'}",
                            "--config-dir", str(HERE.parent / "conf")],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
