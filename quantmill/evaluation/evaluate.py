@@ -67,6 +67,24 @@ def _add(span: list, reading: dict[str, Any], tokens: int) -> None:
     span[2] += reading["seconds"]
 
 
+def timed_generations(runtime: Any, model: Any, ids: list[int], tokens: int, meter: EnergyMeter,
+                      spent: list) -> tuple[list[float], list[int]]:
+    """``SPEED_RUNS`` greedy generations after a warm-up (the first call pays for allocations): their tokens/s, the
+    last one's ids; the joules, tokens and seconds they took are added to ``spent`` where counters exist."""
+    runtime.generate(model, ids, 2)
+    speeds, generated = [], []
+    for _ in range(SPEED_RUNS):
+        start = time.perf_counter()
+        if meter.available:
+            meter.start()
+        generated = runtime.generate(model, ids, tokens)
+        if generated:
+            speeds.append(len(generated) / (time.perf_counter() - start))
+        if meter.available:
+            _add(spent, meter.joules(), len(generated))
+    return speeds, generated
+
+
 def offload_curve(runtime: Any, artifact: Path, prompt_ids: list[int], tokens: int, n_ctx: int,
                   threads: int) -> dict[str, Any]:
     """Greedy generation speed, and joules per token where counters exist, with fewer and fewer layers on the GPU
@@ -82,23 +100,16 @@ def offload_curve(runtime: Any, artifact: Path, prompt_ids: list[int], tokens: i
     rows = []
     for layers in points:
         with runtime.load(artifact, n_ctx=n_ctx, threads=threads, gpu_layers=layers) as model:
-            meter = EnergyMeter(("gpu", "cpu"))
-            runtime.generate(model, prompt_ids, 2)
-            speeds, spent = [], [0.0, 0, 0.0]
-            for _ in range(SPEED_RUNS):
-                start = time.perf_counter()
-                if meter.available:
-                    meter.start()
-                made = runtime.generate(model, prompt_ids, tokens)
-                speeds.append(len(made) / (time.perf_counter() - start))
-                if meter.available:
-                    _add(spent, meter.joules(), len(made))
+            meter, spent = EnergyMeter(("gpu", "cpu")), [0.0, 0, 0.0]
+            speeds, _ = timed_generations(runtime, model, prompt_ids, tokens, meter, spent)
             energy = per_token(meter, {"generated": tuple(spent)})
-            rows.append({"gpu_layers": layers, "generation_tokens_per_second": _sig(float(np.median(speeds))),
+            rows.append({"gpu_layers": layers,
+                         "generation_tokens_per_second": _sig(float(np.median(speeds))) if speeds else None,
                          "joules_per_generated_token": energy.get("joules_per_generated_token")})
-    top = rows[0]["generation_tokens_per_second"] or 1
-    for row in rows:
-        row["vs_all_on_gpu"] = round(row["generation_tokens_per_second"] / top, 3)
+    top = rows[0]["generation_tokens_per_second"]
+    for row in rows:  # a model that ends its answer at once has no speed to compare
+        speed = row["generation_tokens_per_second"]
+        row["vs_all_on_gpu"] = round(speed / top, 3) if speed and top else None
     return {"available": True, "tokens": tokens, "points": rows}
 
 
@@ -139,17 +150,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
             acc.add(logp, None if reference is None else reference[i], metrics.targets(window, n_ctx))
             if reference is None:
                 kept.append(logp.astype(np.float32))
-        runtime.generate(model, meta["prompt_ids"], 2)  # warm-up: the first call pays for allocations
-        generation_speeds, generated = [], []
-        for _ in range(SPEED_RUNS):
-            start = time.perf_counter()
-            if meter.available:
-                meter.start()
-            generated = runtime.generate(model, meta["prompt_ids"], request["max_tokens"])
-            if generated:
-                generation_speeds.append(len(generated) / (time.perf_counter() - start))
-            if meter.available:
-                _add(spent["generated"], meter.joules(), len(generated))
+        generation_speeds, generated = timed_generations(runtime, model, meta["prompt_ids"], request["max_tokens"],
+                                                         meter, spent["generated"])
         result["energy"] = per_token(meter, {k: (v[0], v[1], v[2]) for k, v in spent.items()})
         # The first window warms the runtime up; the median of the rest is the speed, their range its spread.
         timed = prompt_speeds[1:] or prompt_speeds

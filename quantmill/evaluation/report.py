@@ -194,9 +194,11 @@ def _offload_table(rows: list[dict[str, Any]]) -> str:
     for recipe, curve in curves:
         for i, p in enumerate(curve["points"]):
             joules = p.get("joules_per_generated_token")
+            speed, share = p["generation_tokens_per_second"], p.get("vs_all_on_gpu")
             body.append(f'<tr><td class="l">{html.escape(recipe) if i == 0 else ""}</td><td>{p["gpu_layers"]}</td>'
-                        f'<td>{pages.number(p["generation_tokens_per_second"])}</td>'
-                        f'<td>{100 * p["vs_all_on_gpu"]:.0f}%</td><td>{f"{joules:.3g}" if joules else ""}</td></tr>')
+                        f'<td>{pages.number(speed) if speed is not None else ""}</td>'
+                        f'<td>{f"{100 * share:.0f}%" if share is not None else ""}</td>'
+                        f'<td>{f"{joules:.3g}" if joules else ""}</td></tr>')
     return ("<h2>Layers on the GPU</h2><p>Greedy generation with all, three quarters, half, a quarter and none of "
             "the layers on the GPU (llama.cpp's n_gpu_layers; the first row counts the output layer too): what "
             "happens when the file does not fit. Joules per token from the GPU's counter (NVML) only.</p>"

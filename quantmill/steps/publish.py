@@ -117,8 +117,11 @@ def offload_text(curve: dict[str, Any]) -> str:
     for p in curve["points"]:
         joules = (f", {p['joules_per_generated_token']:.3g} J/token" if p.get("joules_per_generated_token") is not None
                   else "")
-        parts.append(f"{p['gpu_layers']}: {pages.number(p['generation_tokens_per_second'])} tok/s "
-                     f"({100 * p['vs_all_on_gpu']:.0f} %{joules})")
+        if p["generation_tokens_per_second"] is None:
+            parts.append(f"{p['gpu_layers']}: no tokens generated")
+            continue
+        share = f"{100 * p['vs_all_on_gpu']:.0f} %" if p.get("vs_all_on_gpu") is not None else "n/a"
+        parts.append(f"{p['gpu_layers']}: {pages.number(p['generation_tokens_per_second'])} tok/s ({share}{joules})")
     return "generation with " + "; ".join(parts)
 
 
