@@ -92,6 +92,11 @@ class QuantizerDefaults:
     def needs_calibration(self, recipe: Any) -> bool:
         return False
 
+    def source_recipe(self, recipe: Any) -> Any:
+        """A recipe whose artifact this recipe starts from instead of the checkpoint (the planner makes it a step of
+        its own, calibrated, cached and keyed like any other), or None."""
+        return None
+
 
 def check_transformers_loads(name: str, info: SourceInfo) -> None:
     """Recipes that load the model with transformers need its architecture in the installed transformers (or the

@@ -202,12 +202,7 @@ class OnnxQuantizer(QuantizerDefaults):
                                          f"{width}; choose a block size that does (16 divides most)")
 
     def source_recipe(self, recipe: RecipeConfig) -> RecipeConfig | None:
-        """The calibrated checkpoint the recipe starts from, as a recipe of its own (GPTQModel's), or None."""
-        source = recipe.params.get("source")
-        if not source:
-            return None
-        return RecipeConfig(method=source["method"], backend="gptqmodel", format=source["method"],
-                            quant_type=str(source["quant_type"]).upper(), params=dict(source.get("params") or {}))
+        return source_recipe(recipe)
 
     def needs_calibration(self, recipe: RecipeConfig) -> bool:
         return self.source_recipe(recipe) is not None
@@ -237,6 +232,15 @@ class OnnxQuantizer(QuantizerDefaults):
                 "bits_per_weight": round(logical_bits(out), 4)}
 
 
+def source_recipe(recipe: RecipeConfig) -> RecipeConfig | None:
+    """The calibrated checkpoint the recipe starts from (``params.source``), as a recipe of GPTQModel's, or None."""
+    source = recipe.params.get("source")
+    if not source:
+        return None
+    return RecipeConfig(method=source["method"], backend="gptqmodel", format=source["method"],
+                        quant_type=str(source["quant_type"]).upper(), params=dict(source.get("params") or {}))
+
+
 def check_source(name: str, recipe: RecipeConfig) -> None:
     """``params.source``: a GPTQ or AWQ W4A16 recipe GPTQModel can make, for an INT4 model."""
     source = recipe.params["source"]
@@ -253,8 +257,7 @@ def check_source(name: str, recipe: RecipeConfig) -> None:
     if set(recipe.params) & {"block_size", "algorithm"}:
         raise PreflightError(f"recipe {name!r}: block_size and algorithm come from the calibrated source; set "
                              f"params.source.params.group_size instead")
-    quantizer = QUANTIZERS.get("gptqmodel")
-    quantizer.check(f"{name}.source", OnnxQuantizer().source_recipe(recipe))
+    QUANTIZERS.get("gptqmodel").check(f"{name}.source", source_recipe(recipe))
 
 
 CONVERTERS.register(OnnxConverter.key)(OnnxConverter())

@@ -177,7 +177,7 @@ def build(checked: Checked, store: Store) -> Plan:
         if not quantizer.is_intermediate(recipe):
             source = intermediate if quantizer.reads == "intermediate" else model_spec
             inputs = {"model": source.id}
-            made_from = quantizer.source_recipe(recipe) if hasattr(quantizer, "source_recipe") else None
+            made_from = quantizer.source_recipe(recipe)
             if made_from is not None:  # a calibrated checkpoint of its own, keyed and cached like any other
                 inputs["source"] = add(quantize_spec(f"{name}.source", made_from, QUANTIZERS.get(made_from.backend),
                                                      {"model": model_spec.id, "calibration": dataset.id})).id
