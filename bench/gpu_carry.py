@@ -8,13 +8,18 @@ without a wheel for the target (an sdist only, pure Python) are built into wheel
     python bench/gpu_carry.py --image-packages FILE [--out .gpu-carry] [--list]
     python bench/gpu_carry.py --image-packages FILE --pools --out .gpu-carry-pools
     python bench/gpu_carry.py --image-packages FILE --warm-pool --out .gpu-carry-warm
+    python bench/gpu_carry.py --image-packages FILE --matrix --out .gpu-carry-matrix
 
 FILE holds the image's package names, comma- or line-separated. --list prints what would be carried and stops.
 --pools carries what the worker-pools benchmarks need instead (bench/pools_load.py, bench/gpu_pools.py): moto for
 the S3 endpoint, no llm-compressor, botocore with the S3 and STS models only, and the pinned llama.cpp tree (.llama.cpp, scripts/build-llama-cpp.sh) as
 llama-src.txz without what a CPU build never reads (other backends, models, docs, tests), so that everything fits
 the device tool's 64 MiB. --warm-pool carries what bench/gpu_warm_pool.py needs: llm-compressor and moto, botocore
-slimmed as for --pools, no llama.cpp.
+slimmed as for --pools, no llama.cpp. --matrix carries what bench/gpu_matrix.py needs: the pipeline and
+llm-compressor, botocore slimmed, and the llama.cpp tree with its CUDA backend.
+
+Where llama.cpp's tree is carried, the llama_cpp bindings' Python files (and diskcache, which they import) are
+copied from this environment into site/, without their library: gpu-setup.sh builds that from the tree.
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ def main() -> int:
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--pools", action="store_true")
     parser.add_argument("--warm-pool", action="store_true")
+    parser.add_argument("--matrix", action="store_true")
     args = parser.parse_args()
     have = {_norm(n.strip()) for n in re.split(r"[,\n]", args.image_packages.read_text()) if n.strip()}
     wanted = needed(have, POOLS_ROOTS if args.pools else (*ROOTS, *SERVER_ROOTS) if args.warm_pool else ROOTS)
@@ -97,11 +103,12 @@ def main() -> int:
                            check=True)
     size = sum(p.stat().st_size for p in wheels.glob("*.whl"))
     print(f"{len(list(wheels.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB in {wheels}")
-    if args.pools or args.warm_pool:
+    if args.pools or args.warm_pool or args.matrix:
         for wheel in wheels.glob("botocore-*.whl"):
             slim_botocore(wheel)
-    if args.pools:
-        llama_tree(args.out)
+    if args.pools or args.matrix:
+        llama_tree(args.out, cuda=args.matrix)
+        bindings(args.out / "site")
     return 0
 
 
@@ -120,14 +127,16 @@ def slim_botocore(wheel: Path, services: tuple[str, ...] = ("s3", "sts")) -> Non
     slim.replace(wheel)
 
 
-def llama_tree(out: Path) -> None:
-    """The pinned llama.cpp tree as llama-src.txz, and its BUILD_INFO.json, for gpu-setup.sh to build."""
+def llama_tree(out: Path, *, cuda: bool = False) -> None:
+    """The pinned llama.cpp tree as llama-src.txz (with ggml-cuda if ``cuda``), and its BUILD_INFO.json, for
+    gpu-setup.sh to build."""
     import shutil
     import tarfile
 
     if not LLAMA_TREE.is_dir():
         sys.exit(f"no llama.cpp tree at {LLAMA_TREE}: run `make setup` first (scripts/build-llama-cpp.sh)")
-    skipped = {f"llama.cpp/{s}" for s in LLAMA_SKIPPED}
+    skipped = {f"llama.cpp/{s}" for s in LLAMA_SKIPPED if not (cuda and s == "ggml/src/ggml-cuda")}
+    out.mkdir(parents=True, exist_ok=True)
 
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         name = info.name
@@ -137,6 +146,18 @@ def llama_tree(out: Path) -> None:
         tar.add(LLAMA_TREE, arcname="llama.cpp", filter=keep)
     shutil.copyfile(LLAMA_BUILD / "BUILD_INFO.json", out / "BUILD_INFO.json")
     print(f"llama.cpp tree: {(out / 'llama-src.txz').stat().st_size / 2**20:.1f} MiB in {out / 'llama-src.txz'}")
+
+
+def bindings(site: Path) -> None:
+    """The llama_cpp package's Python files and diskcache, as installed here, without compiled libraries."""
+    import shutil
+
+    for name in ("llama_cpp", "diskcache"):
+        src = Path(md.distribution("llama-cpp-python" if name == "llama_cpp" else name).locate_file(name))
+        shutil.rmtree(site / name, ignore_errors=True)
+        shutil.copytree(src, site / name, ignore=shutil.ignore_patterns("lib", "__pycache__", "*.so", "*.so.*"))
+    print(f"llama_cpp bindings: {sum(p.stat().st_size for p in site.rglob('*') if p.is_file()) / 2**20:.1f} MiB "
+          f"in {site}")
 
 
 if __name__ == "__main__":

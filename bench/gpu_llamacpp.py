@@ -41,17 +41,9 @@ FILES = ["f16", "q4_k_m"]
 
 def carry() -> None:
     """Here: the pinned tree with its CUDA backend, for the device machine (which cannot download it)."""
-    import tarfile
+    from bench.gpu_carry import llama_tree
 
-    from bench.gpu_carry import LLAMA_BUILD, LLAMA_SKIPPED, LLAMA_TREE
-
-    skipped = {f"llama.cpp/{s}" for s in LLAMA_SKIPPED if s != "ggml/src/ggml-cuda"}
-    CARRY.mkdir(exist_ok=True)
-    with tarfile.open(CARRY / "llama-src.txz", "w:xz") as tar:
-        tar.add(LLAMA_TREE, arcname="llama.cpp", filter=lambda i: None if any(
-            i.name == s or i.name.startswith(s + "/") for s in skipped) or "/.git" in i.name else i)
-    shutil.copyfile(LLAMA_BUILD / "BUILD_INFO.json", CARRY / "BUILD_INFO.json")
-    print(f"{(CARRY / 'llama-src.txz').stat().st_size / 2**20:.1f} MiB")
+    llama_tree(CARRY, cuda=True)
 
 
 def build() -> None:

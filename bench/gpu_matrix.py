@@ -1,15 +1,24 @@
-"""Benchmark (device machine): the whole format matrix of one synthetic shape in one ``quantmill run`` on a GPU.
+"""Benchmark (device machine): the whole format matrix of one synthetic shape through ``quantmill run`` on a GPU,
+against the bare tools run one after another for the same set.
 
 GGUF F16, Q8_0 and Q4_K_M (importance matrix, validations and the layer-offload curve in llama.cpp on the GPU),
-AWQ and GPTQ W4A16, FP8 and NVFP4 (llm-compressor on the GPU, validated in transformers there), every artifact
-validated with its speed, host and GPU peak memory and joules per token (NVML). Prepare the machine first: a carry
-with llm-compressor's wheels (``bench/gpu_carry.py`` without ``--pools``) and llama.cpp's tree with ggml-cuda
-(``bench/gpu_llamacpp.py carry``), then ``LLAMA_CPP_CUDA_ARCHS=90 CARRY=... . bench/gpu-setup.sh``. ``--recipes``
-narrows the matrix (the GGUF recipes need no llm-compressor).
+AWQ and GPTQ W4A16, FP8 and NVFP4 (llm-compressor on the GPU, validated in transformers there). Three stages, each
+writing its JSON to ``--out`` as soon as it is done (a device call may end before the last):
 
-    python3 bench/gpu_matrix.py [--shape llama-1.1b] [--dtype bfloat16] [--recipes a,b] --out DIR
+- ``pipeline``: ``quantmill run`` making every file, validation off, on a fresh store; two steps in flight at once
+  (``infra.max_parallel=2``: llama-quantize on the CPU beside a calibrated quantizer on the GPU). Wall time.
+- ``validate``: the same run with validation on, one step at a time (speed, memory and energy are measured alone):
+  the files are cache hits, every artifact is validated with its speed, host and GPU peak memory, joules per token
+  and, for GGUF, the offload curve. ``run.json``, ``report.json``, ``report.html``.
+- ``bare``: the same set made by the bare tools, one after another: ``convert_hf_to_gguf.py``, ``llama-imatrix``
+  (on the GPU) and ``llama-quantize`` as quantmill calls them, then one llm-compressor script per calibrated recipe
+  (``bench/gpu_quantizers.py``'s) on the calibration token ids the pipeline made. It starts by deleting the
+  pipeline's store: an 8B matrix twice does not fit a 64 GiB disk. ``ratio`` = pipeline wall / bare wall.
 
-Writes DIR/run.json (the run's steps), DIR/report.json and report.html, and prints one line per artifact.
+Prepare the machine first: ``python bench/gpu_carry.py --image-packages FILE --matrix --out .gpu-carry-matrix``
+here, then there ``LLAMA_CPP_CUDA_ARCHS=90 CARRY=.gpu-carry-matrix . bench/gpu-setup.sh``.
+
+    python3 bench/gpu_matrix.py [--shape llama-8b] [--recipes a,b] [--stages pipeline,validate,bare] --out DIR
 """
 
 from __future__ import annotations
@@ -24,50 +33,139 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 RECIPES = ["gguf_f16", "gguf_q8_0", "gguf_q4_k_m", "awq_w4a16", "gptq_w4a16", "fp8_dynamic", "nvfp4"]
+GGUF = {"gguf_f16": None, "gguf_q8_0": ("Q8_0", False), "gguf_q4_k_m": ("Q4_K_M", True)}
+VALIDATE = ["validate.offload_curve=true", "validate.max_tokens=128", "validate.offload_tokens=48",
+            "validate.enforce=false"]
+
+
+def quantmill(args: argparse.Namespace, model: Path, stage: str, *extra: str) -> tuple[float, dict]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "quantmill.cli", "run", "--json", "model=local",
+                           f"model.path={model}", f"model.name={args.shape}", f"recipe=[{args.recipes}]",
+                           "publish.enabled=false", "infra.server=temporary", f"store.root={args.work / 'store'}",
+                           f"infra.prefect_home={args.work / 'prefect'}", *extra,
+                           "--config-dir", str(HERE.parent / "conf")],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - start
+    (args.out / f"{stage}.log").write_text(done.stderr[-20000:])
+    if not done.stdout.strip():
+        raise SystemExit(f"quantmill run gave no result (exit {done.returncode}): {done.stderr[-3000:]}")
+    return wall, json.loads(done.stdout)
+
+
+def pipeline(args: argparse.Namespace, model: Path) -> dict:
+    shutil.rmtree(args.work / "store", ignore_errors=True)
+    wall, run = quantmill(args, model, "pipeline", "validate.enabled=false", "infra.max_parallel=2")
+    steps = {s["spec_id"]: s["seconds"] for s in run["steps"]}
+    failed = [s["spec_id"] for s in run["steps"] if s["status"] == "failed"]
+    return {"wall_s": round(wall, 1), "steps_s": steps, "failed": failed}
+
+
+def validate(args: argparse.Namespace, model: Path) -> dict:
+    wall, run = quantmill(args, model, "validate", *VALIDATE)
+    for name in ("report.json", "report.html"):
+        found = args.work / "store" / "reports" / args.shape / name
+        if found.is_file():
+            shutil.copy(found, args.out / name)
+    rows = {}
+    for step in run["steps"]:
+        r = step.get("result") or {}
+        if step["step"] == "validate" and "status" in r:
+            rows[step["spec_id"]] = {k: r.get(k) for k in (
+                "status", "bits_per_weight", "mean_kld", "prompt_tokens_per_second", "generation_tokens_per_second",
+                "peak_rss_bytes", "peak_gpu_memory_bytes")} | {"seconds": step["seconds"]}
+    return {"wall_s": round(wall, 1), "validations": rows,
+            "steps": [{"id": s["spec_id"], "status": s["status"], "seconds": s["seconds"]} for s in run["steps"]]}
+
+
+def _store_file(store: Path, name: str) -> Path:
+    return next(p for p in (store / "objects").glob(f"*/files/{name}"))
+
+
+def bare(args: argparse.Namespace, model: Path) -> dict:
+    """The same files by the bare tools, one after another; every process timed as a whole."""
+    from gpu_quantizers import RECIPES as CALIBRATED
+    from gpu_quantizers import bare as bare_calibrated
+
+    from quantmill import constants as C
+    from quantmill.toolchain.llamacpp import locate
+
+    work = args.work / "bare"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    store = args.work / "store"
+    for name in (C.CALIBRATION_TOKENS_FILE, C.CALIBRATION_TEXT_FILE):  # what the pipeline calibrated on
+        shutil.copy(_store_file(store, name), work / name)
+    shutil.rmtree(store)
+    seq_len, samples = _calibration_shape(work / C.CALIBRATION_TOKENS_FILE)
+    build, recipes = locate(), args.recipes.split(",")
+    times: dict[str, float] = {}
+
+    def timed(name: str, cmd: list, env: dict | None = None) -> None:
+        start = time.perf_counter()
+        done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=work,
+                              env={**os.environ, **(env or {})})
+        times[name] = round(time.perf_counter() - start, 1)
+        if done.returncode != 0:
+            raise RuntimeError(f"{name} failed: {(done.stdout + done.stderr)[-3000:]}")
+
+    start = time.perf_counter()
+    if any(r in GGUF for r in recipes):
+        timed("convert", [sys.executable, build.converter, model, "--outfile", "f16.gguf", "--outtype", "f16",
+                          "--model-name", args.shape], env=build.converter_env())
+    if any(GGUF.get(r) and GGUF[r][1] for r in recipes):
+        timed("imatrix", [build.tool("llama-imatrix"), "-m", "f16.gguf", "-f", C.CALIBRATION_TEXT_FILE, "-o",
+                          "imatrix.gguf", "-c", seq_len, "--chunks", samples, "--no-ppl", "-b", seq_len, "--seed", 0,
+                          *build.offload_args()])
+    for r in recipes:
+        if GGUF.get(r):
+            qtype, imatrix = GGUF[r]
+            timed(r, [build.tool("llama-quantize"), *(["--imatrix", "imatrix.gguf"] if imatrix else []), "f16.gguf",
+                      f"{qtype.lower()}.gguf", qtype])
+    for r in recipes:
+        if r in CALIBRATED:
+            seconds, _, out, _ = bare_calibrated(model, work / C.CALIBRATION_TOKENS_FILE, r, work)
+            times[r] = round(seconds, 1)
+    wall = time.perf_counter() - start
+    sizes = {p.name: p.stat().st_size for p in work.glob("*.gguf")}
+    shutil.rmtree(work)
+    return {"wall_s": round(wall, 1), "steps_s": times, "gguf_bytes": sizes}
+
+
+def _calibration_shape(tokens: Path) -> tuple[int, int]:
+    from safetensors.numpy import load_file
+
+    ids = load_file(str(tokens))["input_ids"]
+    return int(ids.shape[1]), int(ids.shape[0])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="llama-1.1b")
+    parser.add_argument("--shape", default="llama-8b")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--work", default=str(HERE / "out" / "gpu-matrix"))
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--work", type=Path, default=HERE / "out" / "gpu-matrix")
+    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--stages", default="pipeline,validate,bare")
     args = parser.parse_args()
-    sys.path.insert(0, str(HERE))
     import synthetic
 
-    work, out = Path(args.work), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = synthetic.make(args.shape, work / args.shape, dtype=args.dtype)
+    args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "quantmill.cli", "run", "--json", "model=local",
-                           f"model.path={model}", f"model.name={args.shape}", f"recipe=[{args.recipes}]",
-                           "validate.offload_curve=true", "validate.max_tokens=224", "validate.enforce=false",
-                           "publish.enabled=false", "infra.server=temporary", f"store.root={work / 'store'}",
-                           "--config-dir", str(HERE.parent / "conf")],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    wall = time.perf_counter() - start
-    (out / "run.log").write_text(done.stderr[-20000:])
-    if not done.stdout.strip():
-        print(done.stderr[-3000:])
-        raise SystemExit(f"quantmill run gave no result (exit {done.returncode})")
-    run = json.loads(done.stdout)
-    (out / "run.json").write_text(json.dumps({"wall_s": round(wall, 1), **run}, indent=1))
-    for name in ("report.json", "report.html"):
-        found = work / "store" / "reports" / args.shape / name
-        if found.is_file():
-            shutil.copy(found, out / name)
-    print(f"wall {wall:.1f} s, exit {done.returncode}")
-    for step in run["steps"]:
-        r = step.get("result") or {}
-        if step["step"] == "validate" and "status" in r:
-            print(step["spec_id"], r["status"], r.get("bits_per_weight"), r.get("mean_kld"),
-                  r.get("prompt_tokens_per_second"), r.get("generation_tokens_per_second"),
-                  r.get("peak_rss_bytes"), r.get("peak_gpu_memory_bytes"), step["seconds"])
-        else:
-            print(step["spec_id"], step["status"], step["seconds"], step.get("error") or "")
+    model = synthetic.make(args.shape, args.work / args.shape, dtype=args.dtype)
+    print(f"model {args.shape}: {time.perf_counter() - start:.0f} s", flush=True)
+    results: dict = {}
+    for stage in args.stages.split(","):
+        results[stage] = {"pipeline": pipeline, "validate": validate, "bare": bare}[stage](args, model)
+        if "pipeline" in results and "bare" in results:
+            results["ratio"] = round(results["pipeline"]["wall_s"] / results["bare"]["wall_s"], 3)
+        (args.out / "matrix.json").write_text(json.dumps(results, indent=1))
+        print(stage, json.dumps(results[stage]), flush=True)
+    if "ratio" in results:
+        print(f"ratio {results['ratio']}")
 
 
 if __name__ == "__main__":

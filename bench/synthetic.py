@@ -70,26 +70,34 @@ def make(shape: str, out: Path, seed: int = 0, dtype: str = "float16") -> Path:
     (out / "config.json").write_text(json.dumps(config, indent=1))
     _tokenizer(out, s["vocab_size"])
     rng = np.random.default_rng(seed)
-    shards: list[dict[str, np.ndarray]] = [{}]
+    on_gpu = dtype == "bfloat16" and _cuda()  # an 8B shape's 7e9 normals take a minute on one core, not a second
+    if on_gpu:
+        import torch
+
+        gen = torch.Generator("cuda").manual_seed(seed)
+    shards: list[dict] = [{}]
     size = 0
     for name, shp in tensor_shapes(s).items():
         if len(shp) == 1:
             t = np.ones(shp, dtype=np.float16)
+        elif on_gpu:
+            t = (torch.randn(shp, generator=gen, device="cuda") * 0.02).to(torch.bfloat16).cpu()
         else:
             t = rng.standard_normal(shp, dtype=np.float32) * 0.02
             t = t.astype(np.float16) if dtype == "float16" else t
-        if size + t.size * 2 > SHARD_BYTES and shards[-1]:
+        n = int(np.prod(shp))
+        if size + n * 2 > SHARD_BYTES and shards[-1]:
             shards.append({})
             size = 0
         shards[-1][name] = t
-        size += t.size * 2
+        size += n * 2
     index = {"metadata": {"total_size": 0}, "weight_map": {}}
     for n, shard in enumerate(shards, 1):
         fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
         _save(shard, out / fname, dtype)
         for name, t in shard.items():
             index["weight_map"][name] = fname
-            index["metadata"]["total_size"] += t.size * 2
+            index["metadata"]["total_size"] += int(np.prod(t.shape)) * 2
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     done.write_text("")
     return out
@@ -100,11 +108,20 @@ def _save(shard: dict[str, np.ndarray], path: Path, dtype: str) -> None:
         import torch
         from safetensors.torch import save_file
 
-        save_file({k: torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16) for k, v in shard.items()}, str(path))
+        save_file({k: v if torch.is_tensor(v) else torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16)
+                   for k, v in shard.items()}, str(path))
     else:
         from safetensors.numpy import save_file
 
         save_file(shard, str(path))
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def n_params(shape: str) -> int:

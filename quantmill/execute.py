@@ -137,7 +137,8 @@ def _reference(rec: ReferenceRecord, spec: StepSpec, inputs: Mapping[str, Path],
 def _validate(rec: ValidationRecord, spec: StepSpec, inputs: Mapping[str, Path], out: Path, store: Store) -> dict:
     record = validate.validate(RUNTIMES.get(spec.backend), inputs["artifact"], inputs["evalset"], inputs["reference"],
                                gates=rec.gates, max_tokens=rec.max_tokens, threads=spec.context["threads"],
-                               label=f"validate {spec.recipe}", offload_curve=bool(rec.offload_curve))
+                               label=f"validate {spec.recipe}",
+                               offload_curve=(rec.offload_tokens or rec.max_tokens) if rec.offload_curve else 0)
     record["estimate"] = rec.estimate
     (out / C.VALIDATION_FILE).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     return {"status": record["status"], "failed": validate.failed_checks(record),

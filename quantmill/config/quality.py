@@ -64,6 +64,8 @@ class ValidateConfig:
         task_limit: Documents per task (0: all of them).
         offload_curve: Also measure generation speed and energy with all, 3/4, 1/2, 1/4 and none of the layers on
             the GPU (GGUF on a CUDA build of llama.cpp; elsewhere the record says why there is no curve).
+        offload_tokens: Tokens generated at each point of that curve (0: max_tokens; at least 32). The points with
+            most layers on the CPU are the slow ones: fewer tokens there keep a large model's curve short.
     """
 
     enabled: bool = True
@@ -83,3 +85,4 @@ class ValidateConfig:
     tasks: List[str] = field(default_factory=list)
     task_limit: int = bounded(0, least=0)
     offload_curve: bool = False
+    offload_tokens: int = bounded(0, least=0)

@@ -196,7 +196,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         result["peak_gpu_memory_bytes"] = gpu_memory.peak_bytes  # the driver's, above what was in use before
     if request.get("offload_curve"):
         result["offload_curve"] = offload_curve(runtime, Path(request["artifact"]), meta["prompt_ids"],
-                                                max(32, request["max_tokens"]), n_ctx, request.get("threads", 0))
+                                                max(32, int(request["offload_curve"])), n_ctx,
+                                                request.get("threads", 0))
     if reference is None:
         save_file({"logprobs": np.stack(kept)}, str(Path(request["reference_out"]) / REFERENCE_LOGPROBS))
     return result

@@ -209,7 +209,9 @@ def build(checked: Checked, store: Store) -> Plan:
                 inputs={"artifact": artifact.id, "evalset": evalset.id, "reference": reference.id}, recipe=name,
                 config=ValidationRecord(max_tokens=cfg.validate.max_tokens, gates=gates[name],
                                         estimate=_estimate(info, recipe, cfg.validate.n_ctx),
-                                        offload_curve=cfg.validate.offload_curve or None).to_config(),
+                                        offload_curve=cfg.validate.offload_curve or None,
+                                        offload_tokens=(cfg.validate.offload_curve and cfg.validate.offload_tokens)
+                                        or None).to_config(),
                 # The record holds speed and memory measured here, so the machine class is part of its key.
                 context={"threads": threads}, tools={**runtime.tools(), "machine": measured_on(cfg, validate_on)}))
             for domain, domain_set in domain_sets.items():  # one reference per domain, shared by every recipe

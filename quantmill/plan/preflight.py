@@ -323,10 +323,12 @@ def _check_context(cfg: QuantmillConfig, info: SourceInfo, eval_files: list[Path
 
         tok = SourceTokenizer(root)
         prompt = len(tok.encode(v.prompt)) + 1  # and BOS
-        if not what and prompt + v.max_tokens > n_ctx:
-            raise PreflightError(f"validate.max_tokens {v.max_tokens} after the prompt's {prompt} tokens do not fit "
-                                 f"one window of validate.n_ctx={n_ctx}; lower validate.max_tokens to at most "
-                                 f"{n_ctx - prompt} or raise validate.n_ctx")
+        curve = max(32, v.offload_tokens or v.max_tokens) if v.offload_curve else 0
+        for name, tokens in (("max_tokens", v.max_tokens), ("offload_tokens", curve)):
+            if not what and prompt + tokens > n_ctx:
+                raise PreflightError(f"validate.{name} {tokens} after the prompt's {prompt} tokens do not fit one "
+                                     f"window of validate.n_ctx={n_ctx}; lower validate.{name} to at most "
+                                     f"{n_ctx - prompt} or raise validate.n_ctx")
         if conversations and not tok.chat_template:
             raise PreflightError(f"{what or 'the evaluation'} renders conversations ({', '.join(conversations)}) "
                                  f"through the model's chat template, and model {cfg.model.name!r} has none; drop "

@@ -153,8 +153,9 @@ class ValidationRecord(Record):
     gates: Mapping[str, Any]
     estimate: Mapping[str, int] | None
     offload_curve: bool | None = None  # the VRAM-wall curve too (GGUF on a CUDA build)
+    offload_tokens: int | None = None  # tokens per point of that curve (None: max_tokens)
     kind: str = "artifact"
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("offload_curve",)
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("offload_curve", "offload_tokens")
 
 
 @dataclass(frozen=True)

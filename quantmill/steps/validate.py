@@ -69,7 +69,7 @@ def make_evalset(model_dir: Path, files: Sequence[Path], out: Path, *, n_ctx: in
 
 def _evaluate(mode: str, runtime: str, artifact: Path, evalset: Path, reference: Path | None,
               reference_out: Path | None, *, threads: int, max_tokens: int, label: str,
-              flips: tuple[int, int] = (0, 0), offload_curve: bool = False) -> tuple[dict, int]:
+              flips: tuple[int, int] = (0, 0), offload_curve: int = 0) -> tuple[dict, int]:
     """Run ``quantmill.evaluation.evaluate`` in a process of its own (``quantmill.evaluation.process``); return its
     result and that process's peak RSS."""
     with tempfile.TemporaryDirectory(prefix="quantmill-eval-") as tmp:
@@ -97,8 +97,9 @@ def reference(runtime: Any, model: Path, evalset: Path, out: Path, *, threads: i
 
 
 def validate(runtime: Any, artifact: Path, evalset: Path, reference_dir: Path, *, gates: dict[str, Any],
-             max_tokens: int, threads: int, label: str, offload_curve: bool = False) -> dict[str, Any]:
-    """Measure the artifact; return its validation record (``status`` passed only if every check and gate passed)."""
+             max_tokens: int, threads: int, label: str, offload_curve: int = 0) -> dict[str, Any]:
+    """Measure the artifact; return its validation record (``status`` passed only if every check and gate passed).
+    ``offload_curve``: tokens generated at each point of the layer-offload curve (0: no curve)."""
     record: dict[str, Any] = {"runtime": runtime.key, "machine": machine_info()}
     files = sorted(p for p in artifact.iterdir() if p.is_file() and p.name != C.RESULT_FILE)
     record["size_bytes"] = sum(p.stat().st_size for p in files)

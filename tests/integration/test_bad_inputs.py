@@ -95,6 +95,9 @@ CASES = [
     ("max-tokens-beyond-window", lambda d, m: ["validate.max_tokens=254"], None,
      "validate.max_tokens 254 after the prompt's 4 tokens do not fit one window of validate.n_ctx=256; lower "
      "validate.max_tokens to at most 252"),
+    ("offload-tokens-beyond-window", lambda d, m: ["validate.offload_curve=true", "validate.offload_tokens=253"],
+     None, "validate.offload_tokens 253 after the prompt's 4 tokens do not fit one window of validate.n_ctx=256; "
+     "lower validate.offload_tokens to at most 252"),
     ("flip-tokens-beyond-window", lambda d, m: ["validate.flip_tokens=250"], None,
      "validate.flip_tokens 250 after a 16-token opening do not fit one window of validate.n_ctx=256"),
     ("max-parallel-0", lambda d, m: ["infra.max_parallel=0"], None, "infra.max_parallel 0"),
