@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 RECIPES = ["gguf_f16", "gguf_q8_0", "gguf_q4_k_m", "awq_w4a16", "gptq_w4a16", "fp8_dynamic", "nvfp4"]
 GGUF = {"gguf_f16": None, "gguf_q8_0": ("Q8_0", False), "gguf_q4_k_m": ("Q4_K_M", True)}
-VALIDATE = ["validate.offload_curve=true", "validate.max_tokens=128", "validate.offload_tokens=48",
+VALIDATE = ["validate.offload_curve=true", "validate.max_tokens=128", "validate.offload_tokens=32",
             "validate.enforce=false"]
 
 

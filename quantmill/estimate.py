@@ -89,18 +89,22 @@ class Fit:
 
 
 def fit_table(model_config: Mapping[str, Any], target: Any, recipes: Mapping[str, Any]) -> list[Fit]:
-    """One row per recipe the target recommends (available or not), in the target's order of preference."""
+    """One row per recipe the target recommends (available or not), in the target's order of preference, and one
+    per other recipe the config chose."""
     shape = Shape.from_config(model_config)
     kv = shape.kv_cache_bytes(target.context)
     overhead = int(target.overhead_gb * GIB)
     budget = int(target.memory_gb * GIB)
     rows = []
-    for name in target.recipes:
+    # The target's recipes in its order, then any others the config chose (recipe=[...] over the table).
+    for name in [*target.recipes, *(r for r in recipes if r not in target.recipes)]:
         if name in recipes:
             r = recipes[name]
             weights = weights_bytes(shape, r.method, r.format, r.quant_type or "", r.params)
-        else:
+        elif name in KNOWN_RECIPES:
             method, quant = KNOWN_RECIPES[name]
             weights = weights_bytes(shape, method, "safetensors", quant, {})
+        else:  # recommended by the table, not chosen here: nothing to size it by
+            continue
         rows.append(Fit(name, name in recipes, weights, kv, overhead, weights + kv + overhead, budget))
     return rows

@@ -186,6 +186,12 @@ def _publish(rec: PublishRecord, spec: StepSpec, inputs: Mapping[str, Path], out
             **({"energy": validation["energy"]} if validation and "energy" in validation else {}),
             **({"measured_on": publish.machine_text(validation["machine"])} if validation and validation.get("machine")
                else {}),
+            # What `plan target=` reads back for a target of the same GPU class (quantmill.registry.measured).
+            **({"gpu": validation["machine"]["gpu"]} if validation and (validation.get("machine") or {}).get("gpu")
+               else {}),
+            **({"validated_n_ctx": validation["n_ctx"]} if validation and "n_ctx" in validation else {}),
+            **({"offload_curve": validation["offload_curve"]}
+               if validation and (validation.get("offload_curve") or {}).get("available") else {}),
             "recipe": rec.recipe, "model": rec.model, "format": rec.format,
             "quant_type": quant.get("quant_type") or quant.get("scheme") or quant.get("outtype", "").upper(),
             "bits_per_weight": quant.get("bits_per_weight"),

@@ -46,6 +46,28 @@ def _plan_rows(the_plan, resolution) -> list[dict[str, Any]]:
              "config": dict(s.config), "tools": dict(s.tools)} for s in the_plan]
 
 
+def _measured_fit(cfg, fits: list, store) -> tuple[list[dict[str, Any]], str | None]:
+    """The fit rows, measured where the team registry holds the model's artifacts validated on the target's GPU
+    class; a registry that cannot be read leaves the estimates, with a note saying why."""
+    import dataclasses
+
+    from quantmill.backends import PUBLISHERS
+    from quantmill.errors import QuantmillError
+    from quantmill.registry import measured
+
+    if not fits:
+        return [], None
+    entries, note = [], None
+    publisher = PUBLISHERS.get(cfg.publish.publisher)
+    if cfg.target.gpu and hasattr(publisher, "registry"):
+        try:
+            entries = publisher.registry({**dataclasses.asdict(cfg.publish), "cache_dir": cfg.store.cache_dir},
+                                         store).entries()
+        except QuantmillError as e:
+            note = f"estimates only: the registry could not be read ({e})"
+    return measured.apply(fits, entries, cfg.target, cfg.model.name), note
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """The target's fit (from config.json alone), then the steps with their keys and cache state."""
     from quantmill.cli import ui
@@ -56,11 +78,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from quantmill.store import open_store
 
     cfg = compose(args)
-    fit = [f.to_json() for f in target_fit(cfg)]
-    out: dict[str, Any] = {"model": cfg.model.name, "target": cfg.target.name if fit else None, "fit": fit}
+    store = open_store(cfg.store)
+    fit, note = _measured_fit(cfg, target_fit(cfg), store)
+    out: dict[str, Any] = {"model": cfg.model.name, "target": cfg.target.name if fit else None, "fit": fit,
+                           **({"fit_note": note} if note else {})}
     if fit and not args.json:
         ui.out.print(ui.fit_table(cfg.target, fit))
-    store = open_store(cfg.store)
+        if note:
+            ui.out.print(f"[yellow]{note}[/]")
     try:
         the_plan = plan(cfg, store)
     except ModelSourceError as e:

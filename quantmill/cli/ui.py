@@ -143,12 +143,16 @@ def report_table(report: dict[str, Any]) -> Table:
 def fit_table(target: Any, rows: list[dict[str, Any]]) -> Table:
     table = Table(title=f"target {target.name}: {target.description} — {target.memory_gb} GiB, {target.runtime}, "
                         f"KV cache at {target.context} tokens")
-    for col in ("recipe", "weights", "KV cache", "total", "fits"):
+    for col in ("recipe", "weights", "KV cache", "total", "fits", "tok/s", "from"):
         table.add_column(col)
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     for r in rows:
-        verdict = ("[green]yes[/]" if r["fits"] else "[red]no[/]") + ("" if r["available"] else " (no recipe file)")
-        table.add_row(r["recipe"], gib(r["weights_bytes"]), gib(r["kv_cache_bytes"]), gib(r["total_bytes"]), verdict)
+        verdict = ("[green]yes[/]" if r["fits"] else
+                   f"[yellow]{r['gpu_layers']} layers[/]" if r.get("gpu_layers") else "[red]no[/]")
+        verdict += "" if r["available"] else " (no recipe file)"
+        speed = r.get("generation_tokens_per_second")
+        table.add_row(r["recipe"], gib(r["weights_bytes"]), gib(r["kv_cache_bytes"]), gib(r["total_bytes"]), verdict,
+                      f"{speed:.3g}" if speed else "", r.get("source", "estimate"))
     return table
 
 

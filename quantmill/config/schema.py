@@ -288,6 +288,8 @@ class TargetConfig:
         recipes: Recommended recipes, best first; ``run target=NAME`` selects them and drops what does not fit.
         context: Tokens of KV cache the estimate reserves.
         overhead_gb: Runtime overhead beyond weights and KV cache.
+        gpu: The GPU class (``H100``, ``RTX 4090``): ``quantmill plan target=...`` uses what the model's published
+            artifacts measured on a GPU whose name holds it (size, memory, speed, the offload curve) over estimates.
     """
 
     name: str = "none"
@@ -297,6 +299,7 @@ class TargetConfig:
     recipes: List[str] = field(default_factory=list)
     context: int = 4096
     overhead_gb: float = 0.5
+    gpu: str = ""
 
 
 @dataclass

@@ -126,7 +126,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         reference = load_file(str(Path(request["reference"]) / REFERENCE_LOGPROBS))["logprobs"]
     acc = metrics.Accumulator()
     kept = []
-    result: dict[str, Any] = {"runtime": runtime.key, "mode": request["mode"]}
+    result: dict[str, Any] = {"runtime": runtime.key, "mode": request["mode"], "n_ctx": n_ctx}
     gpu_memory = GpuMemoryPeak()
     with gpu_memory, runtime.load(Path(request["artifact"]), n_ctx=n_ctx, threads=request.get("threads", 0)) as model:
         result["load_seconds"] = round(model.load_seconds, 3)

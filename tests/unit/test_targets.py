@@ -91,3 +91,52 @@ def test_target_too_small_for_every_recipe_says_what_would_fit(config_only_7b, t
                        f"model.path={config_only_7b}", "model.name=l7")
     with pytest.raises(PreflightError, match=r"gguf_q2_k would fit with target.context=\d+ or less"):
         plan(roomy, open_store(roomy.store))
+
+
+def _gpu_entry(recipe: str, size: int, peak: int, speed: float, curve: list[tuple[int, float]] | None = None,
+               gpu: str = "NVIDIA H100 80GB HBM3") -> dict:
+    """A registry entry as a CUDA worker publishes it (quantmill.execute._publish), with its measured figures."""
+    points = [{"gpu_layers": n, "generation_tokens_per_second": s, "joules_per_generated_token": None}
+              for n, s in curve or []]
+    return {"name": f"llama-8b-{recipe}", "version": 2, "model": "llama-8b", "recipe": recipe, "validated": True,
+            "gpu": gpu, "size_bytes": size, "validated_n_ctx": 256, "kv_cache_bytes_per_token": 131072,
+            "metrics": {"peak_gpu_memory_bytes": peak, "generation_tokens_per_second": speed},
+            "energy": {"joules_per_generated_token": 1.5},
+            **({"offload_curve": {"available": True, "points": points}} if curve else {})}
+
+
+def test_plan_uses_what_the_same_gpu_class_measured_and_says_so():
+    """Measured rows: the file's size, the runtime's memory beyond weights and KV (peak less both, at the
+    validation's context) and speed; a file too large for the card runs with as many layers as the measured
+    curve says fit, at the curve's speed. Other GPU classes' figures and unmeasured recipes stay estimates."""
+    from quantmill.estimate import Fit
+    from quantmill.registry import measured
+
+    target = compose(["target=rtx4090_24gb"], conf_dir=CONF).target
+    assert target.gpu == "RTX 4090"
+    gib = 2**30
+    fits = [Fit(r, True, 5 * gib, 1 * gib, 1 * gib, 7 * gib, int(target.memory_gb * gib))
+            for r in ("safetensors_f16", "awq_w4a16", "gguf_q8_0")]
+    f16 = _gpu_entry("safetensors_f16", 15 * gib, 17 * gib, 40.0, gpu="NVIDIA GeForce RTX 4090")
+    q8 = _gpu_entry("gguf_q8_0", 26 * gib, 27 * gib, 90.0, [(33, 90.0), (24, 20.0), (16, 12.0), (8, 8.0), (0, 6.0)],
+                    gpu="NVIDIA GeForce RTX 4090")
+    awq_elsewhere = _gpu_entry("awq_w4a16", 4 * gib, 6 * gib, 50.0)  # an H100's figure says nothing of a 4090
+    rows = {r["recipe"]: r for r in measured.apply(fits, [f16, q8, awq_elsewhere], target, "llama-8b")}
+
+    kv_then, kv_now = 131072 * 256, 131072 * target.context
+    assert rows["safetensors_f16"]["overhead_bytes"] == 17 * gib - 15 * gib - kv_then
+    assert rows["safetensors_f16"]["total_bytes"] == 15 * gib + kv_now + 17 * gib - 15 * gib - kv_then
+    assert rows["safetensors_f16"]["fits"] and rows["safetensors_f16"]["generation_tokens_per_second"] == 40.0
+    assert rows["safetensors_f16"]["source"] == "measured on NVIDIA GeForce RTX 4090 (llama-8b-safetensors_f16 v2)"
+    # 26 GiB of Q8_0 on a 23 GiB card: 24 of 33 layers hold 18.9 GiB, 33 would not; the curve's 24-layer speed
+    assert not rows["gguf_q8_0"]["fits"] and rows["gguf_q8_0"]["gpu_layers"] == "24 of 33"
+    assert rows["gguf_q8_0"]["generation_tokens_per_second"] == 20.0
+    assert rows["awq_w4a16"]["source"] == "estimate" and rows["awq_w4a16"]["total_bytes"] == 7 * gib
+
+
+def test_plan_of_a_published_model_reads_the_registry(tmp_path, capsys):
+    """A model published from a machine without a GPU: the registry is read, no row claims a GPU measurement."""
+    run_inline(compose_in(tmp_path, "recipe=[gguf_q8_0]", "validate.n_chunks=1", "validate.n_ctx=64"))
+    assert main(["plan", "--json", "target=rtx4090_24gb", "recipe=[gguf_q8_0]", *overrides_for(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["source"] for r in out["fit"]] == ["estimate"] and "fit_note" not in out
