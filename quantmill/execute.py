@@ -189,7 +189,8 @@ def _publish(rec: PublishRecord, spec: StepSpec, inputs: Mapping[str, Path], out
             # What `plan target=` reads back for a target of the same GPU class (quantmill.registry.measured).
             **({"gpu": validation["machine"]["gpu"]} if validation and (validation.get("machine") or {}).get("gpu")
                else {}),
-            **({"validated_n_ctx": validation["n_ctx"]} if validation and "n_ctx" in validation else {}),
+            **({"validated_n_ctx": validation["n_ctx"], "validated_in": validation["runtime"]}
+               if validation and "n_ctx" in validation else {}),
             **({"offload_curve": validation["offload_curve"]}
                if validation and (validation.get("offload_curve") or {}).get("available") else {}),
             "recipe": rec.recipe, "model": rec.model, "format": rec.format,

@@ -1,6 +1,6 @@
 """A target's fit from measurements where there are some: the model's published artifacts validated on the same
 class of GPU (the target's ``gpu``, found in the validating machine's GPU name) give the file's real size, the
-runtime's memory beyond weights and KV cache (peak GPU memory at the validation's context, less both), the
+validating runtime's memory beyond weights and KV cache (peak GPU memory at the validation's context, less both), the
 generation speed and energy, and for GGUF the layer-offload curve: how many layers a smaller card holds and how
 fast generation is then. Other recipes keep the estimate from config.json, and each row says which it is."""
 
@@ -55,7 +55,8 @@ def apply(fits: list[Fit], entries: list[dict[str, Any]], target: Any, model: st
         overhead = max(0, int(metrics["peak_gpu_memory_bytes"]) - weights - measured_kv)
         kv = per_token * target.context
         total = weights + kv + overhead
-        row.update(source=f"measured on {entry['gpu']} ({entry['name']} v{entry.get('version', '?')})",
+        runtime = f" in {entry['validated_in']}" if entry.get("validated_in") else ""
+        row.update(source=f"measured{runtime} on {entry['gpu']} ({entry['name']} v{entry.get('version', '?')})",
                    weights_bytes=weights, kv_cache_bytes=kv, overhead_bytes=overhead, total_bytes=total,
                    fits=total <= budget,
                    generation_tokens_per_second=metrics.get("generation_tokens_per_second"),

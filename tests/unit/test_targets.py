@@ -99,7 +99,7 @@ def _gpu_entry(recipe: str, size: int, peak: int, speed: float, curve: list[tupl
     points = [{"gpu_layers": n, "generation_tokens_per_second": s, "joules_per_generated_token": None}
               for n, s in curve or []]
     return {"name": f"llama-8b-{recipe}", "version": 2, "model": "llama-8b", "recipe": recipe, "validated": True,
-            "gpu": gpu, "size_bytes": size, "validated_n_ctx": 256, "kv_cache_bytes_per_token": 131072,
+            "gpu": gpu, "size_bytes": size, "validated_n_ctx": 256, "validated_in": "llamacpp", "kv_cache_bytes_per_token": 131072,
             "metrics": {"peak_gpu_memory_bytes": peak, "generation_tokens_per_second": speed},
             "energy": {"joules_per_generated_token": 1.5},
             **({"offload_curve": {"available": True, "points": points}} if curve else {})}
@@ -127,7 +127,7 @@ def test_plan_uses_what_the_same_gpu_class_measured_and_says_so():
     assert rows["safetensors_f16"]["overhead_bytes"] == 17 * gib - 15 * gib - kv_then
     assert rows["safetensors_f16"]["total_bytes"] == 15 * gib + kv_now + 17 * gib - 15 * gib - kv_then
     assert rows["safetensors_f16"]["fits"] and rows["safetensors_f16"]["generation_tokens_per_second"] == 40.0
-    assert rows["safetensors_f16"]["source"] == "measured on NVIDIA GeForce RTX 4090 (llama-8b-safetensors_f16 v2)"
+    assert rows["safetensors_f16"]["source"] == "measured in llamacpp on NVIDIA GeForce RTX 4090 (llama-8b-safetensors_f16 v2)"
     # 26 GiB of Q8_0 on a 23 GiB card: 24 of 33 layers hold 18.9 GiB, 33 would not; the curve's 24-layer speed
     assert not rows["gguf_q8_0"]["fits"] and rows["gguf_q8_0"]["gpu_layers"] == "24 of 33"
     assert rows["gguf_q8_0"]["generation_tokens_per_second"] == 20.0
@@ -136,7 +136,11 @@ def test_plan_uses_what_the_same_gpu_class_measured_and_says_so():
 
 def test_plan_of_a_published_model_reads_the_registry(tmp_path, capsys):
     """A model published from a machine without a GPU: the registry is read, no row claims a GPU measurement."""
-    run_inline(compose_in(tmp_path, "recipe=[gguf_q8_0]", "validate.n_chunks=1", "validate.n_ctx=64"))
+    from quantmill.backends import PUBLISHERS
+
+    store, _, _ = run_inline(compose_in(tmp_path, "recipe=[gguf_q8_0]", "validate.n_chunks=1", "validate.n_ctx=64"))
+    [entry] = PUBLISHERS.get("local").registry(None, store).entries()
+    assert (entry["validated_in"], entry["validated_n_ctx"]) == ("llamacpp", 64) and "gpu" not in entry
     assert main(["plan", "--json", "target=rtx4090_24gb", "recipe=[gguf_q8_0]", *overrides_for(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["source"] for r in out["fit"]] == ["estimate"] and "fit_note" not in out
