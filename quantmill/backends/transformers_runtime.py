@@ -77,6 +77,19 @@ class TransformersRuntime(HfTokenizerMethods):
         finally:
             del model
 
+    def held_as(self, model: Any) -> str:
+        """The load-time execution mode, unless the model has since decompressed its quantized layers: transformers'
+        compressed-tensors route keeps packed weights only until the first forward, then holds them dense (the
+        file's size is then no guide to the memory it takes, nor its speed to the format's kernels)."""
+        if model.execution != "native":
+            return model.execution
+        dense = [m.weight.dtype for m in model.modules()
+                 if "DECOMPRESSED" in str(getattr(m, "quantization_status", "")) and hasattr(m, "weight")]
+        if not dense:
+            return model.execution
+        return (f"decompressed: {len(dense)} quantized layers held as {str(dense[0]).removeprefix('torch.')} after the "
+                f"first forward (transformers' compressed-tensors route has no kernel for them)")
+
     def logits(self, model: Any, ids: Sequence[int], first: int = 0) -> Any:
         import torch
 

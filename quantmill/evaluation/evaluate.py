@@ -130,7 +130,6 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     gpu_memory = GpuMemoryPeak()
     with gpu_memory, runtime.load(Path(request["artifact"]), n_ctx=n_ctx, threads=request.get("threads", 0)) as model:
         result["load_seconds"] = round(model.load_seconds, 3)
-        result["execution"] = getattr(model, "execution", "native")
         bos = runtime.special_ids(model)["bos"]
         meter = EnergyMeter(("gpu", "cpu") if "cuda" in str(getattr(model, "device", "")) else ("cpu",))
         spent = {"prompt": [0.0, 0, 0.0], "generated": [0.0, 0, 0.0]}  # joules, tokens, seconds
@@ -160,6 +159,9 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         result["speed_runs"] = {"prompt_tokens_per_second": [_sig(v) for v in timed],
                                 "generation_tokens_per_second": [_sig(v) for v in generation_speeds]}
         result["load_1m"] = round(os.getloadavg()[0], 2)  # the machine's load as speeds were taken
+        # How the model ran, read after it has: some runtimes change how they hold weights on the first forward.
+        result["execution"] = runtime.held_as(model) if hasattr(runtime, "held_as") else getattr(
+            model, "execution", "native")
         n_prompts, n_tokens = request.get("flips") or (0, 0)
         if n_prompts:  # greedy continuations of each window's start, as the reference made them
             continuations = [runtime.generate(model, metrics.window_input(w, bos)[:FLIP_PROMPT_TOKENS], n_tokens)

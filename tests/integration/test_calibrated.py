@@ -90,6 +90,28 @@ def test_gptq_and_awq_on_both_backends_are_validated_and_published(calibrated_ru
 
 
 @pytest.mark.slow
+def test_a_checkpoint_decompressed_on_its_first_forward_is_not_called_native(calibrated_runs):
+    """transformers' compressed-tensors route holds packed int4 until the first forward, then dense weights: the
+    execution the record states is read after the runs, so a GPU load that starts "native" says what it became."""
+    from quantmill.backends.transformers_runtime import TransformersRuntime
+
+    root = calibrated_runs[0]
+    entry = json.loads((root / "store" / C.REGISTRY_DIR / "tiny-llama-gptq_w4a16" / "v1" / C.REGISTRY_ENTRY_FILE)
+                       .read_text())
+    store = open_store(compose_in(root).store)
+    artifact = store.files(store.lookup(entry["artifact"]["key"]))
+    runtime = TransformersRuntime()
+    with runtime.load(artifact, n_ctx=64) as model:
+        model.execution = "native"  # what a load on a GPU with the format's compute capability starts as
+        assert runtime.held_as(model) == "native"  # still packed
+        runtime.logits(model, [1, 2, 3])
+        held = runtime.held_as(model)
+    # q, k, v, o, gate, up, down of the bundled model's 2 layers
+    assert held == ("decompressed: 14 quantized layers held as float32 after the first forward (transformers' "
+                    "compressed-tensors route has no kernel for them)")
+
+
+@pytest.mark.slow
 def test_outputs_reproduce_the_logits_recorded_right_after_quantization(calibrated_runs):
     from safetensors.numpy import load_file
 
