@@ -46,40 +46,19 @@ def _plan_rows(the_plan, resolution) -> list[dict[str, Any]]:
              "config": dict(s.config), "tools": dict(s.tools)} for s in the_plan]
 
 
-def _measured_fit(cfg, fits: list, store) -> tuple[list[dict[str, Any]], str | None]:
-    """The fit rows, measured where the team registry holds the model's artifacts validated on the target's GPU
-    class; a registry that cannot be read leaves the estimates, with a note saying why."""
-    import dataclasses
-
-    from quantmill.backends import PUBLISHERS
-    from quantmill.errors import QuantmillError
-    from quantmill.registry import measured
-
-    if not fits:
-        return [], None
-    entries, note = [], None
-    publisher = PUBLISHERS.get(cfg.publish.publisher)
-    if cfg.target.gpu and hasattr(publisher, "registry"):
-        try:
-            entries = publisher.registry({**dataclasses.asdict(cfg.publish), "cache_dir": cfg.store.cache_dir},
-                                         store).entries()
-        except QuantmillError as e:
-            note = f"estimates only: the registry could not be read ({e})"
-    return measured.apply(fits, entries, cfg.target, cfg.model.name), note
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
-    """The target's fit (from config.json alone), then the steps with their keys and cache state."""
+    """The target's fit (measured where the registry holds it, else from config.json), then the steps with their
+    keys and cache state."""
     from quantmill.cli import ui
     from quantmill.errors import ModelSourceError
     from quantmill.plan.build import plan
-    from quantmill.plan.preflight import target_fit
+    from quantmill.plan.preflight import measured_fit
     from quantmill.plan.spec import resolve
     from quantmill.store import open_store
 
     cfg = compose(args)
     store = open_store(cfg.store)
-    fit, note = _measured_fit(cfg, target_fit(cfg), store)
+    fit, note = measured_fit(cfg, store)
     out: dict[str, Any] = {"model": cfg.model.name, "target": cfg.target.name if fit else None, "fit": fit,
                            **({"fit_note": note} if note else {})}
     if fit and not args.json:

@@ -67,7 +67,7 @@ def preflight(cfg: QuantmillConfig, store: Store) -> Checked:
     """
     # Ranges and choices of single values were checked while composing (config.schema.bounded).
     cfg = expand_ladders(cfg)
-    cfg, warnings = _apply_target(cfg)
+    cfg, warnings = _apply_target(cfg, store)
     model = cfg.model
     source = SOURCES.get(model.source)
     # Backend and recipe checks first: they need nothing from the model, so a typo fails before any download.
@@ -167,27 +167,52 @@ def target_fit(cfg: QuantmillConfig) -> list:
     return fit_table(model_config, cfg.target, cfg.recipe)
 
 
-def _apply_target(cfg: QuantmillConfig) -> tuple[QuantmillConfig, list[str]]:
-    """A copy of ``cfg`` without the recipes whose estimated footprint exceeds the target, and one warning per drop."""
-    rows = {f.recipe: f for f in target_fit(cfg)}
+def measured_fit(cfg: QuantmillConfig, store: Store) -> tuple[list[dict[str, Any]], str | None]:
+    """The target's fit rows (``target_fit``), measured where the team registry holds the model's artifacts
+    validated on the target's GPU class (``quantmill.registry.measured``); a registry that cannot be read leaves the
+    estimates, and the note says why."""
+    from quantmill.errors import QuantmillError
+    from quantmill.registry import measured
+
+    fits = target_fit(cfg)
+    if not fits:
+        return [], None
+    entries, note = [], None
+    publisher = PUBLISHERS.get(cfg.publish.publisher)
+    if cfg.target.gpu and hasattr(publisher, "registry"):
+        try:
+            entries = publisher.registry({**dataclasses.asdict(cfg.publish), "cache_dir": cfg.store.cache_dir},
+                                         store).entries()
+        except QuantmillError as e:
+            note = f"estimates only: the registry could not be read ({e})"
+    return measured.apply(fits, entries, cfg.target, cfg.model.name), note
+
+
+def _apply_target(cfg: QuantmillConfig, store: Store) -> tuple[QuantmillConfig, list[str]]:
+    """A copy of ``cfg`` without the recipes whose footprint (measured where it was, else estimated) exceeds the
+    target, and one warning per drop."""
+    fit, note = measured_fit(cfg, store)
+    rows = {f["recipe"]: f for f in fit}
     if not rows:
         return cfg, []
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
-    warnings = [f"target {cfg.target.name}: dropped {r} (needs about {gib(f.total_bytes)}, has {gib(f.budget_bytes)})"
-                for r, f in rows.items() if r in cfg.recipe and not f.fits]
-    fitting = {r: c for r, c in cfg.recipe.items() if r not in rows or rows[r].fits}
+    how = {r: "" if f["source"] == "estimate" else f", {f['source']}" for r, f in rows.items()}
+    warnings = [f"target {cfg.target.name}: dropped {r} (needs about {gib(f['total_bytes'])}{how[r]}, has "
+                f"{gib(f['budget_bytes'])})" for r, f in rows.items() if r in cfg.recipe and not f["fits"]]
+    warnings += [note] if note else []
+    fitting = {r: c for r, c in cfg.recipe.items() if r not in rows or rows[r]["fits"]}
     if not fitting:
-        smallest = min(rows.values(), key=lambda f: f.total_bytes)
-        per_token = smallest.kv_cache_bytes / cfg.target.context
-        room = smallest.budget_bytes - smallest.weights_bytes - smallest.overhead_bytes
-        would_fit = (f"{smallest.recipe} would fit with target.context={int(room // per_token)} or less"
-                     if room >= per_token * 256 else
-                     f"no context fits: {smallest.recipe}'s weights alone need {gib(smallest.weights_bytes)}")
+        smallest = min(rows.values(), key=lambda f: f["total_bytes"])
+        per_token = smallest["kv_cache_bytes"] / cfg.target.context
+        room = smallest["budget_bytes"] - smallest["weights_bytes"] - smallest["overhead_bytes"]
+        name, weights = smallest["recipe"], smallest["weights_bytes"]
+        would_fit = (f"{name} would fit with target.context={int(room // per_token)} or less"
+                     if room >= per_token * 256 else f"no context fits: {name}'s weights alone need {gib(weights)}")
         raise PreflightError(
-            f"target {cfg.target.name} ({gib(smallest.budget_bytes)}) is too small for every recipe it recommends "
-            f"for model {cfg.model.name!r}: the smallest, {smallest.recipe}, needs about {gib(smallest.total_bytes)} "
-            f"(weights {gib(smallest.weights_bytes)} + KV cache {gib(smallest.kv_cache_bytes)} at "
-            f"{cfg.target.context} tokens); {would_fit}")
+            f"target {cfg.target.name} ({gib(smallest['budget_bytes'])}) is too small for every recipe it recommends "
+            f"for model {cfg.model.name!r}: the smallest, {name}, needs about {gib(smallest['total_bytes'])} "
+            f"(weights {gib(weights)} + KV cache {gib(smallest['kv_cache_bytes'])} at {cfg.target.context} tokens); "
+            f"{would_fit}")
     return dataclasses.replace(cfg, recipe=fitting), warnings
 
 
