@@ -111,13 +111,15 @@ class S3Location(Location):
         return explain_client_error(exc, self.bucket, self.client.meta.endpoint_url, setting="publish")
 
     def _get(self, key: str) -> dict | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return self.client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
+            raise self._error(e) from e
+        except BotoCoreError as e:  # no credentials, an unreachable endpoint: one line, as for the store
             raise self._error(e) from e
 
     def read(self, path: str) -> bytes | None:
@@ -129,7 +131,7 @@ class S3Location(Location):
 
     def _list(self, prefix: str, delimiter: str = "/") -> tuple[list[str], list[str]]:
         """(sub-folder names, object names) directly under ``prefix``."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         folders, objects = [], []
         base = self._key(prefix).rstrip("/") + "/" if self._key(prefix) else ""
@@ -138,7 +140,7 @@ class S3Location(Location):
                                                                               Delimiter=delimiter):
                 folders += [p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", [])]
                 objects += [o["Key"][len(base):] for o in page.get("Contents", [])]
-        except ClientError as e:
+        except (ClientError, BotoCoreError) as e:
             raise self._error(e) from e
         return folders, objects
 
