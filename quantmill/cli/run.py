@@ -52,8 +52,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from quantmill.cli import ui
     from quantmill.errors import ModelSourceError
     from quantmill.plan.build import plan
-    from quantmill.plan.preflight import measured_fit
     from quantmill.plan.spec import resolve
+    from quantmill.plan.targets import measured_fit
     from quantmill.store import open_store
 
     cfg = compose(args)
