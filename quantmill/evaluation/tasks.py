@@ -79,8 +79,11 @@ class RuntimeLM:
             until = options.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             ids = ([self.bos] if self.bos is not None else []) + self._ids(context)
+            # Prompt and generation share the window: the generation gets at most all but one position, and the
+            # context keeps its end, as the harness's own models cut it.
+            tokens = max(1, min(int(options.get("max_gen_toks", 64)), self.n_ctx - 1))
             text = self.runtime.detokenize(self.model, self.runtime.generate(
-                self.model, ids[-self.n_ctx:], int(options.get("max_gen_toks", 64))))
+                self.model, ids[-(self.n_ctx - tokens):], tokens))
             for stop in until:
                 text = text.split(stop)[0]
             out.append(text)

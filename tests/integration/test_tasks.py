@@ -130,3 +130,30 @@ def test_the_bundled_task_is_what_its_generator_writes(tmp_path):
             assert (tmp_path / name).read_bytes() == (BUNDLED_TEXT / "tasks" / name).read_bytes()
     docs = [json.loads(line) for line in (BUNDLED_TEXT / "tasks" / "quantmill_cloze.jsonl").read_text().splitlines()]
     assert len(docs) == 120 and all(len(d["choices"]) == 4 and 0 <= d["label"] < 4 for d in docs)
+
+
+def test_generative_and_rolling_requests_are_cut_to_the_window(with_tasks):
+    """lm-eval's other two requests through the adapter, in llama.cpp on the F16 GGUF: a context three windows long
+    with a generation as long as the window is cut to fit (the context keeps its end) instead of failing, and the
+    rolling log-likelihood of that text is the sum over windows of a finite, negative score."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from quantmill.backends import RUNTIMES
+    from quantmill.evaluation.tasks import RuntimeLM
+
+    root, outcomes = with_tasks
+    store = open_store(compose_in(root).store)
+    f16 = store.files(store.lookup(outcomes["convert:gguf-f16"].key))
+    text = (BUNDLED_TEXT / "eval.txt").read_text()[:2000]
+    runtime = RUNTIMES.get("llamacpp")
+    with runtime.load(f16, n_ctx=64) as model:
+        lm = RuntimeLM(runtime, model, 64)
+        assert len(lm._ids(text)) > 3 * 64
+        [generated] = lm.generate_until([SimpleNamespace(args=(text, {"until": ["\n\n"], "max_gen_toks": 64}))])
+        [rolling] = lm.loglikelihood_rolling([SimpleNamespace(args=(text,))])
+        tail = lm._ids(text)[-1:]
+        # all but one position went to the generation: the same greedy continuation of the context's last token
+        assert generated == runtime.detokenize(model, runtime.generate(model, tail, 63)).split("\n\n")[0]
+    assert generated and np.isfinite(rolling) and rolling < 0
