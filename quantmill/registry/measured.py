@@ -9,11 +9,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from quantmill.estimate import Fit
-
-
-def same_gpu(target_gpu: str, measured_gpu: str | None) -> bool:
-    """``H100`` matches ``NVIDIA H100 80GB HBM3``; an empty target class matches nothing."""
-    return bool(target_gpu and measured_gpu and target_gpu.lower() in measured_gpu.lower())
+from quantmill.registry.operations import footprint_bytes, overhead_bytes, same_gpu
 
 
 def measured_entry(entries: Iterable[dict[str, Any]], model: str, recipe: str, gpu: str) -> dict[str, Any] | None:
@@ -50,11 +46,8 @@ def apply(fits: list[Fit], entries: list[dict[str, Any]], target: Any, model: st
             continue
         metrics, energy = entry.get("metrics") or {}, entry.get("energy") or {}
         weights = int(entry["size_bytes"])
-        per_token = int(entry.get("kv_cache_bytes_per_token") or 0)
-        measured_kv = per_token * int(entry.get("validated_n_ctx") or 0)
-        overhead = max(0, int(metrics["peak_gpu_memory_bytes"]) - weights - measured_kv)
-        kv = per_token * target.context
-        total = weights + kv + overhead
+        kv = int(entry.get("kv_cache_bytes_per_token") or 0) * target.context
+        overhead, total = overhead_bytes(entry, target), footprint_bytes(entry, target)
         runtime = f" in {entry['validated_in']}" if entry.get("validated_in") else ""
         row.update(source=f"measured{runtime} on {entry['gpu']} ({entry['name']} v{entry.get('version', '?')})",
                    weights_bytes=weights, kv_cache_bytes=kv, overhead_bytes=overhead, total_bytes=total,

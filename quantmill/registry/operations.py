@@ -68,12 +68,27 @@ class Filters:
         return self.fits is None or fits(e, self.fits)
 
 
+def same_gpu(target_gpu: str, measured_gpu: str | None) -> bool:
+    """``H100`` matches ``NVIDIA H100 80GB HBM3``; an empty target class matches nothing."""
+    return bool(target_gpu and measured_gpu and target_gpu.lower() in measured_gpu.lower())
+
+
+def overhead_bytes(entry: dict[str, Any], target) -> int:
+    """The runtime's memory beyond weights and KV cache: measured where the entry was validated on the target's GPU
+    class (peak GPU memory at the validation's context, less the file and that KV cache), else the target's."""
+    peak = (entry.get("metrics") or {}).get("peak_gpu_memory_bytes")
+    if peak and entry.get("size_bytes") and same_gpu(getattr(target, "gpu", ""), entry.get("gpu")):
+        kv = (entry.get("kv_cache_bytes_per_token") or 0) * (entry.get("validated_n_ctx") or 0)
+        return max(0, int(peak) - int(entry["size_bytes"]) - int(kv))
+    return int(target.overhead_gb * 2**30)
+
+
 def footprint_bytes(entry: dict[str, Any], target) -> int | None:
-    """Weights + KV cache at the target's context + its runtime overhead (None: size unknown)."""
+    """Weights + KV cache at the target's context + the runtime's overhead (None: size unknown)."""
     size = entry.get("size_bytes") or (entry.get("metrics") or {}).get("size_bytes")
     if not size:
         return None
-    return int(size + (entry.get("kv_cache_bytes_per_token") or 0) * target.context + target.overhead_gb * 2**30)
+    return int(size + (entry.get("kv_cache_bytes_per_token") or 0) * target.context + overhead_bytes(entry, target))
 
 
 def fits(entry: dict[str, Any], target) -> bool:
