@@ -36,6 +36,20 @@ def execution_mode(artifact: Path, device: str) -> str:
     return "native"
 
 
+def fp8_kernels(artifact: Path) -> bool:
+    """Whether transformers' FP8 linear (``use_optimized_inference``) computes this checkpoint as stored: FP8
+    weights with one scale per output channel or per tensor. That layer quantizes activations per token on the fly,
+    which is FP8_DYNAMIC's own scheme (a static input scale is not used); block-scaled weights it cannot hold."""
+    import json
+
+    quant = json.loads((artifact / "config.json").read_text()).get("quantization_config") or {}
+    if quant.get("quant_method") != "compressed-tensors" or quant.get("format") != "float-quantized":
+        return False
+    schemes = [g.get("weights") or {} for g in (quant.get("config_groups") or {}).values()]
+    return bool(schemes) and all(w.get("type") == "float" and w.get("num_bits") == 8
+                                 and w.get("strategy") in ("channel", "tensor") for w in schemes)
+
+
 class TransformersRuntime(HfTokenizerMethods):
     """Loads a checkpoint directory with transformers (CUDA when present, else CPU in float32)."""
 
@@ -67,7 +81,13 @@ class TransformersRuntime(HfTokenizerMethods):
         dtype: Any = torch.float32 if device == "cpu" else "auto"
         if device != "cpu" and "fp4" in execution:
             dtype = torch.bfloat16  # emulated FP4 decompresses to bfloat16: the whole model must match it
-        model = AutoModelForCausalLM.from_pretrained(artifact, dtype=dtype, device_map=device)
+        extra: dict[str, Any] = {}
+        if device != "cpu" and execution == "native" and fp8_kernels(artifact):
+            from transformers import CompressedTensorsConfig
+
+            # Without it compressed-tensors decompresses FP8 to bfloat16 and fake-quantizes activations in eager code
+            extra["quantization_config"] = CompressedTensorsConfig(use_optimized_inference=True)
+        model = AutoModelForCausalLM.from_pretrained(artifact, dtype=dtype, device_map=device, **extra)
         model.eval()
         model.quantmill_tokenizer = AutoTokenizer.from_pretrained(artifact)
         model.load_seconds = time.perf_counter() - start
@@ -83,6 +103,9 @@ class TransformersRuntime(HfTokenizerMethods):
         file's size is then no guide to the memory it takes, nor its speed to the format's kernels)."""
         if model.execution != "native":
             return model.execution
+        fp8 = sum(type(m).__name__ == "CompressedTensorsFP8Linear" for m in model.modules())
+        if fp8:
+            return f"native: {fp8} linear layers in FP8 kernels (row-wise scaled matmul, activations per token)"
         dense = [m.weight.dtype for m in model.modules()
                  if "DECOMPRESSED" in str(getattr(m, "quantization_status", "")) and hasattr(m, "weight")]
         if not dense:

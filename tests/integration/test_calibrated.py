@@ -397,3 +397,67 @@ def test_autogptq_says_exactly_why_it_cannot_run_here(tmp_path, monkeypatch):
     message = _preflight(tmp_path, "recipe=[gptq_w4a16]", "recipe.gptq_w4a16.backend=autogptq",
                          "recipe.gptq_w4a16.params.group_size=128")
     assert "AutoGPTQ 0.7.1 refuses to quantize without a CUDA device" in message
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoints(tmp_path_factory):
+    """The bundled model in FP8 with one weight scale per output channel (FP8_DYNAMIC) and per 128x128 block
+    (FP8_BLOCK), as llm-compressor writes them (data-free, so no calibration set)."""
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantmill.backends.local_source import BUNDLED_ROOT
+
+    root = tmp_path_factory.mktemp("fp8")
+    source = BUNDLED_ROOT / "tiny-llama"
+    for scheme in ("FP8_DYNAMIC", "FP8_BLOCK"):
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+        oneshot(model=model, recipe=[QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])])
+        model.save_pretrained(root / scheme, save_compressed=True)
+        AutoTokenizer.from_pretrained(source).save_pretrained(root / scheme)
+    return root
+
+
+def test_fp8_kernels_take_channel_scaled_fp8_and_leave_block_scales_to_compressed_tensors(fp8_checkpoints,
+                                                                                           calibrated_runs):
+    from quantmill.backends.transformers_runtime import TransformersRuntime, fp8_kernels
+
+    assert fp8_kernels(fp8_checkpoints / "FP8_DYNAMIC")
+    assert not fp8_kernels(fp8_checkpoints / "FP8_BLOCK")  # transformers' FP8 linear holds one scale a row
+    store = open_store(compose_in(calibrated_runs[0]).store)
+    entry = json.loads((calibrated_runs[0] / "store" / C.REGISTRY_DIR / "tiny-llama-gptq_w4a16" / "v1" /
+                        C.REGISTRY_ENTRY_FILE).read_text())
+    assert not fp8_kernels(store.files(store.lookup(entry["artifact"]["key"])))
+    with TransformersRuntime().load(fp8_checkpoints / "FP8_DYNAMIC", n_ctx=64) as model:  # CPU: no FP8 matmul
+        assert TransformersRuntime().held_as(model) == "emulated: float-quantized weights decompressed on CPU"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_fp8_runs_in_fp8_kernels_and_computes_what_compressed_tensors_emulates(fp8_checkpoints):
+    """On compute capability 8.9+ an FP8_DYNAMIC checkpoint runs in transformers' FP8 linear layers; their logits
+    are the emulated route's (bfloat16 weights, activations rounded to FP8 in eager code) within a small part of
+    what quantization itself moves them by."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from quantmill.backends.local_source import BUNDLED_ROOT
+    from quantmill.backends.transformers_runtime import TransformersRuntime
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 matmul needs compute capability 8.9")
+    runtime, ids = TransformersRuntime(), list(range(5, 69))
+    with runtime.load(fp8_checkpoints / "FP8_DYNAMIC", n_ctx=64) as model:
+        kernels = runtime.logits(model, ids)
+        assert runtime.held_as(model).startswith("native: 14 linear layers in FP8 kernels")
+    emulated_model = AutoModelForCausalLM.from_pretrained(fp8_checkpoints / "FP8_DYNAMIC", dtype="auto",
+                                                          device_map="cuda")
+    with torch.inference_mode():
+        emulated = emulated_model(input_ids=torch.tensor([ids], device="cuda")).logits[0].float().cpu().numpy()
+    with runtime.load(BUNDLED_ROOT / "tiny-llama", n_ctx=64) as model:
+        source = runtime.logits(model, ids)
+    effect = np.abs(source - emulated).max()
+    assert effect > 0.01, effect
+    assert np.abs(kernels - emulated).max() < 0.5 * effect
