@@ -76,7 +76,7 @@ def validate(args: argparse.Namespace, model: Path) -> dict:
         if step["step"] == "validate" and "status" in r:
             rows[step["spec_id"]] = {k: r.get(k) for k in (
                 "status", "bits_per_weight", "mean_kld", "prompt_tokens_per_second", "generation_tokens_per_second",
-                "peak_rss_bytes", "peak_gpu_memory_bytes")} | {"seconds": step["seconds"]}
+                "peak_rss_bytes", "peak_gpu_memory_bytes", "execution", "energy")} | {"seconds": step["seconds"]}
     return {"wall_s": round(wall, 1), "validations": rows,
             "steps": [{"id": s["spec_id"], "status": s["status"], "seconds": s["seconds"]} for s in run["steps"]]}
 
@@ -154,6 +154,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--offload-tokens", type=int, default=32)
     args = parser.parse_args()
+    stages = {"pipeline": pipeline, "validate": validate, "bare": bare}
+    unknown = sorted(set(args.stages.split(",")) - set(stages))
+    if unknown:
+        parser.error(f"--stages {','.join(unknown)}: unknown; choose from {','.join(stages)}")
     import synthetic
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +166,7 @@ def main() -> None:
     print(f"model {args.shape}: {time.perf_counter() - start:.0f} s", flush=True)
     results: dict = {}
     for stage in args.stages.split(","):
-        results[stage] = {"pipeline": pipeline, "validate": validate, "bare": bare}[stage](args, model)
+        results[stage] = stages[stage](args, model)
         if "pipeline" in results and "bare" in results:
             results["ratio"] = round(results["pipeline"]["wall_s"] / results["bare"]["wall_s"], 3)
         (args.out / "matrix.json").write_text(json.dumps(results, indent=1))
