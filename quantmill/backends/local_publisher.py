@@ -17,7 +17,7 @@ from quantmill.registry.locations import LocalLocation, S3Location
 from quantmill.registry.names import check_name
 from quantmill.store.local import ArtifactRef, LocalStore, Store
 
-__all__ = ["check_name", "LocalRegistry", "LocalPublisher", "S3Publisher", "record_bytes"]
+__all__ = ["check_name", "LocalRegistry", "LocalPublisher", "S3Publisher", "configured_registry", "record_bytes"]
 
 
 class LocalRegistry(ArtifactRegistry):
@@ -25,6 +25,17 @@ class LocalRegistry(ArtifactRegistry):
 
     def __init__(self, root: Path):
         super().__init__(LocalLocation(root), LocalStore(Path(root).parent))
+
+
+def configured_registry(publish: Any, cache_dir: str, store: Store | None) -> ArtifactRegistry | None:
+    """The team registry that ``publish`` (the config's publish section) names, or None for a publisher that keeps
+    no versioned registry (the Hub). ``store`` is the run's: a local registry lives inside it."""
+    import dataclasses
+
+    publisher = PUBLISHERS.get(publish.publisher)
+    if not hasattr(publisher, "registry"):
+        return None
+    return publisher.registry({**dataclasses.asdict(publish), "cache_dir": cache_dir}, store)
 
 
 def record_bytes(statement: Mapping[str, Any]) -> bytes:

@@ -46,9 +46,8 @@ def configure_parser(sub) -> dict[str, argparse.ArgumentParser]:
 
 def _registry(args: argparse.Namespace):
     """(the registry's store, the registry) of the configured publisher (``publish=s3 publish.bucket=...``)."""
-    import dataclasses
-
     from quantmill.backends import PUBLISHERS
+    from quantmill.backends.local_publisher import configured_registry
     from quantmill.errors import ConfigError
     from quantmill.store import open_store
 
@@ -67,7 +66,7 @@ def _registry(args: argparse.Namespace):
     store = open_store(cfg.store) if cfg.publish.publisher == "local" else None  # a bucket registry needs no local store
     if store is None:
         publisher.check(cfg.publish, store)
-    registry = publisher.registry({**dataclasses.asdict(cfg.publish), "cache_dir": cfg.store.cache_dir}, store)
+    registry = configured_registry(cfg.publish, cfg.store.cache_dir, store)
     return registry.store, registry
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from quantmill.backends import PUBLISHERS, SOURCES
+from quantmill.backends import SOURCES
+from quantmill.backends.local_publisher import configured_registry
 from quantmill.config import QuantmillConfig
 from quantmill.errors import PreflightError, QuantmillError
 from quantmill.store.local import Store
@@ -32,11 +33,10 @@ def measured_fit(cfg: QuantmillConfig, store: Store) -> tuple[list[dict[str, Any
     if not fits:
         return [], None
     entries, note = [], None
-    publisher = PUBLISHERS.get(cfg.publish.publisher)
-    if cfg.target.gpu and hasattr(publisher, "registry"):
+    if cfg.target.gpu:
         try:
-            entries = publisher.registry({**dataclasses.asdict(cfg.publish), "cache_dir": cfg.store.cache_dir},
-                                         store).entries()
+            registry = configured_registry(cfg.publish, cfg.store.cache_dir, store)
+            entries = registry.entries() if registry else []
         except QuantmillError as e:
             note = f"estimates only: the registry could not be read ({e})"
     return measured.apply(fits, entries, cfg.target, cfg.model.name), note
