@@ -103,7 +103,7 @@ def offload_curve(runtime: Any, artifact: Path, prompt_ids: list[int], tokens: i
             meter, spent = EnergyMeter(("gpu", "cpu")), [0.0, 0, 0.0]
             speeds, _ = timed_generations(runtime, model, prompt_ids, tokens, meter, spent)
             energy = per_token(meter, {"generated": tuple(spent)})
-            rows.append({"gpu_layers": layers,
+            rows.append({"gpu_layers": layers, "gpu_weight_bytes": runtime.offloaded_bytes(artifact, layers),
                          "generation_tokens_per_second": _sig(float(np.median(speeds))) if speeds else None,
                          "joules_per_generated_token": energy.get("joules_per_generated_token")})
     top = rows[0]["generation_tokens_per_second"]

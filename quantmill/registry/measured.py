@@ -20,15 +20,18 @@ def measured_entry(entries: Iterable[dict[str, Any]], model: str, recipe: str, g
 
 
 def _on_gpu(curve: dict[str, Any] | None, room: int, weights: int) -> dict[str, Any] | None:
-    """The measured curve point with the most layers that fit ``room`` bytes (weights spread evenly over the
-    layers, the output counted as one), or None when not even a quarter of them fit."""
+    """The measured curve point with the most layers whose weights fit ``room`` bytes, or None when not even a
+    quarter of them fit. A point's bytes are read from the file's tensor table when the curve was measured
+    (``gpu_weight_bytes``); curves recorded without them spread the weights evenly over the layers."""
     if not curve or not curve.get("available") or room <= 0:
         return None
     points = [p for p in curve["points"] if p.get("generation_tokens_per_second")]
     if not points:
         return None
     layers = max(p["gpu_layers"] for p in points)
-    fitting = [p for p in points if 0 < p["gpu_layers"] <= room // max(1, weights // layers)]
+    even = max(1, weights // layers)
+    fitting = [p for p in points
+               if 0 < p["gpu_layers"] and p.get("gpu_weight_bytes", p["gpu_layers"] * even) <= room]
     best = max(fitting, key=lambda p: p["gpu_layers"], default=None)
     return {**best, "of_layers": layers} if best else None
 

@@ -63,3 +63,22 @@ def metadata(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
         if field is not None:
             out[key] = field.contents()
     return out
+
+
+def offloaded_bytes(path: Path, gpu_layers: int) -> int:
+    """Bytes of weights llama.cpp places on the GPU at ``gpu_layers`` (``-ngl``): that many of the repeating blocks
+    (the last ones), and the output head once the count passes the block count; the token embeddings stay on the
+    CPU. Blocks need not weigh the same (a k-quant mix gives some layers more bits)."""
+    from gguf import GGUFReader
+
+    blocks: dict[int, int] = {}
+    output = 0
+    for t in GGUFReader(path).tensors:
+        if t.name.startswith("blk."):
+            i = int(t.name.split(".")[1])
+            blocks[i] = blocks.get(i, 0) + int(t.n_bytes)
+        elif t.name.startswith("output"):
+            output += int(t.n_bytes)
+    n = len(blocks)
+    on_gpu = [i for i in blocks if i >= n - min(gpu_layers, n)]
+    return sum(blocks[i] for i in on_gpu) + (output if gpu_layers > n else 0)

@@ -133,6 +133,13 @@ def test_plan_uses_what_the_same_gpu_class_measured_and_says_so():
     assert rows["gguf_q8_0"]["generation_tokens_per_second"] == 20.0
     assert rows["awq_w4a16"]["source"] == "estimate" and rows["awq_w4a16"]["total_bytes"] == 7 * gib
 
+    # A curve that carries its points' weight bytes (read from the file's tensor table) is taken at its word: here
+    # the last 24 blocks weigh more than an even spread says, and 16 layers is the point that fits.
+    for point, weight in zip(q8["offload_curve"]["points"], (26 * gib, 23 * gib, 15 * gib, 7 * gib, 0)):
+        point["gpu_weight_bytes"] = weight
+    rows = {r["recipe"]: r for r in measured.apply(fits, [q8], target, "llama-8b")}
+    assert rows["gguf_q8_0"]["gpu_layers"] == "16 of 33" and rows["gguf_q8_0"]["generation_tokens_per_second"] == 12.0
+
 
 def test_plan_of_a_published_model_reads_the_registry(tmp_path, capsys):
     """A model published from a machine without a GPU: the registry is read, no row claims a GPU measurement."""
@@ -144,3 +151,17 @@ def test_plan_of_a_published_model_reads_the_registry(tmp_path, capsys):
     assert main(["plan", "--json", "target=rtx4090_24gb", "recipe=[gguf_q8_0]", *overrides_for(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["source"] for r in out["fit"]] == ["estimate"] and "fit_note" not in out
+
+    # The bytes a point of the offload curve puts on the GPU: the last blocks, then the output head; never the
+    # token embeddings, which llama.cpp keeps on the CPU.
+    from gguf import GGUFReader
+
+    from quantmill.toolchain.gguf_info import offloaded_bytes
+
+    [gguf] = store.files(store.lookup(entry["artifact"]["key"])).glob("*.gguf")
+    size = {t.name: int(t.n_bytes) for t in GGUFReader(gguf).tensors}
+    block = {i: sum(b for n, b in size.items() if n.startswith(f"blk.{i}.")) for i in (0, 1)}
+    head = sum(b for n, b in size.items() if n.startswith("output"))
+    assert (offloaded_bytes(gguf, 0), offloaded_bytes(gguf, 1), offloaded_bytes(gguf, 2)) == (0, block[1], sum(
+        block.values()))
+    assert offloaded_bytes(gguf, 3) == sum(block.values()) + head == sum(size.values()) - size["token_embd.weight"]
