@@ -12,8 +12,13 @@
 # and builds llama.cpp there with the same flags as scripts/build-llama-cpp.sh, so converter, quantizer and the
 # bindings' library are one version. Exports PYTHONPATH and QUANTMILL_LLAMA_CPP.
 carry=${CARRY:-.gpu-carry}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  "$carry"/whl/*.whl || return 1
+# Sourced again (say, to build llama.cpp after a first pass without it), the wheels are not installed twice: a
+# process already importing from /tmp/site would see its packages replaced under it.
+if [ ! -f /tmp/site/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$carry"/whl/*.whl || return 1
+  touch /tmp/site/.installed
+fi
 [ -d "$carry/site" ] && cp -r "$carry"/site/* /tmp/site/
 tree=$(ls "$carry"/llama-src.t?z 2>/dev/null | head -1)
 if [ -z "$tree" ]; then  # the calibrated-quantizer benchmark needs no llama.cpp
