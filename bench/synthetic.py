@@ -21,6 +21,9 @@ SHAPES = {
     # TinyLlama-1.1B: 1.10B parameters
     "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                        num_key_value_heads=4, vocab_size=32000),
+    # Llama-3.2-3B body with a 32k vocabulary: 3.02B parameters
+    "llama-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                     num_key_value_heads=8, vocab_size=32000),
     # Llama-3-8B body with a 32k vocabulary: 7.24B parameters
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=32000),
