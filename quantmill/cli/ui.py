@@ -243,9 +243,10 @@ def next_steps(outcomes: Iterable[Outcome], publish: Any, model: str) -> list[st
     return lines
 
 
-def recommend_table(rows: list[dict[str, Any]]) -> Table:
-    """``quantmill recommend``: the usable artifacts ranked, then the rest with the reason."""
-    table = Table(title="closest to the original first; measured speed and energy where there are")
+def recommend_table(rows: list[dict[str, Any]],
+                    title: str = "closest to the original first; measured speed and energy where there are") -> Table:
+    """``quantmill recommend``: the usable artifacts (or recipes) ranked, then the rest with the reason."""
+    table = Table(title=title)
     for col in ("#", "name", "format", "mean KLD", "size", "needs", "tok/s", "J/token", "verdict"):
         table.add_column(col, overflow="fold")
     mib = lambda b: f"{b / 2**20:.1f} MiB" if b is not None else ""  # noqa: E731

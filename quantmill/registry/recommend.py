@@ -55,8 +55,8 @@ def rank(entries: Iterable[dict[str, Any]], target: Any, formats: set[str], doma
 def explain(choices: list[Choice], target: Any, model: str, domain: str | None = None) -> str:
     """One sentence: what is recommended and why, from the numbers; or why nothing is."""
     if not choices:
-        raise NotFound(f"no published artifact of model {model!r}; publish one first (quantmill run model=...), "
-                       f"or check the name with quantmill ls")
+        raise NotFound(f"no published artifact of model {model!r}; check the name with quantmill ls, or name its "
+                       f"config (model=hf model.repo_id=... or model=local model.path=...) for the recipe to build")
     usable = [c for c in choices if c.usable]
     where = f" on {domain}" if domain and domain != "prose" else ""
     if not usable:
@@ -88,3 +88,43 @@ def rows(choices: list[Choice]) -> list[dict[str, Any]]:
                     "joules_per_generated_token": e.get("joules_per_generated_token"),
                     "measured_on": c.entry.get("measured_on"), "verdict": c.why})
     return out
+
+
+def to_build(fits: list[Any], target: Any, model: str,
+             kinds: dict[str, tuple[str, str | None]]) -> tuple[str, list[dict[str, Any]]]:
+    """Nothing of the model is published: which of the target's recipes to build, the first in the target's order
+    of preference (its decision table) whose footprint, estimated from the model's config, fits. ``fits`` are
+    ``quantmill.estimate.Fit`` rows; ``kinds`` maps a recipe to its (format, quant_type). The sentence and the
+    rows as ``rows`` writes them, marked as estimates."""
+    order = [f.recipe for f in fits if f.available]
+    usable = [f for f in fits if f.available and f.fits]
+    out = []
+    for f in fits:
+        if not f.available:
+            verdict = "not a recipe of this configuration"
+        elif f.fits:
+            verdict = f"fits ({f.total_bytes / GIB:.3g} of {target.memory_gb:g} GiB), estimate"
+        else:
+            verdict = f"needs {f.total_bytes / GIB:.3g} GiB, more than {target.memory_gb:g}, estimate"
+        fmt, quant_type = kinds.get(f.recipe, ("", None))
+        out.append({"rank": usable.index(f) + 1 if f in usable else None, "name": f.recipe, "format": fmt,
+                    "quant_type": quant_type, "mean_kld": None, "size_bytes": f.weights_bytes,
+                    "need_bytes": f.total_bytes, "generation_tokens_per_second": None,
+                    "joules_per_generated_token": None, "measured_on": None, "verdict": verdict})
+    out.sort(key=lambda r: (r["rank"] is None, r["rank"] or 0))
+    head = f"nothing of {model} is published yet"
+    if not usable:
+        sized = [f for f in fits if f.available]
+        smallest = min(sized, key=lambda f: f.total_bytes, default=None)
+        hint = (f"; the smallest, {smallest.recipe}, needs {smallest.total_bytes / GIB:.3g} GiB at {target.context} "
+                f"tokens of context" if smallest else "")
+        return f"{head}, and none of {target.name}'s recipes fits its {target.memory_gb:g} GiB by estimate{hint}", out
+    best = usable[0]
+    text = (f"{head}; build {best.recipe}: the first of {target.name}'s recipes ({', '.join(order)}) that fits "
+            f"{target.memory_gb:g} GiB with {target.context} tokens of KV cache, by estimate from the model's config "
+            f"({best.total_bytes / GIB:.3g} GiB: {best.weights_bytes / GIB:.3g} of weights)")
+    passed = [f for f in fits if f.available and f.recipe in order[:order.index(best.recipe)]]
+    if passed:
+        text += "; before it in the table: " + ", ".join(
+            f"{f.recipe} needs {f.total_bytes / GIB:.3g} GiB" for f in passed)
+    return text, out

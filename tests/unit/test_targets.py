@@ -65,6 +65,29 @@ def test_plan_for_rtx2060_lists_fp16_as_not_fitting_and_int4_as_fitting(config_o
     assert out["steps"] is None and "only the fit was estimated" in out["note"]
 
 
+def test_recommend_for_rtx2060_and_a_7b_config_picks_4_bit_and_says_why(config_only_7b, tmp_path, capsys):
+    """Nothing of the 7B is published: recommend names the recipe to build, the first of the target's table that
+    fits by estimate, and the FP16 it passed over with its size; a bare name with nothing published is one line."""
+    model = ["model=local", f"model.path={config_only_7b}", *overrides_for(tmp_path)]
+    assert main(["recommend", "llama-2-7b", "--target", "rtx2060_12gb", "--json", *model]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in out["rows"]}
+    assert out["estimate"] is True
+    assert [r["name"] for r in out["rows"] if r["rank"]] == ["awq_w4a16", "gguf_q4_k_m"]
+    f16 = rows["safetensors_f16"]
+    assert f16["rank"] is None and f16["need_bytes"] > 11.5 * 2**30 and f16["verdict"].startswith("needs ")
+    awq = rows["awq_w4a16"]
+    assert (awq["format"], awq["quant_type"]) == ("compressed-tensors", "W4A16") and awq["need_bytes"] < 11.5 * 2**30
+    assert out["recommendation"] == (
+        f"nothing of llama-2-7b is published yet; build awq_w4a16: the first of rtx2060_12gb's recipes "
+        f"(safetensors_f16, awq_w4a16, gguf_q4_k_m) that fits 11.5 GiB with 4096 tokens of KV cache, by estimate "
+        f"from the model's config ({awq['need_bytes'] / 2**30:.3g} GiB: {awq['size_bytes'] / 2**30:.3g} of weights); "
+        f"before it in the table: safetensors_f16 needs {f16['need_bytes'] / 2**30:.3g} GiB")
+    assert main(["recommend", "llama-2-7b", "--target", "rtx2060_12gb", *overrides_for(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "store.root" in err and len(err.strip().splitlines()) == 1
+
+
 def test_target_selects_the_decision_tables_recipes():
     assert list(compose(["target=m2_air_16gb"], conf_dir=CONF).recipe) == ["mlx_4bit", "mlx_8bit", "gguf_q4_k_m"]
     assert list(compose(["target=cpu_32gb"], conf_dir=CONF).recipe) == ["gguf_q4_k_m", "gguf_q5_k_m", "gguf_q8_0"]
