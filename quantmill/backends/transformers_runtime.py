@@ -37,17 +37,20 @@ def execution_mode(artifact: Path, device: str) -> str:
 
 
 def fp8_kernels(artifact: Path) -> bool:
-    """Whether transformers' FP8 linear (``use_optimized_inference``) computes this checkpoint as stored: FP8
-    weights with one scale per output channel or per tensor. That layer quantizes activations per token on the fly,
-    which is FP8_DYNAMIC's own scheme (a static input scale is not used); block-scaled weights it cannot hold."""
+    """Whether transformers' FP8 linear (``use_optimized_inference``) computes this checkpoint as its scheme says:
+    FP8 weights with one scale per output channel or per tensor, activations quantized on the fly (FP8_DYNAMIC).
+    That layer always quantizes activations per token, so a static input scale would be ignored and the error
+    understated; block-scaled weights it cannot hold. Those stay on the compressed-tensors route."""
     import json
 
     quant = json.loads((artifact / "config.json").read_text()).get("quantization_config") or {}
     if quant.get("quant_method") != "compressed-tensors" or quant.get("format") != "float-quantized":
         return False
-    schemes = [g.get("weights") or {} for g in (quant.get("config_groups") or {}).values()]
-    return bool(schemes) and all(w.get("type") == "float" and w.get("num_bits") == 8
-                                 and w.get("strategy") in ("channel", "tensor") for w in schemes)
+    groups = list((quant.get("config_groups") or {}).values())
+    return bool(groups) and all(
+        (g.get("weights") or {}).get("type") == "float" and (g.get("weights") or {}).get("num_bits") == 8
+        and (g.get("weights") or {}).get("strategy") in ("channel", "tensor")
+        and (g.get("input_activations") or {}).get("dynamic", True) is True for g in groups)
 
 
 class TransformersRuntime(HfTokenizerMethods):

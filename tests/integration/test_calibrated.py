@@ -426,6 +426,13 @@ def test_fp8_kernels_take_channel_scaled_fp8_and_leave_block_scales_to_compresse
 
     assert fp8_kernels(fp8_checkpoints / "FP8_DYNAMIC")
     assert not fp8_kernels(fp8_checkpoints / "FP8_BLOCK")  # transformers' FP8 linear holds one scale a row
+    static = fp8_checkpoints / "static"  # the same with a calibrated input scale, which that layer would not use
+    static.mkdir(exist_ok=True)
+    config = json.loads((fp8_checkpoints / "FP8_DYNAMIC" / "config.json").read_text())
+    for group in config["quantization_config"]["config_groups"].values():
+        group["input_activations"].update(dynamic=False, strategy="tensor")
+    (static / "config.json").write_text(json.dumps(config))
+    assert not fp8_kernels(static)
     store = open_store(compose_in(calibrated_runs[0]).store)
     entry = json.loads((calibrated_runs[0] / "store" / C.REGISTRY_DIR / "tiny-llama-gptq_w4a16" / "v1" /
                         C.REGISTRY_ENTRY_FILE).read_text())
