@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -90,7 +91,9 @@ class TransformersRuntime(HfTokenizerMethods):
 
             # Without it compressed-tensors decompresses FP8 to bfloat16 and fake-quantizes activations in eager code
             extra["quantization_config"] = CompressedTensorsConfig(use_optimized_inference=True)
-        model = AutoModelForCausalLM.from_pretrained(artifact, dtype=dtype, device_map=device, **extra)
+        with warnings.catch_warnings():  # passing the loading attributes over the file's own config is the point
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(artifact, dtype=dtype, device_map=device, **extra)
         model.eval()
         model.quantmill_tokenizer = AutoTokenizer.from_pretrained(artifact)
         model.load_seconds = time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""What every command shares: the options every command takes and the composed config of its overrides."""
+"""What every command shares: the options every command takes, the composed config of its overrides, and the team
+registry that config names."""
 
 from __future__ import annotations
 
@@ -59,3 +60,29 @@ def compose(args: argparse.Namespace):
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=1, ensure_ascii=False))
+
+
+def team_registry(args: argparse.Namespace):
+    """(the registry's store, the registry) of the configured publisher (``publish=s3 publish.bucket=...``)."""
+    from quantmill.backends import PUBLISHERS
+    from quantmill.backends.local_publisher import configured_registry
+    from quantmill.errors import ConfigError
+    from quantmill.store import open_store
+
+    cfg = compose(args)
+    args.publish_config = cfg.publish
+    publisher = PUBLISHERS.get(cfg.publish.publisher)
+    if not hasattr(publisher, "registry"):  # only registry publishers keep the versioned layout listed here
+        raise ConfigError(f"publish.publisher={cfg.publish.publisher!r} cannot be listed; the team registry is "
+                          f"publish=local or publish=s3")
+    if cfg.publish.publisher == "local" and cfg.store.kind == "local":
+        from pathlib import Path
+
+        root = Path(cfg.store.root).expanduser().resolve()
+        if not (root / "objects").is_dir():  # a mistyped store.root must not become a new, empty store
+            raise ConfigError(f"store.root {root} holds no store yet; fix store.root, or run the pipeline first")
+    store = open_store(cfg.store) if cfg.publish.publisher == "local" else None  # a bucket registry needs no local store
+    if store is None:
+        publisher.check(cfg.publish, store)
+    registry = configured_registry(cfg.publish, cfg.store.cache_dir, store)
+    return registry.store, registry

@@ -9,7 +9,8 @@ import json
 import sys
 from typing import Any
 
-from quantmill.cli.common import add_command, compose
+from quantmill.cli.common import add_command, compose, team_registry
+from quantmill.cli.recommend import cmd_recommend
 
 
 def configure_parser(sub) -> dict[str, argparse.ArgumentParser]:
@@ -44,89 +45,8 @@ def configure_parser(sub) -> dict[str, argparse.ArgumentParser]:
     return parsers
 
 
-def _registry(args: argparse.Namespace):
-    """(the registry's store, the registry) of the configured publisher (``publish=s3 publish.bucket=...``)."""
-    from quantmill.backends import PUBLISHERS
-    from quantmill.backends.local_publisher import configured_registry
-    from quantmill.errors import ConfigError
-    from quantmill.store import open_store
-
-    cfg = compose(args)
-    args.publish_config = cfg.publish
-    publisher = PUBLISHERS.get(cfg.publish.publisher)
-    if not hasattr(publisher, "registry"):  # only registry publishers keep the versioned layout listed here
-        raise ConfigError(f"publish.publisher={cfg.publish.publisher!r} cannot be listed; the team registry is "
-                          f"publish=local or publish=s3")
-    if cfg.publish.publisher == "local" and cfg.store.kind == "local":
-        from pathlib import Path
-
-        root = Path(cfg.store.root).expanduser().resolve()
-        if not (root / "objects").is_dir():  # a mistyped store.root must not become a new, empty store
-            raise ConfigError(f"store.root {root} holds no store yet; fix store.root, or run the pipeline first")
-    store = open_store(cfg.store) if cfg.publish.publisher == "local" else None  # a bucket registry needs no local store
-    if store is None:
-        publisher.check(cfg.publish, store)
-    registry = configured_registry(cfg.publish, cfg.store.cache_dir, store)
-    return registry.store, registry
-
-
-def _recommend_to_build(args: argparse.Namespace) -> int:
-    from quantmill.cli import ui
-    from quantmill.config import compose as compose_config
-    from quantmill.plan.preflight import resolve_recipe
-    from quantmill.plan.targets import target_fit
-    from quantmill.registry import recommend
-
-    cfg = compose_config([*args.overrides, f"target={args.target}", f"model.name={args.model}"],
-                         conf_dir=args.config_dir)
-    kinds = {name: (resolve_recipe(name, r)[0].format, r.quant_type) for name, r in cfg.recipe.items()}
-    why, rows = recommend.to_build(target_fit(cfg), cfg.target, args.model, kinds)
-    if args.json:
-        print(json.dumps({"recommendation": why, "estimate": True, "rows": rows}, indent=1))
-    else:
-        ui.out.print(ui.recommend_table(rows, title="recipes to build, in the target's order of preference; "
-                                                    "footprints estimated from the model's config"))
-        print(why)
-    return 0 if any(r["rank"] for r in rows) else 1
-
-
-def cmd_recommend(args: argparse.Namespace) -> int:
-    from quantmill.cli import ui
-    from quantmill.config import compose as compose_config
-    from quantmill.errors import ConfigError
-    from quantmill.plan.preflight import resolve_recipe
-    from quantmill.registry import recommend
-
-    target = compose_config([f"target={args.target}", "recipe=[gguf_q8_0]"], conf_dir=args.config_dir).target
-    if target.name == "none" or not target.memory_gb:
-        raise ConfigError(f"target {args.target!r} has no memory_gb to fit artifacts in; name a profile from "
-                          f"conf/target (quantmill targets lists them)")
-    recipes = compose_config([f"recipe=[{','.join(target.recipes)}]"], conf_dir=args.config_dir).recipe
-    formats = {resolve_recipe(name, r)[0].format for name, r in recipes.items()}
-    # A model named by its config (model=hf model.repo_id=..., model=local model.path=...) that has nothing
-    # published yet gets the recipe to build, from estimates; a bare name must be in the registry.
-    configured = any(o.lstrip("+").split("=")[0].split(".")[0] == "model" for o in args.overrides)
-    try:
-        _, registry = _registry(args)
-        entries = [e for e in registry.entries() if e["model"] == args.model]
-    except ConfigError:
-        if not configured:
-            raise
-        entries = []
-    if not entries and configured:
-        return _recommend_to_build(args)
-    choices = recommend.rank(entries, target, formats, args.domain)
-    why = recommend.explain(choices, target, args.model, args.domain)
-    if args.json:
-        print(json.dumps({"recommendation": why, "rows": recommend.rows(choices)}, indent=1))
-    else:
-        ui.out.print(ui.recommend_table(recommend.rows(choices)))
-        print(why)
-    return 0 if any(c.usable for c in choices) else 1
-
-
 def cmd_ls(args: argparse.Namespace) -> int:
-    _, registry = _registry(args)
+    _, registry = team_registry(args)
     return _print_entries(args, registry.entries())
 
 
@@ -143,7 +63,7 @@ def _print_entries(args: argparse.Namespace, entries: list) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from quantmill.cli import ui
 
-    store, registry = _registry(args)
+    store, registry = team_registry(args)
     entry = registry.get(args.name, args.version)
     key = entry["artifact"]["key"]
     statement = store.statement(key)
@@ -189,7 +109,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    store, registry = _registry(args)
+    store, registry = team_registry(args)
     key = args.target
     if not all(c in "0123456789abcdef" for c in key) or len(key) != 64:
         key = registry.get(args.target)["artifact"]["key"]
@@ -214,7 +134,7 @@ def _keys(args: argparse.Namespace) -> list:
 def reg_ls(args: argparse.Namespace) -> int:
     from quantmill.registry.operations import Filters, search
 
-    _, registry = _registry(args)
+    _, registry = team_registry(args)
     target = None
     if args.fits:
         from quantmill.config import compose
@@ -229,7 +149,7 @@ def reg_show(args: argparse.Namespace) -> int:
     from quantmill.cli import ui
     from quantmill.registry.names import PROVENANCE
 
-    _, registry = _registry(args)
+    _, registry = team_registry(args)
     name, v = registry.resolve(args.name)
     entry = registry.get(name, v)
     keys = _keys(args)
@@ -253,7 +173,7 @@ def reg_show(args: argparse.Namespace) -> int:
 def reg_lineage(args: argparse.Namespace) -> int:
     from quantmill.registry.operations import lineage_of
 
-    _, registry = _registry(args)
+    _, registry = team_registry(args)
     hops = lineage_of(registry, args.name)
     if args.json:
         print(json.dumps(hops, indent=1))
@@ -270,7 +190,7 @@ def reg_pull(args: argparse.Namespace) -> int:
 
     from quantmill.registry.operations import pull
 
-    _, registry = _registry(args)
+    _, registry = team_registry(args)
     name, _ = registry.resolve(args.name)
     result = pull(registry, args.name, Path(args.to or name), _keys(args), require_signature=args.require_signature)
     if args.json:
@@ -291,7 +211,7 @@ def reg_verify(args: argparse.Namespace) -> int:
         args.publish_config = compose(args).publish
         problems = verify_path(path, _keys(args), require_signature=args.require_signature)
     else:
-        _, registry = _registry(args)
+        _, registry = team_registry(args)
         problems = verify_name(registry, args.target, _keys(args), require_signature=args.require_signature)
     for p in problems:
         print(f"{args.target}: {p}", file=sys.stderr)
@@ -301,7 +221,7 @@ def reg_verify(args: argparse.Namespace) -> int:
 
 
 def reg_promote(args: argparse.Namespace) -> int:
-    _, registry = _registry(args)
+    _, registry = team_registry(args)
     v = registry.promote(args.name, args.tag, args.version)
     print(f"{args.name.split(':')[0]}:{args.tag} -> v{v}")
     return 0
@@ -310,7 +230,7 @@ def reg_promote(args: argparse.Namespace) -> int:
 def reg_gc(args: argparse.Namespace) -> int:
     from quantmill.registry.operations import gc_apply, gc_plan
 
-    _, registry = _registry(args)
+    _, registry = team_registry(args)
     plan = gc_plan(registry, args.keep_days)
     if args.json:
         print(json.dumps({**plan, "dry_run": args.dry_run}, indent=1))
@@ -339,7 +259,7 @@ def reg_keygen(args: argparse.Namespace) -> int:
 def reg_catalogue(args: argparse.Namespace) -> int:
     from quantmill.registry.catalogue import write_catalogue
 
-    _, registry = _registry(args)
+    _, registry = team_registry(args)
     print(write_catalogue(registry))
     return 0
 
