@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from quantmill.cli.common import team_registry
 
@@ -16,8 +17,7 @@ def _recommend_to_build(args: argparse.Namespace) -> int:
     from quantmill.plan.targets import target_fit
     from quantmill.registry import recommend
 
-    cfg = compose_config([*args.overrides, f"target={args.target}", f"model.name={args.model}"],
-                         conf_dir=args.config_dir)
+    cfg = compose_config([*args.overrides, f"target={args.target}"], conf_dir=args.config_dir)
     kinds = {name: (resolve_recipe(name, r)[0].format, r.quant_type) for name, r in cfg.recipe.items()}
     why, rows = recommend.to_build(target_fit(cfg), cfg.target, args.model, kinds)
     if args.json:
@@ -45,12 +45,15 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     # A model named by its config (model=hf model.repo_id=..., model=local model.path=...) that has nothing
     # published yet gets the recipe to build, from estimates; a bare name must be in the registry.
     configured = any(o.lstrip("+").split("=")[0].split(".")[0] == "model" for o in args.overrides)
+    if configured:
+        args.overrides = [*args.overrides, f"model.name={args.model}"]
     try:
         _, registry = team_registry(args)
         entries = [e for e in registry.entries() if e["model"] == args.model]
-    except ConfigError:
+    except ConfigError as e:
         if not configured:
             raise
+        print(f"quantmill: the registry was not read ({e}); answering from estimates", file=sys.stderr)
         entries = []
     if not entries and configured:
         return _recommend_to_build(args)

@@ -70,7 +70,10 @@ def test_recommend_for_rtx2060_and_a_7b_config_picks_4_bit_and_says_why(config_o
     fits by estimate, and the FP16 it passed over with its size; a bare name with nothing published is one line."""
     model = ["model=local", f"model.path={config_only_7b}", *overrides_for(tmp_path)]
     assert main(["recommend", "llama-2-7b", "--target", "rtx2060_12gb", "--json", *model]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert captured.err.startswith("quantmill: the registry was not read (store.root ") and "from estimates" in \
+        captured.err
     rows = {r["name"]: r for r in out["rows"]}
     assert out["estimate"] is True
     assert [r["name"] for r in out["rows"] if r["rank"]] == ["awq_w4a16", "gguf_q4_k_m"]
