@@ -99,11 +99,11 @@ class LlamaCppRuntime:
         n = int(model.metadata.get(f"{arch}.block_count", 0))
         return [n + 1, 3 * n // 4, n // 2, n // 4, 0] if n else "not measured: the file names no block count"
 
-    def offloaded_bytes(self, artifact: Path, gpu_layers: int) -> int:
-        """Weight bytes on the GPU at one point of the curve, from the file's own tensor table."""
+    def offloaded_bytes(self, artifact: Path, points: Sequence[int]) -> list[int]:
+        """Weight bytes on the GPU at each point of the curve, from the file's own tensor table."""
         from quantmill.toolchain.gguf_info import offloaded_bytes
 
-        return offloaded_bytes(self.model_file(artifact), gpu_layers)
+        return offloaded_bytes(self.model_file(artifact), points)
 
     def generate(self, model: Any, ids: Sequence[int], max_tokens: int) -> list[int]:
         """Greedy continuation of ``ids``: argmax at each step, stopping at end-of-sequence."""

@@ -31,9 +31,10 @@ def configure_parser(sub) -> dict[str, argparse.ArgumentParser]:
 def _infra(args: argparse.Namespace):
     """The infra config of ``infra=prefect`` plus the command's overrides."""
     from quantmill.config import compose
+    from quantmill.config.compose import override_keys
 
     overrides = list(args.overrides)
-    if not any(o.split("=")[0].lstrip("+~") == "infra" for o in overrides):
+    if "infra" not in override_keys(overrides):
         overrides.insert(0, "infra=prefect")
     return compose(overrides, conf_dir=args.config_dir).infra
 

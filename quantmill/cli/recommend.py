@@ -32,6 +32,7 @@ def _recommend_to_build(args: argparse.Namespace) -> int:
 def cmd_recommend(args: argparse.Namespace) -> int:
     from quantmill.cli import ui
     from quantmill.config import compose as compose_config
+    from quantmill.config.compose import override_keys
     from quantmill.errors import ConfigError
     from quantmill.plan.preflight import resolve_recipe
     from quantmill.registry import recommend
@@ -44,7 +45,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     formats = {resolve_recipe(name, r)[0].format for name, r in recipes.items()}
     # A model named by its config (model=hf model.repo_id=..., model=local model.path=...) that has nothing
     # published yet gets the recipe to build, from estimates; a bare name must be in the registry.
-    configured = any(o.lstrip("+").split("=")[0].split(".")[0] == "model" for o in args.overrides)
+    configured = any(k.split(".")[0] == "model" for k in override_keys(args.overrides))
     if configured:
         args.overrides = [*args.overrides, f"model.name={args.model}"]
     try:

@@ -35,6 +35,18 @@ def find_conf_dir(explicit: str | Path | None = None) -> Path:
                       f"run from a quantmill project or set {C.ENV_CONF_DIR}")
 
 
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The key or config group each override sets, as Hydra reads it (``+model.path=x`` sets ``model.path``,
+    ``~recipe`` ``recipe``); none where an override cannot be read, which composing then reports with its fix."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
+    except HydraException:
+        return []
+
+
 def known_options(conf_dir: Path, group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
 
@@ -137,7 +149,7 @@ def compose(overrides: Sequence[str] = (), conf_dir: str | Path | None = None) -
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=overrides)
             target = cfg.target
-            if target.name != "none" and not any(o.split("=")[0].lstrip("+~") == "recipe" for o in overrides):
+            if target.name != "none" and "recipe" not in override_keys(overrides):
                 # The target's decision table picks the recipes (those this build has); the planner then drops
                 # the ones whose estimated footprint exceeds the target.
                 available = [r for r in target.recipes if (directory / "recipe" / f"{r}.yaml").is_file()]

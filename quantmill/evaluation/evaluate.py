@@ -98,12 +98,12 @@ def offload_curve(runtime: Any, artifact: Path, prompt_ids: list[int], tokens: i
     if isinstance(points, str):
         return {"available": False, "detail": points}
     rows = []
-    for layers in points:
+    for layers, on_gpu in zip(points, runtime.offloaded_bytes(artifact, points)):
         with runtime.load(artifact, n_ctx=n_ctx, threads=threads, gpu_layers=layers) as model:
             meter, spent = EnergyMeter(("gpu", "cpu")), [0.0, 0, 0.0]
             speeds, _ = timed_generations(runtime, model, prompt_ids, tokens, meter, spent)
             energy = per_token(meter, {"generated": tuple(spent)})
-            rows.append({"gpu_layers": layers, "gpu_weight_bytes": runtime.offloaded_bytes(artifact, layers),
+            rows.append({"gpu_layers": layers, "gpu_weight_bytes": on_gpu,
                          "generation_tokens_per_second": _sig(float(np.median(speeds))) if speeds else None,
                          "joules_per_generated_token": energy.get("joules_per_generated_token")})
     top = rows[0]["generation_tokens_per_second"]

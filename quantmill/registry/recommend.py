@@ -76,17 +76,23 @@ def explain(choices: list[Choice], target: Any, model: str, domain: str | None =
     return text
 
 
+def _row(rank: int | None, name: str, fmt: str, quant_type: str | None, *, need_bytes: int | None,
+         size_bytes: int | None, verdict: str, mean_kld: float | None = None, tokens_per_second: float | None = None,
+         joules: float | None = None, measured_on: Any = None) -> dict[str, Any]:
+    return {"rank": rank, "name": name, "format": fmt, "quant_type": quant_type, "mean_kld": mean_kld,
+            "size_bytes": size_bytes, "need_bytes": need_bytes, "generation_tokens_per_second": tokens_per_second,
+            "joules_per_generated_token": joules, "measured_on": measured_on, "verdict": verdict}
+
+
 def rows(choices: list[Choice]) -> list[dict[str, Any]]:
     """The table's rows: quality, size, footprint, measured speed and energy, and the verdict."""
     out = []
     for i, c in enumerate(choices):
         m, e = c.entry.get("metrics") or {}, c.entry.get("energy") or {}
-        out.append({"rank": i + 1 if c.usable else None, "name": c.entry["name"], "format": c.entry["format"],
-                    "quant_type": c.entry.get("quant_type"), "mean_kld": c.mean_kld,
-                    "size_bytes": c.entry.get("size_bytes"), "need_bytes": c.need_bytes,
-                    "generation_tokens_per_second": m.get("generation_tokens_per_second"),
-                    "joules_per_generated_token": e.get("joules_per_generated_token"),
-                    "measured_on": c.entry.get("measured_on"), "verdict": c.why})
+        out.append(_row(i + 1 if c.usable else None, c.entry["name"], c.entry["format"], c.entry.get("quant_type"),
+                        need_bytes=c.need_bytes, size_bytes=c.entry.get("size_bytes"), verdict=c.why,
+                        mean_kld=c.mean_kld, tokens_per_second=m.get("generation_tokens_per_second"),
+                        joules=e.get("joules_per_generated_token"), measured_on=c.entry.get("measured_on")))
     return out
 
 
@@ -107,10 +113,8 @@ def to_build(fits: list[Any], target: Any, model: str,
         else:
             verdict = f"needs {f.total_bytes / GIB:.3g} GiB, more than {target.memory_gb:g}, estimate"
         fmt, quant_type = kinds.get(f.recipe, ("", None))
-        out.append({"rank": usable.index(f) + 1 if f in usable else None, "name": f.recipe, "format": fmt,
-                    "quant_type": quant_type, "mean_kld": None, "size_bytes": f.weights_bytes,
-                    "need_bytes": f.total_bytes, "generation_tokens_per_second": None,
-                    "joules_per_generated_token": None, "measured_on": None, "verdict": verdict})
+        out.append(_row(usable.index(f) + 1 if f in usable else None, f.recipe, fmt, quant_type,
+                        need_bytes=f.total_bytes, size_bytes=f.weights_bytes, verdict=verdict))
     out.sort(key=lambda r: (r["rank"] is None, r["rank"] or 0))
     head = f"nothing of {model} is published yet"
     if not usable:

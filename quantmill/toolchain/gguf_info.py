@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 def bits_per_weight(path: Path) -> float:
@@ -65,10 +65,11 @@ def metadata(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def offloaded_bytes(path: Path, gpu_layers: int) -> int:
-    """Bytes of weights llama.cpp places on the GPU at ``gpu_layers`` (``-ngl``): that many of the repeating blocks
-    (the last ones), and the output head once the count passes the block count; the token embeddings stay on the
-    CPU. Blocks need not weigh the same (a k-quant mix gives some layers more bits)."""
+def offloaded_bytes(path: Path, gpu_layers: Sequence[int]) -> list[int]:
+    """Bytes of weights llama.cpp places on the GPU at each count of ``gpu_layers`` (``-ngl``): that many of the
+    repeating blocks (the last ones), and the output head once the count passes the block count; the token
+    embeddings stay on the CPU. Blocks need not weigh the same (a k-quant mix gives some layers more bits). The
+    tensor table is read once for all the counts."""
     from gguf import GGUFReader
 
     blocks: dict[int, int] = {}
@@ -80,5 +81,5 @@ def offloaded_bytes(path: Path, gpu_layers: int) -> int:
         elif t.name.startswith("output"):
             output += int(t.n_bytes)
     n = len(blocks)
-    on_gpu = [i for i in blocks if i >= n - min(gpu_layers, n)]
-    return sum(blocks[i] for i in on_gpu) + (output if gpu_layers > n else 0)
+    return [sum(b for i, b in blocks.items() if i >= n - min(layers, n)) + (output if layers > n else 0)
+            for layers in gpu_layers]
