@@ -20,8 +20,12 @@ GPTQ or FP8 quantizations skip the 10-20 s of imports that a fresh process pays.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import functools
 import os
+import signal
+import sys
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -190,6 +194,7 @@ class _RememberedReads:
 
 
 REMEMBER_SECONDS = 60.0
+STOP_SECONDS = 20.0  # Ctrl-C to exit, teardown and the flush of logs and events to the server included
 BUSY_ASK_SECONDS = 30.0
 LISTENING_ASK_SECONDS = 5.0
 
@@ -198,9 +203,43 @@ def base_job_template() -> dict[str, Any]:
     return WarmWorker.get_default_base_job_template()
 
 
+def arm_stop_deadline(seconds: float) -> None:
+    """After Ctrl-C, give the worker ``seconds`` to tear down and flush its logs; past that, write where each of
+    its threads is to stderr (the worker's log) and exit 1. A stop that waits on a server that no longer answers,
+    or on a thread that does not end, is then visible and bounded, instead of lasting until someone sends
+    SIGKILL."""
+
+    def give_up() -> None:
+        print(f"quantmill worker: still stopping {seconds:g} s after Ctrl-C; where each thread is:", file=sys.stderr,
+              flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True  # it must not itself hold the interpreter's exit
+    timer.start()
+
+
+def _on_ctrl_c_arm_deadline() -> None:
+    """Chain onto the event loop's own SIGINT handler (the first Ctrl-C cancels the run, a second interrupts):
+    each Ctrl-C also arms the stop deadline, once."""
+    previous = signal.getsignal(signal.SIGINT)
+    armed = threading.Event()
+
+    def on_sigint(signum, frame):
+        if not armed.is_set():
+            armed.set()
+            arm_stop_deadline(STOP_SECONDS)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+
 async def _serve(pool: str, name: str, limit: int | None, keep_quantizers: bool = False) -> None:
     from quantmill.backends import calibrated
 
+    _on_ctrl_c_arm_deadline()
     if keep_quantizers:
         calibrated.keep_quantizers()
     # ``start`` sets the worker up and tears it down itself: entered here as well, its client and its runs' task

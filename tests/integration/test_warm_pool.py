@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -172,3 +173,52 @@ def test_a_warm_pool_keeps_the_next_quantizer_process_imported(tmp_path, s3_endp
     while any(map(_alive, kept)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in kept if _alive(pid)], "a kept quantizer outlived its worker"
+
+
+STOP_STUCK = """
+import threading
+
+import anyio
+
+from quantmill.prefect import warm_worker
+
+warm_worker.STOP_SECONDS = 0.5
+
+
+async def serving():
+    warm_worker._on_ctrl_c_arm_deadline()
+    print("serving", flush=True)
+    await anyio.sleep_forever()
+
+
+try:
+    anyio.run(serving)
+except KeyboardInterrupt:
+    pass
+
+
+def flush_that_never_ends():
+    threading.Event().wait()
+
+
+threading.Thread(target=flush_that_never_ends).start()  # not a daemon: the interpreter's exit waits for it
+"""
+
+
+def test_a_worker_that_cannot_finish_stopping_exits_after_its_deadline_saying_where_it_hung():
+    """Ctrl-C cancels the worker's loop as before (the first Ctrl-C ends ``anyio.run``); if what follows never
+    ends, the deadline armed by that Ctrl-C writes each thread's stack and ends the process with 1."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", STOP_STUCK], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "serving\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        killpg(proc)
+    assert proc.returncode == 1, err
+    assert "quantmill worker: still stopping 0.5 s after Ctrl-C" in err
+    assert "flush_that_never_ends" in err  # the stuck thread, named in its stack
+    assert "KeyboardInterrupt" not in err
