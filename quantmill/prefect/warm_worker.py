@@ -221,8 +221,8 @@ def arm_stop_deadline(seconds: float) -> None:
 
 
 def _on_ctrl_c_arm_deadline() -> None:
-    """Chain onto the event loop's own SIGINT handler (the first Ctrl-C cancels the run, a second interrupts):
-    each Ctrl-C also arms the stop deadline, once."""
+    """Chain onto the event loop's own SIGINT handler (the first Ctrl-C cancels the serving, a second interrupts
+    it): the first Ctrl-C also arms the stop deadline."""
     previous = signal.getsignal(signal.SIGINT)
     armed = threading.Event()
 
