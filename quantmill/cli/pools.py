@@ -42,6 +42,7 @@ def _infra(args: argparse.Namespace):
 def cmd_worker(args: argparse.Namespace) -> int:
     """Check this machine against the pool's capabilities, deploy the pool's step flow, then run a Prefect worker."""
     import os
+    import signal
     import socket
 
     from quantmill.prefect import deploy, server, workers
@@ -57,6 +58,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"pool {args.pool}: {capability}: {found}")
     print(f"worker {name} on {url}, cache {plan.env['QUANTMILL_CACHE_DIR']}", flush=True)
     os.environ.update(plan.env)
+    # SIGINT stops a worker: one started in the background by a script inherits it ignored, and an ignored signal
+    # stays ignored across exec, so the worker (Prefect's or the warm one) gets it back at its default
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.execv(plan.command[0], plan.command)  # the worker owns this process from here (signals, exit code)
 
 

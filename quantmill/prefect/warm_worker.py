@@ -220,6 +220,14 @@ def arm_stop_deadline(seconds: float) -> None:
     timer.start()
 
 
+def take_ctrl_c() -> None:
+    """SIGINT is how a worker is stopped, so it must reach Python's handler: a worker started in the background by
+    a non-interactive shell (``quantmill worker ... &`` in a script, ``nohup``) inherits SIGINT ignored, and would
+    otherwise outlive every Ctrl-C until killed."""
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _on_ctrl_c_arm_deadline() -> None:
     """Chain onto the event loop's own SIGINT handler (the first Ctrl-C cancels the serving, a second interrupts
     it): the first Ctrl-C also arms the stop deadline."""
@@ -263,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-quantizers", action="store_true",
                         help="keep each calibrated backend's next process imported (infra.pools.NAME.keep_quantizers)")
     args = parser.parse_args(argv)
+    take_ctrl_c()
     for entrypoint in (C.PIPELINE_ENTRYPOINT, C.STEP_ENTRYPOINT):  # imported before the first run, not during it
         _flow(entrypoint)
 

@@ -182,7 +182,11 @@ import anyio
 
 from quantmill.prefect import warm_worker
 
-warm_worker.STOP_SECONDS = 0.5
+warm_worker.STOP_SECONDS = 2.0
+
+
+def flush_that_never_ends():
+    threading.Event().wait()
 
 
 async def serving():
@@ -191,34 +195,32 @@ async def serving():
     await anyio.sleep_forever()
 
 
+warm_worker.take_ctrl_c()
+threading.Thread(target=flush_that_never_ends).start()  # not a daemon: the interpreter's exit waits for it
 try:
     anyio.run(serving)
 except KeyboardInterrupt:
-    pass
-
-
-def flush_that_never_ends():
-    threading.Event().wait()
-
-
-threading.Thread(target=flush_that_never_ends).start()  # not a daemon: the interpreter's exit waits for it
+    print("left the loop", flush=True)
 """
 
 
 def test_a_worker_that_cannot_finish_stopping_exits_after_its_deadline_saying_where_it_hung():
-    """Ctrl-C cancels the worker's loop as before (the first Ctrl-C ends ``anyio.run``); if what follows never
-    ends, the deadline armed by that Ctrl-C writes each thread's stack and ends the process with 1."""
+    """Started with SIGINT ignored (as a script's background job is), the worker takes Ctrl-C back: it cancels
+    the worker's loop as before. If what follows never ends, the deadline armed by that Ctrl-C writes each
+    thread's stack and ends the process with 1."""
     import signal
 
     proc = subprocess.Popen([sys.executable, "-c", STOP_STUCK], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         assert proc.stdout.readline() == "serving\n"
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
     finally:
         killpg(proc)
+    assert out == "left the loop\n", err
     assert proc.returncode == 1, err
-    assert "quantmill worker: still stopping 0.5 s after Ctrl-C" in err
+    assert "quantmill worker: still stopping 2 s after Ctrl-C" in err
     assert "flush_that_never_ends" in err  # the stuck thread, named in its stack
     assert "KeyboardInterrupt" not in err
