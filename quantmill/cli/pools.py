@@ -30,8 +30,7 @@ def configure_parser(sub) -> dict[str, argparse.ArgumentParser]:
 
 def _infra(args: argparse.Namespace):
     """The infra config of ``infra=prefect`` plus the command's overrides."""
-    from quantmill.config import compose
-    from quantmill.config.compose import override_keys
+    from quantmill.config import compose, override_keys
 
     overrides = list(args.overrides)
     if "infra" not in override_keys(overrides):

@@ -32,7 +32,7 @@ def _recommend_to_build(args: argparse.Namespace) -> int:
 def cmd_recommend(args: argparse.Namespace) -> int:
     from quantmill.cli import ui
     from quantmill.config import compose as compose_config
-    from quantmill.config.compose import override_keys
+    from quantmill.config import override_keys
     from quantmill.errors import ConfigError
     from quantmill.plan.preflight import resolve_recipe
     from quantmill.registry import recommend

@@ -205,14 +205,17 @@ def base_job_template() -> dict[str, Any]:
 
 def arm_stop_deadline(seconds: float) -> None:
     """After Ctrl-C, give the worker ``seconds`` to tear down and flush its logs; past that, write where each of
-    its threads is to stderr (the worker's log) and exit 1. A stop that waits on a server that no longer answers,
-    or on a thread that does not end, is then visible and bounded, instead of lasting until someone sends
-    SIGKILL."""
+    its threads is to stderr (the worker's log), stop its descendants and exit 1. A stop that waits on a server
+    that no longer answers, or on a thread that does not end, is then visible and bounded, instead of lasting
+    until someone sends SIGKILL."""
 
     def give_up() -> None:
+        from quantmill.toolchain.interrupts import stop_descendants
+
         print(f"quantmill worker: still stopping {seconds:g} s after Ctrl-C; where each thread is:", file=sys.stderr,
               flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        stop_descendants()  # what its steps started goes with it, as with `quantmill run`'s Ctrl-C
         os._exit(1)
 
     timer = threading.Timer(seconds, give_up)
