@@ -6,6 +6,9 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 LLAMA := .llama.cpp
 LEGACY := .venv-legacy
+# Test processes: the suite's modules each start their own servers and stores, so they run side by side; most of
+# its tests wait on servers and child processes, so two processes gain even on two cores.
+TEST_WORKERS ?= 2
 
 .PHONY: run test setup llama-cpp bench clean browser
 
@@ -37,7 +40,7 @@ browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 test: setup $(LEGACY)/.installed browser
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(PYTHON) bench/run.py
