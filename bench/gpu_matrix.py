@@ -40,13 +40,15 @@ RECIPES = ["gguf_f16", "gguf_q8_0", "gguf_q4_k_m", "awq_w4a16", "gptq_w4a16", "f
 GGUF = {"gguf_f16": None, "gguf_q8_0": ("Q8_0", False), "gguf_q4_k_m": ("Q4_K_M", True)}
 
 
+def _overrides(args: argparse.Namespace, model: Path) -> list[str]:
+    return ["model=local", f"model.path={model}", f"model.name={args.shape}", f"recipe=[{args.recipes}]",
+            "publish.enabled=false", f"store.root={args.work / 'store'}", f"infra.prefect_home={args.work / 'prefect'}"]
+
+
 def quantmill(args: argparse.Namespace, model: Path, stage: str, *extra: str) -> tuple[float, dict]:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "quantmill.cli", "run", "--json", "model=local",
-                           f"model.path={model}", f"model.name={args.shape}", f"recipe=[{args.recipes}]",
-                           "publish.enabled=false", "infra.server=temporary", f"store.root={args.work / 'store'}",
-                           f"infra.prefect_home={args.work / 'prefect'}", *extra,
-                           "--config-dir", str(HERE.parent / "conf")],
+    done = subprocess.run([sys.executable, "-m", "quantmill.cli", "run", "--json", *_overrides(args, model),
+                           "infra.server=temporary", *extra, "--config-dir", str(HERE.parent / "conf")],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - start
     (args.out / f"{stage}.log").write_text(done.stderr[-20000:])
@@ -81,6 +83,22 @@ def validate(args: argparse.Namespace, model: Path) -> dict:
             "steps": [{"id": s["spec_id"], "status": s["status"], "seconds": s["seconds"]} for s in run["steps"]]}
 
 
+def _calibration_set(args: argparse.Namespace, model: Path) -> None:
+    """Without the pipeline stage's store (``--stages bare`` alone), make the calibration set the pipeline would:
+    its plan's download and calibration-set steps, by the same step code, into the same store."""
+    from quantmill.config import compose
+    from quantmill.execute import run_step
+    from quantmill.plan.build import plan
+    from quantmill.plan.records import kind_of
+    from quantmill.store import open_store
+
+    cfg = compose([*_overrides(args, model), "validate.enabled=false"], conf_dir=HERE.parent / "conf")
+    store, refs = open_store(cfg.store), {}
+    for spec in plan(cfg, store):
+        if kind_of(spec.step, spec.config).name in ("download", "dataset"):
+            refs[spec.id] = run_step(spec, {n: refs[i] for n, i in spec.inputs.items()}, store).ref
+
+
 def _store_file(store: Path, name: str) -> Path:
     return next(p for p in (store / "objects").glob(f"*/files/{name}"))
 
@@ -97,6 +115,8 @@ def bare(args: argparse.Namespace, model: Path) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     store = args.work / "store"
+    if not any(store.glob(f"objects/*/files/{C.CALIBRATION_TOKENS_FILE}")):
+        _calibration_set(args, model)
     for name in (C.CALIBRATION_TOKENS_FILE, C.CALIBRATION_TEXT_FILE):  # what the pipeline calibrated on
         shutil.copy(_store_file(store, name), work / name)
     shutil.rmtree(store)
@@ -109,6 +129,7 @@ def bare(args: argparse.Namespace, model: Path) -> dict:
         done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=work,
                               env={**os.environ, **(env or {})})
         times[name] = round(time.perf_counter() - start, 1)
+        print(f"bare {name}: {times[name]} s", flush=True)  # a lease that ends mid-stage still shows its steps
         if done.returncode != 0:
             raise RuntimeError(f"{name} failed: {(done.stdout + done.stderr)[-3000:]}")
 
@@ -129,6 +150,7 @@ def bare(args: argparse.Namespace, model: Path) -> dict:
         if r in CALIBRATED:
             seconds, _, out, _ = bare_calibrated(model, work / C.CALIBRATION_TOKENS_FILE, r, work)
             times[r] = round(seconds, 1)
+            print(f"bare {r}: {times[r]} s", flush=True)
     wall = time.perf_counter() - start
     sizes = {p.name: p.stat().st_size for p in work.glob("*.gguf")}
     shutil.rmtree(work)
