@@ -12,8 +12,9 @@ writing its JSON to ``--out`` as soon as it is done (a device call may end befor
   and, for GGUF, the offload curve. ``run.json``, ``report.json``, ``report.html``.
 - ``bare``: the same set made by the bare tools, one after another: ``convert_hf_to_gguf.py``, ``llama-imatrix``
   (on the GPU) and ``llama-quantize`` as quantmill calls them, then one llm-compressor script per calibrated recipe
-  (``bench/gpu_quantizers.py``'s) on the calibration token ids the pipeline made. It starts by deleting the
-  pipeline's store: an 8B matrix twice does not fit a 64 GiB disk. ``ratio`` = pipeline wall / bare wall.
+  (``bench/gpu_quantizers.py``'s) on the calibration token ids the pipeline made (run alone, it makes them with
+  the plan's own steps first). It starts by deleting the pipeline's store: an 8B matrix twice does not fit a 64 GiB
+  disk. ``ratio`` = pipeline wall / bare wall.
 
 Prepare the machine first: ``python bench/gpu_carry.py --image-packages FILE --matrix --out .gpu-carry-matrix``
 here, then there ``LLAMA_CPP_CUDA_ARCHS=90 CARRY=.gpu-carry-matrix . bench/gpu-setup.sh``.
