@@ -122,7 +122,8 @@ def bare(args: argparse.Namespace, model: Path) -> dict:
         shutil.copy(_store_file(store, name), work / name)
     shutil.rmtree(store)
     seq_len, samples = _calibration_shape(work / C.CALIBRATION_TOKENS_FILE)
-    build, recipes = locate(), args.recipes.split(",")
+    recipes = args.recipes.split(",")
+    build = locate() if any(r in GGUF for r in recipes) else None  # the calibrated recipes need no llama.cpp
     times: dict[str, float] = {}
 
     def timed(name: str, cmd: list, env: dict | None = None) -> None:
