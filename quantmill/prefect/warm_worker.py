@@ -6,8 +6,9 @@ starts. A warm worker claims runs from its pool like any Prefect worker (same AP
 heartbeats, concurrency limit) and runs each in a thread of this process with the flow imported once.
 
 What it gives up: a run's ``job_variables`` (environment, working directory) cannot differ from the worker's own,
-and a run cannot be cancelled mid-step (a thread cannot be killed): stop the worker instead. Steps that must free
-their memory (GPU quantizers) already run in child processes of their own.
+and a run cannot be cancelled mid-step (a thread cannot be killed): stop the worker instead, which ends its steps'
+tool and quantizer processes. Steps that must free their memory (GPU quantizers) already run in child processes of
+their own.
 
 A warm worker also keeps, per calibrated backend it has run, the next quantizer process waiting with torch and
 the library imported (``infra.pools.NAME.keep_quantizers``, on by default): a GPU pool's second and later AWQ,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import functools
+import logging
 import os
 import signal
 import sys
@@ -86,7 +88,11 @@ class WarmWorker(BaseWorker[BaseJobConfiguration, BaseVariables, WarmWorkerResul
         deployment = await self.client.read_deployment(flow_run.deployment_id)
         if task_status is not None:
             task_status.started(os.getpid())
-        code = await anyio.to_thread.run_sync(_execute, flow_run, deployment.entrypoint)
+        IN_FLIGHT.add(flow_run.id)
+        try:
+            code = await anyio.to_thread.run_sync(_execute, flow_run, deployment.entrypoint)
+        finally:
+            IN_FLIGHT.discard(flow_run.id)
         return WarmWorkerResult(status_code=code, identifier=str(os.getpid()))
 
     async def _propose_submitting_state(self, flow_run) -> None:
@@ -199,6 +205,9 @@ BUSY_ASK_SECONDS = 30.0
 LISTENING_ASK_SECONDS = 5.0
 
 
+IN_FLIGHT: set = set()  # ids of the flow runs this worker is running now
+
+
 def base_job_template() -> dict[str, Any]:
     return WarmWorker.get_default_base_job_template()
 
@@ -223,6 +232,23 @@ def arm_stop_deadline(seconds: float) -> None:
     timer.start()
 
 
+def end_runs_in_flight() -> None:
+    """A run in flight cannot be cancelled in its thread, but its step's tool, quantizer or evaluation process
+    can: stop them, so that the step fails at once, committing nothing (the store refuses while stopping), and
+    the run's end reaches the server in the worker's teardown, instead of the stop waiting for the step."""
+    from quantmill.toolchain.interrupts import begin_stopping, stop_descendants
+
+    if not IN_FLIGHT:
+        return
+    print(f"quantmill worker: stopping with {len(IN_FLIGHT)} run(s) in flight; their steps are ended, finished "
+          f"steps are kept in the store, run the pipeline again to resume", file=sys.stderr, flush=True)
+    begin_stopping()
+    for name in ("prefect.flow_runs", "prefect.task_runs"):  # the steps fail now by the stop's doing: not news
+        logging.getLogger(name).disabled = True
+    # not in the signal handler itself: stopping waits up to a grace period for the processes to end
+    threading.Thread(target=stop_descendants, name="end-runs-in-flight", daemon=True).start()
+
+
 def take_ctrl_c() -> None:
     """SIGINT is how a worker is stopped, so it must reach Python's handler: a worker started in the background by
     a non-interactive shell (``quantmill worker ... &`` in a script, ``nohup``) inherits SIGINT ignored, and would
@@ -233,7 +259,7 @@ def take_ctrl_c() -> None:
 
 def _on_ctrl_c_arm_deadline() -> None:
     """Chain onto the event loop's own SIGINT handler (the first Ctrl-C cancels the serving, a second interrupts
-    it): the first Ctrl-C also arms the stop deadline."""
+    it): the first Ctrl-C also arms the stop deadline and ends the runs in flight."""
     previous = signal.getsignal(signal.SIGINT)
     armed = threading.Event()
 
@@ -241,6 +267,7 @@ def _on_ctrl_c_arm_deadline() -> None:
         if not armed.is_set():
             armed.set()
             arm_stop_deadline(STOP_SECONDS)
+            end_runs_in_flight()
         if callable(previous):
             previous(signum, frame)
 

@@ -27,6 +27,12 @@ def stopping() -> bool:
     return _STOPPING.is_set()
 
 
+def begin_stopping() -> None:
+    """From now on this process is being stopped (``stopping()``): for a stop that does not go through
+    ``guard()``, such as a worker's."""
+    _STOPPING.set()
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid``, children first (from /proc; empty where there is none)."""
     children: dict[int, list[int]] = {}

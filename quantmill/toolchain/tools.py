@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 
 from quantmill.errors import ToolError
 from quantmill.progress import reporter
+from quantmill.toolchain import interrupts
 
 _SPLIT = re.compile(rb"[\r\n]+")
 # util-linux's setpriv sets a parent-death signal, then execs the tool (same process: its peak RSS is the tool's).
@@ -90,6 +91,8 @@ def follow_tool(proc: subprocess.Popen, *, name: str, label: str, progress: re.P
     seconds = time.perf_counter() - start
     bar.close()
     if proc.returncode != 0:
+        if interrupts.stopping():  # its death is the stop's doing: the tool's last lines say nothing about it
+            raise ToolError(f"{name} stopped: this process is being stopped", returncode=proc.returncode)
         last = " | ".join(list(tail)[-5:])
         raise ToolError(f"{name} failed with exit code {proc.returncode}: {last}", returncode=proc.returncode)
     return ToolRun(seconds, usage.ru_maxrss * 1024, "\n".join(tail))

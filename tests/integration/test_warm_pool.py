@@ -5,6 +5,8 @@ also keeps the next quantizer process of each calibrated backend it ran waiting,
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -75,6 +77,59 @@ def test_a_warm_pool_runs_steps_in_the_workers_process(tmp_path, s3_endpoint):
         log = (tmp_path / "w-warm" / "worker.log").read_text()
         assert worker.returncode == 0 and "Traceback" not in log, log[-3000:]
     finally:
+        killpg(worker)
+        killpg(server)
+
+
+def _commands(pids: list[int]) -> dict[int, str]:
+    found = {}
+    for pid in pids:
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue  # ended meanwhile
+    return found
+
+
+def test_ctrl_c_to_a_warm_worker_with_a_step_in_flight_ends_the_step_at_once(tmp_path, s3_endpoint):
+    """SIGINT to the worker alone (as `kill -INT` or a service manager sends it; a terminal's Ctrl-C would reach
+    the step's tool as well): the step's converter process is stopped, the step fails with nothing in the bucket,
+    its run's end is on the server, and the worker exits 0 with one line, before its stop deadline's dump."""
+    import boto3
+
+    from quantmill.toolchain.interrupts import descendants
+
+    server, url, env, worker, client = _warm_worker(tmp_path, s3_endpoint, "inflight")
+    parent_dir = tmp_path / "parent"
+    parent_dir.mkdir()
+    parent = subprocess.Popen(cli("run", "infra=prefect", POOLS, "store=s3", "store.bucket=inflight",
+                                  f"store.endpoint_url={s3_endpoint}", f"store.cache_dir={parent_dir / 'cache'}",
+                                  "publish.enabled=false", "validate.enabled=false", *QUICK, "recipe=[gguf_q8_0]"),
+                              cwd=parent_dir, env={**env, "PREFECT_HOME": str(parent_dir / "prefect")},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "w-inflight" / "worker.log"
+    try:
+        def converting() -> dict[int, str]:
+            return {pid: c for pid, c in _commands(descendants(worker.pid)).items() if "convert_hf_to_gguf" in c}
+
+        tools = wait(lambda: converting() or parent.poll() is not None, 300, "the worker to start the converter")
+        assert isinstance(tools, dict), f"the run ended first ({parent.returncode})"
+        os.kill(worker.pid, signal.SIGINT)
+        worker.wait(120)
+        text = log.read_text()
+        assert worker.returncode == 0, text[-3000:]
+        assert "quantmill worker: stopping with 1 run(s) in flight; their steps are ended" in text, text[-3000:]
+        assert "still stopping" not in text and "Traceback" not in text, text[-3000:]
+        assert not [pid for pid in tools if _alive(pid)], "the converter outlived its worker"
+        with client() as c:
+            runs = [r for r in c.read_flow_runs() if "pool:cpu" in r.tags]
+        states = {r.state.type.value for r in runs}
+        assert "RUNNING" not in states and "FAILED" in states, states
+        bucket = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                              aws_secret_access_key="testing").list_objects_v2(Bucket="inflight")
+        assert not [o["Key"] for o in bucket.get("Contents", []) if o["Key"].endswith(".gguf")]
+    finally:
+        killpg(parent)
         killpg(worker)
         killpg(server)
 
@@ -208,8 +263,6 @@ def test_a_worker_that_cannot_finish_stopping_exits_after_its_deadline_saying_wh
     """Started with SIGINT ignored (as a script's background job is), the worker takes Ctrl-C back: it cancels
     the worker's loop as before. If what follows never ends, the deadline armed by that Ctrl-C writes each
     thread's stack and ends the process with 1."""
-    import signal
-
     proc = subprocess.Popen([sys.executable, "-c", STOP_STUCK], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
