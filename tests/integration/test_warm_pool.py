@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from quantmill.prefect.workers import worker_of
+from quantmill.toolchain.interrupts import alive, descendants
 from tests.conftest import QUICK
 from tests.harness import Cluster, cli, killpg, wait
 
@@ -97,8 +98,6 @@ def test_ctrl_c_to_a_warm_worker_with_a_step_in_flight_ends_the_step_at_once(tmp
     its run's end is on the server, and the worker exits 0 with one line, before its stop deadline's dump."""
     import boto3
 
-    from quantmill.toolchain.interrupts import descendants
-
     server, url, env, worker, client = _warm_worker(tmp_path, s3_endpoint, "inflight")
     parent_dir = tmp_path / "parent"
     parent_dir.mkdir()
@@ -120,7 +119,7 @@ def test_ctrl_c_to_a_warm_worker_with_a_step_in_flight_ends_the_step_at_once(tmp
         assert worker.returncode == 0, text[-3000:]
         assert "quantmill worker: stopping with 1 run(s) in flight; their steps are ended" in text, text[-3000:]
         assert "still stopping" not in text and "Traceback" not in text, text[-3000:]
-        assert not [pid for pid in tools if _alive(pid)], "the converter outlived its worker"
+        assert not [pid for pid in tools if alive(pid)], "the converter outlived its worker"
         with client() as c:
             runs = [r for r in c.read_flow_runs() if "pool:cpu" in r.tags]
         states = {r.state.type.value for r in runs}
@@ -171,27 +170,9 @@ def _asks(log: Path) -> list[float]:
 
 
 def _waiting_children(pid: int) -> dict[int, str]:
-    """Child processes of ``pid`` that wait for a quantization request (``quantizer_process --wait``), with their
-    command lines, from /proc."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError, ValueError):
-            continue  # ended meanwhile
-        if ppid == pid and "quantmill.backends.quantizer_process --wait" in cmdline:
-            found[int(proc.name)] = cmdline
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
-    except OSError:
-        return False
+    """Processes below ``pid`` that wait for a quantization request (``quantizer_process --wait``), with their
+    command lines."""
+    return {p: c for p, c in _commands(descendants(pid)).items() if "quantmill.backends.quantizer_process --wait" in c}
 
 
 def test_a_warm_pool_keeps_the_next_quantizer_process_imported(tmp_path, s3_endpoint):
@@ -218,16 +199,16 @@ def test_a_warm_pool_keeps_the_next_quantizer_process_imported(tmp_path, s3_endp
         second = quantize(2)
         # handed to the kept process, which had imported before the request came (and then read it at once)
         assert second["imported_ahead"] > 0 and second["start"] < second["imported_ahead"], second
-        assert not _alive(next(iter(kept)))  # that process did the quantization and ended
+        assert not alive(next(iter(kept)))  # that process did the quantization and ended
         kept = _waiting_children(worker.pid)
         assert len(kept) == 1, kept  # and the next one waits
     finally:
         killpg(worker)
         killpg(server)
     deadline = time.monotonic() + 30
-    while any(map(_alive, kept)) and time.monotonic() < deadline:
+    while any(map(alive, kept)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not [pid for pid in kept if _alive(pid)], "a kept quantizer outlived its worker"
+    assert not [pid for pid in kept if alive(pid)], "a kept quantizer outlived its worker"
 
 
 STOP_STUCK = """
